@@ -1,0 +1,91 @@
+"""
+End-to-end credit assignment over compositions of routings (Appendix A of the 2022 paper).
+
+Each routing assigns credit phi [..., n_inp, n_out] to its inputs: before normalisation,
+x_out[..., j, :] = sum_i phi[..., i, j] V[..., i, j, :]. For routings applied in sequence,
+x -> routing_1 -> routing_2 -> ... , the credit of the first routing's inputs for the last
+routing's outputs is the chain of matrix products phi_1 @ phi_2 @ ..., each partial product divided
+by (its standard deviation + eps) so that the scale stays comparable across depths:
+
+    credit = phis[0] / (std + eps)
+    for phi in phis[1:]:
+        credit = credit @ phi
+        credit = credit / (std + eps)          # std over each sample's [n_inp, n_out] matrix
+
+Residual compositions, y = x + f(x) with f a routing from n vectors to n vectors: the skip path
+passes each input's own vector to the output at the same position, i.e. credit identity I, and f
+passes credit phi_f. With both paths on a comparable scale, the block's credit is
+
+    residual_credit(phi_f) = I + phi_f / (std(phi_f) + eps)
+
+which then enters the chain like any other phi: end_to_end_credit([phi_1, residual_credit(phi_2), ...]).
+
+Usage:
+    with record_credit(model) as phis:     # forward hooks on every routing inside model
+        scores = model(x)
+    credit = end_to_end_credit(phis)       # [..., n_inp of the first, n_out of the last]
+"""
+import contextlib
+
+import torch
+
+from .routing import DefinableVectorRouting, EfficientVectorRouting, GenerativeMatrixRouting
+
+__all__ = ['record_credit', 'end_to_end_credit', 'residual_credit']
+
+ROUTINGS = (EfficientVectorRouting, DefinableVectorRouting, GenerativeMatrixRouting)
+
+
+def _normalize(credit, eps):
+    return credit / (credit.std(dim=(-2, -1), keepdim=True) + eps)
+
+
+def end_to_end_credit(phis, eps=1e-5):
+    """phis: list of [..., n_k, n_{k+1}] credit matrices of sequential routings
+    -> [..., n_0, n_last], each partial product divided by (its std + eps)."""
+    if len(phis) == 0:
+        raise ValueError("phis must hold at least one credit matrix [..., n_inp, n_out]")
+    credit = _normalize(phis[0], eps)
+    for k, phi in enumerate(phis[1:], start=1):
+        if phi.shape[-2] != credit.shape[-1]:
+            raise ValueError(f"phis[{k}] has shape {tuple(phi.shape)} but must be [..., {credit.shape[-1]}, n_out] "
+                             f"to follow phis[{k - 1}] (its n_out is {credit.shape[-1]})")
+        credit = _normalize(credit @ phi, eps)
+    return credit
+
+
+def residual_credit(phi, eps=1e-5):
+    """Credit of a residual block y = x + f(x), f a routing from n to n vectors with credit
+    phi [..., n, n]: I + phi / (std(phi) + eps)."""
+    if phi.shape[-1] != phi.shape[-2]:
+        raise ValueError(f"residual_credit needs a square phi [..., n, n] (y = x + f(x)), got {tuple(phi.shape)}")
+    eye = torch.eye(phi.shape[-1], dtype=phi.dtype, device=phi.device)
+    return eye + _normalize(phi, eps)
+
+
+@contextlib.contextmanager
+def record_credit(model):
+    """Within the block, every routing inside `model` (in call order) appends its phi
+    [..., n_inp, n_out] to the yielded list; outputs are unchanged. The routings' return_dict is
+    switched on for the duration and restored afterwards."""
+    routings = [m for m in model.modules() if isinstance(m, ROUTINGS)]
+    if not routings:
+        raise ValueError(f"record_credit: no routing module found inside {type(model).__name__}")
+    phis, handles, saved = [], [], [(m, m.return_dict) for m in routings]
+
+    def hook(module, args, output):
+        phis.append(output['phi'])
+        if isinstance(module, GenerativeMatrixRouting):
+            return output['a_out'], output['mu_out'], output['sig2_out']
+        return output['x_out']
+
+    try:
+        for m in routings:
+            m.return_dict = True
+            handles.append(m.register_forward_hook(hook))
+        yield phis
+    finally:
+        for h in handles:
+            h.remove()
+        for m, return_dict in saved:
+            m.return_dict = return_dict
