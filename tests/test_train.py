@@ -1,0 +1,136 @@
+"""train.py end to end with tiny randomly initialised BERT, RoBERTa and BEiT backbones."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train
+from tests.test_data import write_cifar_batch
+
+
+def run(argv):
+    return train.main([str(a) for a in argv])
+
+
+def sst_args(data_root, backbone, out, *extra):
+    return ['--dataset_name', 'sst5', '--backbone', backbone, '--data_root', data_root, '--output_dir', out,
+            '--batch_sz', 8, '--device', 'cpu', *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_checkpoint_eval_with_feature_cache(tiny_sst, tiny_bert, tmp_path, capsys):
+    out = tmp_path / 'run'
+    cache = tmp_path / 'cache'
+    acc = run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--run_test', '--feature_cache', cache))
+    records = metrics(out)
+    assert [r['epoch'] for r in records[:2]] == [1, 2] and 'valid_acc' in records[0]
+    assert records[2]['final']['test_accuracy'] == f'{acc:.4f}'
+    with safe_open(out / 'head.safetensors', 'pt') as f:
+        meta = f.metadata()
+    assert meta['backbone'] == tiny_bert and meta['n_classes'] == '5' and meta['test_accuracy'] == f'{acc:.4f}'
+    assert os.path.getsize(cache / tiny_bert.replace('/', '--') / 'hidden.f16') > 0
+    capsys.readouterr()
+    # --eval_only prints the test accuracy as its last line: from the (float16) cache exactly the
+    # training run's; from the live float32 backbone up to near-ties of this untrained head flipping
+    for extra, tolerance in ((['--feature_cache', cache], 0), ([], 2 / 12)):
+        eval_acc = run(sst_args(tiny_sst, tiny_bert, tmp_path / 'eval', '--eval_only',
+                                '--pretrained_path', out / 'head.safetensors', *extra))
+        assert abs(eval_acc - acc) <= tolerance + 1e-9
+        assert capsys.readouterr().out.strip().splitlines()[-1] == f'test accuracy: {eval_acc:.4f}'
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_sst, tiny_bert, tmp_path, monkeypatch):
+    common = ['--n_epochs', 3, '--feature_cache', tmp_path / 'cache', '--rng_seed', 3]
+    run(sst_args(tiny_sst, tiny_bert, tmp_path / 'straight', *common))
+    real_save_atomic = train.save_atomic
+
+    def killed_after_first_checkpoint(fn, path):
+        real_save_atomic(fn, path)
+        if path.endswith('checkpoint.pt'):                     # killed before metrics.jsonl is written
+            raise KeyboardInterrupt('killed')
+
+    monkeypatch.setattr(train, 'save_atomic', killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(sst_args(tiny_sst, tiny_bert, tmp_path / 'resumed', *common))
+    monkeypatch.setattr(train, 'save_atomic', real_save_atomic)
+    assert not os.path.exists(tmp_path / 'resumed' / 'head.safetensors')
+    assert not [p for p in os.listdir(tmp_path / 'resumed') if '.tmp' in p]          # no half-written files
+    run(sst_args(tiny_sst, tiny_bert, tmp_path / 'resumed', *common, '--resume'))
+    assert [r.get('epoch') for r in metrics(tmp_path / 'resumed')] == [1, 2, 3, None]
+    straight, resumed = load_file(tmp_path / 'straight' / 'head.safetensors'), load_file(tmp_path / 'resumed' / 'head.safetensors')
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], msg=k)
+
+
+def test_loss_falls_and_learns_tiny_sst(tiny_sst, tiny_bert, tmp_path):
+    out = tmp_path / 'run'
+    run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 6, '--n_iters_per_train_epoch', 10, '--lr', 3e-3,
+                 '--mixup_alpha', 0, '--feature_cache', tmp_path / 'cache'))
+    losses = [r['train_loss'] for r in metrics(out)[:-1]]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_finetune_last_routing_from_sst5_head_for_sst2(tiny_sst, tiny_roberta, tmp_path, capsys):
+    sst5 = tmp_path / 'sst5'
+    run(sst_args(tiny_sst, tiny_roberta, sst5, '--n_epochs', 1))
+    before = load_file(sst5 / 'head.safetensors')
+    out = tmp_path / 'sst2'
+    args = sst_args(tiny_sst, tiny_roberta, out, '--n_epochs', 1, '--pretrained_path', sst5 / 'head.safetensors', '--run_test')
+    args[1] = 'sst2'
+    run(args)
+    assert 'left at init' in capsys.readouterr().out
+    after = load_file(out / 'head.safetensors')
+    assert after['route.2.W_S'].shape == (64, 2)
+    for k in before:                                           # all but the last routing stay frozen
+        if not k.startswith('route.2.'):
+            torch.testing.assert_close(after[k], before[k], msg=k)
+    assert not torch.equal(after['route.2.W_F2'], before['route.2.W_F2'])
+
+
+def test_image_dataset_with_tiny_beit(tiny_beit, tmp_path, capsys):
+    root = tmp_path / 'cifar-10-batches-py'
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_cifar_batch(root / f'data_batch_{i + 1}', rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8),
+                          [i, 9 - i, 2, 3], b'labels')
+    write_cifar_batch(root / 'test_batch', rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), [3, 7, 1, 1], b'labels')
+    out = tmp_path / 'run'
+    acc = run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', tmp_path, '--image_size', 32,
+               '--output_dir', out, '--batch_sz', 8, '--n_epochs', 1, '--run_test', '--device', 'cpu'])
+    assert 0 <= acc <= 1 and os.path.exists(out / 'head.safetensors')
+    with pytest.raises(ValueError, match='--feature_cache is for text'):
+        run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', tmp_path, '--image_size', 32,
+             '--output_dir', out, '--feature_cache', tmp_path / 'c', '--device', 'cpu'])
+
+
+def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(['--dataset_name', 'sst7'])
+    assert "unknown --dataset_name 'sst7'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(['--dataset_name', 'sst5', '--eval_only'])
+    assert '--eval_only needs --pretrained_path' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(['--dataset_name', 'sst5', '--pretrained_path', tmp_path / 'nope.safetensors'])
+    assert 'no such file' in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown backbone 'nope'"):
+        run(sst_args(tiny_sst, 'nope', tmp_path / 'r'))
+    with pytest.raises(FileNotFoundError, match='sst'):
+        run(sst_args(tmp_path / 'empty', tiny_bert, tmp_path / 'r'))
+    out = tmp_path / 'corrupt'
+    out.mkdir()
+    (out / 'checkpoint.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(RuntimeError, match='corrupt'):
+        run(sst_args(tiny_sst, tiny_bert, out, '--resume'))
+    (out / 'head.safetensors').write_bytes(b'garbage')
+    with pytest.raises(RuntimeError, match='not a readable safetensors'):
+        run(sst_args(tiny_sst, tiny_bert, tmp_path / 'r', '--eval_only', '--pretrained_path', out / 'head.safetensors'))

@@ -1,0 +1,340 @@
+"""
+Trains a routing head on the hidden states of ALL depths of a frozen pretrained transformer
+(the 2022 paper's regime), on CPU, one GPU (AMP) or several (`accelerate launch train.py ...`).
+
+    python train.py --dataset_name sst5 --backbone minilm --n_epochs 1 --feature_cache .data/features --run_test
+    python train.py --dataset_name sst2 --backbone minilm --pretrained_path runs/sst5/head.safetensors ...
+    python train.py --dataset_name sst2 --backbone minilm --eval_only --pretrained_path pretrained/<file>
+
+Only the head trains: RAdam, one-cycle schedule (30% warm-up, max lr 1e-3), mixup of hidden states
+and one-hot targets (Beta(0.65, 0.65) for text, Beta(0.2, 0.2) for images). --pretrained_path loads a
+head and fine-tunes only its last routing (the paper's SST-5 -> SST-2); the last routing's tensors
+whose shapes differ (other number of classes) start from their initialisation.
+
+Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file +
+rename), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the checkpoint), and
+--resume continues after the last complete epoch. The final head is saved as output_dir/head.safetensors with its metadata.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+import models
+
+MIXUP_ALPHA = {'text': 0.65, 'image': 0.2}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the paper's options
+    p.add_argument('--dataset_name', required=True, help=f"one of {', '.join(data.DATASETS)}")
+    p.add_argument('--n_epochs', type=int, default=3)
+    p.add_argument('--batch_sz', type=int, default=32)
+    p.add_argument('--n_iters_per_train_epoch', type=int, default=None,
+                   help='optimizer steps per epoch (default: one pass over the training split)')
+    p.add_argument('--run_test', action='store_true', help='evaluate the final head on the test split')
+    p.add_argument('--rng_seed', type=int, default=0)
+    p.add_argument('--pretrained_path', default=None,
+                   help='a head (.safetensors or checkpoint.pt) to fine-tune (last routing only) or evaluate')
+    # ours
+    p.add_argument('--backbone', default='minilm',
+                   help="'minilm' (offline default), 'roberta-large', 'microsoft/beit-large-patch16-224', "
+                        "'timm/<name>', any transformers id or local folder")
+    p.add_argument('--revision', default=None, help='pin the backbone to a hub revision')
+    p.add_argument('--data_root', default='.data')
+    p.add_argument('--download', action='store_true', help='fetch the dataset from its official source')
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--mixed_precision', default=None, choices=['no', 'fp16', 'bf16'],
+                   help='default: fp16 on GPU, no on CPU')
+    p.add_argument('--output_dir', default='runs/default')
+    p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
+    p.add_argument('--eval_only', action='store_true', help='evaluate --pretrained_path on the test split')
+    p.add_argument('--feature_cache', default=None,
+                   help='text only: a folder where the frozen hidden states of every text are stored once '
+                        '(float16, memory-mapped) and read back, instead of running the backbone each step')
+    p.add_argument('--lr', type=float, default=1e-3, help='one-cycle max learning rate')
+    p.add_argument('--mixup_alpha', type=float, default=None, help='default: 0.65 text, 0.2 images; 0 = off')
+    p.add_argument('--max_length', type=int, default=None, help="text window (default: the backbone's)")
+    p.add_argument('--image_size', type=int, default=224, help="images' side after preprocessing")
+    p.add_argument('--num_workers', type=int, default=0)
+    args = p.parse_args(argv)
+    if args.dataset_name not in data.DATASETS:
+        p.error(f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}")
+    if args.eval_only and not args.pretrained_path:
+        p.error('--eval_only needs --pretrained_path (the head to evaluate)')
+    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
+        p.error(f"--pretrained_path {args.pretrained_path!r}: no such file (a .safetensors head or a checkpoint.pt)")
+    return args
+
+
+# -------------------------------------------------------------------------------------------------
+# Saving and loading, atomically
+# -------------------------------------------------------------------------------------------------
+
+def save_atomic(save_fn, path):
+    """save_fn(tmp_path) writes the file; it then replaces `path` in one rename (never half-written)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path!r} is corrupt or not written by train.py ({type(e).__name__}: {e}); "
+                           f"delete it to start over") from e
+
+
+def load_head_state(path):
+    """-> (state dict, metadata dict) from a .safetensors head or a train.py checkpoint.pt."""
+    if path.endswith('.safetensors'):
+        try:
+            with safe_open(path, 'pt') as f:
+                metadata = f.metadata() or {}
+            return load_file(path), metadata
+        except Exception as e:
+            raise RuntimeError(f"--pretrained_path {path!r} is not a readable safetensors file: {e}") from e
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or 'head' not in checkpoint:
+        raise RuntimeError(f"--pretrained_path {path!r} holds no 'head' state dict (expected a .safetensors head "
+                           f"or a checkpoint.pt written by train.py)")
+    return checkpoint['head'], checkpoint.get('metadata', {})
+
+
+def write_metrics(path, records):
+    """metrics.jsonl: one JSON line per record, rewritten atomically (it always matches the checkpoint)."""
+    text = ''.join(json.dumps(r) + '\n' for r in records)
+    save_atomic(lambda tmp: open(tmp, 'w').write(text), path)
+
+
+def save_head(head, path, metadata):
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_atomic(lambda tmp: save_file(state, tmp, metadata={k: str(v) for k, v in metadata.items()}), path)
+
+
+# -------------------------------------------------------------------------------------------------
+# Data: batches of (hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] or None, labels [batch])
+# -------------------------------------------------------------------------------------------------
+
+def make_loaders(args, splits, backbone, accelerator):
+    """-> {split: DataLoader}. With --feature_cache, text batches come straight from the cache."""
+    loaders = {}
+    store = None
+    if args.feature_cache:
+        if splits['modality'] != 'text':
+            raise ValueError(f"--feature_cache is for text datasets; {args.dataset_name} is {splits['modality']} "
+                             f"(its training images are augmented, so their features change every epoch)")
+        store = data.FeatureStore(os.path.join(args.feature_cache, backbone.name.replace('/', '--')), backbone)
+    for split in ('train', 'valid', 'test'):
+        dataset = splits[split]
+        if dataset is None:
+            continue
+        if store is None:
+            loaders[split] = torch.utils.data.DataLoader(dataset, batch_size=args.batch_sz, shuffle=(split == 'train'),
+                                                         num_workers=args.num_workers)
+            continue
+        with accelerator.main_process_first():
+            dataset = store.dataset(dataset.texts, dataset.labels, desc=f"{args.dataset_name}/{split}")
+        batches = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_sz)   # little padding per batch
+        loaders[split] = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate_features,
+                                                     num_workers=args.num_workers)
+    return loaders
+
+
+def features(batch, backbone, cached):
+    """A loader's batch -> hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] | None, labels [batch]."""
+    if cached:
+        return batch
+    inputs, labels = batch
+    hidden, mask = backbone.encode(inputs)
+    return hidden.to(labels.device), None if mask is None else mask.to(labels.device), labels
+
+
+def mixup(hidden, mask, labels, n_classes, alpha):
+    """Mixes each sample with another of the batch, lambda ~ Beta(alpha, alpha) per sample; a
+    position is padding in the mix only where it is padding in both. -> hidden, mask, soft targets."""
+    targets = F.one_hot(labels, n_classes).to(hidden.dtype)                       # [batch, n_classes]
+    if not alpha:
+        return hidden, mask, targets
+    lam = torch.distributions.Beta(alpha, alpha).sample((len(labels),)).to(hidden.device)  # [batch]
+    perm = torch.randperm(len(labels), device=hidden.device)
+    hidden = lam[:, None, None, None] * hidden + (1 - lam[:, None, None, None]) * hidden[perm]
+    targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[perm]
+    return hidden, (None if mask is None else mask & mask[perm]), targets
+
+
+@torch.no_grad()
+def evaluate(head, loader, backbone, cached, accelerator, desc):
+    head.eval()
+    n_correct = n_total = 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        hidden, mask, labels = features(batch, backbone, cached)
+        with accelerator.autocast():
+            scores = head(hidden, mask)
+        preds, labels = accelerator.gather_for_metrics((scores.argmax(-1), labels))
+        n_correct += (preds == labels).sum().item()
+        n_total += len(labels)
+    return n_correct / max(1, n_total)
+
+
+# -------------------------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    use_cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=args.mixed_precision or ('no' if use_cpu else 'fp16'))
+    log = accelerator.print
+    set_seed(args.rng_seed)
+
+    splits = data.get_dataset_splits(args.dataset_name, data_root=args.data_root, download=args.download,
+                                     image_size=args.image_size)
+    backbone = models.load_backbone(args.backbone, revision=args.revision, max_length=args.max_length)
+    if backbone.modality != splits['modality']:
+        raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
+                         f"{args.dataset_name!r} is {splits['modality']}")
+    backbone.to(accelerator.device)
+    n_classes = splits['n_classes']
+    head = models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes)
+    metadata = {'backbone': args.backbone, 'dataset_name': args.dataset_name, 'n_classes': n_classes,
+                'd_depth': backbone.d_depth, 'd_emb': backbone.d_emb, 'n_hid': head.n_hid}
+
+    if args.pretrained_path:
+        state, pretrained_meta = load_head_state(args.pretrained_path)
+        if pretrained_meta.get('backbone', args.backbone) != args.backbone:
+            raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained on backbone "
+                             f"{pretrained_meta['backbone']!r}, not --backbone {args.backbone!r}")
+        if args.eval_only:
+            try:
+                head.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a head for "
+                                   f"{args.dataset_name} on {args.backbone}: {e}") from e
+        else:                                     # fine-tune the last routing; load every tensor that fits
+            own = head.state_dict()
+            fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+            head.load_state_dict(fits, strict=False)
+            log(f"loaded {len(fits)}/{len(own)} tensors from {args.pretrained_path}; "
+                f"left at init: {sorted(set(own) - set(fits))}")
+            for name, p in head.named_parameters():
+                p.requires_grad_(name.startswith(f'route.{len(head.route) - 1}.'))
+
+    loaders = make_loaders(args, splits, backbone, accelerator)
+    cached = bool(args.feature_cache)
+
+    if args.eval_only:
+        head, test_loader = accelerator.prepare(head, loaders['test'])
+        acc = evaluate(head, test_loader, backbone, cached, accelerator, 'test')
+        log(f"test accuracy: {acc:.4f}")
+        return acc
+
+    steps_per_epoch = args.n_iters_per_train_epoch or len(loaders['train'])
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.RAdam(params, lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.3,
+                                                    total_steps=args.n_epochs * steps_per_epoch)
+    head, optimizer, train_loader, scheduler = accelerator.prepare(head, optimizer, loaders['train'], scheduler)
+    eval_loaders = {k: accelerator.prepare(loaders[k]) for k in ('valid', 'test') if k in loaders}
+    alpha = MIXUP_ALPHA[splits['modality']] if args.mixup_alpha is None else args.mixup_alpha
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
+    metrics_path = os.path.join(args.output_dir, 'metrics.jsonl')
+    history = []                                           # one metrics record per completed epoch
+    if args.resume and os.path.exists(checkpoint_path):
+        checkpoint = load_checkpoint(checkpoint_path)
+        accelerator.unwrap_model(head).load_state_dict(checkpoint['head'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        history = checkpoint['history']
+        log(f"resumed from {checkpoint_path} after epoch {len(history)}")
+    elif args.resume:
+        log(f"--resume: no {checkpoint_path} yet, starting from scratch")
+
+    for epoch in range(len(history), args.n_epochs):
+        set_seed(args.rng_seed * 1000 + epoch)            # each epoch's shuffle and mixup are reproducible
+        head.train()
+        started, total_loss, n_correct, n_seen = time.time(), 0.0, 0, 0
+        batches = iter(train_loader)
+        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.n_epochs}",
+                        disable=not accelerator.is_local_main_process)
+        for _ in progress:
+            try:
+                batch = next(batches)
+            except StopIteration:                          # more steps than one pass: start another
+                batches = iter(train_loader)
+                batch = next(batches)
+            hidden, mask, labels = features(batch, backbone, cached)
+            hidden, mask, targets = mixup(hidden, mask, labels, n_classes, alpha)
+            with accelerator.autocast():
+                scores = head(hidden, mask)                                       # [batch, n_classes]
+                loss = -(targets * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}; the last checkpoint "
+                                         f"({checkpoint_path}) is intact")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(labels)
+            n_correct += (scores.argmax(-1) == targets.argmax(-1)).sum().item()
+            n_seen += len(labels)
+            progress.set_postfix(loss=f"{total_loss / n_seen:.4f}", acc=f"{n_correct / n_seen:.4f}",
+                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")
+
+        record = {'epoch': epoch + 1, 'train_loss': total_loss / n_seen, 'train_acc': n_correct / n_seen,
+                  'epoch_seconds': time.time() - started}
+        if 'valid' in eval_loaders:
+            record['valid_acc'] = evaluate(head, eval_loaders['valid'], backbone, cached, accelerator, 'valid')
+        log(json.dumps(record))
+        history.append(record)
+        if accelerator.is_main_process:                    # the checkpoint first, then the metrics it holds
+            state = {'head': accelerator.unwrap_model(head).state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scheduler': scheduler.state_dict(), 'history': history, 'args': vars(args),
+                     'metadata': metadata}
+            save_atomic(lambda tmp: torch.save(state, tmp), checkpoint_path)
+            write_metrics(metrics_path, history)
+        accelerator.wait_for_everyone()
+
+    final = {**metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
+    if 'valid' in eval_loaders:
+        final['valid_accuracy'] = f"{evaluate(head, eval_loaders['valid'], backbone, cached, accelerator, 'valid'):.4f}"
+    test_acc = None
+    if args.run_test:
+        test_acc = evaluate(head, eval_loaders['test'], backbone, cached, accelerator, 'test')
+        final['test_accuracy'] = f"{test_acc:.4f}"
+    if accelerator.is_main_process:
+        save_head(accelerator.unwrap_model(head), os.path.join(args.output_dir, 'head.safetensors'), final)
+        write_metrics(metrics_path, history + [{'final': final}])
+    log(f"saved {os.path.join(args.output_dir, 'head.safetensors')}")
+    if test_acc is not None:
+        log(f"test accuracy: {test_acc:.4f}")
+    return test_acc
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
