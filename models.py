@@ -67,7 +67,8 @@ class RoutingHead(nn.Module):
         and the scores [..., n_classes]. Padding positions get zero credit."""
         with record_credit(self) as phis:
             scores = self(hidden, mask)
-        credit = end_to_end_credit(phis)                                          # [..., n_pos * d_depth, n_classes]
+        inputs_mask = None if mask is None else mask[..., None].expand(*mask.shape, self.d_depth).flatten(-2)
+        credit = end_to_end_credit(phis, mask=inputs_mask)                        # [..., n_pos * d_depth, n_classes]
         return credit.unflatten(-2, (hidden.shape[-3], self.d_depth)), scores
 
 

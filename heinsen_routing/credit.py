@@ -36,21 +36,32 @@ __all__ = ['record_credit', 'end_to_end_credit', 'residual_credit']
 ROUTINGS = (EfficientVectorRouting, DefinableVectorRouting, GenerativeMatrixRouting)
 
 
-def _normalize(credit, eps):
-    return credit / (credit.std(dim=(-2, -1), keepdim=True) + eps)
+def _normalize(credit, eps, rows=None):
+    """credit [..., n, m] / (its std over each sample's matrix + eps); rows [..., n] bool selects
+    the rows that count (padding rows, all zero, would otherwise shrink the std)."""
+    if rows is None:
+        return credit / (credit.std(dim=(-2, -1), keepdim=True) + eps)
+    weight = rows[..., None].to(credit.dtype)                                # [..., n, 1]
+    count = (weight.sum(dim=(-2, -1), keepdim=True) * credit.shape[-1]).clamp(min=2)
+    mean = (credit * weight).sum(dim=(-2, -1), keepdim=True) / count
+    var = ((credit - mean).square() * weight).sum(dim=(-2, -1), keepdim=True) / (count - 1)
+    return credit / (var.sqrt() + eps)
 
 
-def end_to_end_credit(phis, eps=1e-5):
+def end_to_end_credit(phis, eps=1e-5, mask=None):
     """phis: list of [..., n_k, n_{k+1}] credit matrices of sequential routings
-    -> [..., n_0, n_last], each partial product divided by (its std + eps)."""
+    -> [..., n_0, n_last], each partial product divided by (its std + eps).
+    mask (optional) [..., n_0] bool, True = padding input: left out of the std, so that a sample's
+    credit does not depend on how much padding its batch has (padding rows are zero anyway)."""
     if len(phis) == 0:
         raise ValueError("phis must hold at least one credit matrix [..., n_inp, n_out]")
-    credit = _normalize(phis[0], eps)
+    rows = None if mask is None else ~mask
+    credit = _normalize(phis[0], eps, rows)
     for k, phi in enumerate(phis[1:], start=1):
         if phi.shape[-2] != credit.shape[-1]:
             raise ValueError(f"phis[{k}] has shape {tuple(phi.shape)} but must be [..., {credit.shape[-1]}, n_out] "
                              f"to follow phis[{k - 1}] (its n_out is {credit.shape[-1]})")
-        credit = _normalize(credit @ phi, eps)
+        credit = _normalize(credit @ phi, eps, rows)
     return credit
 
 

@@ -50,9 +50,13 @@ def test_padded_inputs_get_zero_end_to_end_credit():
     mask[1, 6:] = True
     with record_credit(model) as phis:
         model[2](model[1](model[0](x, mask=mask)))
-    credit = end_to_end_credit(phis)
+    credit = end_to_end_credit(phis, mask=mask[..., 0])
     assert torch.count_nonzero(credit[1, 6:]) == 0
     assert torch.count_nonzero(credit[1, :6]) > 0
+    # with the mask, a padded sample's credit equals its credit routed alone
+    with record_credit(model) as alone:
+        model(x[1, :6])
+    torch.testing.assert_close(credit[1, :6], end_to_end_credit(alone), rtol=1e-4, atol=1e-5)
 
 
 def test_residual_credit_recipe():

@@ -43,6 +43,7 @@ def test_routing_head_padding_equals_unpadded_and_credit_is_zero_there():
     assert credit.shape == (2, 7, 3, 4)
     torch.testing.assert_close(credit_scores, scores.detach())
     assert torch.count_nonzero(credit[1, 4:]) == 0 and torch.count_nonzero(credit[1, :4]) > 0
+    torch.testing.assert_close(credit[1, :4], head.credit(hidden[1, :4])[0])   # independent of the batch's padding
 
 
 def test_routing_head_bad_input():

@@ -1,0 +1,242 @@
+"""
+Real results, offline: routing heads on the frozen all-MiniLM-L6-v2 ('minilm') over the real
+Stanford Sentiment Treebank, beside conventional baselines on the same frozen features, and a
+deletion test of the heads' credit assignment. Regenerates docs/sst_results.md (the README's table)
+from scratch and, with --save_pretrained, the heads under pretrained/.
+
+    python -m benchmarks.sst_results --data_root ../shared/data --save_pretrained
+
+Steps (wall-clock time of each is reported):
+ 1. the frozen hidden states of every SST text, once (train.py's --feature_cache; reused if present);
+ 2. per seed: an SST-5 head (train.py, the paper's regime, all training phrases), then an SST-2 head
+    fine-tuned from it (last routing only); test accuracy of each, mean +- std over seeds;
+ 3. baselines on the same features and training phrases: logistic regression on the mean-pooled
+    states of the last layer, and of all depths concatenated (L2 penalty chosen on dev);
+ 4. the heads with the best dev accuracy are the pretrained heads; their test accuracy is measured
+    again with `train.py --eval_only` on the live backbone (the number their metadata states);
+ 5. deletion test on SST-2 test: delete the k tokens with the highest end-to-end credit for the
+    predicted class, or k random tokens, re-encode, and measure the drop of the predicted class's
+    probability, k = 1, 3, 5.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+import data
+import models
+import train
+
+PRETRAINED = {'sst5': 'pretrained/sst5_minilm_routing_head.safetensors',
+              'sst2': 'pretrained/sst2_minilm_routing_head.safetensors'}
+
+
+def mean_std(values):
+    return f"{100 * statistics.mean(values):.1f} ± {100 * (statistics.stdev(values) if len(values) > 1 else 0):.1f}"
+
+
+def train_heads(args, seed):
+    """-> {dataset: (valid acc, test acc, head path)} for the SST-5 head and the SST-2 head tuned from it."""
+    out, results = os.path.join(args.out_dir, f'seed{seed}'), {}
+    common = ['--backbone', 'minilm', '--data_root', args.data_root, '--feature_cache', args.feature_cache,
+              '--batch_sz', str(args.batch_sz), '--rng_seed', str(seed), '--run_test', '--device', 'cpu']
+    if args.n_iters_per_train_epoch:
+        common += ['--n_iters_per_train_epoch', str(args.n_iters_per_train_epoch)]
+    for dataset, n_epochs, extra in (('sst5', args.sst5_epochs, []),
+                                     ('sst2', args.sst2_epochs, ['--pretrained_path', f'{out}/sst5/head.safetensors'])):
+        train.main(['--dataset_name', dataset, '--n_epochs', str(n_epochs), '--output_dir', f'{out}/{dataset}',
+                    *common, *extra])
+        with open(f'{out}/{dataset}/metrics.jsonl') as f:
+            final = [json.loads(line) for line in f][-1]['final']
+        results[dataset] = (float(final['valid_accuracy']), float(final['test_accuracy']), f'{out}/{dataset}/head.safetensors')
+    return results
+
+
+def pooled_features(store, split):
+    """-> last-layer mean [n, d_emb], all-depths mean concatenated [n, d_depth * d_emb], labels [n]."""
+    dataset = store.dataset(split.texts, split.labels)
+    means = torch.stack([dataset[k][0].mean(dim=0) for k in range(len(dataset))])  # [n, d_depth, d_emb]
+    return means[:, -1], means.flatten(1), torch.tensor(split.labels)
+
+
+def logistic_regression(train_x, train_y, l2, n_classes, max_iter=100):
+    """Multinomial logistic regression with an L2 penalty, fitted by L-BFGS on standardised features.
+    -> predict(x) -> labels"""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x = (train_x - mean) / std
+    W = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([W, b], max_iter=max_iter, history_size=20, line_search_fn='strong_wolfe')
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ W + b, train_y) + l2 * W.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return lambda test_x: (((test_x - mean) / std) @ W + b).argmax(-1)
+
+
+def baselines(args, store, dataset):
+    """Logistic regression on mean-pooled frozen states of all training phrases; L2 chosen on dev.
+    -> {features: (dev acc, l2, test acc)}"""
+    splits = data.get_dataset_splits(dataset, data_root=args.data_root)
+    feats = {k: pooled_features(store, splits[k]) for k in ('train', 'valid', 'test')}
+    results = {}
+    for j, name in enumerate(('last layer, mean-pooled', 'all depths, mean-pooled, concatenated')):
+        best = None
+        for l2 in (1e-5, 1e-4, 1e-3):
+            predict = logistic_regression(feats['train'][j], feats['train'][2], l2, splits['n_classes'])
+            with torch.no_grad():
+                valid, test = ((predict(feats[k][j]) == feats[k][2]).float().mean().item() for k in ('valid', 'test'))
+            if best is None or valid > best[0]:
+                best = (valid, l2, test)
+        results[name] = best
+    return results
+
+
+@torch.no_grad()
+def deletion_test(args, head_path, ks=(1, 3, 5), seed=0):
+    """-> {k: (mean drop deleting top-credit tokens, mean drop deleting random tokens, n sentences)}"""
+    backbone = models.load_backbone('minilm')
+    tokenizer, model = backbone.tokenizer, backbone.model
+    head = models.RoutingHead(backbone.d_depth, backbone.d_emb, 2)
+    head.load_state_dict(load_file(head_path))
+    head.eval()
+    test = data.get_dataset_splits('sst2', data_root=args.data_root)['test']
+    special = set(tokenizer.all_special_ids)
+    rng = np.random.default_rng(seed)
+
+    def probabilities(id_lists):
+        """token id lists -> class probabilities [n, 2], credit [n, n_pos, d_depth, 2], mask."""
+        n_pos = max(len(ids) for ids in id_lists)
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (n_pos - len(ids)) for ids in id_lists])
+        attention = torch.tensor([[1] * len(ids) + [0] * (n_pos - len(ids)) for ids in id_lists])
+        hidden = torch.stack(model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True).hidden_states, dim=-2)
+        credit, scores = head.credit(hidden, attention == 0)
+        return scores.softmax(-1), credit
+
+    drops = {k: ([], []) for k in ks}
+    for s in range(0, len(test), 64):
+        ids = [tokenizer(t)['input_ids'] for t in test.texts[s:s + 64]]
+        probs, credit = probabilities(ids)
+        pred = probs.argmax(-1)
+        token_credit = credit.sum(dim=2)[torch.arange(len(ids)), :, pred]           # [batch, n_pos] for the predicted class
+        for k in ks:
+            variants, rows = [], []
+            for b, seq in enumerate(ids):
+                content = [i for i, t in enumerate(seq) if t not in special]
+                if len(content) <= k:
+                    continue
+                top = set(sorted(content, key=lambda i: -token_credit[b, i].item())[:k])
+                rand = set(rng.choice(content, size=k, replace=False).tolist())
+                variants += [[t for i, t in enumerate(seq) if i not in top], [t for i, t in enumerate(seq) if i not in rand]]
+                rows.append(b)
+            if not rows:
+                continue
+            after, _ = probabilities(variants)
+            for n, b in enumerate(rows):
+                p = probs[b, pred[b]].item()
+                drops[k][0].append(p - after[2 * n, pred[b]].item())
+                drops[k][1].append(p - after[2 * n + 1, pred[b]].item())
+    return {k: (float(np.mean(top)), float(np.mean(rand)), len(top)) for k, (top, rand) in drops.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data_root', default='.data', help='folder holding sst/{train,dev,test}.txt')
+    p.add_argument('--feature_cache', default='.data/features')
+    p.add_argument('--out_dir', default='runs/sst_results')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--sst5_epochs', type=int, default=1)
+    p.add_argument('--sst2_epochs', type=int, default=1)
+    p.add_argument('--batch_sz', type=int, default=32)
+    p.add_argument('--n_iters_per_train_epoch', type=int, default=None, help='cap on steps per epoch (smoke runs)')
+    p.add_argument('--save_pretrained', action='store_true', help='copy the best-dev heads to pretrained/')
+    p.add_argument('--report', default='docs/sst_results.md')
+    args = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count())
+    timings, lines = {}, []
+    started = time.time()
+
+    # 1. features, once
+    t = time.time()
+    store = data.FeatureStore(os.path.join(args.feature_cache, 'minilm'), models.load_backbone('minilm'))
+    for dataset in ('sst5', 'sst2'):
+        splits = data.get_dataset_splits(dataset, data_root=args.data_root)
+        for split in ('train', 'valid', 'test'):
+            store.ensure(splits[split].texts, f'{dataset}/{split}')
+    timings['frozen features (all SST texts, once)'] = time.time() - t
+
+    # 2. routing heads
+    runs = []
+    for seed in args.seeds:
+        t = time.time()
+        runs.append(train_heads(args, seed))
+        timings[f'routing heads, seed {seed} (SST-5, then SST-2 from it)'] = time.time() - t
+
+    # 3. baselines
+    t = time.time()
+    base = {dataset: baselines(args, store, dataset) for dataset in ('sst5', 'sst2')}
+    timings['baselines (logistic regression, 3 L2 penalties, both datasets)'] = time.time() - t
+
+    # 4. pretrained heads: best dev accuracy; test accuracy on the live backbone
+    pretrained = {}
+    for dataset in ('sst5', 'sst2'):
+        valid, test, path = max((r[dataset] for r in runs), key=lambda r: r[0])
+        t = time.time()
+        live = train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--data_root', args.data_root,
+                           '--eval_only', '--pretrained_path', path, '--device', 'cpu', '--output_dir', args.out_dir])
+        timings[f'{dataset}: eval_only of the chosen head on the live backbone'] = time.time() - t
+        pretrained[dataset] = (valid, test, live, path)
+        if args.save_pretrained:
+            metadata = {**train.load_head_state(path)[1], 'test_accuracy': f'{live:.4f}',
+                        'test_accuracy_from_float16_feature_cache': f'{test:.4f}', 'valid_accuracy': f'{valid:.4f}',
+                        'reproduce': f'python train.py --dataset_name {dataset} --backbone minilm --eval_only '
+                                     f'--pretrained_path {PRETRAINED[dataset]}'}
+            head = models.RoutingHead(7, 384, 5 if dataset == 'sst5' else 2)
+            head.load_state_dict(load_file(path))
+            train.save_head(head, PRETRAINED[dataset], metadata)
+
+    # 5. deletion test with the chosen SST-2 head
+    t = time.time()
+    deletion = deletion_test(args, pretrained['sst2'][3])
+    timings['deletion test (SST-2 test)'] = time.time() - t
+    timings['total'] = time.time() - started
+
+    lines += ['| model (frozen all-MiniLM-L6-v2 features) | SST-5 test acc. (%) | SST-2 test acc. (%) |', '|---|---|---|']
+    lines.append(f"| routing head (2022), mean ± std over seeds {args.seeds} | "
+                 f"{mean_std([r['sst5'][1] for r in runs])} | {mean_std([r['sst2'][1] for r in runs])} |")
+    for name in base['sst5']:
+        (v5, c5, t5), (v2, c2, t2) = base['sst5'][name], base['sst2'][name]
+        lines.append(f"| logistic regression, {name} (L2 {c5:g} / {c2:g} by dev) | {100 * t5:.1f} | {100 * t2:.1f} |")
+    lines += ['', 'Chosen (best dev) heads, test accuracy by `train.py --eval_only` on the live float32 backbone:', '']
+    for dataset, (valid, test, live, path) in pretrained.items():
+        lines.append(f"- {dataset}: dev {100 * valid:.2f}%, test {100 * live:.2f}% (from the float16 feature cache: "
+                     f"{100 * test:.2f}%){' -> ' + PRETRAINED[dataset] if args.save_pretrained else ''}")
+    lines += ['', 'Deletion test (SST-2 test, chosen head): mean drop of the predicted class probability after '
+              'deleting k tokens and re-encoding', '', '| k | highest-credit tokens deleted | random tokens deleted | sentences |',
+              '|---|---|---|---|']
+    lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, (top, rand, n) in deletion.items()]
+    lines += ['', f"Wall-clock on this machine ({os.cpu_count()} CPU cores, torch {torch.__version__}):", '']
+    lines += [f"- {name}: {seconds / 60:.1f} min" for name, seconds in timings.items()]
+    lines += ['', f"Settings: SST-5 {args.sst5_epochs} epoch(s) over all training phrases, SST-2 {args.sst2_epochs} "
+              f"epoch(s) fine-tuning the last routing, batch {args.batch_sz}, RAdam, one-cycle max lr 1e-3, mixup "
+              f"Beta(0.65, 0.65). Command: `python -m benchmarks.sst_results --data_root {args.data_root}"
+              f"{' --save_pretrained' if args.save_pretrained else ''}`"]
+    report = '\n'.join(lines) + '\n'
+    print(report)
+    os.makedirs(os.path.dirname(args.report) or '.', exist_ok=True)
+    with open(args.report, 'w') as f:
+        f.write(report)
+    return runs, base, pretrained, deletion
+
+
+if __name__ == '__main__':
+    main()
