@@ -160,6 +160,18 @@ def _find_maybe_gz(path):
     return None
 
 
+def _find_or_download(root, name, url_base, download, what, how):
+    """root/name (or root/name.gz); with download, first fetched from url_base + name + '.gz'
+    (gunzipped to root/name). Missing -> FileNotFoundError naming the path and how to get it."""
+    path = _find_maybe_gz(os.path.join(root, name))
+    if path is None and download:
+        download_and_extract(url_base + name + '.gz', root)
+        path = _find_maybe_gz(os.path.join(root, name))
+    if path is None:
+        raise _missing(what, os.path.join(root, name), how)
+    return path
+
+
 def _is_gzip(path):
     with open(path, 'rb') as f:
         return f.read(2) == b'\x1f\x8b'
@@ -667,14 +679,9 @@ def load_smallnorb(data_root, download):
         arrays = {}
         for kind in ('dat', 'cat', 'info'):
             name = f'{prefix}{kind}.mat'
-            path = _find_maybe_gz(os.path.join(root, name))
-            if path is None and download:
-                download_and_extract(SMALLNORB_URL + name + '.gz', root)  # gunzipped to <name>
-                path = _find_maybe_gz(os.path.join(root, name))
-            if path is None:
-                raise _missing('smallNORB', os.path.join(root, name),
-                               f"Get {SMALLNORB_URL}{name}.gz (and the other 5 files there), gunzip them into "
-                               f"{os.path.abspath(root)}, or pass --download (download=True).")
+            path = _find_or_download(root, name, SMALLNORB_URL, download, 'smallNORB',
+                                     f"Get {SMALLNORB_URL}{name}.gz (and the other 5 files there), gunzip them into "
+                                     f"{os.path.abspath(root)}, or pass --download (download=True).")
             arrays[kind] = read_smallnorb_file(path)
         dat, cat, info = arrays['dat'], arrays['cat'].reshape(-1), arrays['info']
         if dat.ndim != 4 or dat.shape[1] != 2 or info.ndim != 2 or not len(dat) == len(cat) == len(info):
@@ -722,14 +729,9 @@ def load_mnist(data_root, download):
     for split, names in MNIST_FILES.items():
         arrays = []
         for name in names:
-            path = _find_maybe_gz(os.path.join(root, name))
-            if path is None and download:
-                download_and_extract(MNIST_URL + name + '.gz', root)  # gunzipped to <name>
-                path = _find_maybe_gz(os.path.join(root, name))
-            if path is None:
-                raise _missing('MNIST', os.path.join(root, name),
-                               f"Get {MNIST_URL}{name}.gz (and the other 3 files there) into "
-                               f"{os.path.abspath(root)} (gzipped or not), or pass --download (download=True).")
+            path = _find_or_download(root, name, MNIST_URL, download, 'MNIST',
+                                     f"Get {MNIST_URL}{name}.gz (and the other 3 files there) into "
+                                     f"{os.path.abspath(root)} (gzipped or not), or pass --download (download=True).")
             arrays.append(read_idx(path))
         images, labels = arrays  # uint8 [N, 28, 28], uint8 [N]
         if images.ndim != 3 or len(images) != len(labels):
@@ -922,15 +924,20 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     masked, so this changes speed, not results). Each epoch: shuffle all indices, cut them into
     groups of `batch_size * group_batches`, sort each group by length, cut it into batches, and
     shuffle the batches. Uses torch's global RNG (seed it per epoch for reproducible epochs).
+    shuffle=False (evaluation): the same batches every time, all samples sorted by length.
     """
 
-    def __init__(self, lengths, batch_size, group_batches=64):
-        self.lengths, self.batch_size, self.group = list(lengths), batch_size, batch_size * group_batches
+    def __init__(self, lengths, batch_size, group_batches=64, shuffle=True):
+        self.lengths, self.batch_size, self.shuffle = list(lengths), batch_size, shuffle
+        self.group = batch_size * group_batches if shuffle else len(self.lengths)
 
     def __len__(self):
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
+        if not self.shuffle:
+            order = sorted(range(len(self.lengths)), key=self.lengths.__getitem__)
+            return iter([order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)])
         order = torch.randperm(len(self.lengths)).tolist()
         batches = []
         for s in range(0, len(order), self.group):

@@ -152,7 +152,7 @@ def make_loaders(args, splits, backbone, accelerator):
             continue
         with accelerator.main_process_first():
             dataset = store.dataset(dataset.texts, dataset.labels, desc=f"{args.dataset_name}/{split}")
-        batches = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_sz)   # little padding per batch
+        batches = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_sz, shuffle=(split == 'train'))
         loaders[split] = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate_features,
                                                      num_workers=args.num_workers)
     return loaders

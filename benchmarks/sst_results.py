@@ -226,10 +226,11 @@ def main(argv=None):
     lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, (top, rand, n) in deletion.items()]
     lines += ['', f"Wall-clock on this machine ({os.cpu_count()} CPU cores, torch {torch.__version__}):", '']
     lines += [f"- {name}: {seconds / 60:.1f} min" for name, seconds in timings.items()]
-    lines += ['', f"Settings: SST-5 {args.sst5_epochs} epoch(s) over all training phrases, SST-2 {args.sst2_epochs} "
-              f"epoch(s) fine-tuning the last routing, batch {args.batch_sz}, RAdam, one-cycle max lr 1e-3, mixup "
-              f"Beta(0.65, 0.65). Command: `python -m benchmarks.sst_results --data_root {args.data_root}"
-              f"{' --save_pretrained' if args.save_pretrained else ''}`"]
+    steps = f" of at most {args.n_iters_per_train_epoch} steps" if args.n_iters_per_train_epoch else ''
+    lines += ['', f"Settings: SST-5 {args.sst5_epochs} epoch(s){steps} over shuffled training phrases (all subtrees), "
+              f"SST-2 {args.sst2_epochs} epoch(s){steps} fine-tuning the last routing, batch {args.batch_sz}, RAdam, "
+              f"one-cycle max lr 1e-3, mixup Beta(0.65, 0.65). Command: `python -m benchmarks.sst_results "
+              f"{' '.join(argv if argv is not None else __import__('sys').argv[1:])}`"]
     report = '\n'.join(lines) + '\n'
     print(report)
     os.makedirs(os.path.dirname(args.report) or '.', exist_ok=True)

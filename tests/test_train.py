@@ -134,3 +134,15 @@ def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
     (out / 'head.safetensors').write_bytes(b'garbage')
     with pytest.raises(RuntimeError, match='not a readable safetensors'):
         run(sst_args(tiny_sst, tiny_bert, tmp_path / 'r', '--eval_only', '--pretrained_path', out / 'head.safetensors'))
+
+
+def test_length_grouped_batches_cover_every_sample_once():
+    import data
+    lengths = torch.randint(1, 50, (1000,)).tolist()
+    for shuffle in (True, False):
+        batches = list(data.LengthGroupedBatchSampler(lengths, 32, group_batches=16, shuffle=shuffle))
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert all(len(b) <= 32 for b in batches)
+        spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+        assert spread < 6                                    # random batches of 32 would spread over ~45
+    assert batches == list(data.LengthGroupedBatchSampler(lengths, 32, shuffle=False))
