@@ -248,12 +248,11 @@ def main(argv=None):
         log(f"test accuracy: {acc:.4f}")
         return acc
 
-    steps_per_epoch = args.n_iters_per_train_epoch or len(loaders['train'])
-    params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.RAdam(params, lr=args.lr)
+    optimizer = torch.optim.RAdam([p for p in head.parameters() if p.requires_grad], lr=args.lr)
+    head, optimizer, train_loader = accelerator.prepare(head, optimizer, loaders['train'])
+    steps_per_epoch = args.n_iters_per_train_epoch or len(train_loader)     # per process, when several
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.3,
                                                     total_steps=args.n_epochs * steps_per_epoch)
-    head, optimizer, train_loader, scheduler = accelerator.prepare(head, optimizer, loaders['train'], scheduler)
     eval_loaders = {k: accelerator.prepare(loaders[k]) for k in ('valid', 'test') if k in loaders}
     alpha = MIXUP_ALPHA[splits['modality']] if args.mixup_alpha is None else args.mixup_alpha
 
