@@ -54,12 +54,16 @@ class RoutingHead(nn.Module):
                              f"(True = padding), got {mask.dtype} {list(mask.shape)}")
         x = self.normalize(hidden) * self.W + self.B                             # [..., n_pos, d_depth, d_emb]
         x = x.flatten(-3, -2)                                                    # [..., n_pos * d_depth, d_emb]
-        if mask is not None:                                                     # every depth of a padding position
-            mask = mask[..., None].expand(*mask.shape, self.d_depth).flatten(-2)[..., None]  # [..., n_inp, 1]
+        if mask is not None:
+            mask = self._inputs_mask(mask)[..., None]                            # [..., n_pos * d_depth, 1]
         x = self.route[0](x, mask=mask)                                          # [..., n_hid, d_emb]
         x = self.route[1](x)                                                     # [..., n_hid, d_emb]
         x = self.route[2](x)                                                     # [..., n_classes, 1]
         return x.squeeze(-1)                                                     # [..., n_classes]
+
+    def _inputs_mask(self, mask):
+        """[..., n_pos] -> [..., n_pos * d_depth]: every depth of a padding position is padding."""
+        return mask[..., None].expand(*mask.shape, self.d_depth).flatten(-2)
 
     @torch.no_grad()
     def credit(self, hidden, mask=None):
@@ -67,8 +71,8 @@ class RoutingHead(nn.Module):
         and the scores [..., n_classes]. Padding positions get zero credit."""
         with record_credit(self) as phis:
             scores = self(hidden, mask)
-        inputs_mask = None if mask is None else mask[..., None].expand(*mask.shape, self.d_depth).flatten(-2)
-        credit = end_to_end_credit(phis, mask=inputs_mask)                        # [..., n_pos * d_depth, n_classes]
+        credit = end_to_end_credit(phis, mask=None if mask is None else self._inputs_mask(mask))
+        # credit: [..., n_pos * d_depth, n_classes]
         return credit.unflatten(-2, (hidden.shape[-3], self.d_depth)), scores
 
 
