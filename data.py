@@ -630,20 +630,29 @@ def write_smallnorb_file(path: str, array) -> None:
         raise ValueError(f"unsupported dtype {array.dtype} for a smallNORB file")
     dims = list(array.shape) + [1] * (3 - array.ndim)  # at least 3 dims are always written
     header = np.array([_NORB_MAGICS[dtype], array.ndim] + dims, dtype='<i4').tobytes()
-    _write_atomic(path, header + np.ascontiguousarray(array, dtype=dtype).tobytes())
+    write_atomic(path, header + np.ascontiguousarray(array, dtype=dtype).tobytes())
 
 
-def _write_atomic(path, data: bytes):
+def save_atomic(save_fn, path):
+    """save_fn(tmp_path) writes the file beside `path`; one rename then replaces `path`, so it is
+    never seen half-written (used for datasets, feature-store indexes, checkpoints and heads)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-')
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.tmp-')
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
+        save_fn(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_atomic(path, data: bytes):
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    save_atomic(write, path)
 
 
 class SmallNorbDataset(Dataset):
@@ -720,7 +729,7 @@ def write_idx(path: str, array, gzip: bool = False) -> None:
     code = codes[array.dtype.newbyteorder('=')]
     header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, dtype='>i4').tobytes()
     data = header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
-    _write_atomic(path, _gzip.compress(data) if gzip else data)
+    write_atomic(path, _gzip.compress(data) if gzip else data)
 
 
 def load_mnist(data_root, download):
@@ -852,7 +861,7 @@ class FeatureStore:
             f.truncate(self.index['n_rows'] * self.row_bytes)
 
     def _save_index(self):
-        _write_atomic(self.index_path, json.dumps(self.index).encode())
+        write_atomic(self.index_path, json.dumps(self.index).encode())
 
     def ensure(self, texts, desc='', batch_texts=128):
         """Encodes (with the backbone) the texts not stored yet, shortest first, in batches."""

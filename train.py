@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import data
 import models
+from data import save_atomic
 
 MIXUP_ALPHA = {'text': 0.65, 'image': 0.2}
 
@@ -79,20 +80,8 @@ def parse_args(argv=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# Saving and loading, atomically
+# Saving and loading, atomically (data.save_atomic: temp file + rename)
 # -------------------------------------------------------------------------------------------------
-
-def save_atomic(save_fn, path):
-    """save_fn(tmp_path) writes the file; it then replaces `path` in one rename (never half-written)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def load_checkpoint(path):
     try:
@@ -120,8 +109,7 @@ def load_head_state(path):
 
 def write_metrics(path, records):
     """metrics.jsonl: one JSON line per record, rewritten atomically (it always matches the checkpoint)."""
-    text = ''.join(json.dumps(r) + '\n' for r in records)
-    save_atomic(lambda tmp: open(tmp, 'w').write(text), path)
+    data.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records).encode())
 
 
 def save_head(head, path, metadata):
