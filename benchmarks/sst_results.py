@@ -40,6 +40,25 @@ def mean_std(values):
     return f"{100 * statistics.mean(values):.1f} ± {100 * (statistics.stdev(values) if len(values) > 1 else 0):.1f}"
 
 
+def write_report(lines, path):
+    """Prints the report (markdown lines) and writes it to path."""
+    report = '\n'.join(lines) + '\n'
+    print(report)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(report)
+
+
+def sst_feature_store(data_root, feature_cache):
+    """The FeatureStore of minilm's frozen hidden states of every SST text (computed once, then reused)."""
+    store = data.FeatureStore(os.path.join(feature_cache, 'minilm'), models.load_backbone('minilm'))
+    for dataset in ('sst5', 'sst2'):
+        splits = data.get_dataset_splits(dataset, data_root=data_root)
+        for split in ('train', 'valid', 'test'):
+            store.ensure(splits[split].texts, f'{dataset}/{split}')
+    return store
+
+
 def train_heads(args, seed):
     """-> {dataset: (valid acc, test acc, head path)} for the SST-5 head and the SST-2 head tuned from it."""
     out, results = os.path.join(args.out_dir, f'seed{seed}'), {}
@@ -167,11 +186,7 @@ def main(argv=None):
 
     # 1. features, once
     t = time.time()
-    store = data.FeatureStore(os.path.join(args.feature_cache, 'minilm'), models.load_backbone('minilm'))
-    for dataset in ('sst5', 'sst2'):
-        splits = data.get_dataset_splits(dataset, data_root=args.data_root)
-        for split in ('train', 'valid', 'test'):
-            store.ensure(splits[split].texts, f'{dataset}/{split}')
+    store = sst_feature_store(args.data_root, args.feature_cache)
     timings['frozen features (all SST texts, once)'] = time.time() - t
 
     # 2. routing heads
@@ -231,11 +246,7 @@ def main(argv=None):
               f"SST-2 {args.sst2_epochs} epoch(s){steps} fine-tuning the last routing, batch {args.batch_sz}, RAdam, "
               f"one-cycle max lr 1e-3, mixup Beta(0.65, 0.65). Command: `python -m benchmarks.sst_results "
               f"{' '.join(argv if argv is not None else __import__('sys').argv[1:])}`"]
-    report = '\n'.join(lines) + '\n'
-    print(report)
-    os.makedirs(os.path.dirname(args.report) or '.', exist_ok=True)
-    with open(args.report, 'w') as f:
-        f.write(report)
+    write_report(lines, args.report)
     return runs, base, pretrained, deletion
 
 

@@ -519,8 +519,10 @@ class GenerativeMatrixRouting(nn.Module):
             _check_mask(mask, batch_shape, n, self.n_out)
 
         # 1. votes V[..., i, j, c, h] = sum_d mu_inp[..., i, c, d] W[i, j, d, h] + B[i, j, c, h]
-        W = self.W.expand(n, -1, -1, -1)                                            # [n, n_out, d_inp, d_out]
-        V = torch.einsum('...icd,ijdh->...ijch', mu_inp, W) + self.B                # [..., n, n_out, d_cov, d_out]
+        if self.n_inp == -1:                  # one W for every input: a single matmul, W never expanded
+            V = torch.einsum('...icd,jdh->...ijch', mu_inp, self.W[0]) + self.B[0]  # [..., n, n_out, d_cov, d_out]
+        else:
+            V = torch.einsum('...icd,ijdh->...ijch', mu_inp, self.W) + self.B       # [..., n, n_out, d_cov, d_out]
         # 2. f_a = sigma(a_inp), 0 for masked pairs
         f_a = torch.sigmoid(a_inp)[..., None]                                       # [..., n, 1]
         if mask is not None:

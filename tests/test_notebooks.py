@@ -4,7 +4,7 @@ outputs stripped.
 Execution uses nbclient on the 'python3' kernel (CI registers it: python -m ipykernel install --user
 --name python3). The notebooks save their figures to $CREDIT_FIGURES_DIR (docs/ by default); here that is a
 tmp dir, so running the tests leaves docs/ untouched. The notebooks locate the repository root from their
-working directory, so one runs from notebooks/ (as Jupyter does) and the other from the repository root.
+working directory, so some run from notebooks/ (as Jupyter does) and one from the repository root.
 """
 import os
 import pathlib
@@ -20,6 +20,7 @@ NOTEBOOKS = ROOT / 'notebooks'
 CASES = {
     'credit_language.ipynb': (NOTEBOOKS, 'credit_language.png'),
     'credit_vision.ipynb': (ROOT, 'credit_vision.png'),
+    'reverse_graphics.ipynb': (NOTEBOOKS, 'reverse_graphics.png'),
 }
 
 

@@ -1,0 +1,236 @@
+"""The 2019 paper's capsule networks (models.SmallNORBClassifier, models.SSTClassifier) and their
+training by `train.py --model capsules2019`: shapes, gradients, padding, the 2019 state-dict key
+names, the regime's schedule, and training steps on tiny inputs (smallNORB-format files, a tiny BERT)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import data
+import models
+import train
+from tests.test_data import write_smallnorb
+
+
+def run(argv):
+    return train.main([str(a) for a in argv])
+
+
+# -------------------------------------------------------------------------------------------------
+# SmallNORBClassifier
+# -------------------------------------------------------------------------------------------------
+
+def test_smallnorb_classifier_shapes_grid_and_gradients():
+    torch.manual_seed(0)
+    net = models.SmallNORBClassifier(n_objs=5, n_parts=8, d_chns=16)
+    seen = {}
+    net.convolve[0].register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    net.routings[0].register_forward_hook(lambda m, args, out: seen.update(a=args[0], mu=args[1]))
+    images = torch.rand(2, 2, 96, 96)
+    a, mu, sig2 = net(images)
+    assert a.shape == (2, 5) and mu.shape == (2, 5, 4, 4) and sig2.shape == (2, 5, 4, 4)
+    assert torch.isfinite(a).all() and (sig2 > 0).all()
+    # input: the stereo pair, then the x and y coordinate grids, evenly spaced -1..1
+    x = seen['x']
+    assert x.shape == (2, 4, 96, 96) and torch.equal(x[:, :2], images)
+    assert torch.allclose(x[0, 2, 7], torch.linspace(-1, 1, 96)) and torch.allclose(x[0, 3, :, 7], torch.linspace(-1, 1, 96))
+    # six conv blocks, strides 1, 2, 1, 2, 1, 2, no padding: 96 x 96 -> 9 x 9 positions of n_parts capsules
+    assert [m.stride[0] for m in net.convolve if isinstance(m, torch.nn.Conv2d)] == [1, 2, 1, 2, 1, 2]
+    assert seen['a'].shape == (2, 9 * 9 * 8) and seen['mu'].shape == (2, 9 * 9 * 8, 4, 4)
+    # capsule order: position-major; capsule (position p, part k) = compute_a / compute_mu output at p
+    z = net.convolve(x)
+    assert torch.allclose(seen['a'][0, 8 * 10 + 3], net.compute_a(z)[0, 3, 1, 1])
+    assert torch.allclose(seen['mu'][0, 8 * 10 + 3].flatten(), net.compute_mu(z)[0, 3 * 16:4 * 16, 1, 1])
+    # every parameter gets a gradient, from the scores and from the poses
+    (a.sum() + mu.square().sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert net.routings[1].beta_use.grad.abs().sum() > 0 and net.convolve[1].weight.grad.abs().sum() > 0
+
+
+def test_smallnorb_classifier_bad_input():
+    net = models.SmallNORBClassifier(n_parts=4, d_chns=8)
+    for bad in (torch.rand(2, 3, 96, 96), torch.rand(2, 96, 96), torch.rand(2, 2, 16, 16)):
+        with pytest.raises(ValueError, match=r'images must be a stereo batch \[batch, 2, H, W\]'):
+            net(bad)
+    with pytest.raises(ValueError, match='floating point'):
+        net(torch.zeros(2, 2, 96, 96, dtype=torch.uint8))
+
+
+# -------------------------------------------------------------------------------------------------
+# SSTClassifier
+# -------------------------------------------------------------------------------------------------
+
+def test_sst_classifier_shapes_gradients_and_padding():
+    torch.manual_seed(0)
+    net = models.SSTClassifier(d_depth=3, d_emb=16, d_inp=8, d_cap=2, n_parts=6, n_classes=5)
+    hidden = torch.randn(2, 7, 3, 16)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 4:] = True                                                 # sample 1 has 4 tokens
+    with torch.no_grad():                    # betas start at 0 (a_out = 0 whatever the inputs): as after training
+        for routing in net.routings:
+            routing.beta_use.normal_(), routing.beta_ign.normal_()
+    a, mu, sig2 = net(hidden, mask)
+    assert a.shape == (2, 5) and mu.shape == (2, 5, 1, 2) and sig2.shape == (2, 5, 1, 2)
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert net.depth_emb.grad.abs().sum() > 0 and net.detect_parts[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        # padding takes no part: garbage there changes nothing, and equals the unpadded sample alone
+        garbage = hidden.clone()
+        garbage[1, 4:] = 1e3
+        for out, ref in zip(net(garbage, mask), net(hidden[1:, :4], None)):
+            assert torch.allclose(out[1], ref[0], atol=1e-5)
+        # no mask = every position is a token
+        for out, ref in zip(net(hidden, None), net(hidden, torch.zeros_like(mask))):
+            assert torch.equal(out, ref)
+        # the input capsules' scores: logit of the (token) mask, every depth of a position alike
+        record = {}
+        net.routings[0].register_forward_hook(lambda m, args, out: record.update(a=args[0], mu=args[1]))
+        net(hidden, mask)
+        assert record['a'].shape == (2, 7 * 3) and record['mu'].shape == (2, 7 * 3, 1, 8)
+        assert (record['a'][1, :12] == float('inf')).all() and (record['a'][1, 12:] == float('-inf')).all()
+
+
+def test_sst_classifier_bad_input():
+    net = models.SSTClassifier(d_depth=3, d_emb=16, d_inp=8, n_parts=4, n_classes=2)
+    with pytest.raises(ValueError, match=r'hidden must have shape \[\.\.\., n_pos, d_depth=3, d_emb=16\]'):
+        net(torch.randn(2, 7, 4, 16))
+    with pytest.raises(ValueError, match='mask must be a bool tensor'):
+        net(torch.randn(2, 7, 3, 16), torch.zeros(2, 7))
+
+
+# -------------------------------------------------------------------------------------------------
+# The 2019 state-dict key names (documented in models.py)
+# -------------------------------------------------------------------------------------------------
+
+def routing_keys(prefix, m, n_out, d_cov, d_inp, d_out):
+    return {f'{prefix}.W': (m, n_out, d_inp, d_out), f'{prefix}.B': (m, n_out, d_cov, d_out),
+            f'{prefix}.beta_use': (m, n_out), f'{prefix}.beta_ign': (m, n_out), f'{prefix}.CONST_one': ()}
+
+
+def test_state_dicts_with_the_2019_key_names_load_strict():
+    n_parts, n_objs, d_chns = 8, 5, 16
+    expected = {**routing_keys('routings.0', 1, n_parts, 4, 4, 4), **routing_keys('routings.1', n_parts, n_objs, 4, 4, 4),
+                'compute_a.weight': (n_parts, d_chns, 1, 1), 'compute_a.bias': (n_parts,),
+                'compute_mu.weight': (n_parts * 16, d_chns, 1, 1), 'compute_mu.bias': (n_parts * 16,)}
+    for k, (i, d_in) in enumerate([(0, 4), (3, d_chns), (6, d_chns), (9, d_chns), (12, d_chns), (15, d_chns)]):
+        expected.update({f'convolve.{i}.weight': (d_in,), f'convolve.{i}.bias': (d_in,),
+                         f'convolve.{i}.running_mean': (d_in,), f'convolve.{i}.running_var': (d_in,),
+                         f'convolve.{i}.num_batches_tracked': (),
+                         f'convolve.{i + 1}.weight': (d_chns, d_in, 3, 3), f'convolve.{i + 1}.bias': (d_chns,)})
+    net = models.SmallNORBClassifier(n_objs, n_parts, d_chns)
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == expected
+    state = {k: torch.randn(shape) if k != f'convolve.0.num_batches_tracked' else torch.tensor(3) for k, shape in expected.items()}
+    state = {k: (v.long() if k.endswith('num_batches_tracked') else v) for k, v in state.items()}
+    net.load_state_dict(state, strict=True)
+    assert torch.equal(net.routings[1].W, state['routings.1.W']) and torch.equal(net.convolve[4].weight, state['convolve.4.weight'])
+
+    expected = {'depth_emb': (3, 16), 'detect_parts.0.weight': (8, 16), 'detect_parts.0.bias': (8,),
+                'detect_parts.2.weight': (8,), 'detect_parts.2.bias': (8,),
+                **routing_keys('routings.0', 1, 6, 1, 8, 2), **routing_keys('routings.1', 6, 5, 1, 2, 2)}
+    net = models.SSTClassifier(d_depth=3, d_emb=16, d_inp=8, d_cap=2, n_parts=6, n_classes=5)
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == expected
+    state = {k: torch.randn(shape) for k, shape in expected.items()}
+    net.load_state_dict(state, strict=True)
+    assert torch.equal(net.depth_emb, state['depth_emb'])
+
+
+# -------------------------------------------------------------------------------------------------
+# train.py --model capsules2019
+# -------------------------------------------------------------------------------------------------
+
+def test_the_2019_regime_schedule():
+    """RAdam lr 5e-4, one cycle: 10% warm-up from 5e-4 / 25, cosine down to 1e-5, beta1 0.95 -> 0.85 -> 0.95."""
+    optimizer = torch.optim.RAdam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    scheduler = train.one_cycle(optimizer, 5e-4, train.REGIMES['capsules2019'], total_steps=100)
+    lrs, beta1s = [], []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        beta1s.append(optimizer.param_groups[0]['betas'][0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(2e-5) and max(lrs) == pytest.approx(5e-4) and lrs.index(max(lrs)) in (9, 10)
+    assert lrs[-1] == pytest.approx(1e-5, rel=1e-3)
+    assert beta1s[0] == pytest.approx(0.95) and min(beta1s) == pytest.approx(0.85) and beta1s[-1] == pytest.approx(0.95, abs=1e-3)
+    args = train.parse_args(['--dataset_name', 'sst5', '--model', 'capsules2019'])
+    assert (args.lr, args.batch_sz) == (5e-4, 20) and train.REGIMES['capsules2019']['mixup_alpha'] == {'text': 0.2, 'stereo': 0.2}
+
+
+def write_small_smallnorb(root, n_train=40, n_test=10, side=32):
+    """smallNORB-format files with small images whose category sets their brightness (learnable)."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('test', n_test)):
+        labels = np.arange(n) % 5
+        dat = rng.integers(0, 40, (n, 2, side, side)).astype(np.uint8) + (40 * labels)[:, None, None, None].astype(np.uint8)
+        info = np.stack([np.arange(n) % 3, np.zeros(n), 2 * (np.arange(n) % 18), np.zeros(n)], axis=1).astype(np.int32)
+        prefix = os.path.join(root, 'smallnorb', data.SMALLNORB_PREFIX[split])
+        data.write_smallnorb_file(f'{prefix}dat.mat', dat)
+        data.write_smallnorb_file(f'{prefix}cat.mat', labels)
+        data.write_smallnorb_file(f'{prefix}info.mat', info)
+
+
+def metrics(out):
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_smallnorb_trains_end_to_end_and_loss_falls(tmp_path, capsys):
+    write_small_smallnorb(tmp_path)
+    out = tmp_path / 'run'
+    common = ['--model', 'capsules2019', '--dataset_name', 'smallnorb', '--data_root', tmp_path, '--device', 'cpu',
+              '--batch_sz', 10, '--mixup_alpha', 0, '--lr', 1e-2, '--output_dir', out]
+    acc = run([*common, '--n_epochs', 20, '--run_test'])
+    losses = [r['train_loss'] for r in metrics(out)[:-1]]
+    print('smallnorb smoke training, loss per epoch:', [round(x, 3) for x in losses])
+    assert len(losses) == 20 and max(losses[-3:]) < losses[0] - 0.1, losses
+    state, meta = train.load_head_state(str(out / 'head.safetensors'))
+    assert meta['model'] == 'capsules2019' and meta['backbone'] == 'none' and meta['n_parts'] == '64'
+    assert any(k.startswith('convolve.') for k in state)                       # the whole network is saved
+    capsys.readouterr()
+    assert run([*common, '--eval_only', '--pretrained_path', out / 'head.safetensors']) == acc
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f'test accuracy: {acc:.4f}'
+    # the 2022 head has no backbone to sit on here: a clear error
+    with pytest.raises(ValueError, match='pass --model capsules2019'):
+        run(['--dataset_name', 'smallnorb', '--data_root', tmp_path, '--device', 'cpu', '--output_dir', out])
+
+
+def test_smallnorb_one_step_at_full_size(tmp_path):
+    """The real 96 x 96 smallNORB format (tests/test_data.py's fixtures), one optimizer step."""
+    write_smallnorb(tmp_path / 'smallnorb', n=4)
+    out = tmp_path / 'run'
+    argv = ['--model', 'capsules2019', '--dataset_name', 'smallnorb', '--data_root', tmp_path, '--device', 'cpu',
+            '--batch_sz', 2, '--n_iters_per_train_epoch', 1, '--output_dir', out]
+    run([*argv, '--n_epochs', 1])
+    assert load_file(str(out / 'head.safetensors'))['routings.1.beta_use'].abs().sum() > 0   # initialised to 0: it trained
+    with pytest.raises(ValueError, match='resume with the same --n_epochs'):
+        run([*argv, '--n_epochs', 2, '--resume'])
+
+
+def test_sst_classifier_trains_through_train_py(tiny_sst, tiny_bert, tmp_path, capsys):
+    out = tmp_path / 'run'
+    common = ['--model', 'capsules2019', '--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst,
+              '--device', 'cpu', '--feature_cache', tmp_path / 'cache']
+    acc = run([*common, '--n_epochs', 1, '--n_iters_per_train_epoch', 1, '--run_test', '--output_dir', out])
+    with safe_open(out / 'head.safetensors', 'pt') as f:
+        meta = f.metadata()
+        after = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta['model'] == 'capsules2019' and (meta['d_inp'], meta['d_cap'], meta['n_parts']) == ('64', '2', '64')
+    assert set(after) == set(models.SSTClassifier(3, 32, n_classes=5).state_dict())
+    assert after['routings.1.beta_use'].abs().sum() > 0                        # initialised to 0: it trained
+    capsys.readouterr()
+    assert run([*common, '--eval_only', '--pretrained_path', out / 'head.safetensors', '--output_dir', out]) == acc
+    # a capsule model is not a routing head, and vice versa: a clear error, not a key mismatch
+    with pytest.raises(ValueError, match="trained with model 'capsules2019', not --model 'routing_head'"):
+        run(['--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst, '--device', 'cpu',
+             '--eval_only', '--pretrained_path', out / 'head.safetensors', '--output_dir', out])
+    # fine-tuning from it trains only the last routing
+    tuned = tmp_path / 'tuned'
+    run([*common, '--n_epochs', 1, '--n_iters_per_train_epoch', 2, '--output_dir', tuned,
+         '--pretrained_path', out / 'head.safetensors'])
+    tuned_state = load_file(str(tuned / 'head.safetensors'))
+    assert torch.equal(tuned_state['routings.0.W'], after['routings.0.W']) and torch.equal(tuned_state['depth_emb'], after['depth_emb'])
+    assert not torch.equal(tuned_state['routings.1.beta_use'], after['routings.1.beta_use'])
