@@ -30,11 +30,12 @@ PRETRAINED = {'sst5': 'pretrained/sst5_minilm_capsules2019.safetensors',
 
 
 def final_metrics(out):
-    """-> (dev accuracy, test accuracy, epoch seconds) of a finished train.py run in folder out."""
+    """-> (dev accuracy, test accuracy, [(epoch seconds, dev accuracy) per epoch]) of a finished train.py run in out."""
     with open(os.path.join(out, 'metrics.jsonl')) as f:
         records = [json.loads(line) for line in f]
     final = records[-1]['final']
-    return float(final['valid_accuracy']), float(final['test_accuracy']), [r['epoch_seconds'] for r in records[:-1]]
+    return (float(final['valid_accuracy']), float(final['test_accuracy']),
+            [(r['epoch_seconds'], r['valid_acc']) for r in records[:-1]])
 
 
 def train_run(args, dataset, seed):
@@ -73,15 +74,16 @@ def main(argv=None):
     jobs = [(dataset, seed) for dataset in ('sst5', 'sst2') for seed in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {job: pool.submit(train_run, args, *job) for job in jobs}
-        runs = {job: future.result() for job, future in futures.items()}      # (dev, test, epoch seconds)
+        runs = {job: future.result() for job, future in futures.items()}      # (dev, test, per epoch)
 
     lines = ['| model (frozen all-MiniLM-L6-v2 features) | SST-5 test acc. (%) | SST-2 test acc. (%) |', '|---|---|---|',
              f"| SSTClassifier (2019 capsules), mean ± std over seeds {args.seeds} | "
              f"{mean_std([runs['sst5', s][1] for s in args.seeds])} | {mean_std([runs['sst2', s][1] for s in args.seeds])} |",
-             '', '| dataset | seed | dev acc. (%) | test acc. (%) | minutes per epoch |', '|---|---|---|---|---|']
-    for (dataset, seed), (valid, test, seconds) in runs.items():
+             '', '| dataset | seed | dev acc. (%) | test acc. (%) | dev acc. after each epoch (%) | minutes per epoch |',
+             '|---|---|---|---|---|---|']
+    for (dataset, seed), (valid, test, epochs) in runs.items():
         lines.append(f"| {dataset} | {seed} | {100 * valid:.2f} | {100 * test:.2f} | "
-                     f"{', '.join(f'{s / 60:.1f}' for s in seconds)} |")
+                     f"{', '.join(f'{100 * v:.1f}' for _, v in epochs)} | {', '.join(f'{t / 60:.1f}' for t, _ in epochs)} |")
     lines += ['', 'Chosen by dev accuracy, test accuracy by `train.py --eval_only` on the live float32 backbone:', '']
     for dataset in ('sst5', 'sst2'):
         seed = max(args.seeds, key=lambda s: runs[dataset, s][0])
