@@ -28,6 +28,12 @@ from heinsen_routing import EfficientVectorRouting, GenerativeMatrixRouting, end
 # -------------------------------------------------------------------------------------------------
 
 
+def _over_depths(mask, d_depth):
+    """[..., n_pos] -> [..., n_pos * d_depth]: each position's value for every one of its depths (the order in
+    which the models flatten hidden states [..., n_pos, d_depth, d_emb] to n_pos * d_depth inputs)."""
+    return mask[..., None].expand(*mask.shape, d_depth).flatten(-2)
+
+
 def _check_hidden(hidden, mask, d_depth, d_emb):
     """Hidden states of all depths [..., n_pos, d_depth, d_emb] and their padding mask [..., n_pos]."""
     if not torch.is_tensor(hidden) or hidden.dim() < 3 or tuple(hidden.shape[-2:]) != (d_depth, d_emb):
@@ -64,15 +70,11 @@ class RoutingHead(nn.Module):
         x = self.normalize(hidden) * self.W + self.B                             # [..., n_pos, d_depth, d_emb]
         x = x.flatten(-3, -2)                                                    # [..., n_pos * d_depth, d_emb]
         if mask is not None:
-            mask = self._inputs_mask(mask)[..., None]                            # [..., n_pos * d_depth, 1]
+            mask = _over_depths(mask, self.d_depth)[..., None]                   # [..., n_pos * d_depth, 1]
         x = self.route[0](x, mask=mask)                                          # [..., n_hid, d_emb]
         x = self.route[1](x)                                                     # [..., n_hid, d_emb]
         x = self.route[2](x)                                                     # [..., n_classes, 1]
         return x.squeeze(-1)                                                     # [..., n_classes]
-
-    def _inputs_mask(self, mask):
-        """[..., n_pos] -> [..., n_pos * d_depth]: every depth of a padding position is padding."""
-        return mask[..., None].expand(*mask.shape, self.d_depth).flatten(-2)
 
     @torch.no_grad()
     def credit(self, hidden, mask=None):
@@ -80,7 +82,7 @@ class RoutingHead(nn.Module):
         and the scores [..., n_classes]. Padding positions get zero credit."""
         with record_credit(self) as phis:
             scores = self(hidden, mask)
-        credit = end_to_end_credit(phis, mask=None if mask is None else self._inputs_mask(mask))
+        credit = end_to_end_credit(phis, mask=None if mask is None else _over_depths(mask, self.d_depth))
         # credit: [..., n_pos * d_depth, n_classes]
         return credit.unflatten(-2, (hidden.shape[-3], self.d_depth)), scores
 
@@ -163,9 +165,9 @@ class SSTClassifier(nn.Module):
         _check_hidden(hidden, mask, self.d_depth, self.d_emb)
         if mask is None:
             mask = torch.zeros(hidden.shape[:-2], dtype=torch.bool, device=hidden.device)
+        mask = _over_depths(mask, self.d_depth)                                  # [..., n_pos * d_depth]
         a = torch.full(mask.shape, float('inf'), dtype=hidden.dtype, device=hidden.device)
-        a = a.masked_fill(mask, float('-inf'))                                   # [..., n_pos]: logit(1 - mask)
-        a = a[..., None].expand(*a.shape, self.d_depth).flatten(-2)              # [..., n_pos * d_depth]
+        a = a.masked_fill(mask, float('-inf'))                                   # logit(1 - mask)
         mu = self.detect_parts(hidden + self.depth_emb)                          # [..., n_pos, d_depth, d_inp]
         mu = mu.flatten(-3, -2)[..., None, :]                                    # [..., n_pos * d_depth, 1, d_inp]
         for routing in self.routings:

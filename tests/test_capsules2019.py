@@ -124,8 +124,7 @@ def test_state_dicts_with_the_2019_key_names_load_strict():
                          f'convolve.{i + 1}.weight': (d_chns, d_in, 3, 3), f'convolve.{i + 1}.bias': (d_chns,)})
     net = models.SmallNORBClassifier(n_objs, n_parts, d_chns)
     assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == expected
-    state = {k: torch.randn(shape) if k != f'convolve.0.num_batches_tracked' else torch.tensor(3) for k, shape in expected.items()}
-    state = {k: (v.long() if k.endswith('num_batches_tracked') else v) for k, v in state.items()}
+    state = {k: torch.tensor(3) if k.endswith('num_batches_tracked') else torch.randn(shape) for k, shape in expected.items()}
     net.load_state_dict(state, strict=True)
     assert torch.equal(net.routings[1].W, state['routings.1.W']) and torch.equal(net.convolve[4].weight, state['convolve.4.weight'])
 
