@@ -110,6 +110,9 @@ def test_image_dataset_with_tiny_beit(tiny_beit, tmp_path, capsys):
     with pytest.raises(ValueError, match='--feature_cache is for text'):
         run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', tmp_path, '--image_size', 32,
              '--output_dir', out, '--feature_cache', tmp_path / 'c', '--device', 'cpu'])
+    with pytest.raises(ValueError, match="--model capsules2019 has the 2019 paper's models for text datasets"):
+        run(['--model', 'capsules2019', '--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', tmp_path,
+             '--image_size', 32, '--output_dir', out, '--device', 'cpu'])
 
 
 def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
