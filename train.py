@@ -34,7 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import set_seed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -65,11 +65,14 @@ def parse_args(argv=None):
     p.add_argument('--run_test', action='store_true', help='evaluate the final head on the test split')
     p.add_argument('--rng_seed', type=int, default=0)
     p.add_argument('--pretrained_path', default=None,
-                   help='a head (.safetensors or checkpoint.pt) to fine-tune (last routing only) or evaluate')
+                   help="a model to fine-tune (last routing only) or evaluate: a .safetensors head, a train.py "
+                        "checkpoint.pt, or a plain state-dict .pt (the authors' published 2019 files)")
     # ours
-    p.add_argument('--model', default='routing_head', choices=sorted(REGIMES),
+    p.add_argument('--model', default=None, choices=sorted(REGIMES),
                    help="routing_head: the 2022 paper's RoutingHead; capsules2019: the 2019 paper's SSTClassifier "
-                        "(text) or SmallNORBClassifier (smallnorb, trained end to end), each in its paper's regime")
+                        "(text) or SmallNORBClassifier (smallnorb, trained end to end), each in its paper's regime. "
+                        "Default: the model of --pretrained_path (or of the checkpoint --resume continues), "
+                        "else routing_head")
     p.add_argument('--backbone', default='minilm',
                    help="'minilm' (offline default), 'roberta-large', 'microsoft/beit-large-patch16-224', "
                         "'timm/<name>', any transformers id or local folder")
@@ -98,11 +101,25 @@ def parse_args(argv=None):
     if args.eval_only and not args.pretrained_path:
         p.error('--eval_only needs --pretrained_path (the head to evaluate)')
     if args.pretrained_path and not os.path.isfile(args.pretrained_path):
-        p.error(f"--pretrained_path {args.pretrained_path!r}: no such file (a .safetensors head or a checkpoint.pt)")
+        p.error(f"--pretrained_path {args.pretrained_path!r}: no such file (a .safetensors head or a .pt state dict)")
+    return args
+
+
+def resolve_model(args, pretrained_meta=None, checkpoint_meta=None):
+    """Sets args.model (given, else the pretrained model's or the resumed checkpoint's, else routing_head) and
+    the regime's defaults of --lr and --batch_sz."""
+    for source, meta in (('--pretrained_path', pretrained_meta), ('the checkpoint --resume continues', checkpoint_meta)):
+        if meta is None:
+            continue
+        if args.model is None:
+            args.model = meta['model']
+        elif meta['model'] != args.model:
+            raise ValueError(f"{source} was trained with model {meta['model']!r}, not --model {args.model!r}")
+    args.model = args.model or 'routing_head'
     regime = REGIMES[args.model]
     args.lr = regime['lr'] if args.lr is None else args.lr
     args.batch_sz = regime['batch_sz'] if args.batch_sz is None else args.batch_sz
-    return args
+    return regime
 
 
 # -------------------------------------------------------------------------------------------------
@@ -118,19 +135,40 @@ def load_checkpoint(path):
 
 
 def load_head_state(path):
-    """-> (state dict, metadata dict) from a .safetensors head or a train.py checkpoint.pt."""
+    """-> (state dict, metadata dict) from a .safetensors head, a train.py checkpoint.pt, or a plain state-dict
+    .pt such as the authors' published 2019 files (loaded with weights_only=True: no code runs; CUDA tensors land
+    on the CPU). metadata['model'] is always set: stored, or told by the state dict's keys."""
     if path.endswith('.safetensors'):
         try:
             with safe_open(path, 'pt') as f:
                 metadata = f.metadata() or {}
-            return load_file(path), metadata
+            state = load_file(path)
         except Exception as e:
             raise RuntimeError(f"--pretrained_path {path!r} is not a readable safetensors file: {e}") from e
-    checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or 'head' not in checkpoint:
-        raise RuntimeError(f"--pretrained_path {path!r} holds no 'head' state dict (expected a .safetensors head "
-                           f"or a checkpoint.pt written by train.py)")
-    return checkpoint['head'], checkpoint.get('metadata', {})
+    else:
+        try:
+            loaded = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"--pretrained_path {path!r} is not a state dict or checkpoint that loads safely "
+                               f"(torch.load with weights_only=True): {type(e).__name__}: {e}") from e
+        is_checkpoint = isinstance(loaded, dict) and isinstance(loaded.get('head'), dict)
+        state, metadata = (loaded['head'], loaded.get('metadata', {})) if is_checkpoint else (loaded, {})
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise RuntimeError(f"--pretrained_path {path!r} holds neither a state dict of tensors nor a train.py "
+                               f"checkpoint with a 'head' state dict")
+    if 'model' not in metadata:
+        metadata['model'] = model_of_state_dict(state, path)
+    return state, metadata
+
+
+def model_of_state_dict(state, path):
+    """The --model a state dict belongs to, told by its keys: route.* (RoutingHead) or routings.* (the 2019 models)."""
+    if any(k.startswith('route.') for k in state):
+        return 'routing_head'
+    if any(k.startswith('routings.') for k in state):
+        return 'capsules2019'
+    raise RuntimeError(f"--pretrained_path {path!r}: its keys ({', '.join(list(state)[:4])}, ...) are neither a "
+                       f"RoutingHead's (route.*) nor a 2019 capsule model's (routings.*)")
 
 
 def write_metrics(path, records):
@@ -147,8 +185,10 @@ def save_head(head, path, metadata):
 # Data: batches of (hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] or None, labels [batch])
 # -------------------------------------------------------------------------------------------------
 
-def make_loaders(args, splits, backbone, accelerator):
-    """-> {split: DataLoader}. With --feature_cache, text batches come straight from the cache."""
+def make_loaders(args, splits, backbone, accelerator, generator):
+    """-> {split: DataLoader}; the training split is shuffled by `generator` alone (each loader draws its workers'
+    seeds from a generator of its own, never from torch's global RNG, so that mixup's draws do not depend on when
+    a pass starts). With --feature_cache, text batches come straight from the cache."""
     loaders = {}
     store = None
     if args.feature_cache:
@@ -161,14 +201,16 @@ def make_loaders(args, splits, backbone, accelerator):
         if dataset is None:
             continue
         if store is None:
-            loaders[split] = torch.utils.data.DataLoader(dataset, batch_size=args.batch_sz, shuffle=(split == 'train'),
-                                                         num_workers=args.num_workers)
+            shuffled = torch.utils.data.RandomSampler(dataset, generator=generator) if split == 'train' else None
+            loaders[split] = torch.utils.data.DataLoader(dataset, batch_size=args.batch_sz, sampler=shuffled,
+                                                         generator=torch.Generator(), num_workers=args.num_workers)
             continue
         with accelerator.main_process_first():
             dataset = store.dataset(dataset.texts, dataset.labels, desc=f"{args.dataset_name}/{split}")
-        batches = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_sz, shuffle=(split == 'train'))
+        batches = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_sz, shuffle=(split == 'train'),
+                                                 generator=generator if split == 'train' else None)
         loaders[split] = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate_features,
-                                                     num_workers=args.num_workers)
+                                                     generator=torch.Generator(), num_workers=args.num_workers)
     return loaders
 
 
@@ -185,17 +227,28 @@ def features(batch, backbone, cached):
 
 
 def mixup(hidden, mask, labels, n_classes, alpha):
-    """Mixes each sample (hidden states or images) with another of the batch, lambda ~ Beta(alpha, alpha)
-    per sample; a position is padding in the mix only where it is padding in both. -> hidden, mask, soft targets."""
+    """The authors' mixup: each sample (hidden states or images) is mixed with the next one in the batch (the
+    last with the first), x.lerp(x[[1, ..., B-1, 0]], r) with r ~ Beta(alpha, alpha) per sample, and so are the
+    one-hot targets; a position is padding in the mix only where it is padding in both. -> hidden, mask, targets."""
     targets = F.one_hot(labels, n_classes).to(hidden.dtype)                       # [batch, n_classes]
     if not alpha:
         return hidden, mask, targets
-    lam = torch.distributions.Beta(alpha, alpha).sample((len(labels),)).to(hidden.device)  # [batch]
-    perm = torch.randperm(len(labels), device=hidden.device)
-    lam_x = lam.view(-1, *[1] * (hidden.dim() - 1))                              # [batch, 1, ...]
-    hidden = lam_x * hidden + (1 - lam_x) * hidden[perm]
-    targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[perm]
-    return hidden, (None if mask is None else mask & mask[perm]), targets
+    r = torch.distributions.Beta(alpha, alpha).sample((len(labels),)).to(hidden.device, hidden.dtype)  # [batch]
+    nxt = torch.arange(1, len(labels) + 1, device=hidden.device) % len(labels)   # [1, ..., B-1, 0]
+    hidden = hidden.lerp(hidden[nxt], r.view(-1, *[1] * (hidden.dim() - 1)))
+    targets = targets.lerp(targets[nxt], r[:, None])
+    return hidden, (None if mask is None else mask & mask[nxt]), targets
+
+
+def training_stream(loader, generator, seed, start_step):
+    """The paper's stream of training batches: passes over the training split, each shuffled anew (pass p by
+    `generator` seeded with seed * 1000 + p), cycled without end; it starts at global step start_step, so an
+    epoch of n steps takes the next n batches (epochs need not align with passes), also after --resume."""
+    n_pass, skip = divmod(start_step, len(loader))
+    while True:
+        generator.manual_seed(seed * 1000 + n_pass)
+        yield from skip_first_batches(loader, skip) if skip else loader
+        n_pass, skip = n_pass + 1, 0
 
 
 def class_scores(head, inputs, mask):
@@ -232,6 +285,17 @@ def one_cycle(optimizer, lr, regime, total_steps):
                                                total_steps=total_steps)
 
 
+def depths_hint(state, backbone):
+    """Why a state dict may not fit: the depths x size of hidden states it was trained on, against the backbone's."""
+    for key in ('depth_emb', 'W'):                        # SSTClassifier, RoutingHead: [d_depth, d_emb]
+        shape = tuple(state[key].shape) if key in state else ()
+        if backbone is not None and len(shape) == 2 and shape != (backbone.d_depth, backbone.d_emb):
+            return (f" (it was trained on hidden states of {shape[0]} depths x {shape[1]}, e.g. gpt2-large's 37 x "
+                    f"1280 for the published 2019 SST models; --backbone {backbone.name} gives "
+                    f"{backbone.d_depth} x {backbone.d_emb})")
+    return ''
+
+
 def last_routing(head):
     """The parameter-name prefix of the model's last routing (the one fine-tuned from a pretrained model)."""
     name = 'route' if isinstance(head, models.RoutingHead) else 'routings'
@@ -261,7 +325,10 @@ def main(argv=None):
     use_cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
-    regime = REGIMES[args.model]
+    pretrained_state, pretrained_meta = load_head_state(args.pretrained_path) if args.pretrained_path else (None, None)
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
+    checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.exists(checkpoint_path) else None
+    regime = resolve_model(args, pretrained_meta, checkpoint and checkpoint['metadata'])
     accelerator = Accelerator(cpu=use_cpu,
                               mixed_precision=args.mixed_precision or ('no' if use_cpu else regime['gpu_precision']))
     log = accelerator.print
@@ -284,17 +351,16 @@ def main(argv=None):
     head, metadata = build_model(args, splits, backbone)
 
     if args.pretrained_path:
-        state, pretrained_meta = load_head_state(args.pretrained_path)
-        for key in ('model', 'backbone'):
-            if pretrained_meta.get(key, metadata[key]) != metadata[key]:
-                raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with {key} "
-                                 f"{pretrained_meta[key]!r}, not --{key} {metadata[key]!r}")
+        state = pretrained_state
+        if pretrained_meta.get('backbone', metadata['backbone']) != metadata['backbone']:
+            raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
+                             f"{pretrained_meta['backbone']!r}, not --backbone {metadata['backbone']!r}")
         if args.eval_only:
             try:
                 head.load_state_dict(state, strict=True)
             except RuntimeError as e:
-                raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a head for "
-                                   f"{args.dataset_name} on {args.backbone}: {e}") from e
+                raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
+                                   f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: {e}") from e
         else:                                     # fine-tune the last routing; load every tensor that fits
             own = head.state_dict()
             fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
@@ -304,7 +370,8 @@ def main(argv=None):
             for name, p in head.named_parameters():
                 p.requires_grad_(name.startswith(last_routing(head)))
 
-    loaders = make_loaders(args, splits, backbone, accelerator)
+    shuffle = torch.Generator()                           # shuffles the training passes (training_stream)
+    loaders = make_loaders(args, splits, backbone, accelerator, shuffle)
     cached = bool(args.feature_cache)
 
     if args.eval_only:
@@ -321,11 +388,9 @@ def main(argv=None):
     alpha = regime['mixup_alpha'][splits['modality']] if args.mixup_alpha is None else args.mixup_alpha
 
     os.makedirs(args.output_dir, exist_ok=True)
-    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
     metrics_path = os.path.join(args.output_dir, 'metrics.jsonl')
     history = []                                           # one metrics record per completed epoch
-    if args.resume and os.path.exists(checkpoint_path):
-        checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint is not None:
         if checkpoint['scheduler']['total_steps'] != scheduler.total_steps:
             raise ValueError(f"--resume: {checkpoint_path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
                              f"steps in all, this one has {scheduler.total_steps}: resume with the same --n_epochs "
@@ -338,19 +403,15 @@ def main(argv=None):
     elif args.resume:
         log(f"--resume: no {checkpoint_path} yet, starting from scratch")
 
+    batches = training_stream(train_loader, shuffle, args.rng_seed, start_step=len(history) * steps_per_epoch)
     for epoch in range(len(history), args.n_epochs):
-        set_seed(args.rng_seed * 1000 + epoch)            # each epoch's shuffle and mixup are reproducible
+        set_seed(args.rng_seed * 1000 + epoch)            # each epoch's mixup is reproducible
         head.train()
         started, total_loss, n_correct, n_seen = time.time(), 0.0, 0, 0
-        batches = iter(train_loader)
         progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.n_epochs}",
                         disable=not accelerator.is_local_main_process)
         for _ in progress:
-            try:
-                batch = next(batches)
-            except StopIteration:                          # more steps than one pass: start another
-                batches = iter(train_loader)
-                batch = next(batches)
+            batch = next(batches)
             hidden, mask, labels = features(batch, backbone, cached)
             hidden, mask, targets = mixup(hidden, mask, labels, n_classes, alpha)
             with accelerator.autocast():

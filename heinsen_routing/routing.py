@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['EfficientVectorRouting', 'DefinableVectorRouting', 'GenerativeMatrixRouting']
+__all__ = ['EfficientVectorRouting', 'DefinableVectorRouting', 'GenerativeMatrixRouting', 'Routing']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +465,7 @@ class DefinableVectorRouting(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# GenerativeMatrixRouting (2019)
+# GenerativeMatrixRouting (2019), and Routing: the same module under the 2019 library's name and signature
 # ---------------------------------------------------------------------------------------------
 
 class GenerativeMatrixRouting(nn.Module):
@@ -473,41 +473,63 @@ class GenerativeMatrixRouting(nn.Module):
     (score, pose d_cov x d_out, variance d_cov x d_out), fitting a generative model of the votes.
 
     Args:
-        n_inp (or -1 for variable length), n_out, d_cov, d_inp, d_out, n_iters (>= 1),
-        single_beta: beta_use and beta_ign are the same parameter,
-        p_model: 'gaussian' or 'skm' (soft k-means),
-        eps: small constant of the M-step, return_dict.
+        n_inp: number of input capsules, or -1 for variable length.
+        n_out: number of output capsules (>= 2), or -1 for a number given to forward (variable
+            n_out): one set of per-output parameters is shared by every output, and output j's
+            bias is B[i, 0] + B_brk[0] t_j with t = linspace(-1, 1, n_out), which breaks the symmetry.
+        d_cov, d_inp, d_out: the poses are d_cov x d_inp matrices in, d_cov x d_out out.
+        n_iters (>= 1); single_beta: beta_use and beta_ign are the same parameter;
+        p_model: 'gaussian' or 'skm' (soft k-means); eps: small constant of the M-step (> 0);
+        return_dict: return a dict of every intermediate instead of the tuple.
 
     Forward: a_inp [..., n], mu_inp [..., n, d_cov, d_inp], mask (optional, bool broadcastable
-    to [..., n, n_out]) -> (a_out [..., n_out], mu_out [..., n_out, d_cov, d_out],
-    sig2_out [..., n_out, d_cov, d_out]), or a dict with those and the intermediates, including
-    phi = beta_use D_use - beta_ign D_ign [..., n, n_out] (a_out = sum_i phi: the credit).
-    An output with all inputs masked gets a_out 0, mu_out 0 and sig2_out eps.
+    to [..., n, n_out], True = that input is ignored by that output), n_out (variable n_out only;
+    default n) -> (a_out [..., n_out], mu_out [..., n_out, d_cov, d_out], sig2_out [same]), or a
+    dict with those and the intermediates, including phi = beta_use D_use - beta_ign D_ign
+    [..., n, n_out] (a_out = sum_i phi: the credit). An output with all inputs masked gets a_out 0,
+    mu_out 0 and sig2_out eps; inputs masked for every output never reach the outputs, whatever
+    their values (NaN included).
     """
 
     def __init__(self, n_inp, n_out, d_cov, d_inp, d_out, n_iters=3, single_beta=False,
                  p_model='gaussian', eps=1e-5, return_dict=False):
         super().__init__()
-        _check_sizes(n_inp, n_out)
+        _check_sizes(n_inp, 2 if n_out == -1 else n_out)
         _check_n_iters(n_iters)
         if p_model not in ('gaussian', 'skm'):
             raise ValueError(f"p_model must be 'gaussian' or 'skm', got {p_model!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a number > 0, got {eps!r}")
         self.n_inp, self.n_out, self.d_cov, self.d_inp, self.d_out = n_inp, n_out, d_cov, d_inp, d_out
         self.n_iters, self.single_beta, self.p_model, self.eps = n_iters, single_beta, p_model, eps
         self.return_dict = return_dict
-        m = max(1, n_inp)
-        self.W = nn.Parameter(torch.randn(m, n_out, d_inp, d_out) / d_inp)          # [m, n_out, d_inp, d_out]
-        self.B = nn.Parameter(torch.zeros(m, n_out, d_cov, d_out))                  # [m, n_out, d_cov, d_out]
-        self.beta_use = nn.Parameter(torch.zeros(m, n_out))                         # [m, n_out]
-        self.beta_ign = self.beta_use if single_beta else nn.Parameter(torch.zeros(m, n_out))
-        self.register_buffer('CONST_one', torch.tensor(1.0))                        # []
+        m, k = max(1, n_inp), max(1, n_out)                   # k = 1: one set shared by every output
+        self.W = nn.Parameter(torch.randn(m, k, d_inp, d_out) / d_inp)               # [m, k, d_inp, d_out]
+        self.B = nn.Parameter(torch.zeros(m, k, d_cov, d_out))                       # [m, k, d_cov, d_out]
+        if n_out == -1:
+            self.B_brk = nn.Parameter(torch.zeros(1, d_cov, d_out))                  # [1, d_cov, d_out]
+        self.beta_use = nn.Parameter(torch.zeros(m, k))                              # [m, k]
+        self.beta_ign = self.beta_use if single_beta else nn.Parameter(torch.zeros(m, k))
+        self.register_buffer('CONST_one', torch.tensor(1.0))                         # []
 
     def extra_repr(self):
         return (f"n_inp={self.n_inp}, n_out={self.n_out}, d_cov={self.d_cov}, d_inp={self.d_inp}, "
                 f"d_out={self.d_out}, n_iters={self.n_iters}, single_beta={self.single_beta}, "
                 f"p_model={self.p_model!r}, eps={self.eps}, return_dict={self.return_dict}")
 
-    def forward(self, a_inp, mu_inp, mask=None):
+    def forward(self, a_inp, mu_inp, mask=None, n_out=None):
+        out = self._route(a_inp, mu_inp, mask, n_out)
+        return out if self.return_dict else (out['a_out'], out['mu_out'], out['sig2_out'])
+
+    def _biases(self, n_out):
+        """B [m, n_out, d_cov, d_out]: the parameter, or (variable n_out) B[i, 0] + B_brk[0] t_j."""
+        if self.n_out != -1:
+            return self.B
+        t = torch.linspace(-1, 1, n_out, dtype=self.B.dtype, device=self.B.device)  # [n_out]
+        return self.B + self.B_brk * t[:, None, None]                                # [m, n_out, d_cov, d_out]
+
+    def _route(self, a_inp, mu_inp, mask, n_out):
+        """The EM loop (routing.md): -> dict of every intermediate."""
         n = _check_sequence('mu_inp', mu_inp, self.n_inp, (self.d_cov, self.d_inp), ('d_cov', 'd_inp'))
         _check_dtype('mu_inp', mu_inp, self.W)
         batch_shape = mu_inp.shape[:-3]
@@ -515,14 +537,32 @@ class GenerativeMatrixRouting(nn.Module):
             got = tuple(a_inp.shape) if torch.is_tensor(a_inp) else type(a_inp).__name__
             raise ValueError(f"a_inp must have shape [..., n] = {[*batch_shape, n]} to match "
                              f"mu_inp {tuple(mu_inp.shape)}, got {got}")
+        if a_inp.dtype != mu_inp.dtype:
+            raise ValueError(f"a_inp has dtype {a_inp.dtype} but mu_inp has {mu_inp.dtype}: give both the same "
+                             f"floating-point dtype")
+        if self.n_out == -1:
+            n_out = n if n_out is None else n_out
+            if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
+                raise ValueError(f"n_out must be a positive int (the number of output capsules), got {n_out!r}")
+        elif n_out is not None:
+            raise ValueError(f"n_out={n_out!r} given to forward, but this module was built with n_out={self.n_out}: "
+                             f"only a module built with n_out=-1 (variable n_out) takes n_out in forward")
+        else:
+            n_out = self.n_out
         if mask is not None:
-            _check_mask(mask, batch_shape, n, self.n_out)
+            _check_mask(mask, batch_shape, n, n_out)
+            is_ignored = mask.all(dim=-1)                                          # [..., n] (broadcastable)
+            a_inp = a_inp.masked_fill(is_ignored, 0.0)                              # masked inputs' values never
+            mu_inp = mu_inp.masked_fill(is_ignored[..., None, None], 0.0)           # reach a sum, NaN included
 
         # 1. votes V[..., i, j, c, h] = sum_d mu_inp[..., i, c, d] W[i, j, d, h] + B[i, j, c, h]
-        if self.n_inp == -1:                  # one W for every input: a single matmul, W never expanded
-            V = torch.einsum('...icd,jdh->...ijch', mu_inp, self.W[0]) + self.B[0]  # [..., n, n_out, d_cov, d_out]
+        #    (with n_inp = -1 one W for every input, never expanded; with variable n_out, W's single
+        #    output slot broadcasts over the n_out outputs)
+        B = self._biases(n_out)                                                     # [m, n_out, d_cov, d_out]
+        if self.n_inp == -1:
+            V = torch.einsum('...icd,jdh->...ijch', mu_inp, self.W[0]) + B[0]      # [..., n, n_out, d_cov, d_out]
         else:
-            V = torch.einsum('...icd,ijdh->...ijch', mu_inp, self.W) + self.B       # [..., n, n_out, d_cov, d_out]
+            V = torch.einsum('...icd,ijdh->...ijch', mu_inp, self.W) + B           # [..., n, n_out, d_cov, d_out]
         # 2. f_a = sigma(a_inp), 0 for masked pairs
         f_a = torch.sigmoid(a_inp)[..., None]                                       # [..., n, 1]
         if mask is not None:
@@ -532,7 +572,7 @@ class GenerativeMatrixRouting(nn.Module):
         for t in range(self.n_iters):
             # E-step
             if t == 0:
-                R = _initial_R(f_a, mask, self.n_out)                               # [..., n, n_out]
+                R = _initial_R(f_a, mask, n_out)                                    # [..., n, n_out]
             else:
                 sq_dist = (V - mu_out[..., None, :, :, :]) ** 2                    # [..., n, n_out, d_cov, d_out]
                 if self.p_model == 'gaussian':
@@ -548,7 +588,35 @@ class GenerativeMatrixRouting(nn.Module):
             mu_out = torch.einsum('...ij,...ijch->...jch', w, V)                    # [..., n_out, d_cov, d_out]
             sig2_out = torch.einsum('...ij,...ijch->...jch', w, (V - mu_out[..., None, :, :, :]) ** 2) + self.eps
 
-        if not self.return_dict:
-            return a_out, mu_out, sig2_out
         return {'a_inp': a_inp, 'mu_inp': mu_inp, 'V': V, 'log_p': log_p, 'R': R, 'D_use': D_use,
                 'D_ign': D_ign, 'phi': phi, 'a_out': a_out, 'mu_out': mu_out, 'sig2_out': sig2_out}
+
+
+class Routing(GenerativeMatrixRouting):
+    """GenerativeMatrixRouting under the 2019 library's name and signature, so that its users' code and
+    published state dicts work unchanged (the capsule shape first; n_inp, n_out optional, -1 = variable):
+
+        detect_objs = Routing(d_cov=4, d_inp=4, d_out=4, n_inp=100, n_out=10)
+        a_out, mu_out, sig2_out = detect_objs(a_inp, mu_inp)            # [100], [100, 4, 4] -> [10], [10, 4, 4] x 2
+        predict = Routing(d_cov=1, d_inp=256, d_out=64, n_inp=10)       # variable n_out
+        a_out, mu_out, sig2_out, R = predict(a_inp, mu_inp, return_R=True, n_out=n)
+
+    forward(a_inp [..., n], mu_inp [..., n, d_cov, d_inp], return_R=False, n_out=None, mask=None)
+    -> (a_out [..., n_out], mu_out [..., n_out, d_cov, d_out], sig2_out [same]) and, with return_R,
+    R [..., n, n_out] (the last E-step's routing probabilities) as a fourth element. n_out is given
+    to forward only when the module was built with n_out=-1 (default: n_out = n). return_dict=True
+    (ours, as GenerativeMatrixRouting's) returns the dict of intermediates instead.
+    State dict: W, B, (B_brk when n_out is variable), beta_use, beta_ign, CONST_one.
+    """
+
+    def __init__(self, d_cov, d_inp, d_out, n_inp=-1, n_out=-1, n_iters=3, single_beta=False,
+                 p_model='gaussian', eps=1e-5, return_dict=False):
+        super().__init__(n_inp, n_out, d_cov, d_inp, d_out, n_iters=n_iters, single_beta=single_beta,
+                         p_model=p_model, eps=eps, return_dict=return_dict)
+
+    def forward(self, a_inp, mu_inp, return_R=False, n_out=None, mask=None):
+        out = self._route(a_inp, mu_inp, mask, n_out)
+        if self.return_dict:
+            return out
+        result = (out['a_out'], out['mu_out'], out['sig2_out'])
+        return (*result, out['R']) if return_R else result

@@ -34,17 +34,19 @@ def test_smallnorb_classifier_shapes_grid_and_gradients():
     a, mu, sig2 = net(images)
     assert a.shape == (2, 5) and mu.shape == (2, 5, 4, 4) and sig2.shape == (2, 5, 4, 4)
     assert torch.isfinite(a).all() and (sig2 > 0).all()
-    # input: the stereo pair, then the x and y coordinate grids, evenly spaced -1..1
+    # input: the stereo pair, then a channel varying down the rows and one across the columns, each -1..1
     x = seen['x']
     assert x.shape == (2, 4, 96, 96) and torch.equal(x[:, :2], images)
-    assert torch.allclose(x[0, 2, 7], torch.linspace(-1, 1, 96)) and torch.allclose(x[0, 3, :, 7], torch.linspace(-1, 1, 96))
+    assert torch.allclose(x[0, 2, :, 7], torch.linspace(-1, 1, 96)) and torch.equal(x[0, 2, 5], x[0, 2, 5, :1].expand(96))
+    assert torch.allclose(x[0, 3, 7, :], torch.linspace(-1, 1, 96)) and torch.equal(x[0, 3, :, 5], x[0, 3, :1, 5].expand(96))
     # six conv blocks, strides 1, 2, 1, 2, 1, 2, no padding: 96 x 96 -> 9 x 9 positions of n_parts capsules
     assert [m.stride[0] for m in net.convolve if isinstance(m, torch.nn.Conv2d)] == [1, 2, 1, 2, 1, 2]
     assert seen['a'].shape == (2, 9 * 9 * 8) and seen['mu'].shape == (2, 9 * 9 * 8, 4, 4)
-    # capsule order: position-major; capsule (position p, part k) = compute_a / compute_mu output at p
+    # capsule order: part-major, index p * h * w + r * w + c; channel p * 16 + e = element e (row-major) of the pose
     z = net.convolve(x)
-    assert torch.allclose(seen['a'][0, 8 * 10 + 3], net.compute_a(z)[0, 3, 1, 1])
-    assert torch.allclose(seen['mu'][0, 8 * 10 + 3].flatten(), net.compute_mu(z)[0, 3 * 16:4 * 16, 1, 1])
+    assert torch.allclose(seen['a'][0, 3 * 81 + 1 * 9 + 2], net.compute_a(z)[0, 3, 1, 2])
+    assert torch.allclose(seen['mu'][0, 3 * 81 + 1 * 9 + 2].flatten(), net.compute_mu(z)[0, 3 * 16:4 * 16, 1, 2])
+    assert torch.allclose(seen['mu'][0, 3 * 81 + 1 * 9 + 2][1, 2], net.compute_mu(z)[0, 3 * 16 + 6, 1, 2])
     # every parameter gets a gradient, from the scores and from the poses
     (a.sum() + mu.square().sum()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
@@ -104,41 +106,6 @@ def test_sst_classifier_bad_input():
 
 
 # -------------------------------------------------------------------------------------------------
-# The 2019 state-dict key names (documented in models.py)
-# -------------------------------------------------------------------------------------------------
-
-def routing_keys(prefix, m, n_out, d_cov, d_inp, d_out):
-    return {f'{prefix}.W': (m, n_out, d_inp, d_out), f'{prefix}.B': (m, n_out, d_cov, d_out),
-            f'{prefix}.beta_use': (m, n_out), f'{prefix}.beta_ign': (m, n_out), f'{prefix}.CONST_one': ()}
-
-
-def test_state_dicts_with_the_2019_key_names_load_strict():
-    n_parts, n_objs, d_chns = 8, 5, 16
-    expected = {**routing_keys('routings.0', 1, n_parts, 4, 4, 4), **routing_keys('routings.1', n_parts, n_objs, 4, 4, 4),
-                'compute_a.weight': (n_parts, d_chns, 1, 1), 'compute_a.bias': (n_parts,),
-                'compute_mu.weight': (n_parts * 16, d_chns, 1, 1), 'compute_mu.bias': (n_parts * 16,)}
-    for k, (i, d_in) in enumerate([(0, 4), (3, d_chns), (6, d_chns), (9, d_chns), (12, d_chns), (15, d_chns)]):
-        expected.update({f'convolve.{i}.weight': (d_in,), f'convolve.{i}.bias': (d_in,),
-                         f'convolve.{i}.running_mean': (d_in,), f'convolve.{i}.running_var': (d_in,),
-                         f'convolve.{i}.num_batches_tracked': (),
-                         f'convolve.{i + 1}.weight': (d_chns, d_in, 3, 3), f'convolve.{i + 1}.bias': (d_chns,)})
-    net = models.SmallNORBClassifier(n_objs, n_parts, d_chns)
-    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == expected
-    state = {k: torch.tensor(3) if k.endswith('num_batches_tracked') else torch.randn(shape) for k, shape in expected.items()}
-    net.load_state_dict(state, strict=True)
-    assert torch.equal(net.routings[1].W, state['routings.1.W']) and torch.equal(net.convolve[4].weight, state['convolve.4.weight'])
-
-    expected = {'depth_emb': (3, 16), 'detect_parts.0.weight': (8, 16), 'detect_parts.0.bias': (8,),
-                'detect_parts.2.weight': (8,), 'detect_parts.2.bias': (8,),
-                **routing_keys('routings.0', 1, 6, 1, 8, 2), **routing_keys('routings.1', 6, 5, 1, 2, 2)}
-    net = models.SSTClassifier(d_depth=3, d_emb=16, d_inp=8, d_cap=2, n_parts=6, n_classes=5)
-    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == expected
-    state = {k: torch.randn(shape) for k, shape in expected.items()}
-    net.load_state_dict(state, strict=True)
-    assert torch.equal(net.depth_emb, state['depth_emb'])
-
-
-# -------------------------------------------------------------------------------------------------
 # train.py --model capsules2019
 # -------------------------------------------------------------------------------------------------
 
@@ -156,6 +123,7 @@ def test_the_2019_regime_schedule():
     assert lrs[-1] == pytest.approx(1e-5, rel=1e-3)
     assert beta1s[0] == pytest.approx(0.95) and min(beta1s) == pytest.approx(0.85) and beta1s[-1] == pytest.approx(0.95, abs=1e-3)
     args = train.parse_args(['--dataset_name', 'sst5', '--model', 'capsules2019'])
+    assert train.resolve_model(args) is train.REGIMES['capsules2019']
     assert (args.lr, args.batch_sz) == (5e-4, 20) and train.REGIMES['capsules2019']['mixup_alpha'] == {'text': 0.2, 'stereo': 0.2}
 
 
@@ -183,9 +151,12 @@ def test_smallnorb_trains_end_to_end_and_loss_falls(tmp_path, capsys):
     common = ['--model', 'capsules2019', '--dataset_name', 'smallnorb', '--data_root', tmp_path, '--device', 'cpu',
               '--batch_sz', 10, '--mixup_alpha', 0, '--lr', 1e-2, '--output_dir', out]
     acc = run([*common, '--n_epochs', 20, '--run_test'])
-    losses = [r['train_loss'] for r in metrics(out)[:-1]]
+    losses, accs = zip(*[(r['train_loss'], r['train_acc']) for r in metrics(out)[:-1]])
     print('smallnorb smoke training, loss per epoch:', [round(x, 3) for x in losses])
-    assert len(losses) == 20 and max(losses[-3:]) < losses[0] - 0.1, losses
+    # the class scores start at 0 (betas are zero-initialised) and grow slowly, so the loss falls slowly;
+    # the accuracy tells that it learns: chance (0.2) at first, then most of the training and test images
+    assert len(losses) == 20 and max(losses[-3:]) < losses[0] - 0.05, losses
+    assert accs[0] <= 0.3 and min(accs[-3:]) >= 0.7 and acc >= 0.8, (accs, acc)
     state, meta = train.load_head_state(str(out / 'head.safetensors'))
     assert meta['model'] == 'capsules2019' and meta['backbone'] == 'none' and meta['n_parts'] == '64'
     assert any(k.startswith('convolve.') for k in state)                       # the whole network is saved
@@ -222,10 +193,12 @@ def test_sst_classifier_trains_through_train_py(tiny_sst, tiny_bert, tmp_path, c
     assert after['routings.1.beta_use'].abs().sum() > 0                        # initialised to 0: it trained
     capsys.readouterr()
     assert run([*common, '--eval_only', '--pretrained_path', out / 'head.safetensors', '--output_dir', out]) == acc
-    # a capsule model is not a routing head, and vice versa: a clear error, not a key mismatch
+    # without --model, the model is the pretrained one's; a capsule model is not a routing head: a clear error
+    without_model = ['--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst, '--device', 'cpu',
+                     '--eval_only', '--pretrained_path', out / 'head.safetensors', '--output_dir', out]
+    assert run(without_model) == acc
     with pytest.raises(ValueError, match="trained with model 'capsules2019', not --model 'routing_head'"):
-        run(['--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst, '--device', 'cpu',
-             '--eval_only', '--pretrained_path', out / 'head.safetensors', '--output_dir', out])
+        run([*without_model, '--model', 'routing_head'])
     # fine-tuning from it trains only the last routing
     tuned = tmp_path / 'tuned'
     run([*common, '--n_epochs', 1, '--n_iters_per_train_epoch', 2, '--output_dir', tuned,

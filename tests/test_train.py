@@ -47,8 +47,25 @@ def test_train_checkpoint_eval_with_feature_cache(tiny_sst, tiny_bert, tmp_path,
         assert capsys.readouterr().out.strip().splitlines()[-1] == f'test accuracy: {eval_acc:.4f}'
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny_sst, tiny_bert, tmp_path, monkeypatch):
-    common = ['--n_epochs', 3, '--feature_cache', tmp_path / 'cache', '--rng_seed', 3]
+def test_training_stream_cycles_reshuffled_passes_and_resumes_mid_pass():
+    """The paper's stream: epochs of n steps take consecutive batches of passes that each cover the training split
+    once, reshuffled at every pass; a stream started at step k (--resume) continues exactly where step k was."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(10))
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=torch.utils.data.RandomSampler(dataset, generator=generator),
+                                         generator=torch.Generator())                                # 4 batches a pass
+    stream = train.training_stream(loader, generator, seed=5, start_step=0)
+    batches = [next(stream)[0].tolist() for _ in range(12)]                       # 3 passes
+    passes = [sum(batches[k:k + 4], []) for k in (0, 4, 8)]
+    assert all(sorted(p) == list(range(10)) for p in passes) and passes[0] != passes[1]
+    for start in (3, 4, 6):
+        resumed = train.training_stream(loader, generator, seed=5, start_step=start)
+        assert [next(resumed)[0].tolist() for _ in range(12 - start)] == batches[start:]
+
+
+@pytest.mark.parametrize('steps', [[], ['--n_iters_per_train_epoch', 5]])   # epochs that end mid-pass, too
+def test_kill_and_resume_equals_uninterrupted(tiny_sst, tiny_bert, tmp_path, monkeypatch, steps):
+    common = ['--n_epochs', 3, '--feature_cache', tmp_path / 'cache', '--rng_seed', 3, *steps]
     run(sst_args(tiny_sst, tiny_bert, tmp_path / 'straight', *common))
     real_save_atomic = train.save_atomic
 
