@@ -446,21 +446,25 @@ def load_imdb(data_root, download):
 # image preprocessing
 
 
-def image_transforms(image_size: int, train: bool):
+def image_transforms(image_size: int, train: bool, crop: bool = True):
     """
-    BEiT-large-patch16-224 preprocessing (PIL image -> float tensor [3, image_size, image_size]):
-      eval : Resize(image_size, bicubic) + CenterCrop(image_size) + ToTensor + Normalize(0.5, 0.5)
-      train: RandomResizedCrop(image_size, bicubic) + RandomHorizontalFlip + RandAugment()
-             + ToTensor + Normalize(0.5, 0.5)
-    Normalize with mean = std = 0.5 maps [0, 1] to [-1, 1].
+    The 2022 paper's preprocessing (PIL image -> float tensor [3, image_size, image_size] in [-1, 1]):
+      crop=True (ImageNet-1K): resize to image_size / 0.9 square (248 x 248 for 224, bicubic), then crop
+                               image_size: random in training, centred in evaluation
+      crop=False (CIFAR):      resize to image_size square (bicubic)
+      training adds RandAugment(); then ToTensor + Normalize(mean 0.5, std 0.5).
     """
     bicubic = T.InterpolationMode.BICUBIC
-    normalize = T.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    steps = []
+    if crop:
+        side = int(image_size / 0.9)
+        steps += [T.Resize((side, side), interpolation=bicubic),
+                  T.RandomCrop(image_size) if train else T.CenterCrop(image_size)]
+    else:
+        steps += [T.Resize((image_size, image_size), interpolation=bicubic)]
     if train:
-        return T.Compose([T.RandomResizedCrop(image_size, interpolation=bicubic), T.RandomHorizontalFlip(),
-                          T.RandAugment(), T.ToTensor(), normalize])
-    return T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size),
-                      T.ToTensor(), normalize])
+        steps += [T.RandAugment()]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))])
 
 
 class ImageFilesDataset(Dataset):
@@ -579,7 +583,7 @@ def load_cifar(data_root, download, image_size, n_classes):
         if not os.path.isfile(p):
             raise _missing(f'CIFAR-{n_classes}', p, _how_to_get(url, data_root) + f' (the archive holds {folder}/)')
     return {split: ImageArrayDataset(*_read_cifar_batches(paths[split], label_key),
-                                     transform=image_transforms(image_size, train=(split == 'train')))
+                                     transform=image_transforms(image_size, train=(split == 'train'), crop=False))
             for split in ('train', 'test')}
 
 # -----------------------------------------------------------------------------

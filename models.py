@@ -205,6 +205,7 @@ BACKBONES = {
     'roberta-large': ('FacebookAI/roberta-large', 'text'),
     'microsoft/beit-large-patch16-224': ('microsoft/beit-large-patch16-224', 'image'),
     'minilm': (minilm_path, 'text'),
+    'gpt2-large': ('openai-community/gpt2-large', 'text'),      # the 2019 paper's (37 depths x 1280)
 }
 
 
@@ -333,6 +334,13 @@ def load_backbone(name, revision=None, max_length=None, pretrained=True):
     if modality == 'image':
         return ImageBackbone(model, name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision)
+    if tokenizer.pad_token is None:
+        # GPT-2 has no pad token: pad (on the right) with its end-of-text token. Padding is masked, and in a causal
+        # model no real token attends to the padding after it, so the real tokens' states are the unpadded ones.
+        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.pad_token is None:
+            raise ValueError(f"backbone {name!r}: its tokenizer has neither a pad token nor an end-of-text token "
+                             f"to pad batches with")
     return TextBackbone(model, tokenizer, name, max_length=max_length)
 
 

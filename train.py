@@ -47,7 +47,7 @@ from data import save_atomic
 # The papers' regimes (command-line options override): one-cycle max lr and warm-up fraction, final lr
 # (None: OneCycleLR's default, max_lr / 25 / 1e4), batch size, mixup alpha per modality, mixed precision on GPU.
 REGIMES = {
-    'routing_head': dict(lr=1e-3, pct_start=0.3, final_lr=None, batch_sz=32,
+    'routing_head': dict(lr=1e-3, pct_start=0.3, final_lr=None, batch_sz=50,
                          mixup_alpha={'text': 0.65, 'image': 0.2}, gpu_precision='fp16'),
     'capsules2019': dict(lr=5e-4, pct_start=0.1, final_lr=1e-5, batch_sz=20,
                          mixup_alpha={'text': 0.2, 'stereo': 0.2}, gpu_precision='no'),
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     # the paper's options
     p.add_argument('--dataset_name', required=True, help=f"one of {', '.join(data.DATASETS)}")
     p.add_argument('--n_epochs', type=int, default=3)
-    p.add_argument('--batch_sz', type=int, default=None, help='default: 32 (routing_head), 20 (capsules2019)')
+    p.add_argument('--batch_sz', type=int, default=None, help='default: 50 (routing_head), 20 (capsules2019)')
     p.add_argument('--n_iters_per_train_epoch', type=int, default=None,
                    help='optimizer steps per epoch (default: one pass over the training split)')
     p.add_argument('--run_test', action='store_true', help='evaluate the final head on the test split')

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains the routing heads of "An Algorithm for Routing Vectors in Sequences" (Heinsen, 2022).
 #
-#   bash train_all_heads.sh            # the paper's six runs: one GPU (24 GB), datasets under $DATA_ROOT,
-#                                      # roberta-large / beit-large from the Hugging Face hub (or its cache)
+#   bash train_all_heads.sh            # the paper's six runs with its settings: one GPU (24 GB), datasets under
+#                                      # $DATA_ROOT, roberta-large / beit-large at the paper's pinned hub revisions
+#   LAUNCH=echo bash train_all_heads.sh   # print the runs instead of running them
 #   bash train_all_heads.sh offline    # offline profile: minilm (all-MiniLM-L6-v2), SST-5 then SST-2 from it,
 #                                      # on a 2-core CPU in under 30 minutes (see README for measured times)
 #   bash train_all_heads.sh capsules2019   # the 2019 paper's capsule networks (train.py --model capsules2019):
@@ -27,19 +28,25 @@ case "${1:-paper}" in
         --batch_sz 32 --pretrained_path "$OUT/offline/sst5/head.safetensors" --output_dir "$OUT/offline/sst2" --device cpu
     ;;
   paper)
-    # text: roberta-large, hidden states of all 25 depths, 512-token chunks; mixup Beta(0.65, 0.65)
-    run --dataset_name imdb --backbone roberta-large --n_epochs 10 --batch_sz 8 --output_dir "$OUT/imdb"
-    run --dataset_name sst5 --backbone roberta-large --n_epochs 3 --batch_sz 32 --output_dir "$OUT/sst5" \
-        --feature_cache "$DATA_ROOT/features"
-    run --dataset_name sst2 --backbone roberta-large --n_epochs 3 --batch_sz 32 --output_dir "$OUT/sst2" \
-        --feature_cache "$DATA_ROOT/features" --pretrained_path "$OUT/sst5/head.safetensors"
-    # images: beit-large-patch16-224, all 25 depths; mixup Beta(0.2, 0.2); RandAugment on training images
-    run --dataset_name imagenet-1k --backbone microsoft/beit-large-patch16-224 --n_epochs 10 --batch_sz 32 \
-        --output_dir "$OUT/imagenet-1k" --num_workers 8
-    run --dataset_name cifar10 --backbone microsoft/beit-large-patch16-224 --n_epochs 15 --batch_sz 32 \
-        --output_dir "$OUT/cifar10" --num_workers 8
-    run --dataset_name cifar100 --backbone microsoft/beit-large-patch16-224 --n_epochs 15 --batch_sz 32 \
-        --output_dir "$OUT/cifar100" --num_workers 8
+    # The 2022 paper's six runs with its settings (../shared/spec/paper2022.md in CI; README "The paper's runs"):
+    # pinned backbone revisions, batch 50 (IMDB 5), epochs of n iterations from a stream cycling over the training
+    # split, RAdam + one cycle (max lr 1e-3, 30% warm-up), mixup with the next sample in the batch.
+    # FEATURE_CACHE=DIR caches roberta-large's hidden states of every SST text (about 90 GB of disk).
+    TEXT=(--backbone roberta-large --revision 5069d8a)
+    IMAGES=(--backbone microsoft/beit-large-patch16-224 --revision 0bd443c --num_workers 8)
+    SST_CACHE=(); [ -n "${FEATURE_CACHE:-}" ] && SST_CACHE=(--feature_cache "$FEATURE_CACHE")
+    run --dataset_name imdb "${TEXT[@]}" --batch_sz 5 --n_epochs 10 --n_iters_per_train_epoch 10000 \
+        --output_dir "$OUT/imdb"
+    run --dataset_name sst5 "${TEXT[@]}" "${SST_CACHE[@]}" --batch_sz 50 --n_epochs 10 --n_iters_per_train_epoch 2000 \
+        --output_dir "$OUT/sst5"
+    # SST-2 from the SST-5 head after its last (10th) epoch; only the last routing trains
+    run --dataset_name sst2 "${TEXT[@]}" "${SST_CACHE[@]}" --batch_sz 50 --n_epochs 3 --n_iters_per_train_epoch 2000 \
+        --pretrained_path "$OUT/sst5/head.safetensors" --output_dir "$OUT/sst2"
+    run --dataset_name imagenet-1k "${IMAGES[@]}" --batch_sz 50 --n_epochs 10 --output_dir "$OUT/imagenet-1k"
+    run --dataset_name cifar10 "${IMAGES[@]}" --batch_sz 50 --n_epochs 10 --n_iters_per_train_epoch 2000 \
+        --output_dir "$OUT/cifar10"
+    run --dataset_name cifar100 "${IMAGES[@]}" --batch_sz 50 --n_epochs 10 --n_iters_per_train_epoch 2000 \
+        --output_dir "$OUT/cifar100"
     ;;
   capsules2019)
     # "An Algorithm for Routing Capsules in All Domains" (2019), its regime: batch 20, lr 5e-4 one cycle,

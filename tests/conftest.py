@@ -39,6 +39,26 @@ def tiny_roberta(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def tiny_gpt2(tmp_path_factory):
+    """A tiny random GPT-2 (the 2019 paper's backbone class) with a real byte-level BPE GPT-2 tokenizer trained on
+    a few words: like gpt2-large's, it has no pad token."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+    folder = tmp_path_factory.mktemp('tiny-gpt2')
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([f'the film is {w}' for w in POSITIVE + NEGATIVE] * 3, vocab_size=300, min_frequency=1,
+                            special_tokens=['<|endoftext|>'])
+    tokenizer = transformers.GPT2TokenizerFast(tokenizer_object=bpe, bos_token='<|endoftext|>',
+                                               eos_token='<|endoftext|>', unk_token='<|endoftext|>')
+    assert tokenizer.pad_token is None
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    transformers.GPT2Model(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope='session')
 def tiny_beit(tmp_path_factory):
     import transformers
     folder = tmp_path_factory.mktemp('tiny-beit')

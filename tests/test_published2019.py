@@ -195,3 +195,61 @@ def test_published_sst_models_load_strict_and_reproduce_reference(name):
         torch.testing.assert_close(a_out, reference, atol=1e-4, rtol=0)
         # sample 1 alone, unpadded, gives the same scores: padding takes no part
         torch.testing.assert_close(net(hidden[1:, :5])[0][0], reference[1], atol=1e-4, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------------
+# The 2019 paper's backbone (gpt2-large: no pad token) and the published files through train.py
+# -------------------------------------------------------------------------------------------------
+
+def test_gpt2_backbone_pads_with_end_of_text_and_masks_it(tiny_gpt2):
+    backbone = models.load_backbone(tiny_gpt2)
+    assert (backbone.d_depth, backbone.d_emb) == (3, 32) and backbone.tokenizer.pad_token == '<|endoftext|>'
+    assert models.BACKBONES['gpt2-large'] == ('openai-community/gpt2-large', 'text')
+    texts = ['the film is good and lovely and fine', 'the film is bad']
+    hidden, mask = backbone.encode(texts)
+    n_short = int((~mask[1]).sum())
+    assert mask[0].sum() == 0 and mask[1, n_short:].all() and n_short < hidden.shape[1]
+    alone, _ = backbone.encode(texts[1:])                       # causal, padded on the right: the real tokens'
+    torch.testing.assert_close(hidden[1, :n_short], alone[0], rtol=1e-4, atol=1e-5)   # states do not change
+
+
+def test_train_py_evaluates_a_published_style_pt_on_gpt2(tiny_gpt2, tiny_sst, tmp_path, capsys):
+    """A plain state-dict .pt (as the authors published, here for the tiny GPT-2's 3 depths x 32) evaluates through
+    train.py --eval_only with no --model (told by the keys); the wrong backbone gets a clear error."""
+    import train
+    net = models.SSTClassifier(d_depth=3, d_emb=32, d_inp=64, d_cap=2, n_parts=64, n_classes=5)
+    with torch.no_grad():
+        for routing in net.routings:
+            routing.beta_use.normal_(), routing.beta_ign.normal_()
+    path = tmp_path / 'SST5R_pretrained_model_state_dict.pt'
+    torch.save(net.state_dict(), path)
+    argv = ['--dataset_name', 'sst5', '--data_root', tiny_sst, '--device', 'cpu', '--eval_only',
+            '--pretrained_path', path, '--output_dir', tmp_path / 'eval']
+    acc = train.main([str(a) for a in [*argv, '--backbone', tiny_gpt2]])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f'test accuracy: {acc:.4f}'
+    with pytest.raises(RuntimeError, match="trained on hidden states of 3 depths x 32"):
+        train.main([str(a) for a in [*argv, '--backbone', 'minilm']])
+
+
+@needs_weights
+def test_train_py_loads_the_published_smallnorb_file(tmp_path):
+    """The authors' file itself (saved on CUDA, a legacy pickle) through train.py --eval_only, on smallNORB-format
+    files (no real smallNORB here): it loads safely on this CPU and predicts what the published model predicts."""
+    import numpy as np
+    import data
+    import train
+    net = models.SmallNORBClassifier(n_objs=5, n_parts=64, d_chns=64)
+    net.load_state_dict(published('smallNORB'), strict=True)
+    images = (pattern(5, 2, 96, 96) * 255).to(torch.uint8)
+    with torch.no_grad():
+        predicted = net.eval()(images.float() / 255)[0].argmax(-1)
+    labels = torch.cat([predicted[:3], (predicted[3:] + 1) % 5])            # 3 of 5 agree with the model
+    for split in ('train', 'test'):
+        prefix = os.path.join(tmp_path, 'smallnorb', data.SMALLNORB_PREFIX[split])
+        data.write_smallnorb_file(f'{prefix}dat.mat', images.numpy())
+        data.write_smallnorb_file(f'{prefix}cat.mat', labels.numpy().astype(np.int32))
+        data.write_smallnorb_file(f'{prefix}info.mat', np.zeros((5, 4), np.int32))
+    acc = train.main(['--dataset_name', 'smallnorb', '--data_root', str(tmp_path), '--device', 'cpu', '--eval_only',
+                      '--pretrained_path', os.path.join(WEIGHTS_DIR, 'smallNORB_pretrained_model_state_dict.pt'),
+                      '--output_dir', str(tmp_path / 'eval')])
+    assert acc == pytest.approx(3 / 5)

@@ -1,0 +1,101 @@
+"""The 2022 paper's settings (../shared/spec/paper2022.md): train_all_heads.sh's paper profile prints (LAUNCH=echo)
+its six runs, each checked against the spec's table; the authors' image preprocessing and mixup pairing."""
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = os.path.join(ROOT, '..', 'shared', 'spec', 'paper2022.md')
+
+# the spec's table: dataset -> (batch_sz, n_epochs, n_iters_per_train_epoch; None = one pass), in this order
+PAPER_RUNS = {'imdb': (5, 10, 10000), 'sst5': (50, 10, 2000), 'sst2': (50, 3, 2000),
+              'imagenet-1k': (50, 10, None), 'cifar10': (50, 10, 2000), 'cifar100': (50, 10, 2000)}
+REVISIONS = {'roberta-large': '5069d8a', 'microsoft/beit-large-patch16-224': '0bd443c'}
+TEXT = ('imdb', 'sst5', 'sst2')
+
+
+def printed_runs(out_dir, **env):
+    """The paper profile's runs, parsed by train.py's own parser (the SST-5 head the SST-2 run starts from exists)."""
+    os.makedirs(os.path.join(out_dir, 'sst5'), exist_ok=True)
+    open(os.path.join(out_dir, 'sst5', 'head.safetensors'), 'wb').close()
+    out = subprocess.run(['bash', os.path.join(ROOT, 'train_all_heads.sh'), 'paper'], capture_output=True, text=True,
+                         env={**os.environ, 'LAUNCH': 'echo', 'OUT': str(out_dir), **env}, check=True).stdout
+    runs = []
+    for line in out.strip().splitlines():
+        words = shlex.split(line)
+        assert words[0] == 'train.py', line
+        runs.append(train.parse_args(words[1:]))
+    return runs
+
+
+@pytest.mark.skipif(not os.path.isfile(SPEC), reason='the spec is not beside the clone')
+def test_the_table_here_is_the_spec_table():
+    with open(SPEC) as f:
+        text = f.read()
+    rows = re.findall(r'^\| (imdb|sst5|sst2|imagenet-1k|cifar10|cifar100) \| (\d+) \| (\d+) \| ([^|]+)\|', text, re.M)
+    assert {name: (int(b), int(e), int(n) if n.strip().isdigit() else None) for name, b, e, n in rows} == PAPER_RUNS
+    assert [name for name, *_ in rows] == list(PAPER_RUNS)
+    for backbone, revision in REVISIONS.items():
+        assert re.search(rf'\| {re.escape(backbone)} \| {revision} \|', text)
+
+
+def test_paper_profile_prints_the_six_runs_with_the_paper_settings(tmp_path):
+    runs = printed_runs(tmp_path)
+    assert [r.dataset_name for r in runs] == list(PAPER_RUNS)
+    for r in runs:
+        assert (r.batch_sz, r.n_epochs, r.n_iters_per_train_epoch) == PAPER_RUNS[r.dataset_name], r.dataset_name
+        assert r.run_test and r.resume and r.model is None and r.lr is None and r.mixup_alpha is None
+        assert r.backbone == ('roberta-large' if r.dataset_name in TEXT else 'microsoft/beit-large-patch16-224')
+        assert r.revision == REVISIONS[r.backbone]
+        assert r.feature_cache is None                                  # ~90 GB for roberta-large on SST: opt-in
+        regime = train.resolve_model(r)
+        assert (r.model, r.lr, regime['pct_start']) == ('routing_head', 1e-3, 0.3)
+        assert regime['mixup_alpha']['text' if r.dataset_name in TEXT else 'image'] == (0.65 if r.dataset_name in TEXT else 0.2)
+    sst5, sst2 = runs[1], runs[2]
+    assert sst2.pretrained_path == os.path.join(sst5.output_dir, 'head.safetensors')     # after its last epoch
+    assert sst5.pretrained_path is None and len({r.output_dir for r in runs}) == 6
+
+
+def test_feature_cache_is_an_option_for_sst_only(tmp_path):
+    runs = printed_runs(tmp_path, FEATURE_CACHE='/somewhere/features')
+    assert {r.dataset_name for r in runs if r.feature_cache == '/somewhere/features'} == {'sst5', 'sst2'}
+    assert all(r.feature_cache is None for r in runs if r.dataset_name not in ('sst5', 'sst2'))
+
+
+def _steps(transform):
+    return [(type(t).__name__, getattr(t, 'size', None), getattr(t, 'interpolation', None)) for t in transform.transforms]
+
+
+def test_the_authors_image_preprocessing():
+    import torchvision.transforms as T
+    import data
+    bicubic = T.InterpolationMode.BICUBIC
+    # ImageNet-1K: resize to 248 x 248 (224 / 0.9, bicubic), random crop 224 + RandAugment; test: center crop 224
+    assert _steps(data.image_transforms(224, train=True)) == [
+        ('Resize', (248, 248), bicubic), ('RandomCrop', (224, 224), None), ('RandAugment', None, T.InterpolationMode.NEAREST),
+        ('ToTensor', None, None), ('Normalize', None, None)]
+    assert _steps(data.image_transforms(224, train=False))[:2] == [('Resize', (248, 248), bicubic), ('CenterCrop', (224, 224), None)]
+    # CIFAR: resize to 224 (bicubic) + RandAugment; test: resize only
+    assert [s[0] for s in _steps(data.image_transforms(224, train=True, crop=False))] == [
+        'Resize', 'RandAugment', 'ToTensor', 'Normalize']
+    assert _steps(data.image_transforms(224, train=False, crop=False))[0] == ('Resize', (224, 224), bicubic)
+    normalize = data.image_transforms(224, train=False).transforms[-1]
+    assert tuple(normalize.mean) == tuple(normalize.std) == (0.5, 0.5, 0.5)
+
+
+def test_the_authors_mixup_pairs_each_sample_with_the_next():
+    import torch
+    torch.manual_seed(0)
+    hidden = torch.arange(4.0)[:, None, None, None].expand(4, 2, 1, 3).clone()      # sample b is all b
+    labels = torch.tensor([0, 1, 2, 0])
+    mixed, _, targets = train.mixup(hidden, None, labels, 3, alpha=0.65)
+    r = (mixed[:, 0, 0, 0] - hidden[:, 0, 0, 0]) / (hidden[[1, 2, 3, 0], 0, 0, 0] - hidden[:, 0, 0, 0])
+    torch.testing.assert_close(mixed, hidden.lerp(hidden[[1, 2, 3, 0]], r.view(4, 1, 1, 1)))
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    torch.testing.assert_close(targets, one_hot.lerp(one_hot[[1, 2, 3, 0]], r[:, None]))
+    assert ((r > 0) & (r < 1)).all() and len(set(r.tolist())) == 4                   # r ~ Beta per sample
