@@ -14,7 +14,8 @@ whose shapes differ (other number of classes) start from their initialisation.
 
 Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file +
 rename), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the checkpoint), and
---resume continues after the last complete epoch. The final head is saved as output_dir/head.safetensors with its metadata.
+--resume continues after the last complete epoch. Every epoch's head is kept as output_dir/head_epoch<k>.safetensors
+(as the paper keeps every epoch's checkpoint), and the final head is output_dir/head.safetensors, with metadata.
 
 --model capsules2019 (the 2019 paper, "An Algorithm for Routing Capsules in All Domains"): text datasets
 train models.SSTClassifier on the frozen backbone's hidden states; smallnorb trains
@@ -436,7 +437,9 @@ def main(argv=None):
             record['valid_acc'] = evaluate(head, eval_loaders['valid'], backbone, cached, accelerator, 'valid')
         log(json.dumps(record))
         history.append(record)
-        if accelerator.is_main_process:                    # the checkpoint first, then the metrics it holds
+        if accelerator.is_main_process:   # the epoch's head (the paper keeps every epoch's), the checkpoint, its metrics
+            save_head(accelerator.unwrap_model(head), os.path.join(args.output_dir, f'head_epoch{epoch + 1}.safetensors'),
+                      {**metadata, **record})
             state = {'head': accelerator.unwrap_model(head).state_dict(), 'optimizer': optimizer.state_dict(),
                      'scheduler': scheduler.state_dict(), 'history': history, 'args': vars(args),
                      'metadata': metadata}

@@ -52,3 +52,33 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         pytest.fail(f"{name}: a cell failed:\n{e}", pytrace=False)
     saved = tmp_path / figure
     assert saved.is_file() and saved.stat().st_size > 10_000, f"{name} did not save {figure} to $CREDIT_FIGURES_DIR"
+
+
+WEIGHTS_DIR = ROOT.parent / 'shared' / 'weights' / 'heinsen2019'
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / 'smallNORB_pretrained_model_state_dict.pt').is_file(),
+                    reason='the published 2019 weights are not beside the clone')
+def test_reverse_graphics_real_mode_uses_the_published_model(tmp_path, monkeypatch):
+    """With smallNORB test files present (here: 18 views of one object written in the real 96 x 96 format), the
+    notebook trains nothing and runs the authors' published smallNORB network."""
+    import numpy as np
+    import data
+    folder = tmp_path / 'data' / 'smallnorb'
+    folder.mkdir(parents=True)
+    prefix = str(folder / data.SMALLNORB_PREFIX['test'])
+    rng = np.random.default_rng(0)
+    data.write_smallnorb_file(f'{prefix}dat.mat', rng.integers(0, 255, (18, 2, 96, 96)).astype(np.uint8))
+    data.write_smallnorb_file(f'{prefix}cat.mat', np.zeros(18, np.int32))
+    info = np.stack([np.zeros(18), np.full(18, 4), np.arange(0, 36, 2), np.zeros(18)], axis=1).astype(np.int32)
+    data.write_smallnorb_file(f'{prefix}info.mat', info)               # instance, elevation, azimuth, lighting
+    model = WEIGHTS_DIR / 'smallNORB_pretrained_model_state_dict.pt'
+    for key, value in (('CREDIT_FIGURES_DIR', tmp_path), ('SMALLNORB_DATA_ROOT', tmp_path / 'data'),
+                       ('SMALLNORB_MODEL', model), ('HF_HUB_OFFLINE', '1')):
+        monkeypatch.setenv(key, str(value))
+    nb = read('reverse_graphics.ipynb')
+    nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+                            resources={'metadata': {'path': str(NOTEBOOKS)}}).execute()
+    printed = ''.join(o.get('text', '') for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs)
+    assert f"REAL MODE: smallNORB test files in {tmp_path / 'data' / 'smallnorb'} and the model {model}" in printed
+    assert 'FIXTURE' not in printed and 'train.main' not in printed and (tmp_path / 'reverse_graphics.png').is_file()

@@ -32,6 +32,11 @@ def test_train_checkpoint_eval_with_feature_cache(tiny_sst, tiny_bert, tmp_path,
     acc = run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--run_test', '--feature_cache', cache))
     records = metrics(out)
     assert [r['epoch'] for r in records[:2]] == [1, 2] and 'valid_acc' in records[0]
+    for epoch in (1, 2):                                                   # every epoch's head is kept
+        with safe_open(out / f'head_epoch{epoch}.safetensors', 'pt') as f:
+            assert f.metadata()['epoch'] == str(epoch) and f.metadata()['valid_acc'] == str(records[epoch - 1]['valid_acc'])
+    last, final = load_file(out / 'head_epoch2.safetensors'), load_file(out / 'head.safetensors')
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
     assert records[2]['final']['test_accuracy'] == f'{acc:.4f}'
     with safe_open(out / 'head.safetensors', 'pt') as f:
         meta = f.metadata()
