@@ -82,3 +82,13 @@ def test_reverse_graphics_real_mode_uses_the_published_model(tmp_path, monkeypat
     printed = ''.join(o.get('text', '') for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs)
     assert f"REAL MODE: smallNORB test files in {tmp_path / 'data' / 'smallnorb'} and the model {model}" in printed
     assert 'FIXTURE' not in printed and 'train.main' not in printed and (tmp_path / 'reverse_graphics.png').is_file()
+
+
+def test_jupyter_lab_is_installed_by_the_set_up():
+    """`jupyter lab`, the way the authors' README opens the notebooks, works after `pip install -r requirements.txt`."""
+    import re
+    import subprocess
+    import sys
+    pinned = re.search(r'^jupyterlab==(\S+)', (ROOT / 'requirements.txt').read_text(), re.M).group(1)
+    out = subprocess.run([sys.executable, '-m', 'jupyter', 'lab', '--version'], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == pinned, out.stderr
