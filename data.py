@@ -1165,7 +1165,9 @@ def backbone_fingerprint(backbone) -> dict:
     if tokenizer is None:
         tokenizer_text = ''
     elif getattr(tokenizer, 'backend_tokenizer', None) is not None:
-        tokenizer_text = type(tokenizer).__name__ + tokenizer.backend_tokenizer.to_str()
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec.pop('truncation', None), spec.pop('padding', None)   # call settings, changed by every encode()
+        tokenizer_text = type(tokenizer).__name__ + json.dumps(spec, sort_keys=True)
     else:
         tokenizer_text = type(tokenizer).__name__ + json.dumps(tokenizer.get_vocab(), sort_keys=True)
     sha = lambda text: hashlib.sha256(text.encode()).hexdigest()                    # noqa: E731
