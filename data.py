@@ -1384,10 +1384,12 @@ if __name__ == '__main__':
     parser.add_argument('name', choices=DATASETS + ('heinsen2019',))
     parser.add_argument('--data-root', default='.data')
     parser.add_argument('--download', action='store_true')
+    parser.add_argument('--base-url', default=HEINSEN2019_URL, help="heinsen2019 only: where to fetch the files from "
+                        "(a mirror; file:// URLs work), default the authors' repository at the published commit")
     args = parser.parse_args()
     try:
         if args.name == 'heinsen2019':
-            for name, path in fetch_heinsen2019_weights(os.path.join(args.data_root, 'heinsen2019'),
+            for name, path in fetch_heinsen2019_weights(os.path.join(args.data_root, 'heinsen2019'), args.base_url,
                                                         download=args.download).items():
                 print(f"{path}: sha256 verified")
         else:

@@ -134,16 +134,17 @@ def test_fetch_heinsen2019_weights_verified(tmp_path):
     with pytest.raises(data.ChecksumMismatchError, match='SST5R'):
         data.fetch_heinsen2019_weights(str(dest), base_url=base_url)
 
-    # the command line
-    out = subprocess.run([sys.executable, 'data.py', 'heinsen2019', '--download', '--data-root', str(tmp_path / 'cli')],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
-    # the default base URL is the network: offline it fails with a clear error, online it verifies
-    assert out.returncode in (0, 2), out.stderr
-    assert ('sha256 verified' in out.stdout) if out.returncode == 0 else ('error: Could not download' in out.stderr)
-    out = subprocess.run([sys.executable, 'data.py', 'heinsen2019', '--data-root', str(tmp_path / 'none')],
+    # the command line (never the network: a file:// mirror)
+    cli = [sys.executable, 'data.py', 'heinsen2019', '--data-root', str(tmp_path / 'cli')]
+    out = subprocess.run(cli, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and 'pass --download' in out.stderr and 'Traceback' not in out.stderr
+    out = subprocess.run(cli + ['--download', '--base-url', base_url], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.count('sha256 verified') == 3, out.stderr
+    out = subprocess.run(cli + ['--download', '--base-url', mirror.as_uri() + '/', '--data-root', str(tmp_path / 'cli2')],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and 'pass --download' in out.stderr
+    assert out.returncode == 2 and 'error: ' in out.stderr and 'does not have its pinned sha256' in out.stderr
+
 
 # -----------------------------------------------------------------------------
 # archive members outside the destination
