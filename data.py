@@ -32,11 +32,9 @@ verified against pinned checksums (CHECKSUMS) before it is unpacked: a mismatch 
 The published 2019 weights: fetch_heinsen2019_weights() (also `python data.py heinsen2019 --download`).
 """
 
-import errno
 import functools
 import gzip as _gzip
 import hashlib
-import io
 import json
 import os
 import pickle

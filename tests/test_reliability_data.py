@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -22,7 +23,6 @@ import pytest
 import torch
 
 import data
-from tests.conftest import tree
 from tests.test_data import write_cifar_batch, write_smallnorb, write_sst
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -459,7 +459,6 @@ def test_two_processes_writing_one_fresh_cache(bert, tiny_bert, tmp_path):
     for _ in range(3000):
         if len([n for n in os.listdir(tmp_path) if n.startswith('ready-')]) == 2 or any(p.poll() is not None for p in procs):
             break
-        import time
         time.sleep(0.02)
     (tmp_path / 'go').touch()
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
