@@ -27,11 +27,14 @@ Known datasets, their folder under data_root, and where they come from:
 'valid' is None for imdb, cifar10, cifar100, imagenet-1k, smallnorb, mnist and digits: none of them
 has an official validation split, and we do not carve one out here (callers may split 'train').
 
-With download=True, missing data is fetched from the official URL (all but imagenet-1k and digits).
+With download=True, missing data is fetched from the official URL (all but imagenet-1k and digits) and
+verified against pinned checksums (CHECKSUMS) before it is unpacked: a mismatch is deleted and refused.
+The published 2019 weights: fetch_heinsen2019_weights() (also `python data.py heinsen2019 --download`).
 """
 
 import functools
 import gzip as _gzip
+import hashlib
 import json
 import os
 import pickle
@@ -73,24 +76,140 @@ MNIST_FILES = {
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
 
+# Pinned checksums ('sha256:<hex>' or 'md5:<hex>') of every file that --download fetches; a download that
+# does not match is deleted and refused. Sources: CIFAR's md5s as published on the CIFAR page (also
+# torchvision.datasets.CIFAR10/CIFAR100.tgz_md5); IMDB's, MNIST's (these exact URLs) and smallNORB's sha256
+# from the checksum files of tensorflow-datasets 4.9.10 (datasets/imdb_reviews/checksums.tsv,
+# url_checksums/mnist.txt, datasets/smallnorb/checksums.tsv).
+CHECKSUMS = {
+    IMDB_URL: 'sha256:c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe',
+    CIFAR10_URL: 'md5:c58f30108f718f92721af3b95e74349a',
+    CIFAR100_URL: 'md5:eb9058c3a382ffc7106e4002c42a8d85',
+    MNIST_URL + 'train-images-idx3-ubyte.gz': 'sha256:440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
+    MNIST_URL + 'train-labels-idx1-ubyte.gz': 'sha256:3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c',
+    MNIST_URL + 't10k-images-idx3-ubyte.gz': 'sha256:8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6',
+    MNIST_URL + 't10k-labels-idx1-ubyte.gz': 'sha256:f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6',
+    SMALLNORB_URL + SMALLNORB_PREFIX['train'] + 'dat.mat.gz':
+        'sha256:5ffd6272a07d32695ee1082a26a41a93a37aab8c28da047f8c34ed348d214873',
+    SMALLNORB_URL + SMALLNORB_PREFIX['train'] + 'cat.mat.gz':
+        'sha256:2784e542c1922060691090952b6cd6278879a216c90f81476f0f00256d42cdaa',
+    SMALLNORB_URL + SMALLNORB_PREFIX['train'] + 'info.mat.gz':
+        'sha256:de7eb932ebe7a4ee16217fead60660d0eb3d23632c2f4d1c51f88c501c17bf32',
+    SMALLNORB_URL + SMALLNORB_PREFIX['test'] + 'dat.mat.gz':
+        'sha256:cf7104eed3e51174d2f65b66d1e5878b9da233b886f161b0d88f4510ba2c7474',
+    SMALLNORB_URL + SMALLNORB_PREFIX['test'] + 'cat.mat.gz':
+        'sha256:ecaf6d5bb8c3bc5eab9cf0258f6d2198dd474e016e374836fc097f2e5ff509ff',
+    SMALLNORB_URL + SMALLNORB_PREFIX['test'] + 'info.mat.gz':
+        'sha256:16adf314226327ee006d1a44db8cfef52773c06c829951d5653a9f6f310248a2',
+}
+# No published checksum of trainDevTestTrees_PTB.zip was available to us: the sha256 of its three tree
+# files (the files that give the published split sizes, 8544 / 1101 / 2210 trees) are pinned instead and
+# checked after unpacking, before anything is moved into place.
+SST_MEMBER_CHECKSUMS = {
+    'trees/train.txt': 'sha256:e2f3f41b0b1e6d4dddc0effe3bfc2d27ed8928079aa9a03d652311614fc5feb7',
+    'trees/dev.txt': 'sha256:0e9336aed6e4730e19f58d00a77b3f0297efdb755f7b5e598c98a05e3f97ea40',
+    'trees/test.txt': 'sha256:6e54806dee95cf80cd918e7dfb3f6770f6df24bf826f289a4d1f709e1c8f6761',
+}
+
+# The pretrained weights published with "An Algorithm for Routing Capsules in All Domains" (2019): legacy
+# torch pickles of plain state dicts (load with torch.load(path, map_location='cpu', weights_only=True)).
+HEINSEN2019_URL = 'https://raw.githubusercontent.com/glassroom/heinsen_routing/6ea5b3a92ab88e758605643fd0cba01c7fee1434/'
+HEINSEN2019_WEIGHTS = {
+    'smallNORB_pretrained_model_state_dict.pt': 'sha256:e4dca94f4ee01ae8dcdf1278b409e29dfc0bbf894d897d9f98e16de6d7ae7520',
+    'SST2R_pretrained_model_state_dict.pt': 'sha256:9f1a804c449af5d6c04892035b1c070abafd6c207afaae9a15becfface9a9870',
+    'SST5R_pretrained_model_state_dict.pt': 'sha256:15f26c32409221a74e85bc904378e301cf84bbbf63de8d35857cfbe75f45f89a',
+}
+
 # -----------------------------------------------------------------------------
-# downloading
+# downloading: every file is verified against a pinned checksum before it is used
 
 
-def download_and_extract(url: str, dest_dir: str) -> None:
+class ChecksumMismatchError(RuntimeError):
+    """A downloaded (or already present) file does not have its pinned checksum."""
+
+
+def file_checksum(path: str, algorithm: str = 'sha256') -> str:
+    """The hex digest of a file (read in 1 MiB blocks)."""
+    h = hashlib.new(algorithm)
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksum(path: str, expected: str, what: str) -> None:
+    """expected: 'sha256:<hex>' or 'md5:<hex>'. Raises ChecksumMismatchError naming `what` and both digests."""
+    algorithm, _, digest = expected.partition(':')
+    if algorithm not in ('sha256', 'md5') or not digest:
+        raise ValueError(f"checksum of {what} must be 'sha256:<hex>' or 'md5:<hex>', got {expected!r}")
+    actual = file_checksum(path, algorithm)
+    if actual != digest.lower():
+        raise ChecksumMismatchError(
+            f"{what} does not have its pinned {algorithm} {digest} (got {actual}): the file is corrupt, "
+            f"truncated or was tampered with; it was not used. Try again, or fetch it by hand from the official source.")
+
+
+def _pid_prefix(prefix):
+    """Temporary names carry the writer's pid, so that orphans of killed writers can be recognised."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(folder: str, prefix: str) -> list:
+    """Remove entries of folder named <prefix><pid>-* whose writer (pid, on this machine) is dead; those of
+    live processes (a concurrent writer) are kept. -> the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split('-', 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def download_and_extract(url: str, dest_dir: str, checksum: str = None, members: dict = None) -> None:
     """
-    Download url into dest_dir and unpack it there:
+    Download url into dest_dir, verify it, and unpack it there:
       .zip / .tar / .tar.gz / .tgz -> archive members extracted into dest_dir
       other .gz                    -> gunzipped to dest_dir/<name without .gz>
       anything else                -> saved as dest_dir/<name>
+    checksum ('sha256:<hex>' or 'md5:<hex>') is the downloaded file's; members ({path inside the archive:
+    checksum}) are checked after unpacking instead or as well. One of them is required: nothing unverified
+    is kept (ChecksumMismatchError). Archive members that would land outside dest_dir (absolute paths,
+    '..', links pointing out, devices) are refused on every Python, with or without tarfile.data_filter.
     Writing is atomic: everything goes to a temporary name inside dest_dir first and is renamed at
     the end, so an interrupted download never leaves a half-written dataset behind. Top-level
     entries that already exist in dest_dir are left untouched. Raises RuntimeError if the download
     fails (e.g. no network).
     """
+    if checksum is None and not members:
+        raise ValueError(f"download_and_extract({url!r}): pass the pinned checksum (or member checksums); "
+                         f"unverified downloads are not kept")
     os.makedirs(dest_dir, exist_ok=True)
+    for prefix in ('.download-', '.gunzip-', '.extract-'):
+        remove_orphans(dest_dir, prefix)                         # left behind by killed downloads
     filename = os.path.basename(urllib.parse.urlparse(url).path)
-    fd, tmp_path = tempfile.mkstemp(dir=dest_dir, prefix='.download-')
+    fd, tmp_path = tempfile.mkstemp(dir=dest_dir, prefix=_pid_prefix('.download-'))
     try:
         try:
             with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as response:
@@ -99,47 +218,111 @@ def download_and_extract(url: str, dest_dir: str) -> None:
             raise RuntimeError(
                 f"Could not download {url} ({e}). Is the network available? You can also download it "
                 f"by hand and unpack it into {os.path.abspath(dest_dir)}.") from e
-        print(f"downloaded {url}")
+        if checksum is not None:
+            verify_checksum(tmp_path, checksum, f"the download of {url}")
+        print(f"downloaded {url}" + (" (checksum verified)" if checksum else ""))
         lower = filename.lower()
         if lower.endswith('.zip') or lower.endswith(('.tar', '.tar.gz', '.tgz')):
-            _extract_archive(tmp_path, dest_dir, is_zip=lower.endswith('.zip'))
+            _extract_archive(tmp_path, dest_dir, is_zip=lower.endswith('.zip'), members=members, url=url)
         elif lower.endswith('.gz'):
-            out_fd, out_tmp = tempfile.mkstemp(dir=dest_dir, prefix='.gunzip-')
+            out_fd, out_tmp = tempfile.mkstemp(dir=dest_dir, prefix=_pid_prefix('.gunzip-'))
             try:
                 with os.fdopen(out_fd, 'wb') as out, _gzip.open(tmp_path, 'rb') as src:
                     shutil.copyfileobj(src, out, length=1 << 20)
-                os.replace(out_tmp, os.path.join(dest_dir, filename[:-3]))
+                _publish(out_tmp, os.path.join(dest_dir, filename[:-3]))
             finally:
                 if os.path.exists(out_tmp):
                     os.remove(out_tmp)
         else:
-            os.replace(tmp_path, os.path.join(dest_dir, filename))
+            _publish(tmp_path, os.path.join(dest_dir, filename))
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
 
-def _extract_archive(archive_path, dest_dir, is_zip):
-    """Extract a zip/tar archive into a temporary folder in dest_dir, then move its entries into place."""
-    tmp_dir = tempfile.mkdtemp(dir=dest_dir, prefix='.extract-')
+def _publish(tmp, path):
+    """Durably move a finished temporary file into place: fsync it, give it the umask's mode, rename, fsync the folder."""
+    with open(tmp, 'rb+') as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _check_tar_members(t, archive, dest):
+    """Refuse tar members that would be written outside dest (checked here: tarfile.data_filter is missing
+    from Python 3.10.0-3.10.11 and 3.11.0-3.11.3) and anything that is not a file, folder or inner link."""
+    for m in t.getmembers():
+        name = m.name.replace('\\', '/')
+        norm = os.path.normpath(name)
+        if os.path.isabs(name) or norm == '..' or norm.startswith('../') or (len(name) > 1 and name[1] == ':'):
+            raise ValueError(f"archive {archive}: member {m.name!r} would be written outside {dest}; refusing to unpack it")
+        if m.issym() or m.islnk():
+            link = m.linkname.replace('\\', '/')
+            target = os.path.normpath(os.path.join(os.path.dirname(norm), link) if m.issym() else link)
+            if os.path.isabs(link) or target == '..' or target.startswith('../'):
+                raise ValueError(f"archive {archive}: link {m.name!r} -> {m.linkname!r} points outside {dest}; "
+                                 f"refusing to unpack it")
+        elif not (m.isfile() or m.isdir()):
+            raise ValueError(f"archive {archive}: member {m.name!r} is a device or fifo; refusing to unpack it")
+
+
+def _extract_archive(archive_path, dest_dir, is_zip, members=None, url=None):
+    """Extract a zip/tar archive into a temporary folder in dest_dir, verify `members` ({relative path:
+    checksum}), then move its entries into place."""
+    what = url or archive_path
+    tmp_dir = tempfile.mkdtemp(dir=dest_dir, prefix=_pid_prefix('.extract-'))
     try:
         if is_zip:
             with zipfile.ZipFile(archive_path) as z:
                 z.extractall(tmp_dir)  # zipfile refuses absolute paths and '..' components
         else:
             with tarfile.open(archive_path) as t:
-                if hasattr(tarfile, 'data_filter'):  # Python >= 3.10.12 / 3.11.4
-                    t.extractall(tmp_dir, filter='data')  # refuses absolute paths, links out, devices
+                _check_tar_members(t, what, dest_dir)
+                if hasattr(tarfile, 'data_filter'):  # Python >= 3.10.12 / 3.11.4: also refuses special bits
+                    t.extractall(tmp_dir, filter='data')
                 else:
                     t.extractall(tmp_dir)
+        for member, checksum in (members or {}).items():
+            path = os.path.join(tmp_dir, member)
+            if not os.path.isfile(path):
+                raise ChecksumMismatchError(f"{what} does not hold {member}: not the expected archive; it was not used")
+            verify_checksum(path, checksum, f"{member} of {what}")
         for entry in sorted(os.listdir(tmp_dir)):
             target = os.path.join(dest_dir, entry)
             if os.path.exists(target):
                 print(f"{target} already exists; leaving it as it is")
                 continue
             os.replace(os.path.join(tmp_dir, entry), target)
+        _fsync_dir(dest_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str = HEINSEN2019_URL,
+                              download: bool = True) -> dict:
+    """
+    The three state dicts published with the 2019 paper -> {file name: path}. Files already in dest_dir
+    are verified; missing ones are downloaded from base_url + <file name> (download=True; else
+    FileNotFoundError) and verified before they are kept. A sha256 mismatch raises ChecksumMismatchError
+    and never leaves the file in dest_dir (a bad file already there is left as it is, for inspection).
+    """
+    paths, base_url = {}, base_url.rstrip('/') + '/'
+    for name, checksum in HEINSEN2019_WEIGHTS.items():
+        path = os.path.join(dest_dir, name)
+        if not os.path.isfile(path):
+            if not download:
+                raise _missing('the 2019 pretrained weights', path,
+                               f"Get {base_url}{name} into {os.path.abspath(dest_dir)}, or pass --download "
+                               f"(python data.py heinsen2019 --download).")
+            download_and_extract(base_url + name, dest_dir, checksum=checksum)
+        else:
+            try:
+                verify_checksum(path, checksum, path)
+            except ChecksumMismatchError as e:
+                raise ChecksumMismatchError(f"{e} Delete {path} to download it again.") from None
+        paths[name] = path
+    return paths
 
 
 def _missing(what, path, how):
@@ -165,7 +348,7 @@ def _find_or_download(root, name, url_base, download, what, how):
     (gunzipped to root/name). Missing -> FileNotFoundError naming the path and how to get it."""
     path = _find_maybe_gz(os.path.join(root, name))
     if path is None and download:
-        download_and_extract(url_base + name + '.gz', root)
+        download_and_extract(url_base + name + '.gz', root, checksum=CHECKSUMS[url_base + name + '.gz'])
         path = _find_maybe_gz(os.path.join(root, name))
     if path is None:
         raise _missing(what, os.path.join(root, name), how)
@@ -286,16 +469,38 @@ def tree_leaves(tree):
     return [node[1] for node in iter_subtrees(tree) if isinstance(node[1], str)]
 
 
-def read_ptb_trees(path: str):
-    """Parse a file of PTB trees, one per line (blank lines ignored)."""
+def read_ptb_trees(path: str, n_labels: int = 5):
+    """Parse a file of PTB trees, one per line (blank lines ignored). Every node's label must be in
+    0..n_labels-1 (SST: 0..4). Errors name the file and line: ValueError for text that is not UTF-8
+    (e.g. latin-1) or is binary, malformed trees and labels out of range."""
     trees = []
-    with open(path, encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
+    try:
+        with open(path, encoding='utf-8') as f:
+            for line_no, line in enumerate(f, 1):
+                if '\x00' in line:
+                    raise ValueError(f"{path}, line {line_no}: binary data (NUL bytes), not a text file of PTB trees")
+                if not line.strip():
+                    continue
                 try:
-                    trees.append(parse_ptb_tree(line))
+                    tree = parse_ptb_tree(line)
                 except ValueError as e:
                     raise ValueError(f"{path}, line {line_no}: {e}") from None
+                bad = [node[0] for node in iter_subtrees(tree) if not 0 <= node[0] < n_labels]
+                if bad:
+                    raise ValueError(f"{path}, line {line_no}: label {bad[0]} is out of range "
+                                     f"(sentiment labels are 0..{n_labels - 1}): {line.strip()[:80]!r}")
+                trees.append(tree)
+    except UnicodeDecodeError:
+        line_no, bad = '?', b''
+        with open(path, 'rb') as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    raw.decode('utf-8')
+                except UnicodeDecodeError as e:
+                    bad = raw[e.start:e.start + 1]
+                    break
+        raise ValueError(f"{path}, line {line_no}: not UTF-8 text (byte {bad!r}; a latin-1 copy, or a binary "
+                         f"file?): the SST tree files are UTF-8") from None
     return trees
 
 
@@ -378,15 +583,20 @@ def sst_to_binary(texts, labels):
 def _sst_dir(data_root, download):
     """Folder holding train.txt, dev.txt, test.txt (the official zip unpacks them into sst/trees/)."""
     root = os.path.join(data_root, 'sst')
-    for d in (root, os.path.join(root, 'trees')):
-        if all(os.path.isfile(os.path.join(d, f)) for f in ('train.txt', 'dev.txt', 'test.txt')):
+    names = ('train.txt', 'dev.txt', 'test.txt')
+    candidates = (root, os.path.join(root, 'trees'))
+    for d in candidates:
+        if all(os.path.isfile(os.path.join(d, f)) for f in names):
             return d
     if download:
-        download_and_extract(SST_URL, root)
+        download_and_extract(SST_URL, root, members=SST_MEMBER_CHECKSUMS)
         return _sst_dir(data_root, download=False)
-    raise _missing('Stanford Sentiment Treebank', os.path.join(root, 'train.txt'),
-                   f"Expected train.txt, dev.txt, test.txt (PTB trees) in {os.path.abspath(root)}. "
-                   + _how_to_get(SST_URL, root))
+    # name the file that is missing, in the folder that holds the others
+    d = max(candidates, key=lambda c: sum(os.path.isfile(os.path.join(c, f)) for f in names))
+    missing = [f for f in names if not os.path.isfile(os.path.join(d, f))]
+    raise _missing('Stanford Sentiment Treebank', os.path.join(d, missing[0]),
+                   f"Expected train.txt, dev.txt, test.txt (PTB trees) in {os.path.abspath(d)}; missing: "
+                   f"{', '.join(missing)}. " + _how_to_get(SST_URL, root))
 
 
 def _sst_file_examples(path, all_phrases):
@@ -408,10 +618,16 @@ def load_sst(data_root, download, binary):
     valid: dev root sentences; test: test root sentences. SST-2 drops neutral examples.
     """
     d = _sst_dir(data_root, download)
+    files = {'train': 'train.txt', 'valid': 'dev.txt', 'test': 'test.txt'}
     splits = {split: _sst_file_examples(os.path.join(d, f), all_phrases=(split == 'train'))
-              for split, f in (('train', 'train.txt'), ('valid', 'dev.txt'), ('test', 'test.txt'))}
+              for split, f in files.items()}
     if binary:  # note: dedup happened on the 5-class labels, so SST-2 train is a subset of SST-5 train
         splits = {k: sst_to_binary(*v) for k, v in splits.items()}
+    for split, (texts, _) in splits.items():
+        if not texts:  # an accuracy over nothing is no result
+            why = 'all its examples are neutral (label 2), which SST-2 drops' if binary else 'it holds no trees'
+            raise ValueError(f"{os.path.join(d, files[split])}: the {'sst2' if binary else 'sst5'} {split} split "
+                             f"is empty ({why})")
     return {k: TextDataset(*v) for k, v in splits.items()}
 
 # -----------------------------------------------------------------------------
@@ -427,7 +643,7 @@ def load_imdb(data_root, download):
     root = os.path.join(data_root, 'aclImdb')
     needed = [os.path.join(root, s, c) for s in ('train', 'test') for c in ('neg', 'pos')]
     if download and not all(os.path.isdir(p) for p in needed):
-        download_and_extract(IMDB_URL, data_root)  # the archive holds aclImdb/
+        download_and_extract(IMDB_URL, data_root, checksum=CHECKSUMS[IMDB_URL])  # the archive holds aclImdb/
     for p in needed:
         if not os.path.isdir(p):
             raise _missing('IMDB', p, _how_to_get(IMDB_URL, data_root) + ' (the archive holds aclImdb/)')
@@ -555,14 +771,76 @@ def load_imagenet(data_root, download, image_size):
 # CIFAR-10 / CIFAR-100: the official python pickles, b'data' uint8 [N, 3072] (RGB planes, 32x32)
 
 
-def _read_cifar_batches(paths, label_key):
+def _cifar_allowed_globals():
+    import _codecs
+    from numpy._core import multiarray, numeric
+    return {('numpy.core.multiarray', '_reconstruct'): multiarray._reconstruct,
+            ('numpy._core.multiarray', '_reconstruct'): multiarray._reconstruct,
+            ('numpy.core.numeric', '_frombuffer'): numeric._frombuffer,
+            ('numpy._core.numeric', '_frombuffer'): numeric._frombuffer,
+            ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+            ('_codecs', 'encode'): _codecs.encode}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR python batches hold: dicts, lists, bytes, numbers and numpy arrays.
+    Any other global (a crafted file's os.system, eval, ...) is refused before it can run."""
+
+    def find_class(self, module, name):
+        allowed = _cifar_allowed_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only "
+                                         f"dicts, lists, numbers and numpy arrays")
+        return allowed[(module, name)]
+
+
+def read_cifar_batch(path: str, label_key: bytes, n_classes: int):
+    """-> (images uint8 [N, 32, 32, 3], labels list[int]) from one official CIFAR python batch, read with a
+    restricted unpickler (no code in the file can run). Errors name the file: not a CIFAR batch (e.g. an HTML
+    error page saved by a failed download), missing keys, wrong shapes, labels outside 0..n_classes-1."""
+    with open(path, 'rb') as f:
+        head = f.read(64)
+        f.seek(0)
+        try:
+            batch = _CifarUnpickler(f, encoding='bytes').load()
+        except Exception as e:
+            looks = ' (it looks like an HTML page, e.g. an error page saved by a failed download)' \
+                if head.lstrip().lower().startswith((b'<!doctype', b'<html')) else ''
+            raise ValueError(f"{path} is not a CIFAR python batch{looks}: {type(e).__name__}: {e}") from None
+    if not isinstance(batch, dict) or b'data' not in batch or label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path} is not a CIFAR python batch: expected a dict with keys b'data' and "
+                         f"{label_key!r}, found {keys}")
+    images = batch[b'data']
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
+        what = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise ValueError(f"{path}: b'data' must be a uint8 array [N, 3072] (32 x 32 RGB planes), found {what}")
+    labels = batch[label_key]
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(images):
+        raise ValueError(f"{path}: {label_key!r} must be a list of {len(images)} labels, found "
+                         f"{len(labels) if isinstance(labels, (list, np.ndarray)) else type(labels).__name__}")
+    labels = _check_labels(labels, n_classes, path)
+    return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _check_labels(labels, n_classes, path):
+    """-> list[int]; ValueError naming the file and index of the first label outside 0..n_classes-1."""
+    out = []
+    for i, y in enumerate(labels.tolist() if isinstance(labels, np.ndarray) else labels):
+        if isinstance(y, bool) or not isinstance(y, (int, np.integer)) or not 0 <= y < n_classes:
+            raise ValueError(f"{path}: label {y!r} at index {i} is out of range (expected an integer in "
+                             f"0..{n_classes - 1})")
+        out.append(int(y))
+    return out
+
+
+def _read_cifar_batches(paths, label_key, n_classes):
     """-> (images uint8 [N, 32, 32, 3], labels list[int]) from CIFAR pickle files."""
     images, labels = [], []
     for path in paths:
-        with open(path, 'rb') as f:
-            batch = pickle.load(f, encoding='bytes')
-        images.append(np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels += [int(y) for y in batch[label_key]]
+        x, y = read_cifar_batch(path, label_key, n_classes)
+        images.append(x)
+        labels += y
     return np.ascontiguousarray(np.concatenate(images)), labels
 
 
@@ -578,11 +856,11 @@ def load_cifar(data_root, download, image_size, n_classes):
     paths = {split: [os.path.join(root, f) for f in names] for split, names in files.items()}
     all_paths = paths['train'] + paths['test']
     if download and not all(os.path.isfile(p) for p in all_paths):
-        download_and_extract(url, data_root)  # the archive holds <folder>/
+        download_and_extract(url, data_root, checksum=CHECKSUMS[url])  # the archive holds <folder>/
     for p in all_paths:
         if not os.path.isfile(p):
             raise _missing(f'CIFAR-{n_classes}', p, _how_to_get(url, data_root) + f' (the archive holds {folder}/)')
-    return {split: ImageArrayDataset(*_read_cifar_batches(paths[split], label_key),
+    return {split: ImageArrayDataset(*_read_cifar_batches(paths[split], label_key, n_classes),
                                      transform=image_transforms(image_size, train=(split == 'train'), crop=False))
             for split in ('train', 'test')}
 
@@ -603,14 +881,29 @@ def read_smallnorb_file(path: str) -> np.ndarray:
     read-only, so the 24300 x 2 x 96 x 96 images are not loaded until used.
     """
     with _open_maybe_gz(path) as f:
-        magic, ndim = np.frombuffer(f.read(8), dtype='<i4').tolist()
+        try:
+            head = f.read(8)
+        except (OSError, EOFError) as e:                     # a truncated or corrupt .gz
+            raise ValueError(f"{path}: not a readable smallNORB file ({e})") from None
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated smallNORB file ({len(head)} bytes; the header alone has at least 20)")
+        magic, ndim = np.frombuffer(head, dtype='<i4').tolist()
         if magic not in _NORB_DTYPES or not 0 <= ndim <= 16:
-            raise ValueError(f"{path} is not a smallNORB file (magic {magic:#x}, ndim {ndim})")
-        dims = np.frombuffer(f.read(4 * max(3, ndim)), dtype='<i4').tolist()
+            raise ValueError(f"{path} is not a smallNORB file (magic {magic & 0xFFFFFFFF:#x}, ndim {ndim})")
+        raw_dims = f.read(4 * max(3, ndim))
+        if len(raw_dims) < 4 * max(3, ndim):
+            raise ValueError(f"{path}: truncated smallNORB header (expected {4 * max(3, ndim)} bytes of dims "
+                             f"after the magic, found {len(raw_dims)})")
+        dims = np.frombuffer(raw_dims, dtype='<i4').tolist()
+        if any(d < 0 for d in dims):
+            raise ValueError(f"{path}: corrupt smallNORB header (negative dims {dims})")
         shape, dtype, offset = tuple(dims[:ndim]), _NORB_DTYPES[magic], 8 + 4 * max(3, ndim)
         n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if _is_gzip(path):
-            data = f.read()
+            try:
+                data = f.read()
+            except (OSError, EOFError) as e:
+                raise ValueError(f"{path}: truncated or corrupt gzip ({e})") from None
             if len(data) != n_bytes:
                 raise ValueError(f"{path}: expected {n_bytes} data bytes for shape {shape}, found {len(data)}")
             return np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -637,16 +930,40 @@ def write_smallnorb_file(path: str, array) -> None:
     write_atomic(path, header + np.ascontiguousarray(array, dtype=dtype).tobytes())
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder):
+    """fsync a folder, so that a rename inside it survives a power cut (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_atomic(save_fn, path):
-    """save_fn(tmp_path) writes the file beside `path`; one rename then replaces `path`, so it is
-    never seen half-written (used for datasets, feature-store indexes, checkpoints and heads)."""
+    """save_fn(tmp_path) writes the file beside `path`; the file is fsynced, given the mode the umask
+    allows (as open() would), renamed over `path` in one step and the folder fsynced, so `path` is never
+    seen half-written, nor empty after a power cut (used for datasets, feature-store indexes, checkpoints
+    and heads). Temporary files of killed writers (<name>.tmp-<dead pid>-*) are removed first; if save_fn
+    fails (e.g. disk full), its temporary file is removed and `path` is left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.tmp-')
+    remove_orphans(folder, os.path.basename(path) + '.tmp-')
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_pid_prefix(os.path.basename(path) + '.tmp-'))
     os.close(fd)
     try:
         save_fn(tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -701,6 +1018,7 @@ def load_smallnorb(data_root, download):
         dat, cat, info = arrays['dat'], arrays['cat'].reshape(-1), arrays['info']
         if dat.ndim != 4 or dat.shape[1] != 2 or info.ndim != 2 or not len(dat) == len(cat) == len(info):
             raise ValueError(f"smallNORB {split} files disagree: dat {dat.shape}, cat {cat.shape}, info {info.shape}")
+        _check_labels(np.asarray(cat), 5, os.path.join(root, f'{prefix}cat.mat'))
         splits[split] = SmallNorbDataset(dat, cat, info, train=(split == 'train'))
     return splits
 
@@ -715,10 +1033,15 @@ _IDX_DTYPES = {0x08: np.dtype('u1'), 0x09: np.dtype('i1'), 0x0B: np.dtype('>i2')
 def read_idx(path: str) -> np.ndarray:
     """Read an IDX file, plain or gzipped (detected by content, whatever the file name)."""
     with _open_maybe_gz(path) as f:
-        data = f.read()
+        try:
+            data = f.read()
+        except (OSError, EOFError) as e:                     # a truncated or corrupt .gz
+            raise ValueError(f"{path}: truncated or corrupt gzip ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (magic {data[:4].hex()})")
+        raise ValueError(f"{path} is not an IDX file (magic {data[:4].hex()}, {len(data)} bytes)")
     dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes; {4 + 4 * ndim} expected for {ndim} dims)")
     shape = tuple(np.frombuffer(data, dtype='>i4', count=ndim, offset=4).tolist())
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
@@ -748,10 +1071,12 @@ def load_mnist(data_root, download):
                                      f"Get {MNIST_URL}{name}.gz (and the other 3 files there) into "
                                      f"{os.path.abspath(root)} (gzipped or not), or pass --download (download=True).")
             arrays.append(read_idx(path))
+            label_path = path
         images, labels = arrays  # uint8 [N, 28, 28], uint8 [N]
-        if images.ndim != 3 or len(images) != len(labels):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"MNIST {split}: images {images.shape} and labels {labels.shape} disagree")
-        splits[split] = TensorImageDataset(torch.from_numpy(images.copy())[:, None], labels.tolist(), 255)
+        labels = _check_labels(labels, 10, label_path)
+        splits[split] = TensorImageDataset(torch.from_numpy(images.copy())[:, None], labels, 255)
     return splits
 
 # -----------------------------------------------------------------------------
@@ -813,66 +1138,145 @@ def get_dataset_splits(name: str, data_root: str = '.data', download: bool = Fal
             'n_classes': n_classes, 'modality': modality}
 
 
-if __name__ == '__main__':
-    import argparse
-    parser = argparse.ArgumentParser(description="Check (and optionally download) a dataset: prints split sizes.")
-    parser.add_argument('name', choices=DATASETS)
-    parser.add_argument('--data-root', default='.data')
-    parser.add_argument('--download', action='store_true')
-    args = parser.parse_args()
-    splits = get_dataset_splits(args.name, args.data_root, args.download)
-    for k in ('train', 'valid', 'test'):
-        print(f"{k}: {'None' if splits[k] is None else len(splits[k])}")
-    print(f"n_classes: {splits['n_classes']}, modality: {splits['modality']}")
-
 # -----------------------------------------------------------------------------
 # Feature store: a frozen backbone's hidden states of every text, computed once, memory-mapped.
 # The backbone never changes, so heads can train from these instead of running it every step.
+
+
+def backbone_fingerprint(backbone) -> dict:
+    """What determines a text backbone's features, hashed: its weights (every tensor of the state dict),
+    its config (less its path), its tokenizer (the full tokenizers JSON, or the vocabulary), the window
+    (max_length), the hub revision it resolved to, and the versions of the libraries that tokenise.
+    -> {'weights', 'config', 'tokenizer': sha256 hex, 'max_length', 'revision', 'transformers', 'tokenizers'}"""
+    import transformers
+    try:
+        import tokenizers
+        tokenizers_version = tokenizers.__version__
+    except ImportError:
+        tokenizers_version = None
+    model = backbone.model
+    weights = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        weights.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        weights.update(t.reshape(-1).view(torch.uint8).numpy())
+    config = getattr(model, 'config', None)
+    config_dict = {} if config is None else {k: v for k, v in config.to_dict().items()
+                                               if k not in ('_name_or_path', 'transformers_version')}
+    tokenizer = getattr(backbone, 'tokenizer', None)
+    if tokenizer is None:
+        tokenizer_text = ''
+    elif getattr(tokenizer, 'backend_tokenizer', None) is not None:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec.pop('truncation', None), spec.pop('padding', None)   # call settings, changed by every encode()
+        tokenizer_text = type(tokenizer).__name__ + json.dumps(spec, sort_keys=True)
+    else:
+        tokenizer_text = type(tokenizer).__name__ + json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()                    # noqa: E731
+    return {'weights': weights.hexdigest(), 'config': sha(json.dumps(config_dict, sort_keys=True, default=str)),
+            'tokenizer': sha(tokenizer_text), 'max_length': getattr(backbone, 'max_length', None),
+            'revision': getattr(config, '_commit_hash', None),
+            'transformers': transformers.__version__, 'tokenizers': tokenizers_version}
 
 
 class FeatureStore:
     """
     Hidden states of all depths of one frozen text backbone for every text ever asked for, stored
     once as float16 and read back memory-mapped. Texts are keys, so datasets that share texts (SST-5
-    and SST-2) share features. Layout of `folder`:
+    and SST-2) share features. The store lives in folder/<key>/, key = a hash of backbone_fingerprint
+    (weights, config, tokenizer, max_length, revision, library versions): other weights or another
+    revision of the same backbone name get their own features. Layout of folder/<key>/:
 
         hidden.f16   float16 [n_rows, d_depth, d_emb], one row per non-padding token, append-only
-        index.json   {'backbone', 'd_depth', 'd_emb', 'max_length', 'n_rows', 'texts': {text: [start, length]}}
+        index.json   {'backbone', 'd_depth', 'd_emb', 'max_length', 'fingerprint', 'n_rows',
+                      'texts': {text: [start, length]}}
+        .lock        a file lock (filelock): one process at a time appends rows and rewrites the index
 
-    Nothing is lost on interruption: rows are appended and flushed before index.json (written
+    Nothing is lost on interruption: rows are appended and fsynced before index.json (written
     atomically) points at them, and rows past the index's n_rows (a partial tail) are dropped on
-    the next open, so encoding resumes where the last saved index ends.
+    the next open, so encoding resumes where the last saved index ends. Several processes (runs side
+    by side, or the ranks of `accelerate launch`) may share a store: writers take the lock and re-read
+    the index first, so no row is written twice or pointed at by another text. A hidden.f16 shorter than
+    its index (truncated or deleted) or an unreadable index.json is refused with the folder to delete.
     """
 
     SAVE_EVERY_SECONDS = 60
 
     def __init__(self, folder, backbone):
-        self.folder, self.backbone = folder, backbone
-        self.hidden_path = os.path.join(folder, 'hidden.f16')
-        self.index_path = os.path.join(folder, 'index.json')
+        from filelock import FileLock
+        self.backbone = backbone
+        fingerprint = backbone_fingerprint(backbone)
+        self.key = hashlib.sha256(json.dumps(
+            [backbone.name, backbone.d_depth, backbone.d_emb, fingerprint], sort_keys=True).encode()).hexdigest()
+        self.folder = os.path.join(folder, self.key[:16])
+        self.hidden_path = os.path.join(self.folder, 'hidden.f16')
+        self.index_path = os.path.join(self.folder, 'index.json')
         self.meta = {'backbone': backbone.name, 'd_depth': backbone.d_depth, 'd_emb': backbone.d_emb,
-                     'max_length': getattr(backbone, 'max_length', None)}
-        os.makedirs(folder, exist_ok=True)
-        self.index = {**self.meta, 'n_rows': 0, 'texts': {}}
+                     'max_length': getattr(backbone, 'max_length', None), 'fingerprint': fingerprint}
+        self.row_bytes = 2 * backbone.d_depth * backbone.d_emb
+        os.makedirs(self.folder, exist_ok=True)
+        self.lock = FileLock(os.path.join(self.folder, '.lock'))
+        with self._locked():
+            self._load()
+
+    def _locked(self):
+        from filelock import Timeout
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            print(f"feature cache {self.folder}: another process is writing it; waiting for it to finish")
+            self.lock.acquire()
+        return _Release(self.lock)
+
+    def _damaged(self, why):
+        return ValueError(f"feature cache {self.folder} is damaged: {why}. Delete this folder to rebuild the "
+                          f"features (or pass another --feature_cache)")
+
+    def _load(self):
+        """(Re-)read the index, validate it against the backbone and hidden.f16, drop a partial tail (under the lock)."""
+        index = {**self.meta, 'n_rows': 0, 'texts': {}}
         if os.path.exists(self.index_path):
-            with open(self.index_path) as f:
-                index = json.load(f)
+            try:
+                with open(self.index_path, encoding='utf-8') as f:
+                    index = json.load(f)
+                if not isinstance(index, dict) or not isinstance(index.get('texts'), dict) \
+                        or not isinstance(index.get('n_rows'), int) or index['n_rows'] < 0:
+                    raise ValueError("expected {'n_rows': int, 'texts': {text: [start, length]}, ...}")
+            except (ValueError, UnicodeDecodeError) as e:          # json.JSONDecodeError is a ValueError
+                raise self._damaged(f"{self.index_path} is not a valid index ({e})") from None
             stored = {k: index.get(k) for k in self.meta}
             if stored != self.meta:
-                raise ValueError(f"feature store {folder!r} holds features of {stored}, not of {self.meta}: "
+                raise ValueError(f"feature cache {self.folder} holds features of {stored}, not of {self.meta}: "
                                  f"use another --feature_cache folder")
-            self.index = index
-        self.row_bytes = 2 * backbone.d_depth * backbone.d_emb
-        with open(self.hidden_path, 'ab') as f:                      # drop a partial tail, if any
-            f.truncate(self.index['n_rows'] * self.row_bytes)
+            n_rows = index['n_rows']
+            for text, span in index['texts'].items():
+                if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)
+                        and span[0] >= 0 and span[1] >= 0 and span[0] + span[1] <= n_rows):
+                    raise self._damaged(f"{self.index_path} points {text[:40]!r} at rows {span}, outside its "
+                                        f"{n_rows} rows")
+        needed = index['n_rows'] * self.row_bytes
+        size = os.path.getsize(self.hidden_path) if os.path.exists(self.hidden_path) else 0
+        if size < needed:
+            raise self._damaged(f"{self.hidden_path} holds {size} bytes but index.json points at {index['n_rows']} "
+                                f"rows ({needed} bytes): the file was truncated or deleted")
+        if size > needed or not os.path.exists(self.hidden_path):
+            with open(self.hidden_path, 'ab') as f:                  # drop a partial tail, if any
+                f.truncate(needed)
+        self.index = index
 
     def _save_index(self):
         write_atomic(self.index_path, json.dumps(self.index).encode())
 
     def ensure(self, texts, desc='', batch_texts=128):
         """Encodes (with the backbone) the texts not stored yet, shortest first, in batches."""
+        if not set(texts) - set(self.index['texts']):
+            return
+        with self._locked():
+            self._load()                                             # another process may have added some
+            self._append(sorted(set(texts) - set(self.index['texts']), key=len), desc, batch_texts)
+
+    def _append(self, missing, desc, batch_texts):
         from tqdm import tqdm
-        missing = sorted(set(texts) - set(self.index['texts']), key=len)
         if not missing:
             return
         last_save = time.time()
@@ -900,6 +1304,19 @@ class FeatureStore:
         spans = [self.index['texts'][t] for t in texts]
         return CachedFeatures(self.hidden_path, self.index['n_rows'], (self.meta['d_depth'], self.meta['d_emb']),
                               spans, labels)
+
+
+class _Release:
+    """Context manager that releases an already acquired lock."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self.lock
+
+    def __exit__(self, *exc):
+        self.lock.release()
 
 
 class CachedFeatures(Dataset):
@@ -960,3 +1377,30 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             group = sorted(order[s:s + self.group], key=self.lengths.__getitem__)
             batches += [group[k:k + self.batch_size] for k in range(0, len(group), self.batch_size)]
         return iter([batches[k] for k in torch.randperm(len(batches), generator=self.generator).tolist()])
+
+
+if __name__ == '__main__':
+    import argparse
+    parser = argparse.ArgumentParser(
+        description="Check (and optionally download) a dataset: prints split sizes. 'heinsen2019': the 2019 "
+                    "paper's published weights, into <data-root>/heinsen2019 (sha256-verified).")
+    parser.add_argument('name', choices=DATASETS + ('heinsen2019',))
+    parser.add_argument('--data-root', default='.data')
+    parser.add_argument('--download', action='store_true')
+    parser.add_argument('--base-url', default=HEINSEN2019_URL, help="heinsen2019 only: where to fetch the files from "
+                        "(a mirror; file:// URLs work), default the authors' repository at the published commit")
+    args = parser.parse_args()
+    try:
+        if args.name == 'heinsen2019':
+            for name, path in fetch_heinsen2019_weights(os.path.join(args.data_root, 'heinsen2019'), args.base_url,
+                                                        download=args.download).items():
+                print(f"{path}: sha256 verified")
+        else:
+            splits = get_dataset_splits(args.name, args.data_root, args.download)
+            for k in ('train', 'valid', 'test'):
+                print(f"{k}: {'None' if splits[k] is None else len(splits[k])}")
+            print(f"n_classes: {splits['n_classes']}, modality: {splits['modality']}")
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -12,10 +12,13 @@ and one-hot targets (Beta(0.65, 0.65) for text, Beta(0.2, 0.2) for images). --pr
 head and fine-tunes only its last routing (the paper's SST-5 -> SST-2); the last routing's tensors
 whose shapes differ (other number of classes) start from their initialisation.
 
-Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file +
-rename), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the checkpoint), and
---resume continues after the last complete epoch. Every epoch's head is kept as output_dir/head_epoch<k>.safetensors
+Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file, fsync,
+rename, fsync of the folder), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the
+checkpoint), and --resume continues after the last complete epoch; it refuses a checkpoint whose
+training-defining arguments (RESUME_ARGS) differ. Every epoch's head is kept as output_dir/head_epoch<k>.safetensors
 (as the paper keeps every epoch's checkpoint), and the final head is output_dir/head.safetensors, with metadata.
+An output_dir that holds a run is never overwritten without --resume or --overwrite.
+Checkpoints and .pt heads load with torch.load(weights_only=True): a crafted file cannot run code.
 
 --model capsules2019 (the 2019 paper, "An Algorithm for Routing Capsules in All Domains"): text datasets
 train models.SSTClassifier on the frozen backbone's hidden states; smallnorb trains
@@ -28,9 +31,13 @@ epochs and SST for 3 epochs on all subtrees, e.g.
     python train.py --model capsules2019 --dataset_name sst5 --n_epochs 3 --feature_cache .data/features --run_test
 """
 import argparse
+import errno
+import glob
 import json
 import os
+import pickle
 import sys
+import tempfile
 import time
 
 import torch
@@ -85,6 +92,9 @@ def parse_args(argv=None):
                    help='default: no on CPU; on GPU fp16 (routing_head), no (capsules2019)')
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the run in output_dir (checkpoint.pt, head.safetensors, metrics.jsonl), '
+                        'or a --pretrained_path head there; without it such a run is never overwritten')
     p.add_argument('--eval_only', action='store_true', help='evaluate --pretrained_path on the test split')
     p.add_argument('--feature_cache', default=None,
                    help='text only: a folder where the frozen hidden states of every text are stored once '
@@ -103,20 +113,22 @@ def parse_args(argv=None):
         p.error('--eval_only needs --pretrained_path (the head to evaluate)')
     if args.pretrained_path and not os.path.isfile(args.pretrained_path):
         p.error(f"--pretrained_path {args.pretrained_path!r}: no such file (a .safetensors head or a .pt state dict)")
+    for name in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be a positive integer, got {value}")
+    if args.resume and args.overwrite:
+        p.error('--resume continues the run in --output_dir; --overwrite replaces it: pass one of them')
     return args
 
 
 def resolve_model(args, pretrained_meta=None, checkpoint_meta=None):
     """Sets args.model (given, else the pretrained model's or the resumed checkpoint's, else routing_head) and
-    the regime's defaults of --lr and --batch_sz."""
-    for source, meta in (('--pretrained_path', pretrained_meta), ('the checkpoint --resume continues', checkpoint_meta)):
-        if meta is None:
-            continue
-        if args.model is None:
-            args.model = meta['model']
-        elif meta['model'] != args.model:
-            raise ValueError(f"{source} was trained with model {meta['model']!r}, not --model {args.model!r}")
-    args.model = args.model or 'routing_head'
+    the regime's defaults of --lr and --batch_sz. (A resumed checkpoint of another model: check_resume_args.)"""
+    if pretrained_meta is not None and args.model not in (None, pretrained_meta['model']):
+        raise ValueError(f"--pretrained_path was trained with model {pretrained_meta['model']!r}, "
+                         f"not --model {args.model!r}")
+    args.model = args.model or (pretrained_meta or checkpoint_meta or {}).get('model', 'routing_head')
     regime = REGIMES[args.model]
     args.lr = regime['lr'] if args.lr is None else args.lr
     args.batch_sz = regime['batch_sz'] if args.batch_sz is None else args.batch_sz
@@ -127,12 +139,104 @@ def resolve_model(args, pretrained_meta=None, checkpoint_meta=None):
 # Saving and loading, atomically (data.save_atomic: temp file + rename)
 # -------------------------------------------------------------------------------------------------
 
+RUN_FILES = ('checkpoint.pt', 'head.safetensors', 'metrics.jsonl')   # what a run writes into output_dir, and
+EPOCH_HEADS = 'head_epoch*.safetensors'                                # every epoch's head
+
+
+def run_files(out):
+    """The names of the files of a run that output_dir holds."""
+    epoch_heads = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(out), EPOCH_HEADS)))
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + epoch_heads
+# The arguments that define what a run trains: --resume refuses a checkpoint written with others.
+RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
+               'lr', 'batch_sz', 'mixup_alpha', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch', 'mixed_precision')
+
+
 def load_checkpoint(path):
+    """A train.py checkpoint, loaded with weights_only=True: tensors and plain types only, so a crafted
+    file cannot run code (train.py stores its arguments and metrics as plain types)."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            raise RuntimeError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
+                               f"types, which could run code when loaded (train.py never writes such files). "
+                               f"Only load it with weights_only=False if you trust its source. ({e})") from None
+        raise RuntimeError(f"checkpoint {path!r} is corrupt or not written by train.py (UnpicklingError: {e}); "
+                           f"delete it to start over") from e
     except Exception as e:
         raise RuntimeError(f"checkpoint {path!r} is corrupt or not written by train.py ({type(e).__name__}: {e}); "
                            f"delete it to start over") from e
+
+
+def check_finite_state(state, path):
+    """Refuse a head (state dict) with NaN or Inf values: it would evaluate to a meaningless number."""
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            n_bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: tensor {name!r} {tuple(tensor.shape)} holds {n_bad} NaN/Inf values; "
+                             f"refusing to load a head that is not finite")
+
+
+def check_output_dir(args):
+    """Before any data is read or encoded: output_dir must be a writable folder, and must not hold a run
+    (or the --pretrained_path head) that this run would overwrite, unless --resume or --overwrite."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output_dir {out!r} is a file, not a folder: choose another --output_dir")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix='.write-test-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_dir {out!r} is not writable ({e.strerror or e}): choose another --output_dir")
+    existing = run_files(out)
+    if (args.pretrained_path and not args.overwrite
+            and os.path.realpath(os.path.dirname(args.pretrained_path)) == os.path.realpath(out)
+            and os.path.basename(args.pretrained_path) in [*RUN_FILES, *existing]):
+        raise ValueError(f"--pretrained_path {args.pretrained_path!r} is in --output_dir {out!r}, where this run "
+                         f"would overwrite it with its own {os.path.basename(args.pretrained_path)}: "
+                         f"choose a new --output_dir (or pass --overwrite to replace it)")
+    if existing and not args.overwrite:
+        if not args.resume:
+            raise ValueError(f"--output_dir {out!r} holds a run ({', '.join(existing)}): pass --resume to continue it, "
+                             f"--overwrite to replace it, or choose a new --output_dir")
+        if 'checkpoint.pt' not in existing:
+            raise ValueError(f"--resume: --output_dir {out!r} holds {', '.join(existing)} but no checkpoint.pt to "
+                             f"resume from; starting over would overwrite them: pass --overwrite to replace them, "
+                             f"or choose a new --output_dir")
+
+
+def check_resume_args(checkpoint, args, path):
+    """Refuse to resume a checkpoint written with other training-defining arguments (RESUME_ARGS), naming them."""
+    saved = checkpoint.get('args')
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} records no arguments, so it cannot be checked against this run's; "
+                         f"delete it to start over, or use a new --output_dir")
+    current = vars(args)
+
+    def same(name):
+        a, b = saved.get(name), current.get(name)
+        if name == 'pretrained_path' and a and b:
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
+
+    differ = [name for name in RESUME_ARGS if not same(name)]
+    if differ:
+        details = ', '.join(f"--{n} {saved.get(n)!r} (now {current.get(n)!r})" for n in differ)
+        raise ValueError(f"--resume: {path} was trained with {details}: resume with the same arguments, or start "
+                         f"a new run in another --output_dir")
+
+
+def save_checkpoint(state, path):
+    """The checkpoint, atomically; a failed write (disk full, ...) leaves the previous checkpoint intact."""
+    try:
+        save_atomic(lambda tmp: torch.save(state, tmp), path)
+    except OSError as e:
+        full = ' (disk full: free some space)' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''
+        raise RuntimeError(f"could not write checkpoint {path}{full}: {e}. The previous checkpoint, if any, is "
+                           f"intact: run again with --resume to continue from it") from e
 
 
 def load_head_state(path):
@@ -147,11 +251,7 @@ def load_head_state(path):
         except Exception as e:
             raise RuntimeError(f"--pretrained_path {path!r} is not a readable safetensors file: {e}") from e
     else:
-        try:
-            loaded = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise RuntimeError(f"--pretrained_path {path!r} is not a state dict or checkpoint that loads safely "
-                               f"(torch.load with weights_only=True): {type(e).__name__}: {e}") from e
+        loaded = load_checkpoint(path)
         is_checkpoint = isinstance(loaded, dict) and isinstance(loaded.get('head'), dict)
         state, metadata = (loaded['head'], loaded.get('metadata', {})) if is_checkpoint else (loaded, {})
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -280,6 +380,11 @@ def build_model(args, splits, backbone):
 def one_cycle(optimizer, lr, regime, total_steps):
     """The regime's single cycle: lr rises from lr / 25 to lr over the first pct_start of the steps, then
     anneals (cosine) to final_lr; Adam's beta1 cycles the other way (0.95 -> 0.85 -> 0.95)."""
+    warmup_end = float(regime['pct_start'] * total_steps) - 1             # as OneCycleLR computes it
+    if warmup_end == 0 or total_steps - 1 == warmup_end:                  # a phase of no length: 0 / 0 inside it
+        raise ValueError(f"{total_steps} optimizer steps in all (--n_epochs x steps per epoch) make a one-cycle "
+                         f"schedule with a {regime['pct_start']:.0%} warm-up of a single step, which OneCycleLR "
+                         f"cannot schedule: use more steps (--n_epochs, --n_iters_per_train_epoch) or fewer")
     final_div_factor = 1e4 if regime['final_lr'] is None else lr / 25 / regime['final_lr']
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, pct_start=regime['pct_start'],
                                                final_div_factor=final_div_factor, cycle_momentum=True,
@@ -314,7 +419,9 @@ def evaluate(head, loader, backbone, cached, accelerator, desc):
         preds, labels = accelerator.gather_for_metrics((scores.argmax(-1), labels))
         n_correct += (preds == labels).sum().item()
         n_total += len(labels)
-    return n_correct / max(1, n_total)
+    if n_total == 0:
+        raise ValueError(f"the {desc} split has no examples: an accuracy over nothing is no result")
+    return n_correct / n_total
 
 
 # -------------------------------------------------------------------------------------------------
@@ -327,9 +434,17 @@ def main(argv=None):
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
     pretrained_state, pretrained_meta = load_head_state(args.pretrained_path) if args.pretrained_path else (None, None)
+    if pretrained_state is not None:
+        check_finite_state(pretrained_state, f"--pretrained_path {args.pretrained_path!r}")
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.exists(checkpoint_path) else None
+    if checkpoint is not None and (not isinstance(checkpoint, dict)
+                                   or not {'head', 'optimizer', 'scheduler', 'history', 'metadata'} <= set(checkpoint)):
+        raise RuntimeError(f"--resume: {checkpoint_path} is not a checkpoint written by train.py (no head, "
+                           f"optimizer, scheduler, history and metadata); delete it to start over")
     regime = resolve_model(args, pretrained_meta, checkpoint and checkpoint['metadata'])
+    if not args.eval_only:
+        check_output_dir(args)                            # before minutes of loading and encoding
     accelerator = Accelerator(cpu=use_cpu,
                               mixed_precision=args.mixed_precision or ('no' if use_cpu else regime['gpu_precision']))
     log = accelerator.print
@@ -337,6 +452,9 @@ def main(argv=None):
 
     splits = data.get_dataset_splits(args.dataset_name, data_root=args.data_root, download=args.download,
                                      image_size=args.image_size)
+    for split in (('test',) if args.eval_only else ('train', 'valid') + (('test',) if args.run_test else ())):
+        if splits[split] is not None and len(splits[split]) == 0:
+            raise ValueError(f"--dataset_name {args.dataset_name}: the {split} split is empty (in {args.data_root})")
     end_to_end = splits['modality'] == 'stereo'           # smallnorb: the 2019 network learns from the pixels
     if end_to_end and args.model != 'capsules2019':
         raise ValueError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
@@ -390,14 +508,26 @@ def main(argv=None):
 
     os.makedirs(args.output_dir, exist_ok=True)
     metrics_path = os.path.join(args.output_dir, 'metrics.jsonl')
+    if args.overwrite:                                     # the run replaced: none of its files stays beside ours
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in run_files(args.output_dir):
+                os.remove(os.path.join(args.output_dir, name))
+        accelerator.wait_for_everyone()
     history = []                                           # one metrics record per completed epoch
     if checkpoint is not None:
+        check_resume_args(checkpoint, args, checkpoint_path)
+        check_finite_state(checkpoint['head'], f"--resume: {checkpoint_path}")
         if checkpoint['scheduler']['total_steps'] != scheduler.total_steps:
             raise ValueError(f"--resume: {checkpoint_path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
                              f"steps in all, this one has {scheduler.total_steps}: resume with the same --n_epochs "
                              f"and --n_iters_per_train_epoch (the one-cycle schedule spans the whole run)")
-        accelerator.unwrap_model(head).load_state_dict(checkpoint['head'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        try:
+            accelerator.unwrap_model(head).load_state_dict(checkpoint['head'])
+            optimizer.load_state_dict(checkpoint['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RuntimeError(f"--resume: {checkpoint_path} does not fit this run's {args.model} for "
+                               f"{args.dataset_name} on {args.backbone}: {e}") from e
         scheduler.load_state_dict(checkpoint['scheduler'])
         history = checkpoint['history']
         log(f"resumed from {checkpoint_path} after epoch {len(history)}")
@@ -443,7 +573,7 @@ def main(argv=None):
             state = {'head': accelerator.unwrap_model(head).state_dict(), 'optimizer': optimizer.state_dict(),
                      'scheduler': scheduler.state_dict(), 'history': history, 'args': vars(args),
                      'metadata': metadata}
-            save_atomic(lambda tmp: torch.save(state, tmp), checkpoint_path)
+            save_checkpoint(state, checkpoint_path)
             write_metrics(metrics_path, history)
         accelerator.wait_for_everyone()
 
@@ -455,8 +585,12 @@ def main(argv=None):
         test_acc = evaluate(head, eval_loaders['test'], backbone, cached, accelerator, 'test')
         final['test_accuracy'] = f"{test_acc:.4f}"
     if accelerator.is_main_process:
-        save_head(accelerator.unwrap_model(head), os.path.join(args.output_dir, 'head.safetensors'), final)
-        write_metrics(metrics_path, history + [{'final': final}])
+        try:
+            save_head(accelerator.unwrap_model(head), os.path.join(args.output_dir, 'head.safetensors'), final)
+            write_metrics(metrics_path, history + [{'final': final}])
+        except OSError as e:
+            raise RuntimeError(f"could not write the head into {args.output_dir}: {e}. The checkpoint of the last "
+                               f"epoch is intact: run again with --resume to write the head") from e
     log(f"saved {os.path.join(args.output_dir, 'head.safetensors')}")
     if test_acc is not None:
         log(f"test accuracy: {test_acc:.4f}")

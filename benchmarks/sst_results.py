@@ -63,7 +63,8 @@ def train_heads(args, seed):
     """-> {dataset: (valid acc, test acc, head path)} for the SST-5 head and the SST-2 head tuned from it."""
     out, results = os.path.join(args.out_dir, f'seed{seed}'), {}
     common = ['--backbone', 'minilm', '--data_root', args.data_root, '--feature_cache', args.feature_cache,
-              '--batch_sz', str(args.batch_sz), '--rng_seed', str(seed), '--run_test', '--device', 'cpu']
+              '--batch_sz', str(args.batch_sz), '--rng_seed', str(seed), '--run_test', '--device', 'cpu',
+              '--resume']                                        # a rerun continues (or re-evaluates) the same runs
     if args.n_iters_per_train_epoch:
         common += ['--n_iters_per_train_epoch', str(args.n_iters_per_train_epoch)]
     for dataset, n_epochs, extra in (('sst5', args.sst5_epochs, []),

@@ -385,7 +385,7 @@ def test_unknown_dataset():
 
 def test_download_unreachable(tmp_path):
     with pytest.raises(RuntimeError, match='127.0.0.1'):
-        data.download_and_extract('http://127.0.0.1:9/nothing.zip', str(tmp_path / 'dest'))
+        data.download_and_extract('http://127.0.0.1:9/nothing.zip', str(tmp_path / 'dest'), checksum='sha256:00')
     assert os.listdir(tmp_path / 'dest') == []  # no temporary file left behind
 
 
@@ -395,15 +395,18 @@ def test_download_and_extract_local_archives(tmp_path):
     with zipfile.ZipFile(tmp_path / 'trees.zip', 'w') as z:
         for f in ('train.txt', 'dev.txt', 'test.txt'):
             z.write(tmp_path / 'src' / 'trees' / f, f'trees/{f}')
-    data.download_and_extract((tmp_path / 'trees.zip').as_uri(), str(tmp_path / 'root' / 'sst'))
+    data.download_and_extract((tmp_path / 'trees.zip').as_uri(), str(tmp_path / 'root' / 'sst'),
+                              checksum='md5:' + data.file_checksum(tmp_path / 'trees.zip', 'md5'))
     assert len(data.get_dataset_splits('sst5', data_root=str(tmp_path / 'root'))['train']) == len(SST_TRAIN_EXPECTED)
 
     with tarfile.open(tmp_path / 'a.tar.gz', 'w:gz') as t:
         t.add(tmp_path / 'src', arcname='folder')
-    data.download_and_extract((tmp_path / 'a.tar.gz').as_uri(), str(tmp_path / 'out'))
+    data.download_and_extract((tmp_path / 'a.tar.gz').as_uri(), str(tmp_path / 'out'),
+                              checksum='sha256:' + data.file_checksum(tmp_path / 'a.tar.gz'))
     assert (tmp_path / 'out' / 'folder' / 'trees' / 'dev.txt').read_text() == (tmp_path / 'src' / 'trees' / 'dev.txt').read_text()
 
     (tmp_path / 'x.mat.gz').write_bytes(gzip.compress(b'payload'))
-    data.download_and_extract((tmp_path / 'x.mat.gz').as_uri(), str(tmp_path / 'out'))
+    data.download_and_extract((tmp_path / 'x.mat.gz').as_uri(), str(tmp_path / 'out'),
+                              checksum='sha256:' + data.file_checksum(tmp_path / 'x.mat.gz'))
     assert (tmp_path / 'out' / 'x.mat').read_bytes() == b'payload'
     assert sorted(os.listdir(tmp_path / 'out')) == ['folder', 'x.mat']  # no temporary leftovers
