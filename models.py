@@ -12,16 +12,101 @@ Models of the paper-replication repository.
                          to end: a small conv net on the stereo pair + coordinate grid, then two Routings.
   SSTClassifier          the 2019 paper's text model (the published architecture): the frozen hidden states of
                          all depths as 1 x d_inp capsules, routed by two Routings to class capsules.
+  from_pretrained        loads any of them: Model.save_pretrained(folder) / Model.from_pretrained(folder or hub id)
+                         (huggingface_hub's PyTorchModelHubMixin: config.json + model.safetensors), and older files.
 
 Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored), matching the
 library's masks (True = that input is ignored).
 """
+import json
 import os
+import pickle
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import load_file, save_model
 
+import data
 from heinsen_routing import EfficientVectorRouting, Routing, end_to_end_credit, record_credit
+
+# -------------------------------------------------------------------------------------------------
+# Saving and loading: the Hugging Face convention, by huggingface_hub's PyTorchModelHubMixin
+# -------------------------------------------------------------------------------------------------
+
+
+class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['heinsen-routing'],
+                 repo_url='https://github.com/glassroom/heinsen_routing'):
+    """model.save_pretrained(folder) writes folder/config.json (the constructor's arguments, typed; `model_type`,
+    the class; and what it was trained on: `backbone`, `backbone_revision`, `training`) and folder/model.safetensors,
+    each file atomically. Model.from_pretrained(folder or hub id) rebuilds the model from config.json and loads the
+    weights strictly (a missing or unexpected tensor is an error), refusing NaN/Inf. models.from_pretrained loads
+    any model of this repository without naming its class."""
+
+    def save_pretrained(self, save_directory, *, backbone=None, backbone_revision=None, training=None, **kwargs):
+        self._config_to_save = {**self._hub_mixin_config, 'model_type': type(self).__name__, 'backbone': backbone,
+                                'backbone_revision': backbone_revision, 'training': training or {}}
+        try:
+            return super().save_pretrained(save_directory, config=self._config_to_save, **kwargs)
+        finally:
+            del self._config_to_save
+
+    def _save_pretrained(self, save_directory: Path):
+        data.save_atomic(lambda tmp: save_model(self, tmp), str(save_directory / 'model.safetensors'))
+        data.write_atomic(str(save_directory / 'config.json'),
+                          json.dumps(self._config_to_save, indent=2, sort_keys=True).encode())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, strict=True, **kwargs):
+        config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
+        if config.get('model_type') != cls.__name__:
+            raise ValueError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
+                             f"{cls.__name__}: load it with models.from_pretrained, which reads the model type")
+        model = super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
+        check_finite(model.state_dict(), repr(str(pretrained_model_name_or_path)))
+        return model
+
+
+def read_config(path_or_id, revision=None):
+    """config.json of a save_pretrained folder or hub repository -> dict."""
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        path = folder / 'config.json'
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path_or_id)!r} has no config.json: not a folder written by save_pretrained "
+                                    f"(or by train.py); older single-file heads are .safetensors files")
+    else:
+        path = hf_hub_download(str(path_or_id), 'config.json', revision=revision)
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
+
+
+def check_finite(state, what):
+    """Refuse a model (state dict) with NaN or Inf values: it would evaluate to a meaningless number."""
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            n_bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{what}: tensor {name!r} {tuple(tensor.shape)} holds {n_bad} NaN/Inf values; "
+                             f"refusing to load a model that is not finite")
+
+
+def torch_load_safely(path):
+    """torch.load with weights_only=True (tensors and plain types only: a crafted file cannot run code), onto the
+    CPU (files saved on CUDA load on a CPU-only machine)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            raise RuntimeError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
+                               f"types, which could run code when loaded (train.py never writes such files). "
+                               f"Only load it with weights_only=False if you trust its source. ({e})") from None
+        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file (UnpicklingError: {e})") from e
+    except Exception as e:
+        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from e
 
 # -------------------------------------------------------------------------------------------------
 # The routing head (2022)
@@ -44,7 +129,7 @@ def _check_hidden(hidden, mask, d_depth, d_emb):
                          f"(True = padding), got {mask.dtype} {list(mask.shape)}")
 
 
-class RoutingHead(nn.Module):
+class RoutingHead(nn.Module, Pretrained):
     """Hidden states of all depths [..., n_pos, d_depth, d_emb] -> class scores [..., n_classes].
 
     Layer norm over d_emb (no affine), then x * W + B per depth, flatten to n_pos * d_depth input
@@ -93,7 +178,7 @@ class RoutingHead(nn.Module):
 # routings.{0,1}.*; SSTClassifier depth_emb, detect_parts.0.* (Linear), detect_parts.2.* (LayerNorm), routings.{0,1}.*
 # -------------------------------------------------------------------------------------------------
 
-class SmallNORBClassifier(nn.Module):
+class SmallNORBClassifier(nn.Module, Pretrained):
     """The 2019 paper's smallNORB network, the published architecture (its state dict loads strict):
     stereo images [batch, 2, H, W] (smallNORB: 96 x 96, values in [0, 1]) -> (a_out [batch, n_objs],
     mu_out [batch, n_objs, 4, 4], sig2_out [batch, n_objs, 4, 4]); the class scores are a_out.
@@ -148,7 +233,7 @@ class SmallNORBClassifier(nn.Module):
         return a, mu, sig2
 
 
-class SSTClassifier(nn.Module):
+class SSTClassifier(nn.Module, Pretrained):
     """Hidden states of all depths of a frozen transformer [batch, n_pos, d_depth, d_emb] and their
     padding mask [batch, n_pos] (True = padding) -> (a_out [batch, n_classes], mu_out [batch,
     n_classes, 1, d_cap], sig2_out [same]); the class scores are a_out.
@@ -228,9 +313,10 @@ class FrozenBackbone(nn.Module):
     Text batches are lists of strings; image batches are tensors [batch, 3, H, W].
     """
 
-    def __init__(self, model, modality, d_depth, d_emb, name):
+    def __init__(self, model, modality, d_depth, d_emb, name, revision=None):
         super().__init__()
         self.model, self.modality, self.d_depth, self.d_emb, self.name = model, modality, d_depth, d_emb, name
+        self.revision = revision                                                 # the hub revision, when pinned
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -248,11 +334,11 @@ class TextBackbone(FrozenBackbone):
     each chunk encoded with its own special tokens, and the chunks' non-padding tokens re-joined
     per sample (as the paper does for IMDB); the batch is padded with zeros and masked."""
 
-    def __init__(self, model, tokenizer, name, max_length=None):
+    def __init__(self, model, tokenizer, name, max_length=None, revision=None):
         config = model.config
         offset = 2 if config.model_type in ('roberta', 'xlm-roberta', 'camembert') else 0   # position ids start at 2
         window = min(tokenizer.model_max_length, config.max_position_embeddings - offset)
-        super().__init__(model, 'text', config.num_hidden_layers + 1, config.hidden_size, name)
+        super().__init__(model, 'text', config.num_hidden_layers + 1, config.hidden_size, name, revision)
         self.tokenizer = tokenizer
         self.max_length = min(max_length or window, window)
 
@@ -280,12 +366,12 @@ class ImageBackbone(FrozenBackbone):
     """A transformers vision encoder (BEiT, ViT, ...) or a timm vision transformer; the hidden
     states of the embeddings and of every block, all positions (class token included)."""
 
-    def __init__(self, model, name):
+    def __init__(self, model, name, revision=None):
         if hasattr(model, 'blocks'):                                             # timm
             d_depth, d_emb = len(model.blocks) + 1, model.num_features
         else:
             d_depth, d_emb = model.config.num_hidden_layers + 1, model.config.hidden_size
-        super().__init__(model, 'image', d_depth, d_emb, name)
+        super().__init__(model, 'image', d_depth, d_emb, name, revision)
 
     @torch.no_grad()
     def encode(self, images):
@@ -332,7 +418,7 @@ def load_backbone(name, revision=None, max_length=None, pretrained=True):
     modality = modality or ('image' if hasattr(config, 'num_channels') else 'text')
     model = transformers.AutoModel.from_pretrained(source, revision=revision, config=config)
     if modality == 'image':
-        return ImageBackbone(model, name)
+        return ImageBackbone(model, name, revision)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision)
     if tokenizer.pad_token is None:
         # GPT-2 has no pad token: pad (on the right) with its end-of-text token. Padding is masked, and in a causal
@@ -341,7 +427,7 @@ def load_backbone(name, revision=None, max_length=None, pretrained=True):
         if tokenizer.pad_token is None:
             raise ValueError(f"backbone {name!r}: its tokenizer has neither a pad token nor an end-of-text token "
                              f"to pad batches with")
-    return TextBackbone(model, tokenizer, name, max_length=max_length)
+    return TextBackbone(model, tokenizer, name, max_length=max_length, revision=revision)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -351,14 +437,19 @@ def load_backbone(name, revision=None, max_length=None, pretrained=True):
 class MultiModalClassifier(nn.Module):
     """A frozen pretrained backbone whose hidden states of all depths a RoutingHead classifies.
 
-    backbone: a name for load_backbone, or a FrozenBackbone. Only the head trains (and is saved:
-    head.state_dict()); forward(batch) -> class scores [batch, n_classes].
+    backbone: a name for load_backbone, or a FrozenBackbone; head: a RoutingHead (default: a new one for
+    n_classes). forward(batch) -> class scores [batch, n_classes]. Only the head trains, and only the head is
+    saved: save_pretrained(folder) writes the head with the backbone's name and revision, and
+    MultiModalClassifier.from_pretrained(folder or hub id) loads the head and the backbone it was trained on.
     """
 
-    def __init__(self, backbone, n_classes, n_hid=64, revision=None):
+    def __init__(self, backbone, n_classes=None, n_hid=64, revision=None, head=None):
         super().__init__()
         self.backbone = backbone if isinstance(backbone, FrozenBackbone) else load_backbone(backbone, revision)
-        self.head = RoutingHead(self.backbone.d_depth, self.backbone.d_emb, n_classes, n_hid)
+        self.head = head or RoutingHead(self.backbone.d_depth, self.backbone.d_emb, n_classes, n_hid)
+        if (self.head.d_depth, self.head.d_emb) != (self.backbone.d_depth, self.backbone.d_emb):
+            raise ValueError(f"the head routes {self.head.d_depth} depths x {self.head.d_emb}, but backbone "
+                             f"{self.backbone.name!r} gives {self.backbone.d_depth} x {self.backbone.d_emb}")
 
     @property
     def modality(self):
@@ -367,3 +458,85 @@ class MultiModalClassifier(nn.Module):
     def forward(self, batch):
         hidden, mask = self.backbone.encode(batch)                               # [batch, n_pos, d_depth, d_emb]
         return self.head(hidden.to(self.head.W.device), None if mask is None else mask.to(self.head.W.device))
+
+    def save_pretrained(self, save_directory, **kwargs):
+        return self.head.save_pretrained(save_directory, backbone=self.backbone.name,
+                                         backbone_revision=self.backbone.revision, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
+        if not config.get('backbone'):
+            raise ValueError(f"{str(pretrained_model_name_or_path)!r} names no backbone: load the head alone with "
+                             f"RoutingHead.from_pretrained")
+        head = RoutingHead.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls(config['backbone'], head=head, revision=config.get('backbone_revision'))
+
+
+# -------------------------------------------------------------------------------------------------
+# Loading any model of this repository, including older single-file heads and plain state dicts
+# -------------------------------------------------------------------------------------------------
+
+def from_pretrained(path_or_id, **kwargs):
+    """Any model of this repository -> (model, config dict), config as save_pretrained writes it:
+      - a folder (or hub id) written by save_pretrained or train.py: the class named by its model_type;
+      - a single-file head of earlier versions (.safetensors with string metadata), or a plain state dict (.pt,
+        e.g. the authors' published 2019 files; loaded with weights_only=True): rebuilt from its tensors' shapes.
+    The weights load strictly and must be finite."""
+    path = str(path_or_id)
+    if path.endswith(('.safetensors', '.pt', '.pth')):
+        state, training = _read_state_file(path)
+        model = _model_of_state_dict(state, path)
+        check_finite(state, repr(path))
+        model.load_state_dict(state, strict=True)
+        backbone = training.pop('backbone', None)
+        config = {**model._hub_mixin_config, 'model_type': type(model).__name__, 'training': training,
+                  'backbone': None if backbone == 'none' else backbone, 'backbone_revision': training.pop('revision', None)}
+        return model, config
+    config = read_config(path, revision=kwargs.get('revision'))
+    if config.get('model_type') not in MODEL_TYPES:
+        raise ValueError(f"{path!r}: config.json names model_type {config.get('model_type')!r}, not one of "
+                         f"{sorted(MODEL_TYPES)}")
+    return MODEL_TYPES[config['model_type']].from_pretrained(path, **kwargs), config
+
+
+def _read_state_file(path):
+    """-> (state dict, metadata dict) of a .safetensors file, or of a .pt state dict (or a train.py checkpoint)."""
+    if path.endswith('.safetensors'):
+        try:
+            with safe_open(path, 'pt') as f:
+                metadata = dict(f.metadata() or {})
+            return load_file(path), metadata
+        except Exception as e:
+            raise RuntimeError(f"{path!r} is not a readable safetensors file: {e}") from e
+    loaded = torch_load_safely(path)
+    if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):             # a train.py checkpoint
+        loaded, metadata = loaded['head'], dict(loaded.get('metadata', {}))
+    else:
+        metadata = {}
+    if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
+        raise RuntimeError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
+    return loaded, metadata
+
+
+def _model_of_state_dict(state, path):
+    """The model whose state dict this is, built from its tensors' shapes (RoutingHead: route.*; SSTClassifier:
+    depth_emb; SmallNORBClassifier: convolve.*)."""
+    shape = lambda key: tuple(state[key].shape)
+    try:
+        if 'route.0.W_F1' in state:
+            return RoutingHead(*shape('W'), n_classes=shape('route.2.W_F1')[0], n_hid=shape('route.0.W_F1')[0])
+        if 'depth_emb' in state:
+            n_parts, n_classes, d_cap, _ = shape('routings.1.W')
+            return SSTClassifier(*shape('depth_emb'), d_inp=shape('detect_parts.0.weight')[0], d_cap=d_cap,
+                                 n_parts=n_parts, n_classes=n_classes)
+        if 'convolve.1.weight' in state:
+            n_parts, n_objs = shape('routings.1.W')[:2]
+            return SmallNORBClassifier(n_objs=n_objs, n_parts=n_parts, d_chns=shape('convolve.1.weight')[0])
+    except KeyError as e:
+        raise RuntimeError(f"{path!r}: its state dict lacks {e}, which its model needs") from None
+    raise RuntimeError(f"{path!r}: its keys ({', '.join(list(state)[:4])}, ...) are not those of a RoutingHead "
+                       f"(route.*), an SSTClassifier (depth_emb, ...) or a SmallNORBClassifier (convolve.*)")
+
+
+MODEL_TYPES = {cls.__name__: cls for cls in (RoutingHead, SSTClassifier, SmallNORBClassifier)}

@@ -4,7 +4,7 @@ Trains a routing head on the hidden states of ALL depths of a frozen pretrained 
 with --model capsules2019, the 2019 paper's capsule networks in its regime.
 
     python train.py --dataset_name sst5 --backbone minilm --n_epochs 1 --feature_cache .data/features --run_test
-    python train.py --dataset_name sst2 --backbone minilm --pretrained_path runs/sst5/head.safetensors ...
+    python train.py --dataset_name sst2 --backbone minilm --pretrained_path runs/sst5/model ...
     python train.py --dataset_name sst2 --backbone minilm --eval_only --pretrained_path pretrained/<file>
 
 Only the head trains: RAdam, one-cycle schedule (30% warm-up, max lr 1e-3), mixup of hidden states
@@ -15,14 +15,15 @@ whose shapes differ (other number of classes) start from their initialisation.
 Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file, fsync,
 rename, fsync of the folder), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the
 checkpoint), and --resume continues after the last complete epoch; it refuses a checkpoint whose
-training-defining arguments (RESUME_ARGS) differ. Every epoch's head is kept as output_dir/head_epoch<k>.safetensors
-(as the paper keeps every epoch's checkpoint), and the final head is output_dir/head.safetensors, with metadata.
+training-defining arguments (RESUME_ARGS) differ. The final model is output_dir/model/ (save_pretrained: config.json
+with the training metadata, model.safetensors; load it with models.from_pretrained), and every epoch's is kept as
+output_dir/epoch<k>/ (as the paper keeps every epoch's checkpoint).
 An output_dir that holds a run is never overwritten without --resume or --overwrite.
 Checkpoints and .pt heads load with torch.load(weights_only=True): a crafted file cannot run code.
 
 --model capsules2019 (the 2019 paper, "An Algorithm for Routing Capsules in All Domains"): text datasets
 train models.SSTClassifier on the frozen backbone's hidden states; smallnorb trains
-models.SmallNORBClassifier end to end (no backbone; head.safetensors then holds the whole network).
+models.SmallNORBClassifier end to end (no backbone; output_dir/model/ then holds the whole network).
 Its regime: RAdam, one cycle of max lr 5e-4 (10% warm-up, cosine down to 1e-5) also cycling Adam's
 beta1, mixup Beta(0.2, 0.2), batch 20, float32 (no AMP by default); the paper trains smallnorb for 50
 epochs and SST for 3 epochs on all subtrees, e.g.
@@ -32,10 +33,10 @@ epochs and SST for 3 epochs on all subtrees, e.g.
 """
 import argparse
 import errno
-import glob
 import json
 import os
-import pickle
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -44,13 +45,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import set_seed
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
 import models
-from data import save_atomic
 
 # The papers' regimes (command-line options override): one-cycle max lr and warm-up fraction, final lr
 # (None: OneCycleLR's default, max_lr / 25 / 1e4), batch size, mixup alpha per modality, mixed precision on GPU.
@@ -93,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--overwrite', action='store_true',
-                   help='replace the run in output_dir (checkpoint.pt, head.safetensors, metrics.jsonl), '
+                   help='replace the run in output_dir (checkpoint.pt, model/, epoch<k>/, metrics.jsonl), '
                         'or a --pretrained_path head there; without it such a run is never overwritten')
     p.add_argument('--eval_only', action='store_true', help='evaluate --pretrained_path on the test split')
     p.add_argument('--feature_cache', default=None,
@@ -111,8 +109,9 @@ def parse_args(argv=None):
         p.error(f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}")
     if args.eval_only and not args.pretrained_path:
         p.error('--eval_only needs --pretrained_path (the head to evaluate)')
-    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
-        p.error(f"--pretrained_path {args.pretrained_path!r}: no such file (a .safetensors head or a .pt state dict)")
+    if args.pretrained_path and not os.path.exists(args.pretrained_path):
+        p.error(f"--pretrained_path {args.pretrained_path!r}: no such folder or file (a model folder written by train.py "
+                f"or save_pretrained, an older .safetensors head, or a .pt state dict)")
     for name in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch'):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -139,43 +138,23 @@ def resolve_model(args, pretrained_meta=None, checkpoint_meta=None):
 # Saving and loading, atomically (data.save_atomic: temp file + rename)
 # -------------------------------------------------------------------------------------------------
 
-RUN_FILES = ('checkpoint.pt', 'head.safetensors', 'metrics.jsonl')   # what a run writes into output_dir, and
-EPOCH_HEADS = 'head_epoch*.safetensors'                                # every epoch's head
+RUN_FILES = ('checkpoint.pt', 'model', 'metrics.jsonl')   # what a run writes into output_dir, and epoch<k>/ folders
 
 
 def run_files(out):
-    """The names of the files of a run that output_dir holds."""
-    epoch_heads = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(out), EPOCH_HEADS)))
-    return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + epoch_heads
+    """The names of the files and folders of a run that output_dir holds."""
+    epochs = sorted((n for n in os.listdir(out) if re.fullmatch(r'epoch\d+', n)), key=lambda n: int(n[5:])) \
+        if os.path.isdir(out) else []
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + epochs
 # The arguments that define what a run trains: --resume refuses a checkpoint written with others.
 RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
                'lr', 'batch_sz', 'mixup_alpha', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch', 'mixed_precision')
 
 
 def load_checkpoint(path):
-    """A train.py checkpoint, loaded with weights_only=True: tensors and plain types only, so a crafted
-    file cannot run code (train.py stores its arguments and metrics as plain types)."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
-            raise RuntimeError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
-                               f"types, which could run code when loaded (train.py never writes such files). "
-                               f"Only load it with weights_only=False if you trust its source. ({e})") from None
-        raise RuntimeError(f"checkpoint {path!r} is corrupt or not written by train.py (UnpicklingError: {e}); "
-                           f"delete it to start over") from e
-    except Exception as e:
-        raise RuntimeError(f"checkpoint {path!r} is corrupt or not written by train.py ({type(e).__name__}: {e}); "
-                           f"delete it to start over") from e
-
-
-def check_finite_state(state, path):
-    """Refuse a head (state dict) with NaN or Inf values: it would evaluate to a meaningless number."""
-    for name, tensor in state.items():
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            n_bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{path}: tensor {name!r} {tuple(tensor.shape)} holds {n_bad} NaN/Inf values; "
-                             f"refusing to load a head that is not finite")
+    """A train.py checkpoint, loaded with weights_only=True (models.torch_load_safely): a crafted file cannot run
+    code (train.py stores its arguments and metrics as plain types)."""
+    return models.torch_load_safely(path)
 
 
 def check_output_dir(args):
@@ -192,11 +171,12 @@ def check_output_dir(args):
     except OSError as e:
         raise ValueError(f"--output_dir {out!r} is not writable ({e.strerror or e}): choose another --output_dir")
     existing = run_files(out)
+    pretrained = os.path.normpath(args.pretrained_path or '')
     if (args.pretrained_path and not args.overwrite
-            and os.path.realpath(os.path.dirname(args.pretrained_path)) == os.path.realpath(out)
-            and os.path.basename(args.pretrained_path) in [*RUN_FILES, *existing]):
+            and os.path.realpath(os.path.dirname(pretrained)) == os.path.realpath(out)
+            and os.path.basename(pretrained) in [*RUN_FILES, *existing]):
         raise ValueError(f"--pretrained_path {args.pretrained_path!r} is in --output_dir {out!r}, where this run "
-                         f"would overwrite it with its own {os.path.basename(args.pretrained_path)}: "
+                         f"would overwrite it with its own {os.path.basename(pretrained)}: "
                          f"choose a new --output_dir (or pass --overwrite to replace it)")
     if existing and not args.overwrite:
         if not args.resume:
@@ -232,44 +212,11 @@ def check_resume_args(checkpoint, args, path):
 def save_checkpoint(state, path):
     """The checkpoint, atomically; a failed write (disk full, ...) leaves the previous checkpoint intact."""
     try:
-        save_atomic(lambda tmp: torch.save(state, tmp), path)
+        data.save_atomic(lambda tmp: torch.save(state, tmp), path)
     except OSError as e:
         full = ' (disk full: free some space)' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''
         raise RuntimeError(f"could not write checkpoint {path}{full}: {e}. The previous checkpoint, if any, is "
                            f"intact: run again with --resume to continue from it") from e
-
-
-def load_head_state(path):
-    """-> (state dict, metadata dict) from a .safetensors head, a train.py checkpoint.pt, or a plain state-dict
-    .pt such as the authors' published 2019 files (loaded with weights_only=True: no code runs; CUDA tensors land
-    on the CPU). metadata['model'] is always set: stored, or told by the state dict's keys."""
-    if path.endswith('.safetensors'):
-        try:
-            with safe_open(path, 'pt') as f:
-                metadata = f.metadata() or {}
-            state = load_file(path)
-        except Exception as e:
-            raise RuntimeError(f"--pretrained_path {path!r} is not a readable safetensors file: {e}") from e
-    else:
-        loaded = load_checkpoint(path)
-        is_checkpoint = isinstance(loaded, dict) and isinstance(loaded.get('head'), dict)
-        state, metadata = (loaded['head'], loaded.get('metadata', {})) if is_checkpoint else (loaded, {})
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise RuntimeError(f"--pretrained_path {path!r} holds neither a state dict of tensors nor a train.py "
-                               f"checkpoint with a 'head' state dict")
-    if 'model' not in metadata:
-        metadata['model'] = model_of_state_dict(state, path)
-    return state, metadata
-
-
-def model_of_state_dict(state, path):
-    """The --model a state dict belongs to, told by its keys: route.* (RoutingHead) or routings.* (the 2019 models)."""
-    if any(k.startswith('route.') for k in state):
-        return 'routing_head'
-    if any(k.startswith('routings.') for k in state):
-        return 'capsules2019'
-    raise RuntimeError(f"--pretrained_path {path!r}: its keys ({', '.join(list(state)[:4])}, ...) are neither a "
-                       f"RoutingHead's (route.*) nor a 2019 capsule model's (routings.*)")
 
 
 def write_metrics(path, records):
@@ -277,9 +224,11 @@ def write_metrics(path, records):
     data.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records).encode())
 
 
-def save_head(head, path, metadata):
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_atomic(lambda tmp: save_file(state, tmp, metadata={k: str(v) for k, v in metadata.items()}), path)
+def save_model(model, folder, backbone, training):
+    """model.save_pretrained(folder): config.json (the constructor's arguments, the backbone it trained on and the
+    training metadata) and model.safetensors, each written atomically."""
+    model.save_pretrained(folder, backbone=backbone and backbone.name, backbone_revision=backbone and backbone.revision,
+                          training=training)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -359,20 +308,17 @@ def class_scores(head, inputs, mask):
 
 
 def build_model(args, splits, backbone):
-    """-> (the trained module, its metadata) for --model on this dataset (backbone None: end to end)."""
+    """-> (the trained module, its training metadata) for --model on this dataset (backbone None: end to end); the
+    module's own config (its constructor's arguments) is saved with it by save_pretrained."""
     n_classes, modality = splits['n_classes'], splits['modality']
-    metadata = {'model': args.model, 'backbone': args.backbone if backbone else 'none',
-                'dataset_name': args.dataset_name, 'n_classes': n_classes}
+    metadata = {'model': args.model, 'dataset_name': args.dataset_name}
     if args.model == 'routing_head':
-        head = models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes)
-        return head, {**metadata, 'd_depth': backbone.d_depth, 'd_emb': backbone.d_emb, 'n_hid': head.n_hid}
+        return models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes), metadata
     if modality == 'stereo':
-        net = models.SmallNORBClassifier(n_objs=n_classes, n_parts=64, d_chns=64)
-        return net, {**metadata, 'n_parts': net.n_parts, 'd_chns': net.d_chns}
+        return models.SmallNORBClassifier(n_objs=n_classes, n_parts=64, d_chns=64), metadata
     if modality == 'text':
-        net = models.SSTClassifier(backbone.d_depth, backbone.d_emb, d_inp=64, d_cap=2, n_parts=64, n_classes=n_classes)
-        return net, {**metadata, 'd_depth': net.d_depth, 'd_emb': net.d_emb, 'd_inp': net.d_inp, 'd_cap': net.d_cap,
-                     'n_parts': net.n_parts}
+        return models.SSTClassifier(backbone.d_depth, backbone.d_emb, d_inp=64, d_cap=2, n_parts=64,
+                                    n_classes=n_classes), metadata
     raise ValueError(f"--model capsules2019 has the 2019 paper's models for text datasets (SSTClassifier) and "
                      f"smallnorb (SmallNORBClassifier); --dataset_name {args.dataset_name!r} is {modality}")
 
@@ -433,9 +379,8 @@ def main(argv=None):
     use_cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
-    pretrained_state, pretrained_meta = load_head_state(args.pretrained_path) if args.pretrained_path else (None, None)
-    if pretrained_state is not None:
-        check_finite_state(pretrained_state, f"--pretrained_path {args.pretrained_path!r}")
+    pretrained, pretrained_config = models.from_pretrained(args.pretrained_path) if args.pretrained_path else (None, None)
+    pretrained_meta = pretrained and {'model': 'routing_head' if isinstance(pretrained, models.RoutingHead) else 'capsules2019'}
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.exists(checkpoint_path) else None
     if checkpoint is not None and (not isinstance(checkpoint, dict)
@@ -470,10 +415,11 @@ def main(argv=None):
     head, metadata = build_model(args, splits, backbone)
 
     if args.pretrained_path:
-        state = pretrained_state
-        if pretrained_meta.get('backbone', metadata['backbone']) != metadata['backbone']:
+        state = pretrained.state_dict()
+        trained_on, using = pretrained_config.get('backbone'), backbone and backbone.name
+        if trained_on not in (None, using):
             raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
-                             f"{pretrained_meta['backbone']!r}, not --backbone {metadata['backbone']!r}")
+                             f"{trained_on!r}, not --backbone {using!r}")
         if args.eval_only:
             try:
                 head.load_state_dict(state, strict=True)
@@ -512,12 +458,13 @@ def main(argv=None):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             for name in run_files(args.output_dir):
-                os.remove(os.path.join(args.output_dir, name))
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         accelerator.wait_for_everyone()
     history = []                                           # one metrics record per completed epoch
     if checkpoint is not None:
         check_resume_args(checkpoint, args, checkpoint_path)
-        check_finite_state(checkpoint['head'], f"--resume: {checkpoint_path}")
+        models.check_finite(checkpoint['head'], f"--resume: {checkpoint_path}")
         if checkpoint['scheduler']['total_steps'] != scheduler.total_steps:
             raise ValueError(f"--resume: {checkpoint_path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
                              f"steps in all, this one has {scheduler.total_steps}: resume with the same --n_epochs "
@@ -567,9 +514,9 @@ def main(argv=None):
             record['valid_acc'] = evaluate(head, eval_loaders['valid'], backbone, cached, accelerator, 'valid')
         log(json.dumps(record))
         history.append(record)
-        if accelerator.is_main_process:   # the epoch's head (the paper keeps every epoch's), the checkpoint, its metrics
-            save_head(accelerator.unwrap_model(head), os.path.join(args.output_dir, f'head_epoch{epoch + 1}.safetensors'),
-                      {**metadata, **record})
+        if accelerator.is_main_process:   # the epoch's model (the paper keeps every epoch's), the checkpoint, its metrics
+            save_model(accelerator.unwrap_model(head), os.path.join(args.output_dir, f'epoch{epoch + 1}'), backbone,
+                       {**metadata, **record})
             state = {'head': accelerator.unwrap_model(head).state_dict(), 'optimizer': optimizer.state_dict(),
                      'scheduler': scheduler.state_dict(), 'history': history, 'args': vars(args),
                      'metadata': metadata}
@@ -579,19 +526,19 @@ def main(argv=None):
 
     final = {**metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
     if 'valid' in eval_loaders:
-        final['valid_accuracy'] = f"{evaluate(head, eval_loaders['valid'], backbone, cached, accelerator, 'valid'):.4f}"
+        final['valid_accuracy'] = evaluate(head, eval_loaders['valid'], backbone, cached, accelerator, 'valid')
     test_acc = None
     if args.run_test:
-        test_acc = evaluate(head, eval_loaders['test'], backbone, cached, accelerator, 'test')
-        final['test_accuracy'] = f"{test_acc:.4f}"
+        test_acc = final['test_accuracy'] = evaluate(head, eval_loaders['test'], backbone, cached, accelerator, 'test')
+    model_dir = os.path.join(args.output_dir, 'model')
     if accelerator.is_main_process:
         try:
-            save_head(accelerator.unwrap_model(head), os.path.join(args.output_dir, 'head.safetensors'), final)
+            save_model(accelerator.unwrap_model(head), model_dir, backbone, final)
             write_metrics(metrics_path, history + [{'final': final}])
         except OSError as e:
-            raise RuntimeError(f"could not write the head into {args.output_dir}: {e}. The checkpoint of the last "
-                               f"epoch is intact: run again with --resume to write the head") from e
-    log(f"saved {os.path.join(args.output_dir, 'head.safetensors')}")
+            raise RuntimeError(f"could not write the model into {args.output_dir}: {e}. The checkpoint of the last "
+                               f"epoch is intact: run again with --resume to write the model") from e
+    log(f"saved {model_dir}")
     if test_acc is not None:
         log(f"test accuracy: {test_acc:.4f}")
     return test_acc

@@ -9,7 +9,7 @@
 #   bash train_all_heads.sh capsules2019   # the 2019 paper's capsule networks (train.py --model capsules2019):
 #                                      # smallNORB end to end (GPU), SST-5 and SST-2 on minilm (CPU is fine)
 #
-# Every run writes runs/<name>/{checkpoint.pt,metrics.jsonl,head.safetensors}; rerunning resumes.
+# Every run writes runs/<name>/{checkpoint.pt,metrics.jsonl,model/,epoch<k>/}; rerunning resumes.
 # Multi-GPU: LAUNCH="accelerate launch" bash train_all_heads.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +25,7 @@ case "${1:-paper}" in
     run --dataset_name sst5 --backbone minilm --feature_cache "$CACHE" --n_epochs 1 --n_iters_per_train_epoch 2000 \
         --batch_sz 32 --output_dir "$OUT/offline/sst5" --device cpu
     run --dataset_name sst2 --backbone minilm --feature_cache "$CACHE" --n_epochs 1 --n_iters_per_train_epoch 2000 \
-        --batch_sz 32 --pretrained_path "$OUT/offline/sst5/head.safetensors" --output_dir "$OUT/offline/sst2" --device cpu
+        --batch_sz 32 --pretrained_path "$OUT/offline/sst5/model" --output_dir "$OUT/offline/sst2" --device cpu
     ;;
   paper)
     # The 2022 paper's six runs with its settings (../shared/spec/paper2022.md in CI; README "The paper's runs"):
@@ -41,7 +41,7 @@ case "${1:-paper}" in
         --output_dir "$OUT/sst5"
     # SST-2 from the SST-5 head after its last (10th) epoch; only the last routing trains
     run --dataset_name sst2 "${TEXT[@]}" "${SST_CACHE[@]}" --batch_sz 50 --n_epochs 3 --n_iters_per_train_epoch 2000 \
-        --pretrained_path "$OUT/sst5/head.safetensors" --output_dir "$OUT/sst2"
+        --pretrained_path "$OUT/sst5/model" --output_dir "$OUT/sst2"
     run --dataset_name imagenet-1k "${IMAGES[@]}" --batch_sz 50 --n_epochs 10 --output_dir "$OUT/imagenet-1k"
     run --dataset_name cifar10 "${IMAGES[@]}" --batch_sz 50 --n_epochs 10 --n_iters_per_train_epoch 2000 \
         --output_dir "$OUT/cifar10"

@@ -21,12 +21,11 @@ import time
 
 import torch
 
-import models
 import train
-from benchmarks.sst_results import mean_std, sst_feature_store, write_report
+from benchmarks.sst_results import mean_std, publish_pretrained, sst_feature_store, write_report
 
-PRETRAINED = {'sst5': 'pretrained/sst5_minilm_capsules2019.safetensors',
-              'sst2': 'pretrained/sst2_minilm_capsules2019.safetensors'}
+PRETRAINED = {'sst5': 'pretrained/sst5_minilm_capsules2019',
+              'sst2': 'pretrained/sst2_minilm_capsules2019'}
 
 
 def final_metrics(out):
@@ -34,14 +33,14 @@ def final_metrics(out):
     with open(os.path.join(out, 'metrics.jsonl')) as f:
         records = [json.loads(line) for line in f]
     final = records[-1]['final']
-    return (float(final['valid_accuracy']), float(final['test_accuracy']),
+    return (final['valid_accuracy'], final['test_accuracy'],
             [(r['epoch_seconds'], r['valid_acc']) for r in records[:-1]])
 
 
 def train_run(args, dataset, seed):
     """One `train.py --model capsules2019` run in its own process (one thread); resumes if interrupted."""
     out = os.path.join(args.out_dir, f'{dataset}_seed{seed}')
-    if os.path.exists(os.path.join(out, 'head.safetensors')):
+    if os.path.exists(os.path.join(out, 'model')):
         return final_metrics(out)
     argv = [sys.executable, 'train.py', '--model', 'capsules2019', '--dataset_name', dataset, '--backbone', 'minilm',
             '--data_root', args.data_root, '--feature_cache', args.feature_cache, '--n_epochs', str(args.n_epochs),
@@ -88,18 +87,12 @@ def main(argv=None):
     for dataset in ('sst5', 'sst2'):
         seed = max(args.seeds, key=lambda s: runs[dataset, s][0])
         valid, test, _ = runs[dataset, seed]
-        path = os.path.join(args.out_dir, f'{dataset}_seed{seed}', 'head.safetensors')
+        path = os.path.join(args.out_dir, f'{dataset}_seed{seed}', 'model')
         live = train.main(['--model', 'capsules2019', '--dataset_name', dataset, '--backbone', 'minilm', '--data_root',
                            args.data_root, '--eval_only', '--pretrained_path', path, '--device', 'cpu',
                            '--output_dir', args.out_dir])
         if args.save_pretrained:
-            state, metadata = train.load_head_state(path)
-            model = models.SSTClassifier(7, 384, n_classes=5 if dataset == 'sst5' else 2)
-            model.load_state_dict(state)
-            train.save_head(model, PRETRAINED[dataset], {
-                **metadata, 'test_accuracy': f'{live:.4f}', 'test_accuracy_from_float16_feature_cache': f'{test:.4f}',
-                'reproduce': f'python train.py --model capsules2019 --dataset_name {dataset} --backbone minilm '
-                             f'--eval_only --pretrained_path {PRETRAINED[dataset]}'})
+            publish_pretrained(path, PRETRAINED[dataset], dataset, live, test, valid)
         lines.append(f"- {dataset}: seed {seed}, dev {100 * valid:.2f}%, test {100 * live:.2f}% (from the float16 "
                      f"feature cache: {100 * test:.2f}%){' -> ' + PRETRAINED[dataset] if args.save_pretrained else ''}")
     steps = f" of at most {args.n_iters_per_train_epoch} steps" if args.n_iters_per_train_epoch else ''

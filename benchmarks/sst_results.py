@@ -26,18 +26,26 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 import data
 import models
 import train
 
-PRETRAINED = {'sst5': 'pretrained/sst5_minilm_routing_head.safetensors',
-              'sst2': 'pretrained/sst2_minilm_routing_head.safetensors'}
+PRETRAINED = {'sst5': 'pretrained/sst5_minilm_routing_head',
+              'sst2': 'pretrained/sst2_minilm_routing_head'}
 
 
 def mean_std(values):
     return f"{100 * statistics.mean(values):.1f} ± {100 * (statistics.stdev(values) if len(values) > 1 else 0):.1f}"
+
+
+def publish_pretrained(run_model, folder, dataset, live, cached, valid):
+    """Copies a train.py run's model folder into pretrained/ with the accuracies it was chosen and checked by."""
+    model, config = models.from_pretrained(run_model)
+    model.save_pretrained(folder, backbone=config['backbone'], backbone_revision=config['backbone_revision'], training={
+        **config['training'], 'test_accuracy': round(live, 4), 'test_accuracy_from_float16_feature_cache': round(cached, 4),
+        'valid_accuracy': round(valid, 4),
+        'reproduce': f'python train.py --dataset_name {dataset} --backbone minilm --eval_only --pretrained_path {folder}'})
 
 
 def write_report(lines, path):
@@ -68,12 +76,12 @@ def train_heads(args, seed):
     if args.n_iters_per_train_epoch:
         common += ['--n_iters_per_train_epoch', str(args.n_iters_per_train_epoch)]
     for dataset, n_epochs, extra in (('sst5', args.sst5_epochs, []),
-                                     ('sst2', args.sst2_epochs, ['--pretrained_path', f'{out}/sst5/head.safetensors'])):
+                                     ('sst2', args.sst2_epochs, ['--pretrained_path', f'{out}/sst5/model'])):
         train.main(['--dataset_name', dataset, '--n_epochs', str(n_epochs), '--output_dir', f'{out}/{dataset}',
                     *common, *extra])
         with open(f'{out}/{dataset}/metrics.jsonl') as f:
             final = [json.loads(line) for line in f][-1]['final']
-        results[dataset] = (float(final['valid_accuracy']), float(final['test_accuracy']), f'{out}/{dataset}/head.safetensors')
+        results[dataset] = (final['valid_accuracy'], final['test_accuracy'], f'{out}/{dataset}/model')
     return results
 
 
@@ -126,9 +134,7 @@ def deletion_test(args, head_path, ks=(1, 3, 5), seed=0):
     """-> {k: (mean drop deleting top-credit tokens, mean drop deleting random tokens, n sentences)}"""
     backbone = models.load_backbone('minilm')
     tokenizer, model = backbone.tokenizer, backbone.model
-    head = models.RoutingHead(backbone.d_depth, backbone.d_emb, 2)
-    head.load_state_dict(load_file(head_path))
-    head.eval()
+    head = models.RoutingHead.from_pretrained(head_path).eval()
     test = data.get_dataset_splits('sst2', data_root=args.data_root)['test']
     special = set(tokenizer.all_special_ids)
     rng = np.random.default_rng(seed)
@@ -212,13 +218,7 @@ def main(argv=None):
         timings[f'{dataset}: eval_only of the chosen head on the live backbone'] = time.time() - t
         pretrained[dataset] = (valid, test, live, path)
         if args.save_pretrained:
-            metadata = {**train.load_head_state(path)[1], 'test_accuracy': f'{live:.4f}',
-                        'test_accuracy_from_float16_feature_cache': f'{test:.4f}', 'valid_accuracy': f'{valid:.4f}',
-                        'reproduce': f'python train.py --dataset_name {dataset} --backbone minilm --eval_only '
-                                     f'--pretrained_path {PRETRAINED[dataset]}'}
-            head = models.RoutingHead(7, 384, 5 if dataset == 'sst5' else 2)
-            head.load_state_dict(load_file(path))
-            train.save_head(head, PRETRAINED[dataset], metadata)
+            publish_pretrained(path, PRETRAINED[dataset], dataset, live, test, valid)
 
     # 5. deletion test with the chosen SST-2 head
     t = time.time()

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
@@ -157,11 +156,11 @@ def test_smallnorb_trains_end_to_end_and_loss_falls(tmp_path, capsys):
     # the accuracy tells that it learns: chance (0.2) at first, then most of the training and test images
     assert len(losses) == 20 and max(losses[-3:]) < losses[0] - 0.05, losses
     assert accs[0] <= 0.3 and min(accs[-3:]) >= 0.7 and acc >= 0.8, (accs, acc)
-    state, meta = train.load_head_state(str(out / 'head.safetensors'))
-    assert meta['model'] == 'capsules2019' and meta['backbone'] == 'none' and meta['n_parts'] == '64'
-    assert any(k.startswith('convolve.') for k in state)                       # the whole network is saved
+    net, config = models.from_pretrained(out / 'model')                       # the whole network is saved
+    assert type(net) is models.SmallNORBClassifier and (config['n_objs'], config['n_parts'], config['d_chns']) == (5, 64, 64)
+    assert config['training']['model'] == 'capsules2019' and config['backbone'] is None
     capsys.readouterr()
-    assert run([*common, '--eval_only', '--pretrained_path', out / 'head.safetensors']) == acc
+    assert run([*common, '--eval_only', '--pretrained_path', out / 'model']) == acc
     assert capsys.readouterr().out.strip().splitlines()[-1] == f'test accuracy: {acc:.4f}'
     # the 2022 head has no backbone to sit on here: a clear error
     with pytest.raises(ValueError, match='pass --model capsules2019'):
@@ -175,7 +174,7 @@ def test_smallnorb_one_step_at_full_size(tmp_path):
     argv = ['--model', 'capsules2019', '--dataset_name', 'smallnorb', '--data_root', tmp_path, '--device', 'cpu',
             '--batch_sz', 2, '--n_iters_per_train_epoch', 1, '--output_dir', out]
     run([*argv, '--n_epochs', 1])
-    assert load_file(str(out / 'head.safetensors'))['routings.1.beta_use'].abs().sum() > 0   # initialised to 0: it trained
+    assert load_file(out / 'model' / 'model.safetensors')['routings.1.beta_use'].abs().sum() > 0   # initialised to 0: it trained
     with pytest.raises(ValueError, match=r'trained with --n_epochs 1 \(now 2\): resume with the same arguments'):
         run([*argv, '--n_epochs', 2, '--resume'])
 
@@ -185,24 +184,23 @@ def test_sst_classifier_trains_through_train_py(tiny_sst, tiny_bert, tmp_path, c
     common = ['--model', 'capsules2019', '--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst,
               '--device', 'cpu', '--feature_cache', tmp_path / 'cache']
     acc = run([*common, '--n_epochs', 1, '--n_iters_per_train_epoch', 1, '--run_test', '--output_dir', out])
-    with safe_open(out / 'head.safetensors', 'pt') as f:
-        meta = f.metadata()
-        after = {k: f.get_tensor(k) for k in f.keys()}
-    assert meta['model'] == 'capsules2019' and (meta['d_inp'], meta['d_cap'], meta['n_parts']) == ('64', '2', '64')
-    assert set(after) == set(models.SSTClassifier(3, 32, n_classes=5).state_dict())
+    net, config = models.from_pretrained(out / 'model')
+    after = net.state_dict()
+    assert type(net) is models.SSTClassifier and (config['d_inp'], config['d_cap'], config['n_parts']) == (64, 2, 64)
+    assert config['training']['model'] == 'capsules2019'
     assert after['routings.1.beta_use'].abs().sum() > 0                        # initialised to 0: it trained
     capsys.readouterr()
-    assert run([*common, '--eval_only', '--pretrained_path', out / 'head.safetensors', '--output_dir', out]) == acc
+    assert run([*common, '--eval_only', '--pretrained_path', out / 'model', '--output_dir', out]) == acc
     # without --model, the model is the pretrained one's; a capsule model is not a routing head: a clear error
     without_model = ['--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst, '--device', 'cpu',
-                     '--eval_only', '--pretrained_path', out / 'head.safetensors', '--output_dir', out]
+                     '--eval_only', '--pretrained_path', out / 'model', '--output_dir', out]
     assert run(without_model) == acc
     with pytest.raises(ValueError, match="trained with model 'capsules2019', not --model 'routing_head'"):
         run([*without_model, '--model', 'routing_head'])
     # fine-tuning from it trains only the last routing
     tuned = tmp_path / 'tuned'
     run([*common, '--n_epochs', 1, '--n_iters_per_train_epoch', 2, '--output_dir', tuned,
-         '--pretrained_path', out / 'head.safetensors'])
-    tuned_state = load_file(str(tuned / 'head.safetensors'))
+         '--pretrained_path', out / 'model'])
+    tuned_state = load_file(tuned / 'model' / 'model.safetensors')
     assert torch.equal(tuned_state['routings.0.W'], after['routings.0.W']) and torch.equal(tuned_state['depth_emb'], after['depth_emb'])
     assert not torch.equal(tuned_state['routings.1.beta_use'], after['routings.1.beta_use'])

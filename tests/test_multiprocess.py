@@ -39,7 +39,7 @@ def test_two_processes_train_end_to_end(tiny_sst, tiny_bert, tmp_path, cached):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     writes = [line.split() for line in log.read_text().splitlines()]
     assert sorted(w[1] for w in writes if w[0] == 'start') == ['0', '1'] and {w[2] for w in writes if w[0] == 'start'} == {'2'}
-    assert [w[:2] for w in writes if w[0] == 'head'] == [['head', '0']] * 4    # each epoch's and the final: by rank 0
+    assert [w[:2] for w in writes if w[0] == 'model'] == [['model', '0']] * 4   # each epoch's and the final: by rank 0
     assert [w[:2] for w in writes if w[0] == 'checkpoint'] == [['checkpoint', '0']] * 3
     assert {w[1] for w in writes if w[0] == 'metrics'} == {'0'}
     with open(out / 'metrics.jsonl') as f:
@@ -50,7 +50,7 @@ def test_two_processes_train_end_to_end(tiny_sst, tiny_bert, tmp_path, cached):
         assert 0 <= r['valid_acc'] <= 1 and (r['valid_acc'] * 12) % 1 < 1e-9                # a count out of 12 samples
     # the saved head, evaluated in this one process, gives the accuracy the two processes reported
     test_acc = float(records[-1]['final']['test_accuracy'])
-    eval_acc = train.main([*map(str, common), '--eval_only', '--pretrained_path', str(out / 'head.safetensors'),
+    eval_acc = train.main([*map(str, common), '--eval_only', '--pretrained_path', str(out / 'model'),
                            '--output_dir', str(tmp_path / 'eval')])
     assert f"{eval_acc:.4f}" == f"{test_acc:.4f}" or not cached and abs(eval_acc - test_acc) <= 2 / 12 + 1e-9
     assert not [p for p in os.listdir(out) if '.tmp-' in p]

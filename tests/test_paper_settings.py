@@ -20,9 +20,8 @@ TEXT = ('imdb', 'sst5', 'sst2')
 
 
 def printed_runs(out_dir, **env):
-    """The paper profile's runs, parsed by train.py's own parser (the SST-5 head the SST-2 run starts from exists)."""
-    os.makedirs(os.path.join(out_dir, 'sst5'), exist_ok=True)
-    open(os.path.join(out_dir, 'sst5', 'head.safetensors'), 'wb').close()
+    """The paper profile's runs, parsed by train.py's own parser (the SST-5 model the SST-2 run starts from exists)."""
+    os.makedirs(os.path.join(out_dir, 'sst5', 'model'), exist_ok=True)
     out = subprocess.run(['bash', os.path.join(ROOT, 'train_all_heads.sh'), 'paper'], capture_output=True, text=True,
                          env={**os.environ, 'LAUNCH': 'echo', 'OUT': str(out_dir), **env}, check=True).stdout
     runs = []
@@ -57,7 +56,7 @@ def test_paper_profile_prints_the_six_runs_with_the_paper_settings(tmp_path):
         assert (r.model, r.lr, regime['pct_start']) == ('routing_head', 1e-3, 0.3)
         assert regime['mixup_alpha']['text' if r.dataset_name in TEXT else 'image'] == (0.65 if r.dataset_name in TEXT else 0.2)
     sst5, sst2 = runs[1], runs[2]
-    assert sst2.pretrained_path == os.path.join(sst5.output_dir, 'head.safetensors')     # after its last epoch
+    assert sst2.pretrained_path == os.path.join(sst5.output_dir, 'model')                # after its last epoch
     assert sst5.pretrained_path is None and len({r.output_dir for r in runs}) == 6
 
 

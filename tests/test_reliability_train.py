@@ -3,6 +3,7 @@ accident, --resume refuses other arguments, non-finite heads and empty splits ar
 output folders, degenerate schedules and failed writes give clear errors before (or instead of) a traceback."""
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import models
 import train
 from tests.conftest import tree
 
@@ -51,8 +53,9 @@ def test_real_checkpoint_loads_weights_only(tiny_sst, tiny_bert, tmp_path):
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
     checkpoint = torch.load(out / 'checkpoint.pt', weights_only=True)               # plain types only
     assert checkpoint['args']['dataset_name'] == 'sst5' and checkpoint['history'][0]['epoch'] == 1
-    state, _ = train.load_head_state(str(out / 'checkpoint.pt'))
-    assert set(state) == set(load_file(out / 'head.safetensors'))
+    from_checkpoint, _ = models.from_pretrained(out / 'checkpoint.pt')
+    saved, _ = models.from_pretrained(out / 'model')
+    assert all(torch.equal(a, b) for a, b in zip(from_checkpoint.state_dict().values(), saved.state_dict().values()))
 
 # -----------------------------------------------------------------------------
 # no run is overwritten by accident
@@ -61,36 +64,38 @@ def test_real_checkpoint_loads_weights_only(tiny_sst, tiny_bert, tmp_path):
 def test_rerun_into_a_run_folder_is_refused(tiny_sst, tiny_bert, tmp_path):
     out = tmp_path / 'run'
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
-    head = (out / 'head.safetensors').read_bytes()
-    with pytest.raises(ValueError, match=r"holds a run \(checkpoint.pt, head.safetensors, metrics.jsonl, "
-                                         r"head_epoch1.safetensors\): pass --resume"):
+    head = (out / 'model' / 'model.safetensors').read_bytes()
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoint.pt, model, metrics.jsonl, epoch1\): pass --resume"):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--rng_seed', 5))
-    assert (out / 'head.safetensors').read_bytes() == head
-    for name in ('checkpoint.pt', 'head.safetensors', 'head_epoch1.safetensors'):  # a partial run: metrics only
-        os.remove(out / name)
+    assert (out / 'model' / 'model.safetensors').read_bytes() == head
+    os.remove(out / 'checkpoint.pt')                                                 # a partial run: metrics only
+    shutil.rmtree(out / 'model'), shutil.rmtree(out / 'epoch1')
     with pytest.raises(ValueError, match=r'holds a run \(metrics.jsonl\)'):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
     with pytest.raises(ValueError, match='no checkpoint.pt to resume from'):        # nothing to resume, would overwrite
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--resume'))
-    (out / 'head_epoch7.safetensors').write_bytes(b'of an older run')
+    (out / 'epoch7').mkdir()                                                        # of an older, longer run
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--rng_seed', 5, '--overwrite'))
     assert train.load_checkpoint(str(out / 'checkpoint.pt'))['args']['rng_seed'] == 5
-    assert train.run_files(str(out)) == ['checkpoint.pt', 'head.safetensors', 'metrics.jsonl', 'head_epoch1.safetensors']
+    assert train.run_files(str(out)) == ['checkpoint.pt', 'model', 'metrics.jsonl', 'epoch1']
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--rng_seed', 5, '--resume'))   # a finished run resumes
 
 
 def test_finetune_into_the_pretrained_heads_folder_is_refused(tiny_sst, tiny_bert, tmp_path):
     out = tmp_path / 'sst5'
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
-    head = (out / 'head.safetensors').read_bytes()
-    argv = sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--pretrained_path', out / 'head.safetensors')
+    head = (out / 'model' / 'model.safetensors').read_bytes()
+    for pretrained in (out / 'model', f"{out / 'model'}/", out / 'epoch1'):
+        argv = sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--pretrained_path', pretrained)
+        argv[1] = 'sst2'
+        for extra in ([], ['--resume']):
+            with pytest.raises(ValueError, match=r"--pretrained_path .* is in --output_dir .* would overwrite it"):
+                run(argv + extra)
+    assert (out / 'model' / 'model.safetensors').read_bytes() == head
+    argv = sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--pretrained_path', out / 'model', '--overwrite')
     argv[1] = 'sst2'
-    for extra in ([], ['--resume']):
-        with pytest.raises(ValueError, match=r"--pretrained_path .* is in --output_dir .* would overwrite it"):
-            run(argv + extra)
-    assert (out / 'head.safetensors').read_bytes() == head
-    run(argv + ['--overwrite'])                                                      # explicit: replaced
-    assert load_file(out / 'head.safetensors')['route.2.W_S'].shape[-1] == 2
+    run(argv)                                                                         # explicit: replaced
+    assert load_file(out / 'model' / 'model.safetensors')['route.2.W_S'].shape[-1] == 2
 
 
 def test_output_dir_checked_before_any_work(tiny_sst, tiny_bert, tmp_path, monkeypatch):
@@ -184,14 +189,16 @@ def test_resume_state_mismatch_is_a_clear_error(tiny_sst, tiny_bert, tmp_path):
 def test_non_finite_head_is_refused(tiny_sst, tiny_bert, tmp_path, bad):
     out = tmp_path / 'run'
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
-    state = load_file(out / 'head.safetensors')
+    state = load_file(out / 'model' / 'model.safetensors')
     name = sorted(state)[0]
     state[name].view(-1)[0] = bad
-    save_file(state, tmp_path / 'bad.safetensors')
-    for extra in (['--eval_only'], ['--n_epochs', 1]):
-        with pytest.raises(ValueError, match=rf"bad.safetensors'.*tensor '{name}' .* holds 1 NaN/Inf values"):
-            run(sst_args(tiny_sst, tiny_bert, tmp_path / 'eval', '--pretrained_path', tmp_path / 'bad.safetensors',
-                         *extra))
+    save_file(state, tmp_path / 'bad.safetensors')                                  # an older single-file head
+    shutil.copytree(out / 'model', tmp_path / 'bad')                                # a model folder
+    save_file(state, tmp_path / 'bad' / 'model.safetensors')
+    for path in ('bad.safetensors', 'bad'):
+        for extra in (['--eval_only'], ['--n_epochs', 1]):
+            with pytest.raises(ValueError, match=rf"{path}'.*tensor '{name}' .* holds 1 NaN/Inf values"):
+                run(sst_args(tiny_sst, tiny_bert, tmp_path / 'eval', '--pretrained_path', tmp_path / path, *extra))
 
 
 def test_all_neutral_test_split_is_refused(tiny_sst, tiny_bert, tmp_path):
@@ -199,7 +206,7 @@ def test_all_neutral_test_split_is_refused(tiny_sst, tiny_bert, tmp_path):
     (sst / 'test.txt').write_text(tree(2, ['it', 'is', 'a', 'film']) + '\n')
     out = tmp_path / 'run'
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
-    argv = sst_args(tiny_sst, tiny_bert, tmp_path / 'eval', '--eval_only', '--pretrained_path', out / 'head.safetensors')
+    argv = sst_args(tiny_sst, tiny_bert, tmp_path / 'eval', '--eval_only', '--pretrained_path', out / 'model')
     argv[1] = 'sst2'
     with pytest.raises(ValueError, match=r'test\.txt: the sst2 test split is empty'):
         run(argv)
@@ -244,11 +251,10 @@ def test_disk_full_during_checkpoint_write(tiny_sst, tiny_bert, tmp_path, monkey
                                            r'.*previous checkpoint, if any, is intact: run again with --resume'):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache'))
     monkeypatch.setattr(torch, 'save', real_save)
-    assert sorted(os.listdir(out)) == ['checkpoint.pt', 'head_epoch1.safetensors', 'head_epoch2.safetensors',
-                                       'metrics.jsonl']                           # no temporary leftovers
+    assert sorted(os.listdir(out)) == ['checkpoint.pt', 'epoch1', 'epoch2', 'metrics.jsonl']   # no temporary leftovers
     assert len(train.load_checkpoint(str(out / 'checkpoint.pt'))['history']) == 1
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache', '--resume'))
-    assert os.path.exists(out / 'head.safetensors')
+    assert os.path.exists(out / 'model' / 'model.safetensors')
 
 
 def test_cli_prints_errors_without_traceback(tiny_sst, tmp_path):

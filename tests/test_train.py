@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+import models
 import train
 from tests.test_data import write_cifar_batch
 
@@ -32,15 +32,17 @@ def test_train_checkpoint_eval_with_feature_cache(tiny_sst, tiny_bert, tmp_path,
     acc = run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--run_test', '--feature_cache', cache))
     records = metrics(out)
     assert [r['epoch'] for r in records[:2]] == [1, 2] and 'valid_acc' in records[0]
-    for epoch in (1, 2):                                                   # every epoch's head is kept
-        with safe_open(out / f'head_epoch{epoch}.safetensors', 'pt') as f:
-            assert f.metadata()['epoch'] == str(epoch) and f.metadata()['valid_acc'] == str(records[epoch - 1]['valid_acc'])
-    last, final = load_file(out / 'head_epoch2.safetensors'), load_file(out / 'head.safetensors')
-    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
-    assert records[2]['final']['test_accuracy'] == f'{acc:.4f}'
-    with safe_open(out / 'head.safetensors', 'pt') as f:
-        meta = f.metadata()
-    assert meta['backbone'] == tiny_bert and meta['n_classes'] == '5' and meta['test_accuracy'] == f'{acc:.4f}'
+    for epoch in (1, 2):                                                   # every epoch's model is kept
+        config = models.from_pretrained(out / f'epoch{epoch}')[1]
+        assert config['training']['epoch'] == epoch and config['training']['valid_acc'] == records[epoch - 1]['valid_acc']
+    (last, _), (final, config) = models.from_pretrained(out / 'epoch2'), models.from_pretrained(out / 'model')
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), final.state_dict().values()))
+    assert records[2]['final']['test_accuracy'] == acc
+    # the final model: config.json (typed) and model.safetensors, with what it was trained on
+    assert sorted(os.listdir(out / 'model')) == ['README.md', 'config.json', 'model.safetensors']
+    assert type(final) is models.RoutingHead and (config['d_depth'], config['d_emb'], config['n_classes']) == (3, 32, 5)
+    assert config['backbone'] == tiny_bert and config['training']['test_accuracy'] == acc
+    assert config['training']['dataset_name'] == 'sst5' and config['training']['model'] == 'routing_head'
     [hidden] = (cache / tiny_bert.replace('/', '--')).glob('*/hidden.f16')        # <backbone>/<fingerprint>/
     assert os.path.getsize(hidden) > 0
     capsys.readouterr()
@@ -48,7 +50,7 @@ def test_train_checkpoint_eval_with_feature_cache(tiny_sst, tiny_bert, tmp_path,
     # training run's; from the live float32 backbone up to near-ties of this untrained head flipping
     for extra, tolerance in ((['--feature_cache', cache], 0), ([], 2 / 12)):
         eval_acc = run(sst_args(tiny_sst, tiny_bert, tmp_path / 'eval', '--eval_only',
-                                '--pretrained_path', out / 'head.safetensors', *extra))
+                                '--pretrained_path', out / 'model', *extra))
         assert abs(eval_acc - acc) <= tolerance + 1e-9
         assert capsys.readouterr().out.strip().splitlines()[-1] == f'test accuracy: {eval_acc:.4f}'
 
@@ -73,22 +75,21 @@ def test_training_stream_cycles_reshuffled_passes_and_resumes_mid_pass():
 def test_kill_and_resume_equals_uninterrupted(tiny_sst, tiny_bert, tmp_path, monkeypatch, steps):
     common = ['--n_epochs', 3, '--feature_cache', tmp_path / 'cache', '--rng_seed', 3, *steps]
     run(sst_args(tiny_sst, tiny_bert, tmp_path / 'straight', *common))
-    real_save_atomic = train.save_atomic
+    real_save_checkpoint = train.save_checkpoint
 
-    def killed_after_first_checkpoint(fn, path):
-        real_save_atomic(fn, path)
-        if path.endswith('checkpoint.pt'):                     # killed before metrics.jsonl is written
-            raise KeyboardInterrupt('killed')
+    def killed_after_first_checkpoint(state, path):
+        real_save_checkpoint(state, path)
+        raise KeyboardInterrupt('killed')                      # before metrics.jsonl is written
 
-    monkeypatch.setattr(train, 'save_atomic', killed_after_first_checkpoint)
+    monkeypatch.setattr(train, 'save_checkpoint', killed_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run(sst_args(tiny_sst, tiny_bert, tmp_path / 'resumed', *common))
-    monkeypatch.setattr(train, 'save_atomic', real_save_atomic)
-    assert not os.path.exists(tmp_path / 'resumed' / 'head.safetensors')
+    monkeypatch.setattr(train, 'save_checkpoint', real_save_checkpoint)
+    assert not os.path.exists(tmp_path / 'resumed' / 'model')
     assert not [p for p in os.listdir(tmp_path / 'resumed') if '.tmp' in p]          # no half-written files
     run(sst_args(tiny_sst, tiny_bert, tmp_path / 'resumed', *common, '--resume'))
     assert [r.get('epoch') for r in metrics(tmp_path / 'resumed')] == [1, 2, 3, None]
-    straight, resumed = load_file(tmp_path / 'straight' / 'head.safetensors'), load_file(tmp_path / 'resumed' / 'head.safetensors')
+    straight, resumed = (load_file(tmp_path / run_dir / 'model' / 'model.safetensors') for run_dir in ('straight', 'resumed'))
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], msg=k)
 
@@ -104,13 +105,13 @@ def test_loss_falls_and_learns_tiny_sst(tiny_sst, tiny_bert, tmp_path):
 def test_finetune_last_routing_from_sst5_head_for_sst2(tiny_sst, tiny_roberta, tmp_path, capsys):
     sst5 = tmp_path / 'sst5'
     run(sst_args(tiny_sst, tiny_roberta, sst5, '--n_epochs', 1))
-    before = load_file(sst5 / 'head.safetensors')
+    before = load_file(sst5 / 'model' / 'model.safetensors')
     out = tmp_path / 'sst2'
-    args = sst_args(tiny_sst, tiny_roberta, out, '--n_epochs', 1, '--pretrained_path', sst5 / 'head.safetensors', '--run_test')
+    args = sst_args(tiny_sst, tiny_roberta, out, '--n_epochs', 1, '--pretrained_path', sst5 / 'model', '--run_test')
     args[1] = 'sst2'
     run(args)
     assert 'left at init' in capsys.readouterr().out
-    after = load_file(out / 'head.safetensors')
+    after = load_file(out / 'model' / 'model.safetensors')
     assert after['route.2.W_S'].shape == (64, 2)
     for k in before:                                           # all but the last routing stay frozen
         if not k.startswith('route.2.'):
@@ -129,7 +130,7 @@ def test_image_dataset_with_tiny_beit(tiny_beit, tmp_path, capsys):
     out = tmp_path / 'run'
     acc = run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', tmp_path, '--image_size', 32,
                '--output_dir', out, '--batch_sz', 8, '--n_epochs', 1, '--run_test', '--device', 'cpu'])
-    assert 0 <= acc <= 1 and os.path.exists(out / 'head.safetensors')
+    assert models.from_pretrained(out / 'model')[1]['training']['test_accuracy'] == acc
     with pytest.raises(ValueError, match='--feature_cache is for text'):
         run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', tmp_path, '--image_size', 32,
              '--output_dir', tmp_path / 'r2', '--feature_cache', tmp_path / 'c', '--device', 'cpu'])
@@ -147,7 +148,7 @@ def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
     assert '--eval_only needs --pretrained_path' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(['--dataset_name', 'sst5', '--pretrained_path', tmp_path / 'nope.safetensors'])
-    assert 'no such file' in capsys.readouterr().err
+    assert 'no such folder or file' in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown backbone 'nope'"):
         run(sst_args(tiny_sst, 'nope', tmp_path / 'r'))
     with pytest.raises(FileNotFoundError, match='sst'):

@@ -1,4 +1,4 @@
-"""Runs train.main under `accelerate launch` and records which process writes the head, checkpoint and
+"""Runs train.main under `accelerate launch` and records which process writes the models, checkpoint and
 metrics (one line '<kind> <rank> <pid>' per write, in $WRITES_LOG), for tests/test_multiprocess.py."""
 import os
 import sys
@@ -14,7 +14,7 @@ def recorded(kind, fn):
     return wrapper
 
 
-train.save_head = recorded('head', train.save_head)
+train.save_model = recorded('model', train.save_model)
 train.save_checkpoint = recorded('checkpoint', train.save_checkpoint)
 train.write_metrics = recorded('metrics', train.write_metrics)
 
