@@ -28,12 +28,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import data
+from glom import GLOM, CNNDigitClassifier, GLOMConfig, RoutingDigitClassifier, neighbour_similarity
 
-import data  # noqa: E402
-from glom import GLOM, CNNDigitClassifier, GLOMConfig, RoutingDigitClassifier, neighbour_similarity  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = ('glom', 'routing', 'cnn')
 MODEL_NAMES = {'glom': 'GLOM', 'routing': 'conv stem + EfficientVectorRouting', 'cnn': 'CNN'}

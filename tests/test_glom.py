@@ -5,6 +5,8 @@ training on a learnable synthetic task, matched parameter counts, and the compar
 end on a tiny budget (digits, and MNIST from IDX files written here). The IDX reader itself is
 tested in tests/test_data.py.
 """
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,12 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
+from glom import GLOM, CNNDigitClassifier, GLOMConfig, RoutingDigitClassifier, neighbour_similarity, neighbours
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-import data  # noqa: E402
-from benchmarks import glom_digits  # noqa: E402
-from glom import (GLOM, CNNDigitClassifier, GLOMConfig, RoutingDigitClassifier, neighbour_similarity,  # noqa: E402
-                  neighbours)
 
 torch.set_num_threads(1)  # tiny tensors: more threads only add overhead on a shared CPU
 
@@ -179,27 +179,34 @@ def test_short_training_on_a_synthetic_task_lowers_the_loss():
 # the comparison
 # -------------------------------------------------------------------------------------------------
 
-def test_compared_models_have_matched_parameter_counts():
-    args = glom_digits.parse_args([])
-    counts = {name: sum(p.numel() for p in glom_digits.build_model(name, 10, args).parameters())
-              for name in glom_digits.MODELS}
-    assert max(counts.values()) <= 1.2 * min(counts.values()), counts
-    # the MNIST-sized default GLOM (paper-sized column) has as many: the nets are shared by all locations
-    assert sum(p.numel() for p in GLOM().parameters()) == counts['glom']
+def run_comparison(*argv):
+    """python -m benchmarks.glom_digits (the comparison script, as users run it) -> {model name: parameters}."""
+    done = subprocess.run([sys.executable, '-m', 'benchmarks.glom_digits', '--quick', '--threads', '1', *map(str, argv)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
-def test_comparison_script_runs_end_to_end_on_digits(tmp_path):
-    out = glom_digits.main(['--quick', '--seeds', '0', '1', '--threads', '1', '--out_dir', str(tmp_path)])
-    assert len(out['results']) == 3
-    for r in out['results']:
-        assert len(r['accuracies']) == 2 and all(0 <= a <= 1 for a in r['accuracies'])
+def parameters_in(doc):
+    return {name: int(count.replace(',', '')) for name, count in re.findall(r'^\| ([^|]+?) \| ([\d,]+) \|', doc, re.M)}
+
+
+@pytest.mark.slow
+def test_comparison_script_runs_end_to_end_on_digits_with_matched_parameter_counts(tmp_path):
+    run_comparison('--seeds', 0, 1, '--out_dir', tmp_path)
     doc = (tmp_path / 'glom_digits.md').read_text()
     assert '| model | parameters | test accuracy (mean ± std) |' in doc
-    for name in glom_digits.MODEL_NAMES.values():
-        assert f"| {name} |" in doc
+    rows = re.findall(r'^\| ([^|]+?) \| [\d,]+ \| ([\d.]+) ± ([\d.]+) % \|', doc, re.M)
+    assert [name for name, *_ in rows] == ['GLOM', 'conv stem + EfficientVectorRouting', 'CNN']
+    assert all(0 <= float(mean) <= 100 for _, mean, _ in rows)
+    counts = parameters_in(doc)
+    assert max(counts.values()) <= 1.2 * min(counts.values()), counts
+    # the MNIST-sized default GLOM (paper-sized column) has as many: the nets are shared by all locations
+    assert sum(p.numel() for p in GLOM().parameters()) == counts['GLOM']
     assert (tmp_path / 'glom_islands.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_comparison_script_on_mnist_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / 'mnist'
@@ -209,7 +216,7 @@ def test_comparison_script_on_mnist_idx_files(tmp_path):
         suffix = '.gz' if gz else ''
         data.write_idx(str(root / (images_name + suffix)), rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gzip=gz)
         data.write_idx(str(root / (labels_name + suffix)), rng.integers(0, 10, n, dtype=np.uint8), gzip=gz)
-    out = glom_digits.main(['--dataset', 'mnist', '--data_root', str(tmp_path), '--quick', '--seeds', '0',
-                            '--models', 'glom', 'cnn', '--threads', '1', '--out_dir', str(tmp_path / 'out')])
-    assert [r['name'] for r in out['results']] == ['GLOM', 'CNN']
-    assert (tmp_path / 'out' / 'glom_mnist.md').exists() and (tmp_path / 'out' / 'glom_islands.png').exists()
+    run_comparison('--dataset', 'mnist', '--data_root', tmp_path, '--seeds', 0, '--models', 'glom', 'cnn',
+                   '--out_dir', tmp_path / 'out')
+    assert list(parameters_in((tmp_path / 'out' / 'glom_mnist.md').read_text())) == ['GLOM', 'CNN']
+    assert (tmp_path / 'out' / 'glom_islands.png').exists()
