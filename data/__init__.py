@@ -46,7 +46,8 @@ The package, bottom layer first (no module imports one above it; nothing here im
     features   FeatureStore, CachedFeatures, pad_positions, collate_features, LengthGroupedBatchSampler
     splits     get_dataset_splits, DATASETS
 The names below are re-exported from these modules. The constants (URLs, CHECKSUMS, ...) are read from
-data.downloads at call time: to change one (a mirror, in a test), set it there, not on this package.
+data.downloads at call time: to change one (a mirror, in a test), set it there, not on this package. (CIFAR's URL
+and md5s are the class attributes of data.CIFAR10 / data.CIFAR100, torchvision's.)
 """
 
 from .downloads import (CHECKSUMS, CIFAR10_URL, CIFAR100_URL, HEINSEN2019_URL, HEINSEN2019_WEIGHTS, IMAGENET_URL,

@@ -575,3 +575,23 @@ def test_command_line(tmp_path):
     assert out.returncode == 2 and 'aclImdb' in out.stderr and '--download' in out.stderr and 'Traceback' not in out.stderr
     out = run('mnist', '--data_source', 'hub')
     assert out.returncode == 2 and "offers sst5, sst2, imdb only" in out.stderr
+
+
+def test_the_data_layer_is_layered():
+    """data/ modules import only modules listed before them (bottom layer first), and nothing imports models."""
+    import ast
+    import subprocess
+    order = ['fileio', 'downloads', 'text', 'images', 'smallnorb', 'features', 'splits', '__main__']
+    assert sorted(p.stem for p in (REPO_ROOT / 'data').glob('*.py')) == sorted(order + ['__init__'])
+    for k, name in enumerate(order):
+        tree = ast.parse((REPO_ROOT / 'data' / f'{name}.py').read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                top = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or '']
+                assert not any(t.split('.')[0] in ('models', 'train', 'data') for t in top), (name, top)
+        assert imported <= set(order[:k]), (name, imported - set(order[:k]))
+    out = subprocess.run([sys.executable, '-c', 'import sys, data; assert "models" not in sys.modules'], cwd=REPO_ROOT)
+    assert out.returncode == 0
