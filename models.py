@@ -32,6 +32,8 @@ from safetensors.torch import load_file, save_model
 import data
 from heinsen_routing import EfficientVectorRouting, Routing, end_to_end_credit, record_credit
 
+from data import pad_positions  # zero-padding of per-sample hidden states: the data layer's (data.features)
+
 # -------------------------------------------------------------------------------------------------
 # Saving and loading: the Hugging Face convention, by huggingface_hub's PyTorchModelHubMixin
 # -------------------------------------------------------------------------------------------------
@@ -292,18 +294,6 @@ BACKBONES = {
     'minilm': (minilm_path, 'text'),
     'gpt2-large': ('openai-community/gpt2-large', 'text'),      # the 2019 paper's (37 depths x 1280)
 }
-
-
-def pad_positions(sequences):
-    """[tensor [n_pos_b, d_depth, d_emb]] -> hidden [batch, n_pos, d_depth, d_emb] (zeros after each
-    sequence's end), mask [batch, n_pos] (True = padding)."""
-    n_pos = max(len(s) for s in sequences)
-    hidden = sequences[0].new_zeros(len(sequences), n_pos, *sequences[0].shape[1:])
-    mask = torch.ones(len(sequences), n_pos, dtype=torch.bool, device=hidden.device)
-    for b, s in enumerate(sequences):
-        hidden[b, :len(s)] = s
-        mask[b, :len(s)] = False
-    return hidden, mask
 
 
 class FrozenBackbone(nn.Module):

@@ -85,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument('--revision', default=None, help='pin the backbone to a hub revision')
     p.add_argument('--data_root', default='.data')
     p.add_argument('--download', action='store_true', help='fetch the dataset from its official source')
+    p.add_argument('--data_source', default='files', choices=data.DATA_SOURCES,
+                   help="files (default, offline): the official files under --data_root; hub: sst5, sst2, imdb "
+                        "from the Hugging Face hub with the datasets library (the same data)")
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--mixed_precision', default=None, choices=['no', 'fp16', 'bf16'],
                    help='default: no on CPU; on GPU fp16 (routing_head), no (capsules2019)')
@@ -107,6 +110,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.dataset_name not in data.DATASETS:
         p.error(f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}")
+    if args.data_source == 'hub' and args.dataset_name not in data.HUB_DATASETS:
+        p.error(f"--data_source hub offers {', '.join(data.HUB_DATASETS)} only; {args.dataset_name} is read from "
+                f"its files (--data_source files)")
     if args.eval_only and not args.pretrained_path:
         p.error('--eval_only needs --pretrained_path (the head to evaluate)')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
@@ -396,7 +402,7 @@ def main(argv=None):
     set_seed(args.rng_seed)
 
     splits = data.get_dataset_splits(args.dataset_name, data_root=args.data_root, download=args.download,
-                                     image_size=args.image_size)
+                                     image_size=args.image_size, source=args.data_source)
     for split in (('test',) if args.eval_only else ('train', 'valid') + (('test',) if args.run_test else ())):
         if splits[split] is not None and len(splits[split]) == 0:
             raise ValueError(f"--dataset_name {args.dataset_name}: the {split} split is empty (in {args.data_root})")

@@ -1,5 +1,5 @@
 """
-Tests for data.py. Every loader is exercised on tiny files written here into tmp_path in the exact
+Tests for the data layer (the data/ package). Every loader is exercised on tiny files written here into tmp_path in the exact
 on-disk format of the real dataset; the real SST files are used only if present (read only).
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,8 +172,9 @@ def test_imagenet_folder(tmp_path):
     write_jpeg(root / 'val/n02/e.JPEG', (255, 255, 255), size=(50, 20))
     s = data.get_dataset_splits('imagenet-1k', data_root=str(tmp_path), image_size=32)
     assert (s['n_classes'], s['modality'], s['valid']) == (2, 'image', None)
-    assert s['train'].labels == [0, 1, 1]  # class index = sorted wnid order
-    assert [os.path.basename(p) for p in s['train'].paths] == ['c.JPEG', 'a.JPEG', 'b.JPEG']
+    assert isinstance(s['train'], torchvision.datasets.ImageFolder)
+    assert s['train'].targets == [0, 1, 1] and s['train'].classes == s['test'].classes == ['n01', 'n02']  # sorted wnids
+    assert [os.path.basename(p) for p, _ in s['train'].samples] == ['c.JPEG', 'a.JPEG', 'b.JPEG']
     x, y = s['train'][1]
     assert x.shape == (3, 32, 32) and y == 1
     x, y = s['test'][1]
@@ -206,8 +208,10 @@ def test_cifar10(tmp_path):
     write_cifar_batch(root / 'test_batch', red, [3, 7], b'labels')
     s = data.get_dataset_splits('cifar10', data_root=str(tmp_path), image_size=32)
     assert (s['n_classes'], s['modality'], s['valid']) == (10, 'image', None)
-    assert len(s['train']) == 10 and s['train'].labels == [0, 9, 1, 8, 2, 7, 3, 6, 4, 5]
-    assert np.array_equal(s['train'].images, train_images)  # planes -> HWC round trip
+    assert isinstance(s['train'], torchvision.datasets.CIFAR10)
+    assert len(s['train']) == 10 and s['train'].targets == [0, 9, 1, 8, 2, 7, 3, 6, 4, 5]
+    assert np.array_equal(s['train'].data, train_images)  # planes -> HWC round trip
+    assert s['train'].classes == [str(i) for i in range(10)]  # no batches.meta here: the indices
     x, y = s['test'][1]
     assert x.shape == (3, 32, 32) and y == 7
     assert torch.allclose(x[0], torch.ones(32, 32)) and torch.allclose(x[1:], -torch.ones(2, 32, 32))
@@ -227,9 +231,71 @@ def test_cifar100_upscaled(tmp_path):
         with open(path, 'wb') as f:
             pickle.dump(batch, f)
     s = data.get_dataset_splits('cifar100', data_root=str(tmp_path), image_size=48)
-    assert s['n_classes'] == 100 and s['test'].labels == [5, 99, 0]
+    assert isinstance(s['test'], torchvision.datasets.CIFAR100)
+    assert s['n_classes'] == 100 and s['test'].targets == [5, 99, 0]
     x, y = s['test'][1]
     assert x.shape == (3, 48, 48) and y == 99
+
+def test_cifar_label_names_from_meta_and_torchvision_layout(tmp_path):
+    """batches.meta (read with the restricted unpickler too) gives torchvision's .classes; the folder layout is
+    torchvision's, so torchvision's own CIFAR10 class reads the same root (the data are the same)."""
+    root = tmp_path / 'cifar-10-batches-py'
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        write_cifar_batch(root / name, images, [4, 2], b'labels')
+    names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    with open(root / 'batches.meta', 'wb') as f:
+        pickle.dump({b'label_names': [n.encode() for n in names], b'num_vis': 3072}, f)
+    test = data.get_dataset_splits('cifar10', data_root=str(tmp_path), image_size=32)['test']
+    assert test.classes == names and test.class_to_idx['deer'] == 4
+    assert 'Split: Test' in repr(test)                                            # torchvision's repr
+    with open(root / 'batches.meta', 'wb') as f:
+        pickle.dump({b'label_names': names[:3]}, f)
+    with pytest.raises(ValueError, match=r"batches\.meta: expected b'label_names', a list of 10 label names"):
+        data.get_dataset_splits('cifar10', data_root=str(tmp_path), image_size=32)
+
+
+def cifar_archive(tmp_path, tamper=None):
+    """A CIFAR-10-shaped .tar.gz (tiny batches) -> (its file:// URL, {file name: md5}); tamper: a file name whose
+    bytes change after its md5 was taken (as if altered inside a correctly-checksummed archive)."""
+    src = tmp_path / 'src' / 'cifar-10-batches-py'
+    names = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
+    for k, name in enumerate(names):
+        write_cifar_batch(src / name, np.full((1, 32, 32, 3), k, np.uint8), [k], b'labels')
+    with open(src / 'batches.meta', 'wb') as f:
+        pickle.dump({b'label_names': [b'c%d' % i for i in range(10)]}, f)
+    md5s = {name: data.file_checksum(str(src / name), 'md5') for name in names + ['batches.meta']}
+    if tamper:
+        write_cifar_batch(src / tamper, np.zeros((1, 32, 32, 3), np.uint8), [9], b'labels')
+    archive = tmp_path / 'mirror' / 'cifar-10-python.tar.gz'
+    archive.parent.mkdir()
+    with tarfile.open(archive, 'w:gz') as t:
+        t.add(src, arcname='cifar-10-batches-py')
+    return archive.as_uri(), md5s
+
+
+@pytest.mark.parametrize('tamper', [None, 'data_batch_3'])
+def test_cifar_download_verifies_archive_and_files(tmp_path, monkeypatch, tamper):
+    """download=True: torchvision's file lists and md5s, our verified download (the archive's checksum, then every
+    unpacked file's md5 before anything is moved into place). The URL and md5s here are a local mirror's."""
+    mirror_url, md5s = cifar_archive(tmp_path, tamper)
+
+    class MirroredCIFAR10(data.CIFAR10):                     # torchvision's class attributes, pointed at the mirror
+        train_list = [[f'data_batch_{i}', md5s[f'data_batch_{i}']] for i in range(1, 6)]
+        test_list = [['test_batch', md5s['test_batch']]]
+        meta = {**data.CIFAR10.meta, 'md5': md5s['batches.meta']}
+        url = mirror_url
+
+    monkeypatch.setitem(data.downloads.CHECKSUMS, mirror_url, 'sha256:' + data.file_checksum(mirror_url[len('file://'):]))
+    root = tmp_path / 'root'
+    if tamper:
+        with pytest.raises(data.ChecksumMismatchError, match='cifar-10-batches-py/data_batch_3'):
+            MirroredCIFAR10(str(root), train=True, download=True)
+        assert os.listdir(root) == []                                               # nothing moved into place
+        return
+    train = MirroredCIFAR10(str(root), train=True, download=True)
+    assert train.targets == [0, 1, 2, 3, 4] and train.classes[3] == 'c3' and len(os.listdir(root)) == 1
+    assert MirroredCIFAR10(str(root), train=False, download=True).targets == [5]    # present: not fetched again
 
 # -----------------------------------------------------------------------------
 # smallNORB binary format
@@ -338,7 +404,8 @@ def test_mnist_gz_and_plain(tmp_path):
     data.write_idx(str(root / 't10k-labels-idx1-ubyte.gz'), np.array([9, 2], np.uint8), gzip=True)
     s = data.get_dataset_splits('mnist', data_root=str(tmp_path))
     assert (s['n_classes'], s['modality'], s['valid']) == (10, 'image', None)
-    assert (len(s['train']), len(s['test'])) == (5, 2) and s['test'].labels == [9, 2]
+    assert isinstance(s['train'], torchvision.datasets.MNIST)
+    assert (len(s['train']), len(s['test'])) == (5, 2) and s['test'].targets.tolist() == [9, 2]
     x, y = s['train'][0]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y == 3 and torch.all(x == 1)
     x, y = s['train'][2]
@@ -360,6 +427,90 @@ def test_digits():
     assert counts.min() >= 43 and counts.max() <= 47  # stratified: ~45 per class
     again = data.get_dataset_splits('digits')  # fixed seed: the same split every time
     assert again['test'].labels == s['test'].labels and torch.equal(again['test'].images, s['test'].images)
+
+# -----------------------------------------------------------------------------
+# the online source: the `datasets` library (Hugging Face hub). The hub is never reached: datasets.load_dataset,
+# the public boundary, is replaced by one that returns the hub's layout built here from the same data.
+
+
+def fake_load_dataset(monkeypatch, expected, splits):
+    """datasets.load_dataset(*expected) -> a DatasetDict of `splits` ({split: {column: values}}); records calls."""
+    datasets = pytest.importorskip('datasets')
+    calls = []
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        assert (path, name) == expected
+        return datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()})
+
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    return calls
+
+
+def sst_hub_splits(folder):
+    """The hub's stanfordnlp/sst 'ptb' config: one ptb_tree per line of trees/{train,dev,test}.txt."""
+    read = lambda name: [line.rstrip('\n') for line in open(folder / name, encoding='utf-8') if line.strip()]  # noqa: E731
+    return {'train': {'ptb_tree': read('train.txt')}, 'validation': {'ptb_tree': read('dev.txt')},
+            'test': {'ptb_tree': read('test.txt')}}
+
+
+def assert_same_text_splits(a, b):
+    for split in ('train', 'valid', 'test'):
+        assert a[split].texts == b[split].texts and a[split].labels == b[split].labels, split
+    assert (a['n_classes'], a['modality']) == (b['n_classes'], b['modality'])
+
+
+@pytest.mark.parametrize('name', ['sst5', 'sst2'])
+def test_sst_from_the_hub_equals_the_files(tmp_path, monkeypatch, name):
+    write_sst(tmp_path / 'sst')
+    calls = fake_load_dataset(monkeypatch, ('stanfordnlp/sst', 'ptb'), sst_hub_splits(tmp_path / 'sst'))
+    hub = data.get_dataset_splits(name, data_root=str(tmp_path / 'nothing'), source='hub')
+    assert calls == [('stanfordnlp/sst', 'ptb')]
+    assert_same_text_splits(hub, data.get_dataset_splits(name, data_root=str(tmp_path)))
+
+
+@pytest.mark.skipif(not (SST_DIR / 'test.txt').is_file(), reason=f"real SST not found at {SST_DIR} (set SST_DIR)")
+def test_real_sst_from_the_hub_layout_equals_the_files(tmp_path, monkeypatch):
+    (tmp_path / 'sst').symlink_to(SST_DIR.resolve(), target_is_directory=True)
+    fake_load_dataset(monkeypatch, ('stanfordnlp/sst', 'ptb'), sst_hub_splits(tmp_path / 'sst'))
+    hub = data.get_dataset_splits('sst5', source='hub')
+    assert (len(hub['train']), len(hub['valid']), len(hub['test'])) == (159272, 1101, 2210)
+    assert_same_text_splits(hub, data.get_dataset_splits('sst5', data_root=str(tmp_path)))
+
+
+def test_sst_from_the_hub_bad_tree_names_the_split_and_line(monkeypatch):
+    splits = {'train': {'ptb_tree': ['(3 (3 good) (2 .))']}, 'validation': {'ptb_tree': ['(2 (2 ok) (2 .))', '(9 x)']},
+              'test': {'ptb_tree': ['(1 (1 bad) (2 .))']}}
+    fake_load_dataset(monkeypatch, ('stanfordnlp/sst', 'ptb'), splits)
+    with pytest.raises(ValueError, match=r"stanfordnlp/sst \(ptb\) validation, line 2: label 9 is out of range"):
+        data.get_dataset_splits('sst5', source='hub')
+
+
+def test_imdb_from_the_hub(monkeypatch):
+    splits = {'train': {'text': ['Great<br /><br />movie.', 'Bad.'], 'label': [1, 0]},
+              'test': {'text': ['Fine.'], 'label': [1]}, 'unsupervised': {'text': ['?'], 'label': [-1]}}
+    calls = fake_load_dataset(monkeypatch, ('stanfordnlp/imdb', 'plain_text'), splits)
+    s = data.get_dataset_splits('imdb', source='hub')
+    assert calls and (s['n_classes'], s['modality'], s['valid']) == (2, 'text', None)
+    assert list(s['train']) == [('Great movie.', 1), ('Bad.', 0)] and s['test'].texts == ['Fine.']  # cleaned as files
+    splits['test']['label'] = [2]
+    with pytest.raises(ValueError, match=r"stanfordnlp/imdb \(plain_text\) test: label 2 at index 0 is out of range"):
+        data.get_dataset_splits('imdb', source='hub')
+
+
+def test_hub_unreachable_or_not_offered(monkeypatch):
+    datasets = pytest.importorskip('datasets')
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, 'load_dataset', offline)
+    with pytest.raises(RuntimeError, match=r"Could not load SST from the Hugging Face hub.*offline.*'files'"):
+        data.get_dataset_splits('sst5', source='hub')
+    with pytest.raises(ValueError, match=r"data source 'hub' offers sst5, sst2, imdb only"):
+        data.get_dataset_splits('cifar10', source='hub')
+    with pytest.raises(ValueError, match='unknown data source'):
+        data.get_dataset_splits('sst5', source='web')
 
 # -----------------------------------------------------------------------------
 # errors and downloading
@@ -410,3 +561,37 @@ def test_download_and_extract_local_archives(tmp_path):
                               checksum='sha256:' + data.file_checksum(tmp_path / 'x.mat.gz'))
     assert (tmp_path / 'out' / 'x.mat').read_bytes() == b'payload'
     assert sorted(os.listdir(tmp_path / 'out')) == ['folder', 'x.mat']  # no temporary leftovers
+
+
+def test_command_line(tmp_path):
+    """python -m data <name> [--data_root] [--download] [--data_source]: split sizes, or a clear error."""
+    import subprocess
+    write_sst(tmp_path / 'sst')
+    run = lambda *args: subprocess.run([sys.executable, '-m', 'data', *args], cwd=REPO_ROOT, capture_output=True,  # noqa: E731
+                                       text=True, timeout=300)
+    out = run('sst5', '--data_root', str(tmp_path))
+    assert out.returncode == 0 and out.stdout.splitlines()[:3] == ['train: 18', 'valid: 3', 'test: 2'], out.stderr
+    out = run('imdb', '--data_root', str(tmp_path))
+    assert out.returncode == 2 and 'aclImdb' in out.stderr and '--download' in out.stderr and 'Traceback' not in out.stderr
+    out = run('mnist', '--data_source', 'hub')
+    assert out.returncode == 2 and "offers sst5, sst2, imdb only" in out.stderr
+
+
+def test_the_data_layer_is_layered():
+    """data/ modules import only modules listed before them (bottom layer first), and nothing imports models."""
+    import ast
+    import subprocess
+    order = ['fileio', 'downloads', 'text', 'images', 'smallnorb', 'features', 'splits', '__main__']
+    assert sorted(p.stem for p in (REPO_ROOT / 'data').glob('*.py')) == sorted(order + ['__init__'])
+    for k, name in enumerate(order):
+        tree = ast.parse((REPO_ROOT / 'data' / f'{name}.py').read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                top = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or '']
+                assert not any(t.split('.')[0] in ('models', 'train', 'data') for t in top), (name, top)
+        assert imported <= set(order[:k]), (name, imported - set(order[:k]))
+    out = subprocess.run([sys.executable, '-c', 'import sys, data; assert "models" not in sys.modules'], cwd=REPO_ROOT)
+    assert out.returncode == 0

@@ -12,7 +12,7 @@ import models
 from heinsen_routing import GenerativeMatrixRouting, Routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# where the published files are: $HEINSEN2019_DIR, where `python data.py heinsen2019 --download` puts them, or
+# where the published files are: $HEINSEN2019_DIR, where `python -m data heinsen2019 --download` puts them, or
 # the byte-for-byte copies beside the clone (CI)
 WEIGHTS_DIR = next((d for d in (os.environ.get('HEINSEN2019_DIR'), os.path.join(ROOT, '.data', 'heinsen2019'),
                                 os.path.join(ROOT, '..', 'shared', 'weights', 'heinsen2019'))

@@ -79,12 +79,12 @@ def test_sst_download_verifies_the_tree_files(tmp_path, monkeypatch):
         for f in ('train.txt', 'dev.txt', 'test.txt'):
             z.write(tmp_path / 'src' / 'trees' / f, f'trees/{f}')
     good = {f'trees/{f}': sha256(tmp_path / 'src' / 'trees' / f) for f in ('train.txt', 'dev.txt', 'test.txt')}
-    monkeypatch.setattr(data, 'SST_URL', (tmp_path / 'sst.zip').as_uri())
-    monkeypatch.setattr(data, 'SST_MEMBER_CHECKSUMS', {**good, 'trees/dev.txt': 'sha256:' + '1' * 64})
+    monkeypatch.setattr(data.downloads, 'SST_URL', (tmp_path / 'sst.zip').as_uri())
+    monkeypatch.setattr(data.downloads, 'SST_MEMBER_CHECKSUMS', {**good, 'trees/dev.txt': 'sha256:' + '1' * 64})
     with pytest.raises(data.ChecksumMismatchError, match='trees/dev.txt'):
         data.get_dataset_splits('sst5', data_root=str(tmp_path / 'root'), download=True)
     assert os.listdir(tmp_path / 'root' / 'sst') == []                              # nothing moved into place
-    monkeypatch.setattr(data, 'SST_MEMBER_CHECKSUMS', good)
+    monkeypatch.setattr(data.downloads, 'SST_MEMBER_CHECKSUMS', good)
     assert len(data.get_dataset_splits('sst5', data_root=str(tmp_path / 'root'), download=True)['test']) == 2
 
 
@@ -92,8 +92,8 @@ def test_mnist_download_is_verified(tmp_path, monkeypatch):
     src = tmp_path / 'mirror'
     src.mkdir()
     data.write_idx(str(src / 'train-images-idx3-ubyte.gz'), np.zeros((2, 28, 28), np.uint8), gzip=True)
-    monkeypatch.setattr(data, 'MNIST_URL', src.as_uri() + '/')
-    monkeypatch.setattr(data, 'CHECKSUMS', {src.as_uri() + '/train-images-idx3-ubyte.gz': 'sha256:' + 'a' * 64})
+    monkeypatch.setattr(data.downloads, 'MNIST_URL', src.as_uri() + '/')
+    monkeypatch.setattr(data.downloads, 'CHECKSUMS', {src.as_uri() + '/train-images-idx3-ubyte.gz': 'sha256:' + 'a' * 64})
     with pytest.raises(data.ChecksumMismatchError, match='train-images-idx3-ubyte.gz'):
         data.get_dataset_splits('mnist', data_root=str(tmp_path), download=True)
     assert not (tmp_path / 'mnist' / 'train-images-idx3-ubyte').exists()
@@ -135,13 +135,13 @@ def test_fetch_heinsen2019_weights_verified(tmp_path):
         data.fetch_heinsen2019_weights(str(dest), base_url=base_url)
 
     # the command line (never the network: a file:// mirror)
-    cli = [sys.executable, 'data.py', 'heinsen2019', '--data-root', str(tmp_path / 'cli')]
+    cli = [sys.executable, '-m', 'data', 'heinsen2019', '--data_root', str(tmp_path / 'cli')]
     out = subprocess.run(cli, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and 'pass --download' in out.stderr and 'Traceback' not in out.stderr
-    out = subprocess.run(cli + ['--download', '--base-url', base_url], cwd=REPO_ROOT, capture_output=True, text=True,
+    out = subprocess.run(cli + ['--download', '--base_url', base_url], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.count('sha256 verified') == 3, out.stderr
-    out = subprocess.run(cli + ['--download', '--base-url', mirror.as_uri() + '/', '--data-root', str(tmp_path / 'cli2')],
+    out = subprocess.run(cli + ['--download', '--base_url', mirror.as_uri() + '/', '--data_root', str(tmp_path / 'cli2')],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and 'error: ' in out.stderr and 'does not have its pinned sha256' in out.stderr
 

@@ -173,3 +173,22 @@ def test_length_grouped_batches_cover_every_sample_once():
         spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
         assert spread < 6                                    # random batches of 32 would spread over ~45
     assert batches == list(data.LengthGroupedBatchSampler(lengths, 32, shuffle=False))
+
+
+def test_data_source_hub_trains_on_the_same_data(tiny_sst, tiny_bert, tmp_path, monkeypatch):
+    """--data_source hub: the trees come from datasets.load_dataset (here a stand-in built from the same files; the
+    hub is never reached) and give the run the files give."""
+    datasets = pytest.importorskip('datasets')
+    from pathlib import Path
+    folder = next(d for d in (Path(tiny_sst) / 'sst', Path(tiny_sst) / 'sst' / 'trees') if (d / 'dev.txt').is_file())
+    trees = {split: {'ptb_tree': [t for t in (folder / f'{name}.txt').read_text(encoding='utf-8').splitlines() if t.strip()]}
+             for split, name in (('train', 'train'), ('validation', 'dev'), ('test', 'test'))}
+    monkeypatch.setattr(datasets, 'load_dataset', lambda path, name=None, **kw: datasets.DatasetDict(
+        {k: datasets.Dataset.from_dict(v) for k, v in trees.items()}))
+    from_files = run(sst_args(tiny_sst, tiny_bert, tmp_path / 'files', '--n_epochs', 1, '--run_test'))
+    from_hub = run(sst_args(tmp_path / 'empty', tiny_bert, tmp_path / 'hub', '--n_epochs', 1, '--run_test',
+                            '--data_source', 'hub'))
+    same = lambda r: {k: v for k, v in r.items() if k != 'epoch_seconds'}          # noqa: E731
+    assert from_hub == from_files and same(metrics(tmp_path / 'hub')[0]) == same(metrics(tmp_path / 'files')[0])
+    with pytest.raises(SystemExit):
+        train.parse_args(['--dataset_name', 'cifar10', '--data_source', 'hub'])

@@ -1,0 +1,277 @@
+"""
+The feature store and batching of text features.
+
+    FeatureStore(folder, backbone)   a frozen backbone's hidden states of every text, computed once, memory-mapped
+    CachedFeatures                   a Dataset of (hidden [n_pos, d_depth, d_emb], label) read from a store
+    pad_positions(sequences)         zero-pad a list of [n_pos_b, ...] tensors -> (hidden, mask)
+    collate_features(batch)          pad_positions for a DataLoader -> (hidden, mask, labels)
+    LengthGroupedBatchSampler        batches of similar lengths (less padding)
+
+Imports data.fileio only (never models: models imports pad_positions from here).
+"""
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .fileio import write_atomic
+
+# -----------------------------------------------------------------------------
+# Feature store: a frozen backbone's hidden states of every text, computed once, memory-mapped.
+# The backbone never changes, so heads can train from these instead of running it every step.
+
+
+def backbone_fingerprint(backbone) -> dict:
+    """What determines a text backbone's features, hashed: its weights (every tensor of the state dict),
+    its config (less its path), its tokenizer (the full tokenizers JSON, or the vocabulary), the window
+    (max_length), the hub revision it resolved to, and the versions of the libraries that tokenise.
+    -> {'weights', 'config', 'tokenizer': sha256 hex, 'max_length', 'revision', 'transformers', 'tokenizers'}"""
+    import transformers
+    try:
+        import tokenizers
+        tokenizers_version = tokenizers.__version__
+    except ImportError:
+        tokenizers_version = None
+    model = backbone.model
+    weights = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        weights.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        weights.update(t.reshape(-1).view(torch.uint8).numpy())
+    config = getattr(model, 'config', None)
+    config_dict = {} if config is None else {k: v for k, v in config.to_dict().items()
+                                               if k not in ('_name_or_path', 'transformers_version')}
+    tokenizer = getattr(backbone, 'tokenizer', None)
+    if tokenizer is None:
+        tokenizer_text = ''
+    elif getattr(tokenizer, 'backend_tokenizer', None) is not None:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec.pop('truncation', None), spec.pop('padding', None)   # call settings, changed by every encode()
+        tokenizer_text = type(tokenizer).__name__ + json.dumps(spec, sort_keys=True)
+    else:
+        tokenizer_text = type(tokenizer).__name__ + json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()                    # noqa: E731
+    return {'weights': weights.hexdigest(), 'config': sha(json.dumps(config_dict, sort_keys=True, default=str)),
+            'tokenizer': sha(tokenizer_text), 'max_length': getattr(backbone, 'max_length', None),
+            'revision': getattr(config, '_commit_hash', None),
+            'transformers': transformers.__version__, 'tokenizers': tokenizers_version}
+
+
+class FeatureStore:
+    """
+    Hidden states of all depths of one frozen text backbone for every text ever asked for, stored
+    once as float16 and read back memory-mapped. Texts are keys, so datasets that share texts (SST-5
+    and SST-2) share features. The store lives in folder/<key>/, key = a hash of backbone_fingerprint
+    (weights, config, tokenizer, max_length, revision, library versions): other weights or another
+    revision of the same backbone name get their own features. Layout of folder/<key>/:
+
+        hidden.f16   float16 [n_rows, d_depth, d_emb], one row per non-padding token, append-only
+        index.json   {'backbone', 'd_depth', 'd_emb', 'max_length', 'fingerprint', 'n_rows',
+                      'texts': {text: [start, length]}}
+        .lock        a file lock (filelock): one process at a time appends rows and rewrites the index
+
+    Nothing is lost on interruption: rows are appended and fsynced before index.json (written
+    atomically) points at them, and rows past the index's n_rows (a partial tail) are dropped on
+    the next open, so encoding resumes where the last saved index ends. Several processes (runs side
+    by side, or the ranks of `accelerate launch`) may share a store: writers take the lock and re-read
+    the index first, so no row is written twice or pointed at by another text. A hidden.f16 shorter than
+    its index (truncated or deleted) or an unreadable index.json is refused with the folder to delete.
+    """
+
+    SAVE_EVERY_SECONDS = 60
+
+    def __init__(self, folder, backbone):
+        from filelock import FileLock
+        self.backbone = backbone
+        fingerprint = backbone_fingerprint(backbone)
+        self.key = hashlib.sha256(json.dumps(
+            [backbone.name, backbone.d_depth, backbone.d_emb, fingerprint], sort_keys=True).encode()).hexdigest()
+        self.folder = os.path.join(folder, self.key[:16])
+        self.hidden_path = os.path.join(self.folder, 'hidden.f16')
+        self.index_path = os.path.join(self.folder, 'index.json')
+        self.meta = {'backbone': backbone.name, 'd_depth': backbone.d_depth, 'd_emb': backbone.d_emb,
+                     'max_length': getattr(backbone, 'max_length', None), 'fingerprint': fingerprint}
+        self.row_bytes = 2 * backbone.d_depth * backbone.d_emb
+        os.makedirs(self.folder, exist_ok=True)
+        self.lock = FileLock(os.path.join(self.folder, '.lock'))
+        with self._locked():
+            self._load()
+
+    def _locked(self):
+        from filelock import Timeout
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            print(f"feature cache {self.folder}: another process is writing it; waiting for it to finish")
+            self.lock.acquire()
+        return _Release(self.lock)
+
+    def _damaged(self, why):
+        return ValueError(f"feature cache {self.folder} is damaged: {why}. Delete this folder to rebuild the "
+                          f"features (or pass another --feature_cache)")
+
+    def _load(self):
+        """(Re-)read the index, validate it against the backbone and hidden.f16, drop a partial tail (under the lock)."""
+        index = {**self.meta, 'n_rows': 0, 'texts': {}}
+        if os.path.exists(self.index_path):
+            try:
+                with open(self.index_path, encoding='utf-8') as f:
+                    index = json.load(f)
+                if not isinstance(index, dict) or not isinstance(index.get('texts'), dict) \
+                        or not isinstance(index.get('n_rows'), int) or index['n_rows'] < 0:
+                    raise ValueError("expected {'n_rows': int, 'texts': {text: [start, length]}, ...}")
+            except (ValueError, UnicodeDecodeError) as e:          # json.JSONDecodeError is a ValueError
+                raise self._damaged(f"{self.index_path} is not a valid index ({e})") from None
+            stored = {k: index.get(k) for k in self.meta}
+            if stored != self.meta:
+                raise ValueError(f"feature cache {self.folder} holds features of {stored}, not of {self.meta}: "
+                                 f"use another --feature_cache folder")
+            n_rows = index['n_rows']
+            for text, span in index['texts'].items():
+                if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)
+                        and span[0] >= 0 and span[1] >= 0 and span[0] + span[1] <= n_rows):
+                    raise self._damaged(f"{self.index_path} points {text[:40]!r} at rows {span}, outside its "
+                                        f"{n_rows} rows")
+        needed = index['n_rows'] * self.row_bytes
+        size = os.path.getsize(self.hidden_path) if os.path.exists(self.hidden_path) else 0
+        if size < needed:
+            raise self._damaged(f"{self.hidden_path} holds {size} bytes but index.json points at {index['n_rows']} "
+                                f"rows ({needed} bytes): the file was truncated or deleted")
+        if size > needed or not os.path.exists(self.hidden_path):
+            with open(self.hidden_path, 'ab') as f:                  # drop a partial tail, if any
+                f.truncate(needed)
+        self.index = index
+
+    def _save_index(self):
+        write_atomic(self.index_path, json.dumps(self.index).encode())
+
+    def ensure(self, texts, desc='', batch_texts=128):
+        """Encodes (with the backbone) the texts not stored yet, shortest first, in batches."""
+        if not set(texts) - set(self.index['texts']):
+            return
+        with self._locked():
+            self._load()                                             # another process may have added some
+            self._append(sorted(set(texts) - set(self.index['texts']), key=len), desc, batch_texts)
+
+    def _append(self, missing, desc, batch_texts):
+        from tqdm import tqdm
+        if not missing:
+            return
+        last_save = time.time()
+        progress = tqdm(total=len(missing), desc=f"encoding {desc} ({self.backbone.name})", unit='text')
+        with open(self.hidden_path, 'ab') as f, progress:
+            for s in range(0, len(missing), batch_texts):
+                batch = missing[s:s + batch_texts]
+                progress.update(len(batch))
+                hidden, mask = self.backbone.encode(batch)           # [batch, n_pos, d_depth, d_emb], [batch, n_pos]
+                hidden = hidden.to(torch.float16).cpu().numpy()
+                lengths = (~mask).sum(dim=1).tolist()
+                for text, h, length in zip(batch, hidden, lengths):
+                    f.write(np.ascontiguousarray(h[:length]).tobytes())   # non-padding tokens come first
+                    self.index['texts'][text] = [self.index['n_rows'], length]
+                    self.index['n_rows'] += length
+                if time.time() - last_save > self.SAVE_EVERY_SECONDS or s + batch_texts >= len(missing):
+                    f.flush()
+                    os.fsync(f.fileno())
+                    self._save_index()
+                    last_save = time.time()
+
+    def dataset(self, texts, labels, desc=''):
+        """-> a Dataset of (hidden float32 tensor [n_pos, d_depth, d_emb], label), encoding what is missing."""
+        self.ensure(texts, desc)
+        spans = [self.index['texts'][t] for t in texts]
+        return CachedFeatures(self.hidden_path, self.index['n_rows'], (self.meta['d_depth'], self.meta['d_emb']),
+                              spans, labels)
+
+
+class _Release:
+    """Context manager that releases an already acquired lock."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self.lock
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+class CachedFeatures(Dataset):
+    """(hidden [n_pos, d_depth, d_emb] float32, label) read from a FeatureStore's memory map;
+    .lengths holds each sample's n_pos."""
+
+    def __init__(self, hidden_path, n_rows, row_shape, spans, labels):
+        self.hidden_path, self.n_rows, self.row_shape = hidden_path, n_rows, tuple(row_shape)
+        self.spans, self.labels = spans, [int(y) for y in labels]
+        self.lengths = [length for _, length in spans]
+        self._rows = None                                            # opened lazily (also in loader workers)
+
+    def __len__(self):
+        return len(self.spans)
+
+    def __getitem__(self, i):
+        if self._rows is None:
+            self._rows = np.memmap(self.hidden_path, dtype=np.float16, mode='r', shape=(self.n_rows, *self.row_shape))
+        start, length = self.spans[i]
+        return torch.from_numpy(self._rows[start:start + length].astype(np.float32)), self.labels[i]
+
+    def __getstate__(self):
+        return {**self.__dict__, '_rows': None}
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+def pad_positions(sequences):
+    """[tensor [n_pos_b, d_depth, d_emb]] -> hidden [batch, n_pos, d_depth, d_emb] (zeros after each
+    sequence's end), mask [batch, n_pos] (True = padding)."""
+    n_pos = max(len(s) for s in sequences)
+    hidden = sequences[0].new_zeros(len(sequences), n_pos, *sequences[0].shape[1:])
+    mask = torch.ones(len(sequences), n_pos, dtype=torch.bool, device=hidden.device)
+    for b, s in enumerate(sequences):
+        hidden[b, :len(s)] = s
+        mask[b, :len(s)] = False
+    return hidden, mask
+
+
+def collate_features(batch):
+    """[(hidden [n_pos_b, d_depth, d_emb], label)] -> hidden [B, n_pos, d_depth, d_emb] zero-padded,
+    mask [B, n_pos] (True = padding), labels [B]."""
+    hidden, mask = pad_positions([h for h, _ in batch])
+    return hidden, mask, torch.tensor([y for _, y in batch])
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """
+    Shuffled batches of similar-length samples, so little of each batch is padding (padding is
+    masked, so this changes speed, not results). Each epoch: shuffle all indices, cut them into
+    groups of `batch_size * group_batches`, sort each group by length, cut it into batches, and
+    shuffle the batches. Draws from `generator` (default: torch's global RNG); seed it for
+    reproducible passes. shuffle=False (evaluation): the same batches every time, sorted by length.
+    """
+
+    def __init__(self, lengths, batch_size, group_batches=64, shuffle=True, generator=None):
+        self.lengths, self.batch_size, self.shuffle = list(lengths), batch_size, shuffle
+        self.generator = generator
+        self.group = batch_size * group_batches if shuffle else len(self.lengths)
+
+    def __len__(self):
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        if not self.shuffle:
+            order = sorted(range(len(self.lengths)), key=self.lengths.__getitem__)
+            return iter([order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)])
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for s in range(0, len(order), self.group):
+            group = sorted(order[s:s + self.group], key=self.lengths.__getitem__)
+            batches += [group[k:k + self.batch_size] for k in range(0, len(group), self.batch_size)]
+        return iter([batches[k] for k in torch.randperm(len(batches), generator=self.generator).tolist()])
