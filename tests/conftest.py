@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 
+from tests.helpers.files import NEGATIVE, POSITIVE, tree
+
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and immune to a busy second core
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
-SST_DIR = os.environ.get('SST_DIR', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'sst'))
 
 
 def _tiny_text_backbone(folder, config_cls, model_cls, **extra):
@@ -66,17 +67,6 @@ def tiny_beit(tmp_path_factory):
                                      num_attention_heads=2, intermediate_size=37)
     transformers.BeitModel(config).save_pretrained(folder)
     return str(folder)
-
-
-POSITIVE = ['good', 'great', 'lovely', 'fine', 'superb']
-NEGATIVE = ['bad', 'awful', 'dull', 'poor', 'weak']
-
-
-def tree(label, words):
-    """A PTB tree whose root and every word carry `label`: (label (label w1) (label (label w2) ...))."""
-    if len(words) == 1:
-        return f"({label} {words[0]})"
-    return f"({label} ({label} {words[0]}) {tree(label, words[1:])})"
 
 
 @pytest.fixture

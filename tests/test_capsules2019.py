@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import data
 import models
 import train
-from tests.test_data import write_smallnorb
+from tests.helpers.files import write_smallnorb
 
 
 def run(argv):
@@ -144,6 +144,7 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_smallnorb_trains_end_to_end_and_loss_falls(tmp_path, capsys):
     write_small_smallnorb(tmp_path)
     out = tmp_path / 'run'

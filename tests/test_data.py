@@ -18,19 +18,14 @@ import torch
 import torchvision
 from PIL import Image
 
+import data
+from tests.helpers.files import SST_DEV, SST_DIR, SST_TEST, SST_TRAIN, write_cifar_batch, write_smallnorb, write_sst
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-import data  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # SST: parser, detokenizer, splits
 
-SST_TRAIN = [
-    "(3 (2 It) (3 (2 (2 's) (3 good)) (2 .)))",
-    "(1 (2 It) (1 (1 (2 is) (1 (2 n't) (3 good))) (2 .)))",
-    "(4 (2 -LRB-) (4 (4 great) (2 -RRB-)))",
-    "(0 (2 It) (3 (2 (2 's) (3 good)) (2 .)))",  # same text as the first root, other label: first wins
-]
 # expected deduplicated training phrases: roots first (file order), then pre-order phrases per tree
 SST_TRAIN_EXPECTED = [
     ("It's good.", 3), ("It isn't good.", 1), ("(great)", 4),
@@ -38,19 +33,6 @@ SST_TRAIN_EXPECTED = [
     ("isn't good.", 1), ("isn't good", 1), ("is", 2), ("n't good", 1), ("n't", 2),
     ("(", 2), ("great)", 4), ("great", 4), (")", 2),
 ]
-SST_DEV = [
-    "(2 (2 (2 8\u00a01\\/2) (2 hours)) (2 .))",  # SST words may hold U+00A0 and escaped slashes
-    "(4 (2 ``) (4 (4 (4 Wow) (2 '')) (2 !)))",
-    "(4 (2 ``) (4 (4 (4 Wow) (2 '')) (2 !)))",  # duplicate roots are kept in dev/test
-]
-SST_TEST = ["(0 (0 bad) (2 .))", "", "(3 (3 fine) (2 !))"]  # blank lines are ignored
-
-
-def write_sst(folder, train=SST_TRAIN, dev=SST_DEV, test=SST_TEST):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, lines in (('train.txt', train), ('dev.txt', dev), ('test.txt', test)):
-        (folder / name).write_text('\n'.join(lines) + '\n', encoding='utf-8')
-
 
 def test_parse_ptb_tree():
     tree = data.parse_ptb_tree("(3 (2 It) (4 (2 's) (2 .)))\n")
@@ -105,9 +87,9 @@ def test_sst_malformed_file_names_the_line(tmp_path):
         data.get_dataset_splits('sst5', data_root=str(tmp_path))
 
 
-SST_DIR = Path(os.environ.get('SST_DIR', REPO_ROOT / '..' / 'shared' / 'data' / 'sst'))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SST_DIR / 'test.txt').is_file(), reason=f"real SST not found at {SST_DIR} (set SST_DIR)")
 def test_real_sst_counts(tmp_path):
     (tmp_path / 'sst').symlink_to(SST_DIR.resolve(), target_is_directory=True)  # no copy of the data
@@ -187,14 +169,7 @@ def test_imagenet_folder(tmp_path):
         data.get_dataset_splits('imagenet-1k', data_root=str(tmp_path), image_size=32)
 
 
-def write_cifar_batch(path, images, labels, label_key):
-    """images uint8 [N, 32, 32, 3] -> the official pickle: b'data' uint8 [N, 3072] as RGB planes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    batch = {b'batch_label': b'test', label_key: list(labels),
-             b'data': images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
-             b'filenames': [b'x.png'] * len(images)}
-    with open(path, 'wb') as f:
-        pickle.dump(batch, f)
+
 
 
 def test_cifar10(tmp_path):
@@ -328,21 +303,6 @@ def test_smallnorb_format_by_hand(tmp_path):
         data.read_smallnorb_file(str(tmp_path / 'bad.mat'))
 
 
-def write_smallnorb(root, n=3):
-    """Tiny smallNORB train and test files: left image of example i = 10 * i, right = 200 + i."""
-    for split in ('train', 'test'):
-        dat = np.zeros((n, 2, 96, 96), np.uint8)
-        dat[:, 0] = (10 * np.arange(n))[:, None, None]
-        dat[:, 1] = (200 + np.arange(n))[:, None, None]
-        if split == 'train':
-            dat[0, 0] = np.arange(96, dtype=np.uint8)[None, :]  # a horizontal ramp, to check the crops
-        info = np.stack([np.arange(n), np.full(n, 3), 2 * np.arange(n), np.full(n, 5)], axis=1)
-        prefix = root / data.SMALLNORB_PREFIX[split]
-        data.write_smallnorb_file(f'{prefix}dat.mat', dat)
-        data.write_smallnorb_file(f'{prefix}cat.mat', np.arange(n) % 5)
-        data.write_smallnorb_file(f'{prefix}info.mat', info)
-
-
 def test_smallnorb_dataset(tmp_path):
     write_smallnorb(tmp_path / 'smallnorb')
     s = data.get_dataset_splits('smallnorb', data_root=str(tmp_path))
@@ -469,6 +429,7 @@ def test_sst_from_the_hub_equals_the_files(tmp_path, monkeypatch, name):
     assert_same_text_splits(hub, data.get_dataset_splits(name, data_root=str(tmp_path)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SST_DIR / 'test.txt').is_file(), reason=f"real SST not found at {SST_DIR} (set SST_DIR)")
 def test_real_sst_from_the_hub_layout_equals_the_files(tmp_path, monkeypatch):
     (tmp_path / 'sst').symlink_to(SST_DIR.resolve(), target_is_directory=True)

@@ -23,6 +23,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which('accelerate') is None, reason='accelerate launch not installed')
 @pytest.mark.parametrize('cached', [True, False])
 def test_two_processes_train_end_to_end(tiny_sst, tiny_bert, tmp_path, cached):

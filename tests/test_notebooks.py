@@ -13,6 +13,8 @@ import nbclient
 import nbformat
 import pytest
 
+from tests.helpers.files import PUBLISHED_2019
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / 'notebooks'
 
@@ -37,6 +39,7 @@ def test_notebook_is_stripped(name):
                        f"committing (clear each code cell's outputs and set execution_count to None)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_notebook_runs(name, tmp_path, monkeypatch):
     nb = read(name)
@@ -54,11 +57,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     assert saved.is_file() and saved.stat().st_size > 10_000, f"{name} did not save {figure} to $CREDIT_FIGURES_DIR"
 
 
-WEIGHTS_DIR = ROOT.parent / 'shared' / 'weights' / 'heinsen2019'
-
-
-@pytest.mark.skipif(not (WEIGHTS_DIR / 'smallNORB_pretrained_model_state_dict.pt').is_file(),
-                    reason='the published 2019 weights are not beside the clone')
+@pytest.mark.slow
+@pytest.mark.skipif(PUBLISHED_2019 is None, reason='the published 2019 weights are not present')
 def test_reverse_graphics_real_mode_uses_the_published_model(tmp_path, monkeypatch):
     """With smallNORB test files present (here: 18 views of one object written in the real 96 x 96 format), the
     notebook trains nothing and runs the authors' published smallNORB network."""
@@ -72,7 +72,7 @@ def test_reverse_graphics_real_mode_uses_the_published_model(tmp_path, monkeypat
     data.write_smallnorb_file(f'{prefix}cat.mat', np.zeros(18, np.int32))
     info = np.stack([np.zeros(18), np.full(18, 4), np.arange(0, 36, 2), np.zeros(18)], axis=1).astype(np.int32)
     data.write_smallnorb_file(f'{prefix}info.mat', info)               # instance, elevation, azimuth, lighting
-    model = WEIGHTS_DIR / 'smallNORB_pretrained_model_state_dict.pt'
+    model = PUBLISHED_2019 / 'smallNORB_pretrained_model_state_dict.pt'
     for key, value in (('CREDIT_FIGURES_DIR', tmp_path), ('SMALLNORB_DATA_ROOT', tmp_path / 'data'),
                        ('SMALLNORB_MODEL', model), ('HF_HUB_OFFLINE', '1')):
         monkeypatch.setenv(key, str(value))

@@ -8,7 +8,7 @@ import torch
 
 import models
 import train
-from tests.conftest import SST_DIR
+from tests.helpers.files import SST_DIR
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 # folder -> (class, --model it was trained as, dataset): the 2022 routing heads and the 2019 SSTClassifiers on minilm

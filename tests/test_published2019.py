@@ -10,14 +10,9 @@ import torch
 
 import models
 from heinsen_routing import GenerativeMatrixRouting, Routing
+from tests.helpers.files import PUBLISHED_2019
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# where the published files are: $HEINSEN2019_DIR, where `python -m data heinsen2019 --download` puts them, or
-# the byte-for-byte copies beside the clone (CI)
-WEIGHTS_DIR = next((d for d in (os.environ.get('HEINSEN2019_DIR'), os.path.join(ROOT, '.data', 'heinsen2019'),
-                                os.path.join(ROOT, '..', 'shared', 'weights', 'heinsen2019'))
-                    if d and os.path.isfile(os.path.join(d, 'SST5R_pretrained_model_state_dict.pt'))), None)
-needs_weights = pytest.mark.skipif(WEIGHTS_DIR is None, reason='the published 2019 weights are not present')
+needs_weights = pytest.mark.skipif(PUBLISHED_2019 is None, reason='the published 2019 weights are not present')
 
 
 def pattern(*shape):
@@ -26,7 +21,7 @@ def pattern(*shape):
 
 
 def published(name):
-    path = os.path.join(WEIGHTS_DIR, f'{name}_pretrained_model_state_dict.pt')
+    path = os.path.join(PUBLISHED_2019, f'{name}_pretrained_model_state_dict.pt')
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
@@ -250,6 +245,6 @@ def test_train_py_loads_the_published_smallnorb_file(tmp_path):
         data.write_smallnorb_file(f'{prefix}cat.mat', labels.numpy().astype(np.int32))
         data.write_smallnorb_file(f'{prefix}info.mat', np.zeros((5, 4), np.int32))
     acc = train.main(['--dataset_name', 'smallnorb', '--data_root', str(tmp_path), '--device', 'cpu', '--eval_only',
-                      '--pretrained_path', os.path.join(WEIGHTS_DIR, 'smallNORB_pretrained_model_state_dict.pt'),
+                      '--pretrained_path', os.path.join(PUBLISHED_2019, 'smallNORB_pretrained_model_state_dict.pt'),
                       '--output_dir', str(tmp_path / 'eval')])
     assert acc == pytest.approx(3 / 5)

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
+from tests.helpers.files import PUBLISHED_2019
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = re.findall(r"```python\n(.*?)```", (ROOT / 'README.md').read_text(), flags=re.S)
-PUBLISHED = next((d for d in (ROOT / '.data' / 'heinsen2019', ROOT.parent / 'shared' / 'weights' / 'heinsen2019')
-                  if (d / 'smallNORB_pretrained_model_state_dict.pt').is_file()), None)
 
 
 def test_readme_has_the_examples_it_promises():
@@ -22,9 +22,9 @@ def test_readme_has_the_examples_it_promises():
 def test_readme_example_runs(k, tmp_path, monkeypatch):
     (tmp_path / 'pretrained').symlink_to(ROOT / 'pretrained')
     if '.data/heinsen2019/' in EXAMPLES[k]:
-        if PUBLISHED is None:
+        if PUBLISHED_2019 is None:
             pytest.skip('the published 2019 weights are not present')
         (tmp_path / '.data').mkdir()
-        (tmp_path / '.data' / 'heinsen2019').symlink_to(PUBLISHED)
+        (tmp_path / '.data' / 'heinsen2019').symlink_to(PUBLISHED_2019)
     monkeypatch.chdir(tmp_path)
     exec(compile(EXAMPLES[k], f'README.md example {k}', 'exec'), {'__name__': f'readme_example_{k}'})

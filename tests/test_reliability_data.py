@@ -23,12 +23,9 @@ import pytest
 import torch
 
 import data
-from tests.test_data import write_cifar_batch, write_smallnorb, write_sst
+from tests.helpers.files import PUBLISHED_2019, SST_DIR, write_cifar_batch, write_smallnorb, write_sst
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get('SHARED_DIR', REPO_ROOT / '..' / 'shared'))
-HEINSEN2019_DIR = Path(os.environ.get('HEINSEN2019_DIR', SHARED_DIR / 'weights' / 'heinsen2019'))
-SST_DIR = Path(os.environ.get('SST_DIR', SHARED_DIR / 'data' / 'sst'))
 
 
 def sha256(path):
@@ -102,21 +99,21 @@ def test_mnist_download_is_verified(tmp_path, monkeypatch):
 # the 2019 published weights
 
 
-@pytest.mark.skipif(not HEINSEN2019_DIR.is_dir(), reason=f"the 2019 weights not found at {HEINSEN2019_DIR}")
+@pytest.mark.skipif(PUBLISHED_2019 is None, reason="the published 2019 weights are not present")
 def test_fetch_heinsen2019_weights_verified(tmp_path):
-    base_url = HEINSEN2019_DIR.resolve().as_uri() + '/'
+    base_url = PUBLISHED_2019.resolve().as_uri() + '/'
     dest = tmp_path / 'heinsen2019'
     paths = data.fetch_heinsen2019_weights(str(dest), base_url=base_url)
     assert sorted(paths) == sorted(data.HEINSEN2019_WEIGHTS)
     for name, path in paths.items():
-        assert Path(path).read_bytes() == (HEINSEN2019_DIR / name).read_bytes()
+        assert Path(path).read_bytes() == (PUBLISHED_2019 / name).read_bytes()
     state = torch.load(paths['SST5R_pretrained_model_state_dict.pt'], map_location='cpu', weights_only=True)
     assert isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values())
     assert data.fetch_heinsen2019_weights(str(dest), base_url='file:///nonexistent/') == paths   # present: verified
 
     # a tampered copy at the source: refused, never kept
     mirror = tmp_path / 'mirror'
-    shutil.copytree(HEINSEN2019_DIR, mirror)
+    shutil.copytree(PUBLISHED_2019, mirror)
     os.chmod(mirror / 'SST2R_pretrained_model_state_dict.pt', 0o644)
     with open(mirror / 'SST2R_pretrained_model_state_dict.pt', 'r+b') as f:
         f.seek(1000)
@@ -448,6 +445,7 @@ WRITER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_fresh_cache(bert, tiny_bert, tmp_path):
     cache = tmp_path / 'cache'
     script = tmp_path / 'writer.py'

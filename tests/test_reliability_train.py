@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import models
 import train
-from tests.conftest import tree
+from tests.helpers.files import tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

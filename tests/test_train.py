@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import models
 import train
-from tests.test_data import write_cifar_batch
+from tests.helpers.files import write_cifar_batch
 
 
 def run(argv):
