@@ -431,7 +431,6 @@ def test_feature_cache_keyed_on_weights(tiny_bert, tmp_path):
 
 WRITER = textwrap.dedent('''
     import os, sys, time
-    sys.path.insert(0, {repo!r})
     import torch
     torch.set_num_threads(1)
     import data, models
@@ -449,7 +448,7 @@ WRITER = textwrap.dedent('''
 def test_two_processes_writing_one_fresh_cache(bert, tiny_bert, tmp_path):
     cache = tmp_path / 'cache'
     script = tmp_path / 'writer.py'
-    script.write_text(WRITER.format(repo=str(REPO_ROOT), model=tiny_bert, cache=str(cache), ready=str(tmp_path / 'ready-'),
+    script.write_text(WRITER.format(model=tiny_bert, cache=str(cache), ready=str(tmp_path / 'ready-'),
                                     go=str(tmp_path / 'go'), texts=TEXTS))
     env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'OMP_NUM_THREADS': '1'}
     procs = [subprocess.Popen([sys.executable, str(script), str(k)], env=env, stdout=subprocess.PIPE,
