@@ -5,7 +5,7 @@
 #                                      # $DATA_ROOT, roberta-large / beit-large at the paper's pinned hub revisions
 #   LAUNCH=echo bash train_all_heads.sh   # print the runs instead of running them
 #   bash train_all_heads.sh offline    # offline profile: minilm (all-MiniLM-L6-v2), SST-5 then SST-2 from it,
-#                                      # on a 2-core CPU in under 30 minutes (see README for measured times)
+#                                      # on a 2-core CPU (see README for the measured time and resources)
 #   bash train_all_heads.sh capsules2019   # the 2019 paper's capsule networks (train.py --model capsules2019):
 #                                      # smallNORB end to end (GPU), SST-5 and SST-2 on minilm (CPU is fine)
 #
@@ -20,9 +20,10 @@ run() { $LAUNCH train.py --data_root "$DATA_ROOT" --run_test --resume "$@"; }
 
 case "${1:-paper}" in
   offline)
-    # the settings of benchmarks/sst_results.py (seed 0): one epoch of at most 2000 steps of 32 phrases each
+    # the settings of benchmarks/sst_results.py (seed 0): one epoch of at most 2000 steps of 32 phrases each.
+    # --download: the SST is fetched (and verified) into $DATA_ROOT/sst if it is not there yet
     CACHE="$DATA_ROOT/features"
-    run --dataset_name sst5 --backbone minilm --feature_cache "$CACHE" --n_epochs 1 --n_iters_per_train_epoch 2000 \
+    run --download --dataset_name sst5 --backbone minilm --feature_cache "$CACHE" --n_epochs 1 --n_iters_per_train_epoch 2000 \
         --batch_sz 32 --output_dir "$OUT/offline/sst5" --device cpu
     run --dataset_name sst2 --backbone minilm --feature_cache "$CACHE" --n_epochs 1 --n_iters_per_train_epoch 2000 \
         --batch_sz 32 --pretrained_path "$OUT/offline/sst5/model" --output_dir "$OUT/offline/sst2" --device cpu

@@ -125,7 +125,8 @@ def verify_checksum(path: str, expected: str, what: str) -> None:
             f"truncated or was tampered with; it was not used. Try again, or fetch it by hand from the official source.")
 
 
-def download_and_extract(url: str, dest_dir: str, checksum: str = None, members: dict = None) -> None:
+def download_and_extract(url: str, dest_dir: str, checksum: str = None, members: dict = None,
+                         by_hand: str = None) -> None:
     """
     Download url into dest_dir, verify it, and unpack it there:
       .zip / .tar / .tar.gz / .tgz -> archive members extracted into dest_dir
@@ -138,11 +139,12 @@ def download_and_extract(url: str, dest_dir: str, checksum: str = None, members:
     Writing is atomic: everything goes to a temporary name inside dest_dir first and is renamed at
     the end, so an interrupted download never leaves a half-written dataset behind. Top-level
     entries that already exist in dest_dir are left untouched. Raises RuntimeError if the download
-    fails (e.g. no network).
+    fails (e.g. no network), saying what to put where by hand (by_hand), and leaves no empty dest_dir behind.
     """
     if checksum is None and not members:
         raise ValueError(f"download_and_extract({url!r}): pass the pinned checksum (or member checksums); "
                          f"unverified downloads are not kept")
+    created = not os.path.isdir(dest_dir)
     os.makedirs(dest_dir, exist_ok=True)
     for prefix in ('.download-', '.gunzip-', '.extract-'):
         remove_orphans(dest_dir, prefix)                         # left behind by killed downloads
@@ -153,9 +155,12 @@ def download_and_extract(url: str, dest_dir: str, checksum: str = None, members:
             with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as response:
                 shutil.copyfileobj(response, f, length=1 << 20)
         except OSError as e:  # urllib.error.URLError, socket timeouts, connection errors are all OSErrors
+            os.remove(tmp_path)
+            if created and not os.listdir(dest_dir):
+                os.rmdir(dest_dir)                               # a later attempt finds nothing half-made
             raise RuntimeError(
-                f"Could not download {url} ({e}). Is the network available? You can also download it "
-                f"by hand and unpack it into {os.path.abspath(dest_dir)}.") from e
+                f"Could not download {url} ({e}). Is the network available? You can also download it by hand "
+                f"and " + (by_hand or f"unpack it into {os.path.abspath(dest_dir)}.")) from e
         if checksum is not None:
             verify_checksum(tmp_path, checksum, f"the download of {url}")
         print(f"downloaded {url}" + (" (checksum verified)" if checksum else ""))

@@ -275,7 +275,10 @@ def _sst_dir(data_root, download):
         if all(os.path.isfile(os.path.join(d, f)) for f in names):
             return d
     if download:
-        downloads.download_and_extract(downloads.SST_URL, root, members=downloads.SST_MEMBER_CHECKSUMS)
+        downloads.download_and_extract(downloads.SST_URL, root, members=downloads.SST_MEMBER_CHECKSUMS,
+                                       by_hand=f"put its three PTB tree files trees/train.txt, trees/dev.txt and "
+                                               f"trees/test.txt into {os.path.abspath(root)}/ (or pass --data_root "
+                                               f"to the folder that holds sst/).")
         return _sst_dir(data_root, download=False)
     # name the file that is missing, in the folder that holds the others
     d = max(candidates, key=lambda c: sum(os.path.isfile(os.path.join(c, f)) for f in names))

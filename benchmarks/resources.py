@@ -1,0 +1,121 @@
+"""
+What the set-up and the offline profile cost on this machine: the disk the installed requirements take, and
+(with --run) the wall time and peak memory of `bash train_all_heads.sh offline` from scratch, and the disk its
+feature cache takes. Writes docs/resources.md (the README's set-up section quotes it).
+
+    python -m benchmarks.resources                 # installed size only (seconds)
+    python -m benchmarks.resources --run           # + the offline profile from scratch (about an hour on 2 cores)
+
+The offline profile runs into a fresh temporary OUT folder and a fresh feature cache (under --work_dir), so
+nothing cached earlier shortens it; the SST is read from --data_root (fetched there if missing).
+"""
+import argparse
+import importlib.metadata
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def requirement_names(path):
+    """The distribution names requirements.txt asks for."""
+    names = []
+    with open(path) as f:
+        for line in f:
+            line = line.split('#')[0].strip()
+            if line:
+                names.append(re.split(r'[<>=!~;\[ ]', line, maxsplit=1)[0])
+    return names
+
+
+def installed_closure(names):
+    """The installed distributions these need, transitively (extras and markers that do not apply are skipped)."""
+    seen, todo = {}, list(names)
+    while todo:
+        name = todo.pop()
+        key = re.sub(r'[-_.]+', '-', name).lower()
+        if key in seen:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        seen[key] = dist
+        for requirement in dist.requires or []:
+            if 'extra ==' in requirement:
+                continue
+            todo.append(re.split(r'[<>=!~;\[ (]', requirement.strip(), maxsplit=1)[0])
+    return seen
+
+
+def installed_bytes(dist):
+    total = 0
+    for file in dist.files or []:
+        path = dist.locate_file(file)
+        if os.path.isfile(path):
+            total += os.path.getsize(path)
+    return total
+
+
+def folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def run_offline_profile(data_root, work_dir):
+    """bash train_all_heads.sh offline into fresh folders -> (wall seconds, peak RSS of a run in bytes, cache bytes)."""
+    out, cache_root = os.path.join(work_dir, 'runs'), os.path.join(work_dir, 'data')
+    os.makedirs(cache_root, exist_ok=True)
+    os.symlink(os.path.abspath(os.path.join(data_root, 'sst')), os.path.join(cache_root, 'sst'))
+    started = time.time()
+    subprocess.run(['bash', os.path.join(REPO_ROOT, 'train_all_heads.sh'), 'offline'], check=True, cwd=REPO_ROOT,
+                   env={**os.environ, 'OUT': out, 'DATA_ROOT': cache_root})
+    wall = time.time() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024        # the largest child, KiB on Linux
+    return wall, peak, folder_bytes(os.path.join(cache_root, 'features'))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--run', action='store_true', help='also run the offline profile from scratch and measure it')
+    p.add_argument('--data_root', default='.data', help='folder holding sst/ (fetched there if missing)')
+    p.add_argument('--work_dir', default=None, help='where the fresh runs and cache go (default: a temporary folder)')
+    p.add_argument('--report', default=os.path.join(REPO_ROOT, 'docs', 'resources.md'))
+    args = p.parse_args(argv)
+    if args.run and not os.path.isdir(os.path.join(args.data_root, 'sst')):
+        subprocess.run([sys.executable, '-m', 'data', 'sst5', '--download', '--data_root', args.data_root], check=True)
+
+    dists = installed_closure(requirement_names(os.path.join(REPO_ROOT, 'requirements.txt')))
+    sizes = sorted(((installed_bytes(d), d.metadata['Name']) for d in dists.values()), reverse=True)
+    total = sum(size for size, _ in sizes)
+    lines = ['# Resources of the set-up and of the offline profile', '',
+             f"Produced by `python -m benchmarks.resources{' --run' if args.run else ''}` on {os.cpu_count()} CPU "
+             f"cores, torch {torch.__version__}.", '',
+             f"- **Installed requirements** (requirements.txt and what they pull in, {len(sizes)} distributions): "
+             f"{total / 2 ** 30:.1f} GiB; the largest: " +
+             ', '.join(f"{name} {size / 2 ** 30:.2f} GiB" for size, name in sizes[:5]) + '.']
+    if args.run:
+        with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
+            wall, peak, cache = run_offline_profile(args.data_root, work_dir)
+        lines += [f"- **`bash train_all_heads.sh offline` from scratch** (feature cache built first, then the SST-5 "
+                  f"and SST-2 heads): {wall / 60:.1f} min wall clock; load average at the end "
+                  f"{os.getloadavg()[0]:.2f} (other jobs share this machine's cores).",
+                  f"- **Feature cache** of all SST texts on minilm: {cache / 2 ** 30:.1f} GiB of disk.",
+                  f"- **Peak memory** of one training process (resident set, ru_maxrss): {peak / 2 ** 30:.1f} GiB; "
+                  f"the memory-mapped cache counts in it as it is read, so it is mostly page cache the system can "
+                  f"reclaim, not memory the process allocates."]
+    text = '\n'.join(lines) + '\n'
+    print(text)
+    os.makedirs(os.path.dirname(args.report), exist_ok=True)
+    with open(args.report, 'w') as f:
+        f.write(text)
+
+
+if __name__ == '__main__':
+    main()
