@@ -386,7 +386,8 @@ def main(argv=None):
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
     pretrained, pretrained_config = models.from_pretrained(args.pretrained_path) if args.pretrained_path else (None, None)
-    pretrained_meta = pretrained and {'model': 'routing_head' if isinstance(pretrained, models.RoutingHead) else 'capsules2019'}
+    pretrained_meta = None if pretrained is None else {
+        'model': 'routing_head' if isinstance(pretrained, models.RoutingHead) else 'capsules2019'}
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.exists(checkpoint_path) else None
     if checkpoint is not None and (not isinstance(checkpoint, dict)
