@@ -19,10 +19,11 @@ REVISIONS = {'roberta-large': '5069d8a', 'microsoft/beit-large-patch16-224': '0b
 TEXT = ('imdb', 'sst5', 'sst2')
 
 
-def printed_runs(out_dir, **env):
-    """The paper profile's runs, parsed by train.py's own parser (the SST-5 model the SST-2 run starts from exists)."""
-    os.makedirs(os.path.join(out_dir, 'sst5', 'model'), exist_ok=True)
-    out = subprocess.run(['bash', os.path.join(ROOT, 'train_all_heads.sh'), 'paper'], capture_output=True, text=True,
+def printed_runs(out_dir, profile='paper', **env):
+    """A profile's runs, parsed by train.py's own parser (the SST-5 model the SST-2 run starts from exists)."""
+    for sst5 in ('sst5', 'paper-minilm/seed0/sst5', 'paper-minilm/seed2/sst5'):
+        os.makedirs(os.path.join(out_dir, sst5, 'model'), exist_ok=True)
+    out = subprocess.run(['bash', os.path.join(ROOT, 'train_all_heads.sh'), profile], capture_output=True, text=True,
                          env={**os.environ, 'LAUNCH': 'echo', 'OUT': str(out_dir), **env}, check=True).stdout
     runs = []
     for line in out.strip().splitlines():
@@ -98,3 +99,13 @@ def test_the_authors_mixup_pairs_each_sample_with_the_next():
     one_hot = torch.nn.functional.one_hot(labels, 3).float()
     torch.testing.assert_close(targets, one_hot.lerp(one_hot[[1, 2, 3, 0]], r[:, None]))
     assert ((r > 0) & (r < 1)).all() and len(set(r.tolist())) == 4                   # r ~ Beta per sample
+
+
+def test_paper_minilm_profile_is_the_papers_sst_recipe_on_the_offline_backbone(tmp_path):
+    for seed in (0, 2):
+        sst5, sst2 = printed_runs(tmp_path, 'paper-minilm', SEED=str(seed))
+        for r in (sst5, sst2):
+            assert (r.batch_sz, r.n_epochs, r.n_iters_per_train_epoch) == PAPER_RUNS[r.dataset_name]
+            assert (r.backbone, r.rng_seed, r.model, r.lr, r.mixup_alpha) == ('minilm', seed, None, None, None)
+            assert r.feature_cache and r.run_test and r.resume
+        assert sst2.pretrained_path == os.path.join(sst5.output_dir, 'model') and f'seed{seed}' in sst5.output_dir
