@@ -5,17 +5,18 @@ iteration's [..., n, n_out] intermediates and the scaled copy of the input for b
 our own implementation at an earlier commit (--before, default d3abfe4, extracted with git archive),
 in the same run, on the same parameters and inputs.
 
-Configurations: KIND:BATCHxN with KIND 'var' (n_inp = -1) or 'fixed' (n_inp = N), all routing
-N inputs of size --d_inp to --n_out outputs of size --d_out (defaults 1024 -> 100 x 1024), n_iters 2.
-The loss is <x_out, w> with a fixed random w; the gradients of the input (unless --frozen_input)
-and of every parameter are computed.
+Configurations: KIND:BATCHxN[:frozen] with KIND 'var' (n_inp = -1) or 'fixed' (n_inp = N), all
+routing N inputs of size --d_inp to --n_out outputs of size --d_out (defaults 1024 -> 100 x 1024),
+n_iters 2. The loss is <x_out, w> with a fixed random w; its gradients with respect to the input
+(unless ':frozen', as for a frozen backbone's hidden states) and to every parameter are computed.
 
 Each measurement runs in a fresh process:
   time    wall time of one forward+backward pass (the last of --passes in the process; gradients
           set to None between passes), median over --rounds processes. The rounds interleave the
           implementations, and each measurement first waits until the CPU is idle (other
           processes busy at most --idle_threshold of it, waiting at most --idle_wait_s; the table
-          gives the largest busy fraction seen before that implementation's measurements).
+          gives the largest busy fraction seen before that implementation's measurements). CPU time:
+          the process's CPU time (all threads) of the same pass, median over the rounds.
   memory  CPU: peak resident set size of the process (ru_maxrss) minus the RSS just before the first
           pass (torch loaded and warmed up on a tiny input, module and input allocated) minus the
           bytes of the gradients of the input and parameters (which any implementation must
@@ -43,7 +44,7 @@ import time
 
 import torch
 
-DEFAULT_CONFIGS = ['var:1x100000', 'var:1x1000000', 'fixed:1x100000', 'var:8x10000']
+DEFAULT_CONFIGS = ['var:1x100000', 'var:1x1000000', 'fixed:1x100000', 'var:8x10000', 'var:1x100000:frozen']
 IMPLEMENTATIONS = ['straightforward', 'before', 'ours']
 MAX_COMPARED = 1 << 22
 
@@ -54,11 +55,12 @@ def rss_bytes():
 
 
 def parse_config(config):
-    kind, size = config.split(':')
+    """'KIND:BATCHxN[:frozen]' -> (kind, batch, n, frozen)"""
+    kind, size, *frozen = config.split(':')
     batch, n = map(int, size.split('x'))
-    if kind not in ('var', 'fixed'):
-        raise ValueError(f"configuration kind must be 'var' or 'fixed', got {config!r}")
-    return kind, batch, n
+    if kind not in ('var', 'fixed') or frozen not in ([], ['frozen']):
+        raise ValueError(f"configuration must be KIND:BATCHxN[:frozen] with KIND 'var' or 'fixed', got {config!r}")
+    return kind, batch, n, bool(frozen)
 
 
 def sample(t):
@@ -74,7 +76,7 @@ def worker(impl, config, args, dtype, out_path, source):
     from heinsen_routing import EfficientVectorRouting
     from tests.reference import straightforward_routing
 
-    kind, batch, n = parse_config(config)
+    kind, batch, n, frozen = parse_config(config)
     device = args.device
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 
@@ -96,7 +98,7 @@ def worker(impl, config, args, dtype, out_path, source):
 
     module = build(n if kind == 'fixed' else -1)
     x = torch.randn(batch, n, args.d_inp, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
-    x.requires_grad_(not args.frozen_input)                                          # [batch, n, d_inp]
+    x.requires_grad_(not frozen)                                                     # [batch, n, d_inp]
     w = torch.randn(batch, args.n_out, args.d_out, generator=torch.Generator().manual_seed(2), dtype=dtype).to(device)
     grad_bytes = sum(t.numel() * t.element_size() for t in [x, *module.parameters()] if t.requires_grad)
     sync()
@@ -105,18 +107,19 @@ def worker(impl, config, args, dtype, out_path, source):
         base = torch.cuda.memory_allocated()
     else:
         base = rss_bytes()
-    times = []
+    times, cpu_times = [], []
     result = {}
     try:
         for _ in range(args.passes if dtype == torch.float32 else 1):
             x.grad = None
             module.zero_grad(set_to_none=True)
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             x_out = forward(module, x)                                                 # [batch, n_out, d_out]
             (x_out * w).sum().backward()
             sync()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     except (RuntimeError, MemoryError) as error:
         message = str(error)
         result['error'] = (f"out of memory at the {args.memory_limit_gib:.1f} GiB limit"
@@ -124,7 +127,7 @@ def worker(impl, config, args, dtype, out_path, source):
                            else message.splitlines()[0][:200])
     peak = (torch.cuda.max_memory_allocated() if device == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)           # KiB on Linux
-    result.update(times=times, extra=peak - base - grad_bytes, peak=peak)
+    result.update(times=times, cpu_times=cpu_times, extra=peak - base - grad_bytes, peak=peak)
     if 'error' not in result:
         result['tensors'] = {'x_out': sample(x_out), **({} if x.grad is None else {'x.grad': sample(x.grad)}),
                              **{name: sample(p.grad) for name, p in module.named_parameters()}}
@@ -166,8 +169,6 @@ def measure(impl, config, args, dtype, tmp, source):
     cmd = [sys.executable, '-m', 'benchmarks.routing', '--device', args.device, '--configs', config,
            '--passes', str(args.passes), '--n_out', str(args.n_out), '--d_inp', str(args.d_inp),
            '--d_out', str(args.d_out), '--worker', impl, dtype, out_path, source or '']
-    if args.frozen_input:
-        cmd.append('--frozen_input')
     proc = subprocess.run(cmd + ['--memory_limit_gib', str(args.memory_limit_gib)], capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(out_path):
         last = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -182,7 +183,7 @@ def measure_rounds(impls, config, args, tmp, sources):
     """--rounds measurements of each implementation, interleaved (A B C A B C ...) so that a change in
     the machine's load affects all alike. -> {impl: {'times': last-pass time of each round,
     'extra': largest extra memory, 'tensors': of the first round, 'busy': largest busy fraction}}"""
-    results = {impl: {'times': [], 'extra': 0, 'busy': 0.0} for impl in impls}
+    results = {impl: {'times': [], 'cpu_times': [], 'extra': 0, 'busy': 0.0} for impl in impls}
     for _ in range(args.rounds):
         for impl in impls:
             r = results[impl]
@@ -194,6 +195,7 @@ def measure_rounds(impls, config, args, tmp, sources):
                 r['extra'] = m.get('extra')                      # what it had reached when it failed
                 continue
             r['times'].append(m['times'][-1])
+            r['cpu_times'].append(m['cpu_times'][-1])
             r['extra'] = max(r['extra'], m['extra'])
             r['busy'] = max(r['busy'], m['busy'])
             r.setdefault('tensors', m['tensors'])
@@ -215,7 +217,6 @@ def main():
     parser.add_argument('--idle_wait_s', type=float, default=300, help='...but no longer than this')
     parser.add_argument('--only', nargs='+', choices=IMPLEMENTATIONS, default=IMPLEMENTATIONS)
     parser.add_argument('--before', default='d3abfe4', help='git commit of the earlier implementation')
-    parser.add_argument('--frozen_input', action='store_true', help='the input does not require grad')
     parser.add_argument('--float64_max_rows', type=int, default=100_000,
                         help='run the float64 agreement check only up to this many inputs (batch x n)')
     parser.add_argument('--memory_limit_gib', type=float, default=None,
@@ -232,11 +233,11 @@ def main():
 
     device = torch.cuda.get_device_name() if args.device == 'cuda' else f'cpu ({os.cpu_count()} cores)'
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, n_iters 2, float32, "
-          f"{args.d_inp} -> {args.n_out} x {args.d_out}, gradients of {'the parameters' if args.frozen_input else 'input and parameters'}, "
+          f"{args.d_inp} -> {args.n_out} x {args.d_out}, "
           f"before = {args.before}, memory limit {args.memory_limit_gib:.1f} GiB, load average {os.getloadavg()[0]:.2f}")
-    print(f"| configuration | implementation | time (s, median of {args.rounds}) | time / before | "
+    print(f"| configuration | implementation | time (s, median of {args.rounds}) | time / before | CPU time (s) | "
           f"extra memory (MiB) | extra / straightforward's | max rel diff float32 | max rel diff float64 | CPU busy before |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         sources = {}
         if 'before' in args.only:
@@ -245,8 +246,8 @@ def main():
             subprocess.run(f"git archive {args.before} heinsen_routing | tar -x -C {sources['before']}",
                            shell=True, check=True)
         for config in args.configs:
-            kind, batch, n = parse_config(config)
-            label = f"{'variable' if kind == 'var' else 'fixed'} length, {batch} x {n:,}"
+            kind, batch, n, frozen = parse_config(config)
+            label = f"{'variable' if kind == 'var' else 'fixed'} length, {batch} x {n:,}" + (', frozen input' if frozen else '')
             f32 = measure_rounds(args.only, config, args, tmp, sources)
             f64 = {}
             if batch * n <= args.float64_max_rows:
@@ -255,7 +256,7 @@ def main():
             for impl, r in f32.items():
                 if 'error' in r:
                     reached = '' if r.get('extra') is None else f"more than {r['extra'] / 2 ** 20:,.0f}"
-                    print(f"| {label} | {impl} | failed: {r['error']} | | {reached} | | | | {r['busy']:.0%} |", flush=True)
+                    print(f"| {label} | {impl} | failed: {r['error']} | | | {reached} | | | | {r['busy']:.0%} |", flush=True)
                     continue
                 seconds = statistics.median(r['times'])
                 speed = ratio = diff32 = diff64 = ''
@@ -272,7 +273,8 @@ def main():
                         diff64 = max_rel_diff(f64[impl]['tensors'], f64['straightforward']['tensors'])
                     elif batch * n > args.float64_max_rows:
                         diff64 = 'not run'
-                print(f"| {label} | {impl} | {seconds:.2f} | {speed} | {r['extra'] / 2 ** 20:,.0f} | {ratio} | "
+                cpu = statistics.median(r['cpu_times'])
+                print(f"| {label} | {impl} | {seconds:.2f} | {speed} | {cpu:.2f} | {r['extra'] / 2 ** 20:,.0f} | {ratio} | "
                       f"{diff32} | {diff64} | {r['busy']:.0%} |", flush=True)
 
 
