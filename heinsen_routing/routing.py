@@ -221,13 +221,17 @@ _STREAMED_PARAMS = ('W_A', 'B_A', 'beta_use', 'beta_use_bias', 'beta_ign', 'beta
 _BETWEEN_PASSES = ('W_F1', 'W_F2', 'B_F2', 'W_G1', 'W_G2', 'B_G2')
 
 
-def _x_products(p, per_input, pred=None, G=None):
+def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
     """The [k, d_inp] blocks W that multiply every input, y = x W^T, stacked for one GEMM per chunk:
     G (backward: dphi = x G^T + g_1), pred (t > 0: L = x pred^T) and, when the parameters are shared
     by all inputs (n_inp = -1), the beta layers' weights (beta = x W^T + bias) and W_A (x W_A^T).
+    With uniform_R (t = 0 and R = 1/n_out wherever f_a > 0) phi = f_a (beta_use R - beta_ign (1 - R))
+    needs only beta_0 = (beta_use - (n_out - 1) beta_ign) / n_out, one block instead of two.
     -> (names, sizes, W [..., K, d_inp]); x_c @ W^T split by sizes gives the products by name."""
     blocks = {'G': G, 'pred': pred}
-    if not per_input:
+    if not per_input and uniform_R:
+        blocks.update(beta_0=_beta_0(p['beta_use'], p['beta_ign']), W_A=p['W_A'])
+    elif not per_input:
         blocks.update(beta_use=p['beta_use'], beta_ign=p['beta_ign'], W_A=p['W_A'])
     blocks = {name: w for name, w in blocks.items() if w is not None}
     if not blocks:
@@ -254,9 +258,12 @@ def _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e):
     # 4. f_a = sigma(a_inp), 0 for masked (input, output) pairs
     sigma_a = torch.sigmoid(a)                                                    # [..., c]
     f_a = sigma_a[..., None] if mask_c is None else sigma_a[..., None].masked_fill(mask_c, 0.0)  # [..., c, 1|n_out]
-    # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x)
+    # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x) (or only beta_0, see _x_products)
+    beta_use = beta_ign = beta_0 = None
     if per_input:
         beta_use, beta_ign = p['beta_use'][s:e], p['beta_ign'][s:e]               # [c, n_out]
+    elif 'beta_0' in Y:
+        beta_0 = Y['beta_0'] + _beta_0(p['beta_use_bias'], p['beta_ign_bias'])    # [..., c, n_out]
     else:
         beta_use, beta_ign = Y['beta_use'] + p['beta_use_bias'], Y['beta_ign'] + p['beta_ign_bias']  # [..., c, n_out]
     # 5. E-step: R = 1/n_out (t = 0), or R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
@@ -269,9 +276,33 @@ def _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e):
         S = F.logsigmoid(Z)
         R = _masked_softmax(S, mask_c)
     #    D-step and credit: D_use = f_a R, D_ign = f_a - D_use, phi = beta_use D_use - beta_ign D_ign
-    D_use, D_ign, phi = _credit(R, f_a, beta_use, beta_ign)                       # [..., c, n_out]
+    if beta_0 is None:
+        D_use, D_ign, phi = _credit(R, f_a, beta_use, beta_ign)                   # [..., c, n_out]
+    else:
+        D_use, D_ign, phi = f_a * R, f_a - f_a * R, f_a * beta_0                  # (R = 1/n_out where f_a > 0)
     return dict(x=x_c, mask=mask_c, Y=Y, a=a, sigma_a=sigma_a, f_a=f_a, beta_use=beta_use, beta_ign=beta_ign,
-                L=L, Z=Z, S=S, R=R, D_use=D_use, D_ign=D_ign, phi=phi)
+                beta_0=beta_0, L=L, Z=Z, S=S, R=R, D_use=D_use, D_ign=D_ign, phi=phi)
+
+
+def _beta_0(beta_use, beta_ign):
+    """(beta_use - (n_out - 1) beta_ign) / n_out, for weights [n_out, d_inp] or biases [n_out]:
+    with R = 1/n_out, beta_use R - beta_ign (1 - R) is linear in x with these weights and bias."""
+    n_out = beta_use.shape[0]
+    return (beta_use - (n_out - 1) * beta_ign) / n_out
+
+
+def _gradient_targets(name, n_out):
+    """[(parameter, factor)]: where the gradient of a product's weight block goes (beta_0 is a
+    combination of the beta layers' weights, see _beta_0)."""
+    if name == 'beta_0':
+        return [('beta_use', 1 / n_out), ('beta_ign', -(n_out - 1) / n_out)]
+    return [(name, 1.0)]
+
+
+def _uniform_initial_R(mask):
+    """Whether the first iteration's R is 1/n_out for every input that counts: no mask, or one that
+    masks whole inputs only (their f_a is 0, so their R does not matter)."""
+    return mask is None or bool((mask.any(dim=-1) == mask.all(dim=-1)).all())
 
 
 class _StreamedRouting(torch.autograd.Function):
@@ -317,11 +348,12 @@ class _StreamedRouting(torch.autograd.Function):
         n_iters, normalize, n_out, per_input, chunk_elements = cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
         chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
+        uniform_R = _uniform_initial_R(mask)
         sums, pred, parts = [], None, []
         for t in range(n_iters):
             if t > 0:
                 pred = _predict(x_out, p['W_G1'], p['W_G2'], p['B_G2'])               # [..., n_out, d]
-            products = _x_products(p, per_input, pred=pred)
+            products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
             phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_F1'].dtype)              # [..., n_out, d]
             phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_F1'].dtype)                 # [..., n_out]
             for s, e in chunks:
@@ -339,7 +371,7 @@ class _StreamedRouting(torch.autograd.Function):
                 dim = -1 if k == 'a_inp' else -2
                 diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
             diagnostics['pred_x_inp'] = pred
-        ctx.cfg = cfg
+        ctx.cfg, ctx.uniform_R = cfg, uniform_R
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, *params, *sums)
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
@@ -380,8 +412,9 @@ class _StreamedRouting(torch.autograd.Function):
                             grads[k] += d_k
                     pred = preds[t]
                     dpred = None if pred is None else torch.zeros_like(pred)
+                    products = _x_products(p, per_input, pred=pred, G=G, uniform_R=ctx.uniform_R and t == 0)
                     _StreamedRouting._backward_pass(x, mask, scale, p, t, n_out, per_input, chunks,
-                                                    _x_products(p, per_input, pred=pred, G=G), g_1, grads, dpred)
+                                                    products, g_1, grads, dpred)
                     out, g = pred, dpred
         grads = [grads.get(k) for k in ('x', *_STREAMED_PARAMS)]
         if double_backward:
@@ -400,20 +433,23 @@ class _StreamedRouting(torch.autograd.Function):
             f_a, R, beta_use, beta_ign = c['f_a'], c['R'], c['beta_use'], c['beta_ign']
             # M-step sums: phi_x = phi^T x, phi_1 = sum_i phi
             dphi = c['Y']['G'] + g_1[..., None, :]                              # [..., c, n_out]
-            # credit: phi = f_a ((beta_use + beta_ign) R - beta_ign)
-            beta_sum = beta_use + beta_ign
             f_a_dphi = f_a * dphi
-            d_beta_use = f_a_dphi * R
-            d_beta_ign = d_beta_use - f_a_dphi
-            d_f_a = dphi * (beta_sum * R - beta_ign)                               # [..., c, n_out]
+            if c['beta_0'] is None:
+                # credit: phi = f_a ((beta_use + beta_ign) R - beta_ign)
+                d_beta = {'beta_use': f_a_dphi * R, 'beta_ign': f_a_dphi * (R - 1)}
+                d_f_a = dphi * ((beta_use + beta_ign) * R - beta_ign)              # [..., c, n_out]
+            else:
+                # credit at t = 0 with R = 1/n_out: phi = f_a beta_0
+                d_beta = {'beta_0': f_a_dphi}
+                d_f_a = dphi * c['beta_0']
             if c['mask'] is not None:
                 d_f_a = d_f_a.masked_fill(c['mask'], 0.0)
             d_a = d_f_a.sum(dim=-1) * c['sigma_a'] * (1 - c['sigma_a'])            # [..., c]
             d_x_W_A = d_a * scale_a                                                # [..., c]
-            dy = {'G': c['phi'], 'beta_use': d_beta_use, 'beta_ign': d_beta_ign, 'W_A': d_x_W_A[..., None]}
+            dy = {'G': c['phi'], 'W_A': d_x_W_A[..., None], **d_beta}
             if t > 0:
                 # E-step: R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
-                dR = f_a_dphi * beta_sum
+                dR = f_a_dphi * (beta_use + beta_ign)
                 dS = R * (dR - (dR * R).sum(dim=-1, keepdim=True))
                 dZ = dS * torch.sigmoid(-c['Z'])
                 if 'W_S' in grads:
@@ -430,20 +466,24 @@ class _StreamedRouting(torch.autograd.Function):
                 for k, dW_k in zip(names[1:], dW.split(sizes[1:], dim=-2)):
                     if k == 'pred':
                         dpred += dW_k                                              # [..., n_out, d]
-                    elif k in grads:
-                        grads[k] += dW_k.sum_to_size(grads[k].shape)
+                        continue
+                    for target, factor in _gradient_targets(k, n_out):
+                        if target in grads:
+                            grads[target] += factor * dW_k.sum_to_size(grads[target].shape)
             # per-input parameters (n_inp > 0): their rows s:e; shared ones (n_inp = -1): their biases
             if per_input:
                 if 'x' in grads:
                     grads['x'][..., s:e, :] += d_x_W_A[..., None] * p['W_A'][s:e]
-                for k, d_k in (('beta_use', d_beta_use), ('beta_ign', d_beta_ign),
-                               ('W_A', torch.einsum('...i,...id->id', d_x_W_A, c['x'])), ('B_A', d_a)):
+                for k, d_k in (*d_beta.items(), ('W_A', torch.einsum('...i,...id->id', d_x_W_A, c['x'])), ('B_A', d_a)):
                     if k in grads:
                         grads[k][s:e] += d_k.sum_to_size(grads[k][s:e].shape)
             else:
-                for k, d_k in (('beta_use_bias', d_beta_use), ('beta_ign_bias', d_beta_ign), ('B_A', d_a)):
-                    if k in grads:
-                        grads[k] += d_k.sum_to_size(grads[k].shape)
+                if 'B_A' in grads:
+                    grads['B_A'] += d_a.sum_to_size(grads['B_A'].shape)
+                for k, d_k in d_beta.items():
+                    for target, factor in _gradient_targets(k, n_out):
+                        if target + '_bias' in grads:
+                            grads[target + '_bias'] += factor * d_k.sum_to_size(grads[target + '_bias'].shape)
 
 
 _DOUBLE_BACKWARD_MESSAGE = (

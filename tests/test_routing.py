@@ -439,15 +439,19 @@ def functional(module, mask=None):
 
 @pytest.mark.parametrize('n_inp', [-1, 7])
 @pytest.mark.parametrize('batch_shape, rows', [((), 1), ((), 3), ((2, 2), 2)])
-def test_gradcheck_streamed_across_chunk_boundaries_with_masks(n_inp, batch_shape, rows):
+@pytest.mark.parametrize('masks', ['partial', 'whole inputs', None])
+def test_gradcheck_streamed_across_chunk_boundaries_with_masks(n_inp, batch_shape, rows, masks):
     """Every recomputed path of backward (betas from the input or per-input rows, a_inp, logits, the
-    per-input rows of W_A, B_A, W_S, B_S) against finite differences, with chunks that split the
-    sequence (1, 2 or 3 inputs each), partial masks, a padding input and leading batch dims."""
+    per-input rows of W_A, B_A, W_S, B_S; at t = 0 with R = 1/n_out the merged beta_0 when no mask
+    or only whole inputs are masked) against finite differences, with chunks that split the sequence
+    (1, 2 or 3 inputs each), masks, a padding input and leading batch dims."""
     chunk_elements = chunk_elements_for(rows, math.prod(batch_shape), 4, 3)
     module = EfficientVectorRouting(n_inp, 3, 4, 2, n_iters=3, chunk_elements=chunk_elements).double()
     x = torch.randn(*batch_shape, 7, 4, dtype=torch.double, requires_grad=True)
-    mask = torch.rand(*batch_shape, 7, 3) < 0.25
-    mask[..., 5, :] = True                                   # an input masked for every output
+    mask = None
+    if masks is not None:
+        mask = torch.rand(*batch_shape, 7, 3 if masks == 'partial' else 1) < 0.25
+        mask[..., 5, :] = True                               # an input masked for every output
     params = [p.detach().requires_grad_() for p in module.parameters()]
     assert torch.autograd.gradcheck(functional(module, mask), (x, *params), fast_mode=bool(batch_shape))
 
