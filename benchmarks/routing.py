@@ -17,11 +17,12 @@ Each measurement runs in a fresh process:
           processes busy at most --idle_threshold of it, waiting at most --idle_wait_s; the table
           gives the largest busy fraction seen before that implementation's measurements). CPU time:
           the process's CPU time (all threads) of the same pass, median over the rounds.
-  memory  CPU: peak resident set size of the process (ru_maxrss) minus the RSS just before the first
-          pass (torch loaded and warmed up on a tiny input, module and input allocated) minus the
-          bytes of the gradients of the input and parameters (which any implementation must
-          return): the memory the computation needs beyond its inputs, parameters and their
-          gradients. CUDA: torch.cuda.max_memory_allocated minus the same.
+  memory  CPU: peak resident set size of the last pass (VmHWM, reset before it through
+          /proc/self/clear_refs) minus the RSS at its start (torch loaded and warmed up, module and
+          input allocated, the earlier pass's gradients freed and free heap returned with
+          malloc_trim) minus the bytes of the gradients of the input and parameters (which any
+          implementation must return): the memory the computation needs beyond its inputs,
+          parameters and their gradients. CUDA: torch.cuda.max_memory_allocated minus the same.
           After the warm-up the process may map at most --memory_limit_gib more (default: the
           memory free at the start less 4 GiB), so an implementation that does not fit fails with
           an allocation error and the table says so instead of the machine running out of memory.
@@ -34,6 +35,8 @@ Each measurement runs in a fresh process:
     python -m benchmarks.routing --device cuda                # on a GPU
 """
 import argparse
+import ctypes
+import gc
 import os
 import resource
 import statistics
@@ -101,19 +104,34 @@ def worker(impl, config, args, dtype, out_path, source):
     x.requires_grad_(not frozen)                                                     # [batch, n, d_inp]
     w = torch.randn(batch, args.n_out, args.d_out, generator=torch.Generator().manual_seed(2), dtype=dtype).to(device)
     grad_bytes = sum(t.numel() * t.element_size() for t in [x, *module.parameters()] if t.requires_grad)
-    sync()
-    if device == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = rss_bytes()
+
+    def start_pass():
+        """Frees the gradients, gives free heap memory back to the system and resets the peak:
+        -> the memory in use now (the next pass's peak above it is what the pass needs; the
+        libraries' code pages, touched by the earlier passes, no longer count)."""
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        gc.collect()
+        sync()
+        if device == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')                                          # resets the peak RSS (VmHWM)
+        return rss_bytes()
+
+    def peak_since_start():
+        if device == 'cuda':
+            return torch.cuda.max_memory_allocated()
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) * 1024
+
     times, cpu_times = [], []
     result = {}
     try:
         for _ in range(args.passes if dtype == torch.float32 else 1):
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            sync()
+            base = start_pass()
             start, cpu_start = time.perf_counter(), time.process_time()
             x_out = forward(module, x)                                                 # [batch, n_out, d_out]
             (x_out * w).sum().backward()
@@ -125,8 +143,7 @@ def worker(impl, config, args, dtype, out_path, source):
         result['error'] = (f"out of memory at the {args.memory_limit_gib:.1f} GiB limit"
                            if "can't allocate memory" in message or isinstance(error, MemoryError)
                            else message.splitlines()[0][:200])
-    peak = (torch.cuda.max_memory_allocated() if device == 'cuda'
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)           # KiB on Linux
+    peak = peak_since_start()
     result.update(times=times, cpu_times=cpu_times, extra=peak - base - grad_bytes, peak=peak)
     if 'error' not in result:
         result['tensors'] = {'x_out': sample(x_out), **({} if x.grad is None else {'x.grad': sample(x.grad)}),

@@ -523,7 +523,7 @@ class EfficientVectorRouting(nn.Module):
             [..., n, n_out, d_out] nor any other [..., n, *] intermediate for longer than a chunk
             (one autograd function recomputes them in backward and writes each gradient into one
             buffer), so the memory above the input, the parameters and their gradients does not
-            grow with n. It cannot be differentiated twice (create_graph=True raises).
+            grow with n. Its gradients cannot be differentiated again (double backward raises).
             False materialises V and uses plain autograd; both agree.
         return_dict: return a dict of the intermediates instead of x_out.
         chunk_elements: with memory_efficient, the inputs in a chunk are as many as make about this
