@@ -13,7 +13,8 @@ Beyond the authors' code, every module here
   - accepts a boolean `mask` (True = that input is ignored by that output) broadcastable to
     [..., n, n_out], so each sample of a batch can have its own padding ([..., n, 1] masks a
     padding position for every output); an input masked for every output contributes nothing
-    whatever its value (NaN and Inf included) and gets zero credit, and the input scaling n^(-1/2) uses each sample's true (unmasked) length,
+    and gets zero credit (in the vector routings whatever its value, NaN and Inf included), and
+    the input scaling n^(-1/2) uses each sample's true (unmasked) length,
   - gives every output whose inputs are all masked a defined, finite result: its routed sum is
     zero (so x_out is the zero vector, also after layer normalisation), and a sample whose inputs
     are all masked gets zero outputs,
