@@ -1,20 +1,42 @@
 """
-Forward+backward wall time and peak memory of EfficientVectorRouting (memory_efficient=True)
-versus a straightforward implementation of the spec (benchmarks/straightforward.py, which keeps every
-iteration's [n, n_out] intermediates for backward), on the same parameters and inputs, batch 1.
+Forward+backward time and peak memory of EfficientVectorRouting (memory_efficient=True) against the
+straightforward implementation of the spec (tests/reference.py: plain autograd, which keeps every
+iteration's [..., n, n_out] intermediates and the scaled copy of the input for backward) and against
+our own implementation at an earlier commit (--before, default d3abfe4, extracted with git archive),
+in the same run, on the same parameters and inputs.
 
-Each measurement runs in a fresh process. CPU: peak resident set size of that process (ru_maxrss),
-and the part of it above the RSS just before the first forward pass (torch, parameters and the input
-already loaded). CUDA: torch.cuda.max_memory_allocated. Outputs and parameter gradients of the two
-implementations are compared, max over tensors of max|a - b| / max|b|: in float32 (the timed runs;
-differences are float32 rounding, largest for the ill-conditioned gradient of the scalar B_A, a sum
-over all n inputs that nearly cancels) and in float64 (one more run of each), where the two
-computations must agree to ~1e-12.
+Configurations: KIND:BATCHxN[:frozen] with KIND 'var' (n_inp = -1) or 'fixed' (n_inp = N), all
+routing N inputs of size --d_inp to --n_out outputs of size --d_out (defaults 1024 -> 100 x 1024),
+n_iters 2. The loss is <x_out, w> with a fixed random w; its gradients with respect to the input
+(unless ':frozen', as for a frozen backbone's hidden states) and to every parameter are computed.
 
-    python -m benchmarks.routing                      # CPU, the three default configurations
-    python -m benchmarks.routing --device cuda --configs 2000:1000:1024:2048 1000000:100:1024:1024
+Each measurement runs in a fresh process:
+  time    wall time of one forward+backward pass (the last of --passes in the process; gradients
+          set to None between passes), median over --rounds processes. The rounds interleave the
+          implementations, and each measurement first waits until the CPU is idle (other
+          processes busy at most --idle_threshold of it, waiting at most --idle_wait_s; the table
+          gives the largest busy fraction seen before that implementation's measurements). CPU time:
+          the process's CPU time (all threads) of the same pass, median over the rounds.
+  memory  CPU: peak resident set size of the last pass (VmHWM, reset before it through
+          /proc/self/clear_refs) minus the RSS at its start (torch loaded and warmed up, module and
+          input allocated, the earlier pass's gradients freed and free heap returned with
+          malloc_trim) minus the bytes of the gradients of the input and parameters (which any
+          implementation must return): the memory the computation needs beyond its inputs,
+          parameters and their gradients. CUDA: torch.cuda.max_memory_allocated minus the same.
+          After the warm-up the process may map at most --memory_limit_gib more (default: the
+          memory free at the start less 4 GiB), so an implementation that does not fit fails with
+          an allocation error and the table says so instead of the machine running out of memory.
+  agreement  max over the output and all gradients of max|a - b| / max|b| against the
+          straightforward implementation (the worst tensor named), in float32 (the timed runs) and
+          in float64 (one more pass of each, skipped above --float64_max_rows inputs). Gradients of
+          more than 4M entries are compared on every k-th entry.
+
+    python -m benchmarks.routing                              # CPU, the default configurations
+    python -m benchmarks.routing --device cuda                # on a GPU
 """
 import argparse
+import ctypes
+import gc
 import os
 import resource
 import statistics
@@ -25,109 +47,252 @@ import time
 
 import torch
 
-DEFAULT_CONFIGS = ['2000:1000:1024:2048', '10000:1000:1024:2048', '100000:100:1024:1024']
-IMPLEMENTATIONS = ['straightforward', 'ours']
+DEFAULT_CONFIGS = ['var:1x100000', 'var:1x1000000', 'fixed:1x100000', 'var:8x10000', 'var:1x100000:frozen']
+IMPLEMENTATIONS = ['straightforward', 'before', 'ours']
+MAX_COMPARED = 1 << 22
 
 
-def rss_mib():
+def rss_bytes():
     with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def worker(impl, config, device, repeats, dtype, out_path):
-    """Runs in its own process: builds the routing, times fwd+bwd, records peak memory."""
-    from benchmarks.straightforward import straightforward_routing
+def parse_config(config):
+    """'KIND:BATCHxN[:frozen]' -> (kind, batch, n, frozen)"""
+    kind, size, *frozen = config.split(':')
+    batch, n = map(int, size.split('x'))
+    if kind not in ('var', 'fixed') or frozen not in ([], ['frozen']):
+        raise ValueError(f"configuration must be KIND:BATCHxN[:frozen] with KIND 'var' or 'fixed', got {config!r}")
+    return kind, batch, n, bool(frozen)
+
+
+def sample(t):
+    """t flattened, every k-th entry so that at most MAX_COMPARED remain (the same for every implementation)."""
+    t = t.detach().reshape(-1)
+    return t[::max(1, t.numel() // MAX_COMPARED)].cpu().clone()
+
+
+def worker(impl, config, args, dtype, out_path, source):
+    """Runs in its own process: builds the routing, times forward+backward, records peak memory."""
+    if source:
+        sys.path.insert(0, source)                               # heinsen_routing of the earlier commit
     from heinsen_routing import EfficientVectorRouting
+    from tests.reference import straightforward_routing
 
-    n, n_out, d_inp, d_out = map(int, config.split(':'))
-    torch.manual_seed(0)
-    module = EfficientVectorRouting(-1, n_out, d_inp, d_out).to(device, dtype)
-    x = torch.randn(1, n, d_inp, generator=torch.Generator().manual_seed(1)).to(device, dtype)   # [1, n, d_inp]
-    forward = (lambda: module(x)) if impl == 'ours' else (lambda: straightforward_routing(module, x))
-    # loss = <x_out, w> with a fixed random w (a layer-normalised x_out has constant squared norm)
-    w = torch.randn(1, n_out, d_out, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    kind, batch, n, frozen = parse_config(config)
+    device = args.device
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-    if device == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = rss_mib()
-    times = []
-    for _ in range(repeats):
+
+    def build(n_inp):
+        torch.manual_seed(0)
+        return EfficientVectorRouting(n_inp, args.n_out, args.d_inp, args.d_out).to(device, dtype)
+
+    def forward(module, x):
+        return straightforward_routing(module, x) if impl == 'straightforward' else module(x)
+
+    # warm-up on a tiny input: loads kernels and thread pools, which are not the computation's memory
+    tiny = build(-1)
+    forward(tiny, torch.randn(2, 64, args.d_inp, device=device, dtype=dtype)).sum().backward()
+    del tiny
+    if device == 'cpu':              # from here on, at most memory_limit_gib more address space
+        with open('/proc/self/status') as f:
+            mapped = next(int(line.split()[1]) for line in f if line.startswith('VmSize')) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + int(args.memory_limit_gib * 2 ** 30), resource.RLIM_INFINITY))
+
+    module = build(n if kind == 'fixed' else -1)
+    x = torch.randn(batch, n, args.d_inp, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    x.requires_grad_(not frozen)                                                     # [batch, n, d_inp]
+    w = torch.randn(batch, args.n_out, args.d_out, generator=torch.Generator().manual_seed(2), dtype=dtype).to(device)
+    grad_bytes = sum(t.numel() * t.element_size() for t in [x, *module.parameters()] if t.requires_grad)
+
+    def start_pass():
+        """Frees the gradients, gives free heap memory back to the system and resets the peak:
+        -> the memory in use now (the next pass's peak above it is what the pass needs; the
+        libraries' code pages, touched by the earlier passes, no longer count)."""
+        x.grad = None
         module.zero_grad(set_to_none=True)
+        gc.collect()
         sync()
-        start = time.perf_counter()
-        x_out = forward()                                        # [1, n_out, d_out]
-        (x_out * w).sum().backward()
-        sync()
-        times.append(time.perf_counter() - start)
-    if device == 'cuda':
-        peak, above = torch.cuda.max_memory_allocated() / 2 ** 20, None
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10   # KiB on Linux
-        above = peak - rss_before
-    torch.save({'times': times, 'peak': peak, 'above': above, 'x_out': x_out.detach().cpu(),
-                'grads': {k: p.grad.cpu() for k, p in module.named_parameters()}}, out_path)
+        if device == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')                                          # resets the peak RSS (VmHWM)
+        return rss_bytes()
+
+    def peak_since_start():
+        if device == 'cuda':
+            return torch.cuda.max_memory_allocated()
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) * 1024
+
+    times, cpu_times = [], []
+    result = {}
+    try:
+        for _ in range(args.passes if dtype == torch.float32 else 1):
+            base = start_pass()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            x_out = forward(module, x)                                                 # [batch, n_out, d_out]
+            (x_out * w).sum().backward()
+            sync()
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    except (RuntimeError, MemoryError) as error:
+        message = str(error)
+        result['error'] = (f"out of memory at the {args.memory_limit_gib:.1f} GiB limit"
+                           if "can't allocate memory" in message or isinstance(error, MemoryError)
+                           else message.splitlines()[0][:200])
+    peak = peak_since_start()
+    result.update(times=times, cpu_times=cpu_times, extra=peak - base - grad_bytes, peak=peak)
+    if 'error' not in result:
+        result['tensors'] = {'x_out': sample(x_out), **({} if x.grad is None else {'x.grad': sample(x.grad)}),
+                             **{name: sample(p.grad) for name, p in module.named_parameters()}}
+    torch.save(result, out_path)
 
 
 def max_rel_diff(a, b):
-    """-> (max over output and gradients of max|a - b| / max|b|, name of the worst tensor)"""
-    pairs = {'x_out': (a['x_out'], b['x_out']), **{k: (a['grads'][k], b['grads'][k]) for k in a['grads']}}
-    diffs = {k: ((u - v).abs().max() / v.abs().max().clamp(min=1e-30)).item() for k, (u, v) in pairs.items()}
+    """-> '2.1e-06 (B_A)': max over shared tensors of max|a - b| / max|b|, and the worst tensor."""
+    diffs = {k: ((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-30)).item()
+             for k in b if k in a}
     worst = max(diffs, key=diffs.get)
-    return diffs[worst], worst
+    return f"{diffs[worst]:.1e} ({worst})"
 
 
-def measure(impl, config, device, repeats, dtype, tmp):
+def cpu_busy_fraction(seconds=2.0):
+    """Fraction of the machine's CPU time that was busy over the next `seconds` (from /proc/stat)."""
+    def read():
+        with open('/proc/stat') as f:
+            values = list(map(int, f.readline().split()[1:]))
+        return values[3] + values[4], sum(values)                 # idle + iowait, total
+    idle0, total0 = read()
+    time.sleep(seconds)
+    idle1, total1 = read()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_idle(args):
+    """Waits (at most --idle_wait_s) until other processes leave the CPU nearly idle, so that the
+    timings compare the implementations and not the load of the machine. -> busy fraction seen last."""
+    deadline = time.time() + args.idle_wait_s
+    while (busy := cpu_busy_fraction()) > args.idle_threshold and time.time() < deadline:
+        time.sleep(5)
+    return busy
+
+
+def measure(impl, config, args, dtype, tmp, source):
     out_path = os.path.join(tmp, f'{impl}-{dtype}.pt')
-    cmd = [sys.executable, '-m', 'benchmarks.routing', '--device', device, '--configs', config,
-           '--repeats', str(repeats), '--worker', impl, dtype, out_path]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"{impl} {config} {dtype} failed:\n{proc.stderr}", file=sys.stderr)
-        return None
-    return torch.load(out_path)
+    busy = wait_for_idle(args) if args.device == 'cpu' else 0.0
+    cmd = [sys.executable, '-m', 'benchmarks.routing', '--device', args.device, '--configs', config,
+           '--passes', str(args.passes), '--n_out', str(args.n_out), '--d_inp', str(args.d_inp),
+           '--d_out', str(args.d_out), '--worker', impl, dtype, out_path, source or '']
+    proc = subprocess.run(cmd + ['--memory_limit_gib', str(args.memory_limit_gib)], capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.exists(out_path):
+        last = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+        return {'error': f"exit {proc.returncode}: {last[:200]}"}
+    result = torch.load(out_path)
+    os.remove(out_path)
+    result['busy'] = busy
+    return result
+
+
+def measure_rounds(impls, config, args, tmp, sources):
+    """--rounds measurements of each implementation, interleaved (A B C A B C ...) so that a change in
+    the machine's load affects all alike. -> {impl: {'times': last-pass time of each round,
+    'extra': largest extra memory, 'tensors': of the first round, 'busy': largest busy fraction}}"""
+    results = {impl: {'times': [], 'cpu_times': [], 'extra': 0, 'busy': 0.0} for impl in impls}
+    for _ in range(args.rounds):
+        for impl in impls:
+            r = results[impl]
+            if 'error' in r:
+                continue
+            m = measure(impl, config, args, 'float32', tmp, sources.get(impl))
+            if 'error' in m:
+                r['error'] = m['error']
+                r['extra'] = m.get('extra')                      # what it had reached when it failed
+                continue
+            r['times'].append(m['times'][-1])
+            r['cpu_times'].append(m['cpu_times'][-1])
+            r['extra'] = max(r['extra'], m['extra'])
+            r['busy'] = max(r['busy'], m['busy'])
+            r.setdefault('tensors', m['tensors'])
+    return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    parser.add_argument('--configs', nargs='+', default=DEFAULT_CONFIGS, help='n_inp:n_out:d_inp:d_out, batch 1')
-    parser.add_argument('--repeats', type=int, default=3, help='fwd+bwd passes; the median time is reported')
-    parser.add_argument('--only', choices=IMPLEMENTATIONS, help='measure one implementation (e.g. when the other does not fit)')
-    parser.add_argument('--no-float64-check', action='store_true', help='skip the float64 agreement runs')
-    parser.add_argument('--worker', nargs=3, metavar=('IMPL', 'DTYPE', 'OUT'), help=argparse.SUPPRESS)
+    parser.add_argument('--configs', nargs='+', default=DEFAULT_CONFIGS, help="KIND:BATCHxN, KIND 'var' or 'fixed'")
+    parser.add_argument('--n_out', type=int, default=100)
+    parser.add_argument('--d_inp', type=int, default=1024)
+    parser.add_argument('--d_out', type=int, default=1024)
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='measurements of each implementation (fresh processes, interleaved); the median time is reported')
+    parser.add_argument('--passes', type=int, default=2, help='forward+backward passes per process; the last one is timed')
+    parser.add_argument('--idle_threshold', type=float, default=0.1,
+                        help='before each measurement, wait until the CPU is at most this busy...')
+    parser.add_argument('--idle_wait_s', type=float, default=300, help='...but no longer than this')
+    parser.add_argument('--only', nargs='+', choices=IMPLEMENTATIONS, default=IMPLEMENTATIONS)
+    parser.add_argument('--before', default='d3abfe4', help='git commit of the earlier implementation')
+    parser.add_argument('--float64_max_rows', type=int, default=100_000,
+                        help='run the float64 agreement check only up to this many inputs (batch x n)')
+    parser.add_argument('--memory_limit_gib', type=float, default=None,
+                        help='address space allowed to each measurement beyond the libraries (default: free memory - 4 GiB)')
+    parser.add_argument('--worker', nargs=4, metavar=('IMPL', 'DTYPE', 'OUT', 'SOURCE'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        impl, dtype, out_path = args.worker
-        return worker(impl, args.configs[0], args.device, args.repeats, getattr(torch, dtype), out_path)
+        impl, dtype, out_path, source = args.worker
+        return worker(impl, args.configs[0], args, getattr(torch, dtype), out_path, source)
+    if args.memory_limit_gib is None:
+        with open('/proc/meminfo') as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith('MemAvailable')) * 1024
+        args.memory_limit_gib = available / 2 ** 30 - 4
 
-    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} cores'}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, fwd+bwd, batch 1, n_iters 2, float32")
-    memory = 'max allocated' if args.device == 'cuda' else 'peak RSS (above inputs)'
-    print(f"| n_inp -> n_out (d_inp -> d_out) | implementation | time (s, median of {args.repeats}) | {memory} MiB "
-          f"| memory ratio | max rel diff float32 | max rel diff float64 |")
-    print("|---|---|---|---|---|---|---|")
+    device = torch.cuda.get_device_name() if args.device == 'cuda' else f'cpu ({os.cpu_count()} cores)'
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, n_iters 2, float32, "
+          f"{args.d_inp} -> {args.n_out} x {args.d_out}, "
+          f"before = {args.before}, memory limit {args.memory_limit_gib:.1f} GiB, load average {os.getloadavg()[0]:.2f}")
+    print(f"| configuration | implementation | time (s, median of {args.rounds}) | time / before | CPU time (s) | "
+          f"extra memory (MiB) | extra / straightforward's | max rel diff float32 | max rel diff float64 | CPU busy before |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
+        sources = {}
+        if 'before' in args.only:
+            sources['before'] = os.path.join(tmp, 'before')
+            os.makedirs(sources['before'])
+            subprocess.run(f"git archive {args.before} heinsen_routing | tar -x -C {sources['before']}",
+                           shell=True, check=True)
         for config in args.configs:
-            impls = [args.only] if args.only else IMPLEMENTATIONS
-            f32 = {impl: measure(impl, config, args.device, args.repeats, 'float32', tmp) for impl in impls}
-            f64 = {} if args.no_float64_check or args.only else {
-                impl: measure(impl, config, args.device, 1, 'float64', tmp) for impl in impls}
-            n, n_out, d_inp, d_out = config.split(':')
-            base = f32.get('straightforward')
+            kind, batch, n, frozen = parse_config(config)
+            label = f"{'variable' if kind == 'var' else 'fixed'} length, {batch} x {n:,}" + (', frozen input' if frozen else '')
+            f32 = measure_rounds(args.only, config, args, tmp, sources)
+            f64 = {}
+            if batch * n <= args.float64_max_rows:
+                f64 = {impl: measure(impl, config, args, 'float64', tmp, sources.get(impl)) for impl in args.only}
+            base, before = f32.get('straightforward', {}), f32.get('before', {})
             for impl, r in f32.items():
-                if r is None:
+                if 'error' in r:
+                    reached = '' if r.get('extra') is None else f"more than {r['extra'] / 2 ** 20:,.0f}"
+                    print(f"| {label} | {impl} | failed: {r['error']} | | | {reached} | | | | {r['busy']:.0%} |", flush=True)
                     continue
-                mem = f"{r['peak']:.0f}" + ('' if r['above'] is None else f" ({r['above']:.0f})")
-                ratio = diff32 = diff64 = ''
-                if base and impl != 'straightforward':
-                    ratio = f"{r['peak'] / base['peak']:.2f}"
-                    if r['above'] is not None:
-                        ratio += f" ({r['above'] / base['above']:.2f})"
-                    diff32 = '%.1e (%s)' % max_rel_diff(r, base)
-                    if f64.get(impl) and f64.get('straightforward'):
-                        diff64 = '%.1e (%s)' % max_rel_diff(f64[impl], f64['straightforward'])
-                print(f"| {int(n):,} -> {int(n_out):,} ({d_inp} -> {d_out}) | {impl} | "
-                      f"{statistics.median(r['times']):.3f} | {mem} | {ratio} | {diff32} | {diff64} |", flush=True)
+                seconds = statistics.median(r['times'])
+                speed = ratio = diff32 = diff64 = ''
+                if impl != 'before' and before.get('times') and 'error' not in before:
+                    speed = f"{seconds / statistics.median(before['times']):.2f}"
+                if impl != 'straightforward' and base.get('extra') and 'error' in base:
+                    ratio = f"< {r['extra'] / base['extra']:.3f}"     # the straightforward one needs more than it reached
+                if impl == 'ours' and 'error' in base and before.get('tensors'):
+                    diff32 = max_rel_diff(r['tensors'], before['tensors']) + ' vs before'
+                if impl != 'straightforward' and base.get('times') and 'error' not in base:
+                    ratio = f"{r['extra'] / base['extra']:.3f}"
+                    diff32 = max_rel_diff(r['tensors'], base['tensors'])
+                    if all('tensors' in f64.get(k, {}) for k in (impl, 'straightforward')):
+                        diff64 = max_rel_diff(f64[impl]['tensors'], f64['straightforward']['tensors'])
+                    elif batch * n > args.float64_max_rows:
+                        diff64 = 'not run'
+                cpu = statistics.median(r['cpu_times'])
+                print(f"| {label} | {impl} | {seconds:.2f} | {speed} | {cpu:.2f} | {r['extra'] / 2 ** 20:,.0f} | {ratio} | "
+                      f"{diff32} | {diff64} | {r['busy']:.0%} |", flush=True)
 
 
 if __name__ == '__main__':

@@ -12,8 +12,9 @@ those load with strict=True, and the forward computation is the papers' (float t
 Beyond the authors' code, every module here
   - accepts a boolean `mask` (True = that input is ignored by that output) broadcastable to
     [..., n, n_out], so each sample of a batch can have its own padding ([..., n, 1] masks a
-    padding position for every output); an input masked for every output contributes nothing and
-    gets zero credit, and the input scaling n^(-1/2) uses each sample's true (unmasked) length,
+    padding position for every output); an input masked for every output contributes nothing
+    and gets zero credit (in the vector routings whatever its value, NaN and Inf included), and
+    the input scaling n^(-1/2) uses each sample's true (unmasked) length,
   - gives every output whose inputs are all masked a defined, finite result: its routed sum is
     zero (so x_out is the zero vector, also after layer normalisation), and a sample whose inputs
     are all masked gets zero outputs,
@@ -21,6 +22,7 @@ Beyond the authors' code, every module here
   - returns the dict also for n_iters=1 (S and pred entries None).
 """
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -33,16 +35,33 @@ __all__ = ['EfficientVectorRouting', 'DefinableVectorRouting', 'GenerativeMatrix
 # Argument checks shared by the modules: one clear ValueError per kind of bad input.
 # ---------------------------------------------------------------------------------------------
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_sizes(n_inp, n_out):
-    if not (n_inp == -1 or (isinstance(n_inp, int) and n_inp > 0)):
+    if not (_is_int(n_inp) and (n_inp == -1 or n_inp > 0)):
         raise ValueError(f"n_inp must be a positive int or -1 (variable length), got {n_inp!r}")
-    if not (isinstance(n_out, int) and n_out >= 2):
+    if not (_is_int(n_out) and n_out >= 2):
         raise ValueError(f"n_out must be an int >= 2, got {n_out!r}")
 
 
 def _check_n_iters(n_iters):
-    if not (isinstance(n_iters, int) and n_iters >= 1):
+    if not (_is_int(n_iters) and n_iters >= 1):
         raise ValueError(f"n_iters must be an int >= 1, got {n_iters!r}")
+
+
+def _check_dims(**named_sizes):
+    """Each keyword (a size: d_inp=..., d_out=..., d_cov=...) must be a positive int (bool is not)."""
+    for name, size in named_sizes.items():
+        if not (_is_int(size) and size > 0):
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+
+
+def _check_eps(eps):
+    """eps (a small constant added for stability) must be a positive finite number."""
+    if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and 0 < eps < math.inf):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
 
 
 def _check_sequence(name, x, n_inp, trailing, trailing_names):
@@ -67,11 +86,19 @@ def _check_sequence(name, x, n_inp, trailing, trailing_names):
 
 
 def _check_dtype(name, x, param):
-    """Outside autocast the input's dtype must equal the parameters' (no silent casts)."""
-    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+    """Outside autocast the input's dtype must equal the parameters' (no silent casts). Autocast
+    casts float32 to its lower precision but leaves float64 alone, so float64 input to a module of
+    lower precision is an error there too."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if x.dtype != param.dtype and not autocast:
         raise ValueError(f"{name} has dtype {x.dtype} but the module's parameters are {param.dtype}: "
                          f"cast the input (x.to({param.dtype})) or the module (module.to({x.dtype})), "
                          f"or run inside torch.autocast")
+    if autocast and x.dtype == torch.float64 and param.dtype != torch.float64:
+        low = torch.get_autocast_dtype(x.device.type)
+        raise ValueError(f"{name} has dtype torch.float64 inside torch.autocast({x.device.type!r}, dtype={low}), "
+                         f"which does not cast float64: expected float32, float16 or bfloat16 input "
+                         f"(x.float()) under autocast, or a float64 module (module.double()) outside it")
 
 
 def _check_mask(mask, batch_shape, n, n_out):
@@ -134,13 +161,37 @@ def _credit(R, f_a, beta_use, beta_ign):
     return D_use, D_ign, phi
 
 
-# Rows of the [..., n, n_out] intermediates processed at once by the memory-efficient iteration:
-# as many inputs as give about this many elements (4 MiB in float32, cache-sized), at least 256.
-CHUNK_ELEMENTS = 1 << 20
+def _without_masked_inputs(x, mask):
+    """x [..., n, d] with the inputs masked for every output replaced by zeros: they contribute
+    nothing whatever their values (0 * NaN is NaN, so they must not enter any sum). mask: None or
+    bool broadcastable to [..., n, n_out]."""
+    return x if mask is None else x.masked_fill(mask.all(dim=-1, keepdim=True), 0.0)
 
 
-def _row_chunks(n, elements_per_row):
-    rows = max(256, CHUNK_ELEMENTS // max(1, elements_per_row))
+def _predict(x_out, W_G1, W_G2, B_G2):
+    """E-step prediction: pred[..., j, d] = sum_h N(x_out)[..., j, h] W_G1[h, d] W_G2[j, d] + B_G2[j, d]."""
+    return (_layer_norm(x_out) @ W_G1) * W_G2 + B_G2                                # [..., n_out, d_inp]
+
+
+def _x_out_from_sums(phi_x, phi_1, scale, W_F1, W_F2, B_F2):
+    """M-step of EfficientVectorRouting from the sums phi_x = sum_i phi x, phi_1 = sum_i phi:
+    x_out[..., j, h] = sum_d phi_x[..., j, d] n^(-1/2) W_F1[j, d] W_F2[d, h] + phi_1[..., j] B_F2[j, h]
+    (= sum_i phi[..., i, j] V[..., i, j, h] without the votes V)."""
+    return ((phi_x * scale) * W_F1) @ W_F2 + phi_1[..., None] * B_F2                # [..., n_out, d_out]
+
+
+# ---------------------------------------------------------------------------------------------
+# memory_efficient=True: the routing streamed over chunks of inputs.
+# ---------------------------------------------------------------------------------------------
+
+# Default of EfficientVectorRouting(chunk_elements=...): a chunk holds the inputs whose rows of
+# [d_inp + n_out] elements, over the whole batch, make about this many (8 MiB in float32).
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _chunks(n, batch_numel, row_width, chunk_elements):
+    """[(start, end), ...] covering 0..n: rows * batch_numel * row_width ~ chunk_elements, >= 1 row."""
+    rows = max(1, chunk_elements // max(1, batch_numel * row_width))
     return [(start, min(n, start + rows)) for start in range(0, n, rows)]
 
 
@@ -162,106 +213,298 @@ def _add_grad(total, grad_rows, t, start, end, n):
         total += grad_rows.sum_to_size(t.shape)
 
 
-class _MemoryEfficientIteration(torch.autograd.Function):
-    """One iteration's E-, D- and M-step of EfficientVectorRouting, returning the two sums that the
-    M-step needs, without materialising the votes and without keeping the [..., n, n_out]
-    intermediates for backward:
+# The parameters of EfficientVectorRouting that _StreamedRouting reads, in its argument order.
+# beta_use, beta_ign: the [n_inp, n_out] parameters, or (n_inp = -1) compute_beta_*.weight [n_out, d_inp]
+# with compute_beta_*.bias in beta_*_bias (None for n_inp > 0).
+_STREAMED_PARAMS = ('W_A', 'B_A', 'beta_use', 'beta_use_bias', 'beta_ign', 'beta_ign_bias', 'W_S', 'B_S',
+                    'W_F1', 'W_F2', 'B_F2', 'W_G1', 'W_G2', 'B_G2')
+# Those of the small [..., n_out, *] steps between passes (x_out from the sums, pred from x_out).
+_BETWEEN_PASSES = ('W_F1', 'W_F2', 'B_F2', 'W_G1', 'W_G2', 'B_G2')
+
+
+def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
+    """The [k, d_inp] blocks W that multiply every input, y = x W^T, stacked for one GEMM per chunk:
+    G (backward: dphi = x G^T + g_1), pred (t > 0: L = x pred^T) and, when the parameters are shared
+    by all inputs (n_inp = -1), the beta layers' weights (beta = x W^T + bias) and W_A (x W_A^T).
+    With uniform_R (t = 0 and R = 1/n_out wherever f_a > 0) phi = f_a (beta_use R - beta_ign (1 - R))
+    needs only beta_0 = (beta_use - (n_out - 1) beta_ign) / n_out, one block instead of two.
+    -> (names, sizes, W [..., K, d_inp]); x_c @ W^T split by sizes gives the products by name."""
+    blocks = {'G': G, 'pred': pred}
+    if not per_input and uniform_R:
+        blocks.update(beta_0=_beta_0(p['beta_use'], p['beta_ign']), W_A=p['W_A'])
+    elif not per_input:
+        blocks.update(beta_use=p['beta_use'], beta_ign=p['beta_ign'], W_A=p['W_A'])
+    blocks = {name: w for name, w in blocks.items() if w is not None}
+    if not blocks:
+        return [], [], None
+    batch = torch.broadcast_shapes(*(w.shape[:-2] for w in blocks.values()))
+    W = torch.cat([w.expand(*batch, *w.shape[-2:]) for w in blocks.values()], dim=-2)   # [..., K, d_inp]
+    return list(blocks), [w.shape[-2] for w in blocks.values()], W
+
+
+def _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e):
+    """Steps 1 and 3-5 of the spec (betas, a_inp, f_a, E-step, D-step, credit) for the inputs s:e
+    in iteration t, from the input and the parameters. -> dict of [..., c, *] tensors."""
+    n = x.shape[-2]
+    x_c, mask_c = x[..., s:e, :], _rows(mask, s, e, n)                          # [..., c, d]
+    x_c = _without_masked_inputs(x_c, mask_c)
+    names, sizes, W = products
+    Y = {} if W is None else dict(zip(names, (x_c @ W.transpose(-1, -2)).split(sizes, dim=-1)))  # [..., c, k]
+    # 3. a_inp[..., i] = sum_d xs[..., i, d] W_A[i, d] + B_A[i],  xs = x n^(-1/2)
+    if per_input:
+        x_W_A, B_A = torch.einsum('...id,id->...i', x_c, p['W_A'][s:e]), p['B_A'][s:e]   # [..., c], [c]
+    else:
+        x_W_A, B_A = Y['W_A'][..., 0], p['B_A']                                      # [..., c], [1]
+    a = x_W_A * _squeeze_last(scale) + B_A                                        # [..., c]
+    # 4. f_a = sigma(a_inp), 0 for masked (input, output) pairs
+    sigma_a = torch.sigmoid(a)                                                    # [..., c]
+    f_a = sigma_a[..., None] if mask_c is None else sigma_a[..., None].masked_fill(mask_c, 0.0)  # [..., c, 1|n_out]
+    # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x) (or only beta_0, see _x_products)
+    beta_use = beta_ign = beta_0 = None
+    if per_input:
+        beta_use, beta_ign = p['beta_use'][s:e], p['beta_ign'][s:e]               # [c, n_out]
+    elif 'beta_0' in Y:
+        beta_0 = Y['beta_0'] + _beta_0(p['beta_use_bias'], p['beta_ign_bias'])    # [..., c, n_out]
+    else:
+        beta_use, beta_ign = Y['beta_use'] + p['beta_use_bias'], Y['beta_ign'] + p['beta_ign_bias']  # [..., c, n_out]
+    # 5. E-step: R = 1/n_out (t = 0), or R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
+    L = Z = S = None
+    if t == 0:
+        R = _initial_R(f_a, mask_c, n_out)                                        # [..., c, n_out]
+    else:
+        L = Y['pred']                                                              # [..., c, n_out]
+        Z = L * _rows(p['W_S'], s, e, n) + _rows(p['B_S'], s, e, n)
+        S = F.logsigmoid(Z)
+        R = _masked_softmax(S, mask_c)
+    #    D-step and credit: D_use = f_a R, D_ign = f_a - D_use, phi = beta_use D_use - beta_ign D_ign
+    if beta_0 is None:
+        D_use, D_ign, phi = _credit(R, f_a, beta_use, beta_ign)                   # [..., c, n_out]
+    else:
+        D_use, D_ign, phi = f_a * R, f_a - f_a * R, f_a * beta_0                  # (R = 1/n_out where f_a > 0)
+    return dict(x=x_c, mask=mask_c, Y=Y, a=a, sigma_a=sigma_a, f_a=f_a, beta_use=beta_use, beta_ign=beta_ign,
+                beta_0=beta_0, L=L, Z=Z, S=S, R=R, D_use=D_use, D_ign=D_ign, phi=phi)
+
+
+def _beta_0(beta_use, beta_ign):
+    """(beta_use - (n_out - 1) beta_ign) / n_out, for weights [n_out, d_inp] or biases [n_out]:
+    with R = 1/n_out, beta_use R - beta_ign (1 - R) is linear in x with these weights and bias."""
+    n_out = beta_use.shape[0]
+    return (beta_use - (n_out - 1) * beta_ign) / n_out
+
+
+def _gradient_targets(name, n_out):
+    """[(parameter, factor)]: where the gradient of a product's weight block goes (beta_0 is a
+    combination of the beta layers' weights, see _beta_0)."""
+    if name == 'beta_0':
+        return [('beta_use', 1 / n_out), ('beta_ign', -(n_out - 1) / n_out)]
+    return [(name, 1.0)]
+
+
+def _uniform_initial_R(mask):
+    """Whether the first iteration's R is 1/n_out for every input that counts: no mask, or one that
+    masks whole inputs only (their f_a is 0, so their R does not matter)."""
+    return mask is None or bool((mask.any(dim=-1) == mask.all(dim=-1)).all())
+
+
+class _StreamedRouting(torch.autograd.Function):
+    """Steps 1 and 3-6 of EfficientVectorRouting (memory_efficient=True): all n_iters iterations in
+    one autograd function whose memory above its input, parameters and their gradients does not grow
+    with n. Each iteration is a pass over chunks of inputs that recomputes, from x and the
+    parameters, everything of size [..., n, *] (_chunk: the betas, a_inp, f_a, the logits
+    L = x pred^T, R, D, phi) and keeps only the two sums the M-step needs,
 
         phi_x[..., j, d] = sum_i phi[..., i, j] x[..., i, d]          phi_1[..., j] = sum_i phi[..., i, j]
 
-    Inputs are processed in chunks of rows (CHUNK_ELEMENTS), so no full-size [..., n, n_out]
-    temporary is alive at once except L = x @ pred^T (t > 0), the one tensor kept for backward. R, D
-    and phi are recomputed from it, chunk by chunk, and the gradients are written out by hand:
+    from which x_out and the next iteration's pred follow ([..., n_out, *] tensors). Saved for
+    backward: x, the mask, the parameters and the sums. Backward walks the iterations in reverse:
+    autograd on the small steps between passes gives (G, g_1) = the gradient of (phi_x, phi_1);
+    then one pass over chunks recomputes the chunk and writes, in place into one buffer per input
+    or parameter (shared by all iterations), the gradients
 
-        dphi  = x @ g_x^T + g_1              dbeta_use = dphi f_a R       dbeta_ign = dphi f_a (R - 1)
-        df_a  = sum_j dphi ((beta_use + beta_ign) R - beta_ign)
+        dphi  = x G^T + g_1                                           (M-step sums)
+        dx   += phi G
+        df_a  = dphi ((beta_use + beta_ign) R - beta_ign)             (phi = f_a ((beta_use + beta_ign) R - beta_ign))
+        dbeta_use = dphi f_a R            dbeta_ign = dphi f_a (R - 1)
+        da    = sum_j df_a (unmasked) sigma(a) (1 - sigma(a))         (f_a = sigma(a), masked pairs 0)
         dR    = dphi f_a (beta_use + beta_ign)
-        dS    = R (dR - sum_j dR R)                      (softmax over j)
-        dZ    = dS sigmoid(-Z),  Z = L W_S + B_S         (S = logsigma(Z))
-        dL    = dZ W_S,  dW_S = dZ L,  dB_S = dZ
-        dx    = phi @ g_x + dL @ pred,  dpred = dL^T @ x
+        dS    = R (dR - sum_j dR R)                                   (R = softmax_j S)
+        dZ    = dS sigma(-Z)                                          (S = logsigma Z)
+        dW_S  = dZ L,   dB_S = dZ,   dL = dZ W_S                      (Z = L W_S + B_S)
+        dpred = dL^T x, dx += dL pred                                 (L = x pred^T)
+        and for each block W of a product y = x W^T (the beta layers and W_A when n_inp = -1):
+        dW += dy^T x, dx += dy W, with dy = dbeta_* (and their biases sum it), da n^(-1/2) for W_A;
+        with per-input parameters (n_inp > 0) their rows s:e get dbeta_*, dW_A = da n^(-1/2) x, dB_A = da.
+
+    All products of x with [k, d_inp] blocks share one GEMM per chunk (_x_products), and so do the
+    gradients that flow back through them. dpred of iteration t is the gradient of that iteration's
+    pred, which autograd carries through the small steps to (G, g_1) of iteration t - 1.
     """
 
     @staticmethod
-    def forward(ctx, x, pred, f_a, beta_use, beta_ign, W_S, B_S, mask, n_out, diagnostics):
-        # x [..., n, d]; pred [..., n_out, d] or None (t = 0); f_a [..., n, 1|n_out];
-        # beta_*, W_S, B_S, mask: broadcastable to [..., n, n_out]
-        n = x.shape[-2]
-        phi_x, phi_1, L, parts = 0, 0, None, []
-        for s, e in _row_chunks(n, x[..., 0, 0].numel() * n_out):
-            x_c, f_a_c, bu_c, bi_c, mask_c = (_rows(t, s, e, n) for t in (x, f_a, beta_use, beta_ign, mask))
-            if pred is None:
-                S_c, R_c = None, _initial_R(f_a_c, mask_c, n_out)               # [..., c, n_out]
-            else:
-                L_c = x_c @ pred.transpose(-1, -2)                              # [..., c, n_out]
-                if L is None:
-                    L = L_c.new_empty(*L_c.shape[:-2], n, n_out)
-                L[..., s:e, :] = L_c
-                S_c = F.logsigmoid(L_c * _rows(W_S, s, e, n) + _rows(B_S, s, e, n))
-                R_c = _masked_softmax(S_c, mask_c)
-            D_use_c, D_ign_c, phi_c = _credit(R_c, f_a_c, bu_c, bi_c)
-            phi_x = phi_x + phi_c.transpose(-1, -2) @ x_c                       # [..., n_out, d]
-            phi_1 = phi_1 + phi_c.sum(dim=-2)                                   # [..., n_out]
-            if diagnostics is not None:
-                parts.append((S_c, R_c, D_use_c, D_ign_c, phi_c))
+    def forward(ctx, cfg, mask, scale, diagnostics, x, *params):
+        # cfg: (n_iters, normalize, n_out, per_input, chunk_elements); mask: None or bool broadcastable
+        # to [..., n, n_out]; scale: n^(-1/2), float or [..., 1, 1]; diagnostics: None or a dict to
+        # fill with the last iteration's intermediates; x [..., n, d_inp]; params: _STREAMED_PARAMS
+        p = dict(zip(_STREAMED_PARAMS, params))
+        n_iters, normalize, n_out, per_input, chunk_elements = cfg
+        batch, (n, d) = x.shape[:-2], x.shape[-2:]
+        chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
+        uniform_R = _uniform_initial_R(mask)
+        sums, pred, parts = [], None, []
+        for t in range(n_iters):
+            if t > 0:
+                pred = _predict(x_out, p['W_G1'], p['W_G2'], p['B_G2'])               # [..., n_out, d]
+            products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
+            phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_F1'].dtype)              # [..., n_out, d]
+            phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_F1'].dtype)                 # [..., n_out]
+            for s, e in chunks:
+                c = _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e)
+                phi_x += c['phi'].transpose(-1, -2) @ c['x']
+                phi_1 += c['phi'].sum(dim=-2)
+                if diagnostics is not None and t == n_iters - 1:
+                    parts.append([c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')])
+            sums += [phi_x, phi_1]
+            x_out = _x_out_from_sums(phi_x, phi_1, scale, p['W_F1'], p['W_F2'], p['B_F2'])  # [..., n_out, d_out]
+        if normalize:
+            x_out = _layer_norm(x_out)
         if diagnostics is not None:
-            for key, chunks in zip(('S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
-                diagnostics[key] = None if chunks[0] is None else torch.cat(chunks, dim=-2)
-        ctx.save_for_backward(x, pred, f_a, beta_use, beta_ign, W_S, B_S, mask, L)
-        ctx.n_out = n_out
+            for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
+                dim = -1 if k == 'a_inp' else -2
+                diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
+            diagnostics['pred_x_inp'] = pred
+        ctx.cfg, ctx.uniform_R = cfg, uniform_R
+        ctx.scale = None if torch.is_tensor(scale) else scale
+        ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, *params, *sums)
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
-        return phi_x, phi_1
+        return x_out
 
     @staticmethod
-    def backward(ctx, g_x, g_1):
-        # g_x [..., n_out, d], g_1 [..., n_out]
-        x, pred, f_a, beta_use, beta_ign, W_S, B_S, mask, L = ctx.saved_tensors
-        inputs = {'x': x, 'pred': pred, 'f_a': f_a, 'beta_use': beta_use, 'beta_ign': beta_ign,
-                  'W_S': W_S, 'B_S': B_S}
-        grads = {k: torch.zeros_like(t) if needed else None
-                 for (k, t), needed in zip(inputs.items(), ctx.needs_input_grad)}
-        n = x.shape[-2]
+    def backward(ctx, g_out):
+        double_backward = torch.is_grad_enabled()                # create_graph=True
+        x, mask, scale, *rest = ctx.saved_tensors
+        scale = ctx.scale if scale is None else scale
+        p = dict(zip(_STREAMED_PARAMS, rest[:len(_STREAMED_PARAMS)]))
+        sums = rest[len(_STREAMED_PARAMS):]
+        n_iters, normalize, n_out, per_input, chunk_elements = ctx.cfg
+        batch, (n, d) = x.shape[:-2], x.shape[-2:]
+        chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
+        # One gradient buffer per input and parameter, written in place by every iteration.
+        needed = dict(zip(('x', *_STREAMED_PARAMS), ctx.needs_input_grad[4:]))
+        grads = {k: torch.zeros_like(v) for k, v in (('x', x), *p.items()) if needed[k]}
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            for s, e in _row_chunks(n, x[..., 0, 0].numel() * ctx.n_out):
-                x_c, f_a_c, bu_c, bi_c, W_S_c, mask_c = (
-                    _rows(t, s, e, n) for t in (x, f_a, beta_use, beta_ign, W_S, mask))
-                if L is None:
-                    R_c = _initial_R(f_a_c, mask_c, ctx.n_out)
-                else:
-                    L_c = L[..., s:e, :]
-                    Z_c = L_c * W_S_c + _rows(B_S, s, e, n)                         # [..., c, n_out]
-                    R_c = _masked_softmax(F.logsigmoid(Z_c), mask_c)
-                phi_c = _credit(R_c, f_a_c, bu_c, bi_c)[2]                          # [..., c, n_out]
-                # M-step: phi_x = phi^T x, phi_1 = sum_i phi
-                dphi = x_c @ g_x.transpose(-1, -2) + g_1[..., None, :]              # [..., c, n_out]
-                if grads['x'] is not None:
-                    grads['x'][..., s:e, :] += phi_c @ g_x
-                # D-step and credit: phi = f_a ((beta_use + beta_ign) R - beta_ign)
-                f_a_dphi = f_a_c * dphi
-                if grads['beta_use'] is not None:
-                    _add_grad(grads['beta_use'], f_a_dphi * R_c, beta_use, s, e, n)
-                if grads['beta_ign'] is not None:
-                    _add_grad(grads['beta_ign'], f_a_dphi * (R_c - 1), beta_ign, s, e, n)
-                if grads['f_a'] is not None:
-                    _add_grad(grads['f_a'], dphi * ((bu_c + bi_c) * R_c - bi_c), f_a, s, e, n)
-                if L is None:
-                    continue
+            # The small steps between passes, recomputed from the sums with autograd.
+            with torch.enable_grad():
+                small = {k: p[k].detach().requires_grad_() for k in _BETWEEN_PASSES}
+                leaves = [s.detach().requires_grad_() for s in sums]
+                x_outs = [_x_out_from_sums(leaves[2 * t], leaves[2 * t + 1], scale,
+                                           small['W_F1'], small['W_F2'], small['B_F2']) for t in range(n_iters)]
+                preds = [None] + [_predict(x_out, small['W_G1'], small['W_G2'], small['B_G2'])
+                                  for x_out in x_outs[:-1]]
+                y = _layer_norm(x_outs[-1]) if normalize else x_outs[-1]
+            with torch.no_grad():
+                out, g = y, g_out
+                for t in reversed(range(n_iters)):
+                    G, g_1, *d_small = torch.autograd.grad(
+                        out, [leaves[2 * t], leaves[2 * t + 1], *small.values()], g, allow_unused=True)
+                    for k, d_k in zip(small, d_small):
+                        if d_k is not None and k in grads:
+                            grads[k] += d_k
+                    pred = preds[t]
+                    dpred = None if pred is None else torch.zeros_like(pred)
+                    products = _x_products(p, per_input, pred=pred, G=G, uniform_R=ctx.uniform_R and t == 0)
+                    _StreamedRouting._backward_pass(x, mask, scale, p, t, n_out, per_input, chunks,
+                                                    products, g_1, grads, dpred)
+                    out, g = pred, dpred
+        grads = [grads.get(k) for k in ('x', *_STREAMED_PARAMS)]
+        if double_backward:
+            anchor = next(v for v in (x, *p.values()) if v is not None and v.requires_grad)
+            grads = _NoDoubleBackward.apply(anchor, *grads)
+        return (None, None, None, None, *grads)
+
+    @staticmethod
+    def _backward_pass(x, mask, scale, p, t, n_out, per_input, chunks, products, g_1, grads, dpred):
+        """One pass over the chunks of iteration t: adds its gradients into grads (and dpred)."""
+        n = x.shape[-2]
+        names, sizes, W = products                                                # names[0] == 'G'
+        scale_a = _squeeze_last(scale)                                            # float or [..., 1]
+        for s, e in chunks:
+            c = _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e)
+            f_a, R, beta_use, beta_ign = c['f_a'], c['R'], c['beta_use'], c['beta_ign']
+            # M-step sums: phi_x = phi^T x, phi_1 = sum_i phi
+            dphi = c['Y']['G'] + g_1[..., None, :]                              # [..., c, n_out]
+            f_a_dphi = f_a * dphi
+            if c['beta_0'] is None:
+                # credit: phi = f_a ((beta_use + beta_ign) R - beta_ign)
+                d_beta = {'beta_use': f_a_dphi * R, 'beta_ign': f_a_dphi * (R - 1)}
+                d_f_a = dphi * ((beta_use + beta_ign) * R - beta_ign)              # [..., c, n_out]
+            else:
+                # credit at t = 0 with R = 1/n_out: phi = f_a beta_0
+                d_beta = {'beta_0': f_a_dphi}
+                d_f_a = dphi * c['beta_0']
+            if c['mask'] is not None:
+                d_f_a = d_f_a.masked_fill(c['mask'], 0.0)
+            d_a = d_f_a.sum(dim=-1) * c['sigma_a'] * (1 - c['sigma_a'])            # [..., c]
+            d_x_W_A = d_a * scale_a                                                # [..., c]
+            dy = {'G': c['phi'], 'W_A': d_x_W_A[..., None], **d_beta}
+            if t > 0:
                 # E-step: R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
-                dR = f_a_dphi * (bu_c + bi_c)
-                dS = R_c * (dR - (dR * R_c).sum(dim=-1, keepdim=True))
-                dZ = dS * torch.sigmoid(-Z_c)
-                if grads['W_S'] is not None:
-                    _add_grad(grads['W_S'], dZ * L_c, W_S, s, e, n)
-                if grads['B_S'] is not None:
-                    _add_grad(grads['B_S'], dZ, B_S, s, e, n)
-                dL = dZ * W_S_c                                                     # [..., c, n_out]
-                if grads['pred'] is not None:
-                    grads['pred'] += dL.transpose(-1, -2) @ x_c                     # [..., n_out, d]
-                if grads['x'] is not None:
-                    grads['x'][..., s:e, :] += dL @ pred
-        return (*grads.values(), None, None, None)
+                dR = f_a_dphi * (beta_use + beta_ign)
+                dS = R * (dR - (dR * R).sum(dim=-1, keepdim=True))
+                dZ = dS * torch.sigmoid(-c['Z'])
+                if 'W_S' in grads:
+                    _add_grad(grads['W_S'], dZ * c['L'], p['W_S'], s, e, n)
+                if 'B_S' in grads:
+                    _add_grad(grads['B_S'], dZ, p['B_S'], s, e, n)
+                dy['pred'] = dZ * _rows(p['W_S'], s, e, n)                          # [..., c, n_out]
+            # the products y = x W^T of the chunk's GEMM: dx += dy W, dW += dy^T x
+            dY = torch.cat([dy[k].expand(*dphi.shape[:-1], size) for k, size in zip(names, sizes)], dim=-1)
+            if 'x' in grads:
+                grads['x'][..., s:e, :] += dY @ W                                  # [..., c, d]
+            if len(names) > 1:
+                dW = dY[..., sizes[0]:].transpose(-1, -2) @ c['x']                 # [..., K - n_out, d]
+                for k, dW_k in zip(names[1:], dW.split(sizes[1:], dim=-2)):
+                    if k == 'pred':
+                        dpred += dW_k                                              # [..., n_out, d]
+                        continue
+                    for target, factor in _gradient_targets(k, n_out):
+                        if target in grads:
+                            grads[target] += factor * dW_k.sum_to_size(grads[target].shape)
+            # per-input parameters (n_inp > 0): their rows s:e; shared ones (n_inp = -1): their biases
+            if per_input:
+                if 'x' in grads:
+                    grads['x'][..., s:e, :] += d_x_W_A[..., None] * p['W_A'][s:e]
+                for k, d_k in (*d_beta.items(), ('W_A', torch.einsum('...i,...id->id', d_x_W_A, c['x'])), ('B_A', d_a)):
+                    if k in grads:
+                        grads[k][s:e] += d_k.sum_to_size(grads[k][s:e].shape)
+            else:
+                if 'B_A' in grads:
+                    grads['B_A'] += d_a.sum_to_size(grads['B_A'].shape)
+                for k, d_k in d_beta.items():
+                    for target, factor in _gradient_targets(k, n_out):
+                        if target + '_bias' in grads:
+                            grads[target + '_bias'] += factor * d_k.sum_to_size(grads[target + '_bias'].shape)
+
+
+_DOUBLE_BACKWARD_MESSAGE = (
+    "EfficientVectorRouting(memory_efficient=True) computes its gradients by hand and cannot be "
+    "differentiated twice (double backward: gradient penalties, Hessian-vector products, "
+    "create_graph=True). Use memory_efficient=False, which runs on plain autograd.")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes the streamed routing's gradients through when they are computed with create_graph=True,
+    so that differentiating them raises a clear error instead of silently treating them as constants."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        # anchor: an input of the routing that requires grad, so the outputs are part of the graph
+        return tuple(None if g is None else g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_DOUBLE_BACKWARD_MESSAGE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,27 +520,34 @@ class EfficientVectorRouting(nn.Module):
         d_inp, d_out: sizes of input and output vectors.
         n_iters: routing iterations (>= 1).
         normalize: layer-normalise the output vectors (no learned affine).
-        memory_efficient: never materialise the votes V [..., n, n_out, d_out] and keep only one
-            [..., n, n_out] tensor per iteration for backward (a custom autograd function
-            recomputes the rest). False materialises V and uses plain autograd; both agree.
+        memory_efficient: stream the routing over chunks of inputs: never materialise the votes V
+            [..., n, n_out, d_out] nor any other [..., n, *] intermediate for longer than a chunk
+            (one autograd function recomputes them in backward and writes each gradient into one
+            buffer), so the memory above the input, the parameters and their gradients does not
+            grow with n. Its gradients cannot be differentiated again (double backward raises).
+            False materialises V and uses plain autograd; both agree.
         return_dict: return a dict of the intermediates instead of x_out.
+        chunk_elements: with memory_efficient, the inputs in a chunk are as many as make about this
+            many elements of [d_inp + n_out] per input over the batch (default CHUNK_ELEMENTS =
+            2^21, 8 MiB in float32): smaller saves memory, larger saves per-chunk overhead.
 
     Forward:
         x_inp [..., n, d_inp], mask (optional) bool broadcastable to [..., n, n_out]
         -> x_out [..., n_out, d_out], or the dict
            {a_inp, V, pred_x_inp, S, R, D_use, D_ign, phi, x_out} (V None when memory-efficient,
-           pred_x_inp and S None when n_iters == 1; with memory_efficient the [..., n, n_out]
-           entries are detached, for inspection; use memory_efficient=False to backprop through them).
+           pred_x_inp and S None when n_iters == 1; with memory_efficient all entries but x_out
+           are detached, for inspection; use memory_efficient=False to backprop through them).
     """
 
     def __init__(self, n_inp, n_out, d_inp, d_out, n_iters=2, normalize=True, memory_efficient=True,
-                 return_dict=False):
+                 return_dict=False, chunk_elements=CHUNK_ELEMENTS):
         super().__init__()
         _check_sizes(n_inp, n_out)
+        _check_dims(d_inp=d_inp, d_out=d_out, chunk_elements=chunk_elements)
         _check_n_iters(n_iters)
         self.n_inp, self.n_out, self.d_inp, self.d_out = n_inp, n_out, d_inp, d_out
         self.n_iters, self.normalize = n_iters, normalize
-        self.memory_efficient, self.return_dict = memory_efficient, return_dict
+        self.memory_efficient, self.return_dict, self.chunk_elements = memory_efficient, return_dict, chunk_elements
         m = max(1, n_inp)
         self.W_A = nn.Parameter(torch.randn(m, d_inp) * 2 / d_inp ** 0.5)             # [m, d_inp]
         self.B_A = nn.Parameter(torch.zeros(m))                                      # [m]
@@ -315,7 +565,8 @@ class EfficientVectorRouting(nn.Module):
     def extra_repr(self):
         return (f"n_inp={self.n_inp}, n_out={self.n_out}, d_inp={self.d_inp}, d_out={self.d_out}, "
                 f"n_iters={self.n_iters}, normalize={self.normalize}, "
-                f"memory_efficient={self.memory_efficient}, return_dict={self.return_dict}")
+                f"memory_efficient={self.memory_efficient}, return_dict={self.return_dict}, "
+                f"chunk_elements={self.chunk_elements}")
 
     def forward(self, x_inp, mask=None):
         n = _check_sequence('x_inp', x_inp, self.n_inp, (self.d_inp,), ('d_inp',))
@@ -323,12 +574,22 @@ class EfficientVectorRouting(nn.Module):
         batch_shape = x_inp.shape[:-2]
         if mask is not None:
             _check_mask(mask, batch_shape, n, self.n_out)
+        # 2. xs = x_inp n^(-1/2), with n each sample's true length; never materialised, the scale
+        #    is applied to the [..., n] and [..., n_out, d] sums instead.
+        scale = _input_scale(mask, batch_shape, n, self.W_A.dtype, x_inp.device)   # float or [..., 1, 1]
 
+        if self.memory_efficient:
+            # Steps 1 and 3-6, streamed over chunks of inputs (_StreamedRouting).
+            diagnostics = {} if self.return_dict else None
+            cfg = (self.n_iters, self.normalize, self.n_out, self.n_inp > 0, self.chunk_elements)
+            x_out = _StreamedRouting.apply(cfg, mask, scale, diagnostics, x_inp, *_streamed_params(self))
+            if not self.return_dict:
+                return x_out
+            return {**diagnostics, 'V': None, 'x_out': x_out}
+
+        x_inp = _without_masked_inputs(x_inp, mask)                                 # [..., n, d_inp]
         # 1. beta_use, beta_ign: [n_inp, n_out] parameters, or [..., n, n_out] from x_inp
         beta_use, beta_ign = _betas(self, x_inp)
-        # 2. xs = x_inp n^(-1/2), with n each sample's true length; never materialised, the scale
-        #    is applied to the [..., n] and [..., n_out, d] sums below instead.
-        scale = _input_scale(mask, batch_shape, n, self.W_A.dtype, x_inp.device)   # float or [..., 1, 1]
         # 3. a_inp[..., i] = sum_d xs[..., i, d] W_A[i, d] + B_A[i]
         if self.n_inp == -1:
             x_dot_W_A = x_inp @ self.W_A[0]                                         # [..., n]
@@ -339,40 +600,26 @@ class EfficientVectorRouting(nn.Module):
         f_a = torch.sigmoid(a_inp)[..., None]                                       # [..., n, 1]
         if mask is not None:
             f_a = f_a.masked_fill(mask, 0.0)                                        # [..., n, n_out]
-
-        V = None
-        if not self.memory_efficient:
-            # votes V[..., i, j, h] = sum_d xs[..., i, d] W_F1[j, d] W_F2[d, h] + B_F2[j, h]
-            xs = x_inp * scale                                                      # [..., n, d_inp]
-            V = torch.einsum('...id,jd,dh->...ijh', xs, self.W_F1, self.W_F2) + self.B_F2  # [..., n, n_out, d_out]
+        # votes V[..., i, j, h] = sum_d xs[..., i, d] W_F1[j, d] W_F2[d, h] + B_F2[j, h]
+        xs = x_inp * scale                                                          # [..., n, d_inp]
+        V = torch.einsum('...id,jd,dh->...ijh', xs, self.W_F1, self.W_F2) + self.B_F2  # [..., n, n_out, d_out]
 
         pred = S = None
         for t in range(self.n_iters):
             if t > 0:
                 # E-step: pred[..., j, d] = sum_h N(x_out)[..., j, h] W_G1[h, d] W_G2[j, d] + B_G2[j, d]
-                pred = (_layer_norm(x_out) @ self.W_G1) * self.W_G2 + self.B_G2     # [..., n_out, d_inp]
-            if self.memory_efficient:
-                diagnostics = {} if (self.return_dict and t == self.n_iters - 1) else None
-                phi_x, phi_1 = _MemoryEfficientIteration.apply(
-                    x_inp, pred, f_a, beta_use, beta_ign, self.W_S, self.B_S, mask, self.n_out, diagnostics)
-                # M-step: x_out[..., j, h] = sum_d (sum_i phi x)[..., j, d] n^(-1/2) W_F1[j, d] W_F2[d, h]
-                #                            + (sum_i phi)[..., j] B_F2[j, h]
-                x_out = ((phi_x * scale) * self.W_F1) @ self.W_F2 + phi_1[..., None] * self.B_F2
-            else:
-                # E-step: S[..., i, j] = logsigma((sum_d x_inp[..., i, d] pred[..., j, d]) W_S[i, j] + B_S[i, j])
-                S = None if pred is None else F.logsigmoid(
-                    torch.einsum('...id,...jd->...ij', x_inp, pred) * self.W_S + self.B_S)
-                R = _initial_R(f_a, mask, self.n_out) if S is None else _masked_softmax(S, mask)
-                D_use, D_ign, phi = _credit(R, f_a, beta_use, beta_ign)             # [..., n, n_out]
-                # M-step: x_out[..., j, h] = sum_i phi[..., i, j] V[..., i, j, h]
-                x_out = torch.einsum('...ij,...ijh->...jh', phi, V)                  # [..., n_out, d_out]
+                pred = _predict(x_out, self.W_G1, self.W_G2, self.B_G2)              # [..., n_out, d_inp]
+                # S[..., i, j] = logsigma((sum_d x_inp[..., i, d] pred[..., j, d]) W_S[i, j] + B_S[i, j])
+                S = F.logsigmoid(torch.einsum('...id,...jd->...ij', x_inp, pred) * self.W_S + self.B_S)
+            R = _initial_R(f_a, mask, self.n_out) if S is None else _masked_softmax(S, mask)
+            D_use, D_ign, phi = _credit(R, f_a, beta_use, beta_ign)                 # [..., n, n_out]
+            # M-step: x_out[..., j, h] = sum_i phi[..., i, j] V[..., i, j, h]
+            x_out = torch.einsum('...ij,...ijh->...jh', phi, V)                      # [..., n_out, d_out]
 
         if self.normalize:
             x_out = _layer_norm(x_out)                                              # [..., n_out, d_out]
         if not self.return_dict:
             return x_out
-        if self.memory_efficient:
-            S, R, D_use, D_ign, phi = (diagnostics[k] for k in ('S', 'R', 'D_use', 'D_ign', 'phi'))
         return {'a_inp': a_inp, 'V': V, 'pred_x_inp': pred, 'S': S, 'R': R, 'D_use': D_use,
                 'D_ign': D_ign, 'phi': phi, 'x_out': x_out}
 
@@ -403,6 +650,16 @@ def _betas(module, x_inp):
     return module.compute_beta_use(x_inp), module.compute_beta_ign(x_inp)
 
 
+def _streamed_params(module):
+    """An EfficientVectorRouting's tensors in the order of _STREAMED_PARAMS."""
+    if module.n_inp > 0:
+        betas = {'beta_use': module.beta_use, 'beta_use_bias': None, 'beta_ign': module.beta_ign, 'beta_ign_bias': None}
+    else:
+        betas = {'beta_use': module.compute_beta_use.weight, 'beta_use_bias': module.compute_beta_use.bias,
+                 'beta_ign': module.compute_beta_ign.weight, 'beta_ign_bias': module.compute_beta_ign.bias}
+    return [betas[name] if name in betas else getattr(module, name) for name in _STREAMED_PARAMS]
+
+
 # ---------------------------------------------------------------------------------------------
 # DefinableVectorRouting (2022)
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +670,8 @@ class DefinableVectorRouting(nn.Module):
         a_inp = A(x_inp) -> [..., n]           V = F(x_inp) -> [..., n, n_out, d_out]
         pred = G(x_out)                         S = S(x_inp, pred) -> [..., n, n_out]
 
-    No input scaling and no final normalisation; x_out = sum_i phi V.
+    No input scaling and no final normalisation; x_out = sum_i phi V. An input masked for every
+    output is replaced by zeros before A, F, S and the beta layers see it.
 
     Args: A, F, G, S (modules), n_inp (or -1), n_out, n_iters, return_dict, and d_inp: the size of
     the input vectors, needed only for n_inp = -1 (the beta layers read x_inp). When it is not
@@ -426,6 +684,8 @@ class DefinableVectorRouting(nn.Module):
         super().__init__()
         _check_sizes(n_inp, n_out)
         _check_n_iters(n_iters)
+        if d_inp is not None:
+            _check_dims(d_inp=d_inp)
         self.A, self.F, self.G, self.S = A, F, G, S
         self.n_inp, self.n_out, self.n_iters, self.return_dict = n_inp, n_out, n_iters, return_dict
         if n_inp == -1 and d_inp is None:
@@ -442,6 +702,7 @@ class DefinableVectorRouting(nn.Module):
         if mask is not None:
             _check_mask(mask, batch_shape, n, self.n_out)
 
+        x_inp = _without_masked_inputs(x_inp, mask)                                 # [..., n, d_inp]
         beta_use, beta_ign = _betas(self, x_inp)                                    # [..., n, n_out]
         a_inp = self.A(x_inp).view(*batch_shape, n)                                 # [..., n]
         V = self.F(x_inp).view(*batch_shape, n, self.n_out, -1)                     # [..., n, n_out, d_out]

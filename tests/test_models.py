@@ -4,7 +4,7 @@ import torch
 
 import models
 from heinsen_routing import EfficientVectorRouting
-from tests.test_routing import spec_state_shapes
+from tests.reference import spec_state_shapes
 
 
 def test_routing_head_state_dict_is_the_published_layout_and_loads_strict():

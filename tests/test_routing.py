@@ -1,13 +1,13 @@
 """Tests of heinsen_routing's three routings against the spec (../shared/spec/routing.md)."""
 import math
+import re
 
 import pytest
 import torch
 import torch.nn as nn
 
-import heinsen_routing.routing as routing_module
-from benchmarks.straightforward import straightforward_routing
 from heinsen_routing import DefinableVectorRouting, EfficientVectorRouting, GenerativeMatrixRouting
+from tests.reference import spec_state_shapes, straightforward_routing
 
 
 @pytest.fixture(autouse=True)
@@ -28,20 +28,6 @@ def assert_close_rel(a, b, rtol=1e-5):
 # -------------------------------------------------------------------------------------------------
 # EfficientVectorRouting: the spec's state dict
 # -------------------------------------------------------------------------------------------------
-
-def spec_state_shapes(n_inp, n_out, d_inp, d_out):
-    m = max(1, n_inp)
-    shapes = {'W_A': (m, d_inp), 'B_A': (m,), 'W_F1': (n_out, d_inp), 'W_F2': (d_inp, d_out),
-              'B_F2': (n_out, d_out), 'W_G1': (d_out, d_inp), 'W_G2': (n_out, d_inp),
-              'B_G2': (n_out, d_inp), 'W_S': (m, n_out), 'B_S': (m, n_out),
-              'CONST_ones_over_n_out': (n_out,)}
-    if n_inp > 0:
-        shapes.update(beta_use=(n_inp, n_out), beta_ign=(n_inp, n_out))
-    else:
-        shapes.update({'compute_beta_use.weight': (n_out, d_inp), 'compute_beta_use.bias': (n_out,),
-                       'compute_beta_ign.weight': (n_out, d_inp), 'compute_beta_ign.bias': (n_out,)})
-    return shapes
-
 
 @pytest.mark.parametrize('n_inp', [-1, 12])
 def test_state_dict_keys_and_shapes_equal_spec(n_inp):
@@ -108,13 +94,15 @@ def test_shared_mask_agrees_with_straightforward_transcription():
     assert_close_rel(module(x, mask=mask), straightforward_routing(module, x, mask=mask))
 
 
+def chunk_elements_for(rows, batch_numel, d_inp, n_out):
+    """EfficientVectorRouting(chunk_elements=...) that makes chunks of `rows` inputs."""
+    return rows * batch_numel * (d_inp + n_out)
+
+
 @pytest.mark.parametrize('n_inp', [-1, 30])
-def test_memory_efficient_and_materialised_agree_values_and_grads(n_inp, monkeypatch):
-    # Small chunks so the chunked forward/backward of the memory-efficient path is exercised.
-    monkeypatch.setattr(routing_module, 'CHUNK_ELEMENTS', 1)
-    monkeypatch.setattr(routing_module, '_row_chunks',
-                        lambda n, _: [(s, min(n, s + 7)) for s in range(0, n, 7)])
-    module = EfficientVectorRouting(n_inp, 5, 8, 6, n_iters=3).double()
+def test_memory_efficient_and_materialised_agree_values_and_grads(n_inp):
+    # Chunks of 7 inputs (the last one 2), so the chunked forward/backward is exercised across boundaries.
+    module = EfficientVectorRouting(n_inp, 5, 8, 6, n_iters=3, chunk_elements=chunk_elements_for(7, 2, 8, 5)).double()
     x = torch.randn(2, 30, 8, dtype=torch.double, requires_grad=True)
     mask = torch.rand(2, 30, 5) < 0.2
     mask[0, 3] = True
@@ -339,12 +327,12 @@ def test_float16_input_under_autocast_and_clear_error_outside(memory_efficient):
     assert all(torch.isfinite(p.grad).all() for p in module.parameters())
 
 
-def test_long_sequence_in_chunks_matches_single_chunk(monkeypatch):
+def test_long_sequence_in_chunks_matches_single_chunk():
     module = EfficientVectorRouting(-1, 3, 4, 4).double()
     x = torch.randn(1000, 4, dtype=torch.double, requires_grad=True)
     y_default = module(x)                                        # one chunk
     g_default = grads_of(y_default, [x] + list(module.parameters()))
-    monkeypatch.setattr(routing_module, '_row_chunks', lambda n, _: [(s, min(n, s + 300)) for s in range(0, n, 300)])
+    module.chunk_elements = chunk_elements_for(300, 1, 4, 3)     # chunks of 300, 300, 300, 100 inputs
     y_chunked = module(x)
     torch.testing.assert_close(y_chunked, y_default)
     for a, b in zip(grads_of(y_chunked, [x] + list(module.parameters())), g_default):
@@ -437,3 +425,212 @@ def test_gmr_one_iteration_dict_and_masks_finite():
 def test_gmr_rejects_unknown_p_model():
     with pytest.raises(ValueError, match='p_model'):
         GenerativeMatrixRouting(-1, 3, 2, 2, 2, p_model='laplace')
+
+
+# -------------------------------------------------------------------------------------------------
+# memory_efficient=True: the routing streamed over chunks of inputs
+# -------------------------------------------------------------------------------------------------
+
+def functional(module, mask=None):
+    """f(x, *parameters) -> module(x, mask) with the given parameter tensors (for gradcheck)."""
+    names = [name for name, _ in module.named_parameters()]
+    return lambda x, *ps: torch.func.functional_call(module, dict(zip(names, ps)), (x,), {'mask': mask})
+
+
+@pytest.mark.parametrize('n_inp', [-1, 7])
+@pytest.mark.parametrize('batch_shape, rows', [((), 1), ((), 3), ((2, 2), 2)])
+@pytest.mark.parametrize('masks', ['partial', 'whole inputs', None])
+def test_gradcheck_streamed_across_chunk_boundaries_with_masks(n_inp, batch_shape, rows, masks):
+    """Every recomputed path of backward (betas from the input or per-input rows, a_inp, logits, the
+    per-input rows of W_A, B_A, W_S, B_S; at t = 0 with R = 1/n_out the merged beta_0 when no mask
+    or only whole inputs are masked) against finite differences, with chunks that split the sequence
+    (1, 2 or 3 inputs each), masks, a padding input and leading batch dims."""
+    chunk_elements = chunk_elements_for(rows, math.prod(batch_shape), 4, 3)
+    module = EfficientVectorRouting(n_inp, 3, 4, 2, n_iters=3, chunk_elements=chunk_elements).double()
+    x = torch.randn(*batch_shape, 7, 4, dtype=torch.double, requires_grad=True)
+    mask = None
+    if masks is not None:
+        mask = torch.rand(*batch_shape, 7, 3 if masks == 'partial' else 1) < 0.25
+        mask[..., 5, :] = True                               # an input masked for every output
+    params = [p.detach().requires_grad_() for p in module.parameters()]
+    assert torch.autograd.gradcheck(functional(module, mask), (x, *params), fast_mode=bool(batch_shape))
+
+
+@pytest.mark.parametrize('n_inp', [-1, 256])
+def test_streamed_keeps_nothing_of_size_n_but_the_gradients(n_inp):
+    """Neither forward nor backward creates a [..., n, *] tensor (betas, logits, R, phi, their
+    gradients, a second gradient buffer): only chunks of inputs, [..., n_out, *] sums, and the one
+    gradient buffer of the input and of each per-input parameter."""
+    from torch.overrides import TorchFunctionMode
+
+    class RecordShapes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.shapes += [(*t.shape, t.dtype) for t in (out if isinstance(out, (tuple, list)) else [out])
+                            if torch.is_tensor(t)]
+            return out
+
+    n, n_out, d = 256, 4, 6
+    module = EfficientVectorRouting(n_inp, n_out, d, 5, n_iters=3, chunk_elements=chunk_elements_for(32, 2, d, n_out))
+    x = torch.randn(2, n, d, requires_grad=True)
+    mask = torch.zeros(2, n, 1, dtype=torch.bool)
+    mask[1, 200:] = True
+    with RecordShapes() as recorded:
+        module(x, mask=mask).square().sum().backward()
+    allowed = {(*x.shape, x.dtype)} | {(*p.shape, p.dtype) for p in module.parameters()}
+    allowed.add((2, n, torch.bool))                          # which inputs the mask leaves (for n^(-1/2))
+    assert {s for s in recorded.shapes if n in s} <= allowed
+    assert (2, 32, d, x.dtype) in recorded.shapes           # the chunks were seen
+
+
+@pytest.mark.parametrize('dtype, rtol', [(torch.bfloat16, 0.1), (torch.float16, 0.05)])
+@pytest.mark.parametrize('n_inp', [-1, 23])
+def test_streamed_and_materialised_under_autocast_agree_with_float32(dtype, rtol, n_inp):
+    """Under autocast both settings are within the low precision's error of the float32 result,
+    outputs (the tolerance of the autocast test above) and every gradient (relative to the tensor's
+    largest entry; the worst is the scalar B_A's, a sum over inputs that nearly cancels)."""
+    module = EfficientVectorRouting(n_inp, 4, 16, 8, memory_efficient=False, chunk_elements=chunk_elements_for(5, 2, 16, 4))
+    x = torch.randn(2, 23, 16, requires_grad=True)
+    mask = torch.zeros(2, 23, 1, dtype=torch.bool)
+    mask[1, 17:] = True
+    w = torch.randn(2, 4, 8)                                 # loss <y, w> (|y|^2 is constant after N(.))
+
+    def run():
+        y = module(x, mask=mask).float()
+        return y, torch.autograd.grad((y * w).sum(), [x, *module.parameters()])
+
+    y_ref, g_ref = run()
+    for memory_efficient in (True, False):
+        module.memory_efficient = memory_efficient
+        with torch.autocast('cpu', dtype=dtype):
+            y, grads = run()
+        assert (y - y_ref).abs().max() < 0.1
+        for g, g32 in zip(grads, g_ref):
+            assert g.dtype == g32.dtype and torch.isfinite(g).all()
+            assert_close_rel(g, g32, rtol=rtol)
+
+
+def test_streamed_return_dict_equals_materialised_across_chunks():
+    module = EfficientVectorRouting(-1, 4, 6, 5, n_iters=3, return_dict=True,
+                                    chunk_elements=chunk_elements_for(3, 2, 6, 4)).double()
+    x = torch.randn(2, 11, 6, dtype=torch.double)
+    mask = torch.rand(2, 11, 4) < 0.2
+    streamed = module(x, mask=mask)
+    module.memory_efficient = False
+    materialised = module(x, mask=mask)
+    assert streamed['V'] is None
+    for k in ('a_inp', 'pred_x_inp', 'S', 'R', 'D_use', 'D_ign', 'phi', 'x_out'):
+        torch.testing.assert_close(streamed[k], materialised[k], msg=k)
+
+
+def test_double_backward_of_streamed_routing_raises_naming_the_alternative():
+    module = EfficientVectorRouting(-1, 3, 4, 2).double()
+    x = torch.randn(2, 6, 4, dtype=torch.double, requires_grad=True)
+    # gradient penalty: || d output / d x ||^2, then backward through it
+    g, = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r'memory_efficient=False'):
+        g.square().sum().backward()
+    # with respect to the parameters only (Hessian-vector products of the loss)
+    grads = torch.autograd.grad(module(x.detach()).square().sum(), list(module.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match=r'memory_efficient=False'):
+        torch.autograd.grad(sum(v.square().sum() for v in grads), list(module.parameters()))
+
+
+@pytest.mark.parametrize('n_inp', [-1, 6])
+def test_gradgradcheck_materialised(n_inp):
+    module = EfficientVectorRouting(n_inp, 3, 4, 2, memory_efficient=False).double()
+    x = torch.randn(2, 6, 4, dtype=torch.double, requires_grad=True)
+    mask = torch.zeros(2, 6, 3, dtype=torch.bool)
+    mask[1, 4:] = True
+    params = [p.detach().requires_grad_() for p in module.parameters()]
+    assert torch.autograd.gradgradcheck(functional(module, mask), (x, *params), fast_mode=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Masked inputs contribute nothing, whatever their values
+# -------------------------------------------------------------------------------------------------
+
+def definable_routing(n_out, d_inp, d_out):
+    A, F_, G = nn.Linear(d_inp, 1), nn.Linear(d_inp, n_out * d_out), nn.Linear(d_out, d_inp)
+    S = type('S', (nn.Module,), {'forward': lambda self, x, p: torch.einsum('...id,...jd->...ij', x, p)})()
+    return DefinableVectorRouting(A, F_, G, S, n_inp=-1, n_out=n_out)
+
+
+@pytest.mark.parametrize('routing', ['streamed', 'materialised', 'definable'])
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+@pytest.mark.parametrize('mask_shape', ['padding', 'per_output'])
+def test_nan_or_inf_in_masked_inputs_reaches_neither_output_nor_gradients(routing, bad, mask_shape):
+    if routing == 'definable':
+        module = definable_routing(4, 6, 5).double()
+    else:
+        module = EfficientVectorRouting(-1, 4, 6, 5, n_iters=3, memory_efficient=routing == 'streamed',
+                                        chunk_elements=chunk_elements_for(3, 2, 6, 4)).double()
+    x = torch.randn(2, 9, 6, dtype=torch.double)
+    lengths = torch.tensor([9, 5])
+    mask = torch.arange(9)[None, :, None] >= lengths[:, None, None]        # [2, 9, 1]: sample 1 padded 5 -> 9
+    if mask_shape == 'per_output':
+        mask = mask | (torch.rand(2, 9, 4) < 0.2)                          # [2, 9, 4], padding rows all True
+    results = []
+    for padding in (bad, 0.0):
+        x_p = x.masked_fill(mask.all(dim=-1, keepdim=True), padding).requires_grad_()
+        y = module(x_p, mask=mask)
+        results.append((y, grads_of(y, [x_p, *module.parameters()])))
+    (y_bad, g_bad), (y_zero, g_zero) = results
+    assert torch.isfinite(y_bad).all()
+    torch.testing.assert_close(y_bad, y_zero, rtol=0, atol=0)
+    for a, b in zip(g_bad, g_zero):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.count_nonzero(g_bad[0][1, 5:]) == 0                      # masked inputs get no gradient
+
+
+# -------------------------------------------------------------------------------------------------
+# Clear errors for bad constructor arguments and dtypes
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['d_inp', 'd_out', 'chunk_elements'])
+@pytest.mark.parametrize('value', [0, -3, 4.0, True, '4', None])
+def test_bad_sizes_raise_value_error_naming_argument(name, value):
+    kwargs = dict(n_inp=-1, n_out=3, d_inp=4, d_out=4) | {name: value}
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be a positive int, got {value!r}")):
+        EfficientVectorRouting(**kwargs)
+
+
+@pytest.mark.parametrize('value', [0, -2, 3.0, True])
+def test_definable_bad_d_inp_raises(value):
+    A, F_, G = nn.Linear(4, 1), nn.Linear(4, 6), nn.Linear(2, 4)
+    with pytest.raises(ValueError, match=re.escape(f"d_inp must be a positive int, got {value!r}")):
+        DefinableVectorRouting(A, F_, G, nn.Identity(), n_inp=-1, n_out=3, d_inp=value)
+
+
+@pytest.mark.parametrize('bad', [dict(n_inp=True), dict(n_out=True), dict(n_iters=True), dict(n_out=3.0)])
+def test_bool_or_float_counts_raise(bad):
+    kwargs = dict(n_inp=5, n_out=3, d_inp=4, d_out=4, n_iters=2) | bad
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        EfficientVectorRouting(**kwargs)
+
+
+def test_shared_checks_for_other_constructors():
+    """_check_dims and _check_eps are the helpers every routing's constructor calls."""
+    from heinsen_routing.routing import _check_dims, _check_eps
+    _check_dims(d_cov=4, d_inp=1)
+    with pytest.raises(ValueError, match=r"d_cov must be a positive int, got 0"):
+        _check_dims(d_cov=0, d_inp=1)
+    _check_eps(1e-5)
+    for eps in (0, -1e-5, float('nan'), float('inf'), True, '1e-5'):
+        with pytest.raises(ValueError, match=r"eps must be a positive float"):
+            _check_eps(eps)
+
+
+@pytest.mark.parametrize('memory_efficient', [True, False])
+def test_float64_input_under_autocast_raises_value_error(memory_efficient):
+    module = EfficientVectorRouting(-1, 4, 6, 5, memory_efficient=memory_efficient)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"x_inp has dtype torch.float64 inside torch.autocast\('cpu', "
+                                             r"dtype=torch.bfloat16\).*x.float\(\)"):
+            module(torch.randn(2, 7, 6, dtype=torch.float64))
+        assert module(torch.randn(2, 7, 6)).shape == (2, 4, 5)              # float32 input is fine

@@ -1,11 +1,13 @@
 """
-A straightforward implementation of EfficientVectorRouting's forward pass, transcribed line by line
-from the spec's equations with plain autograd, reading the parameters of a heinsen_routing module.
+The spec's reference for the tests (importable as tests.reference; not a test module):
 
-It is the baseline of benchmarks/routing.py (it keeps every iteration's [..., n, n_out]
-intermediates, and the scaled copy xs of the input, for backward) and the independent reference
-the tests compare the library against. Like the authors' code it takes only a mask shared by the
-whole batch ([n, n_out], masked entries -inf) and scales by the full sequence length.
+- straightforward_routing: EfficientVectorRouting's forward pass transcribed line by line from the
+  spec's equations with plain autograd, reading the parameters of a heinsen_routing module. It is
+  the independent reference the tests compare the library against, and the baseline of
+  benchmarks/routing.py (it keeps every iteration's [..., n, n_out] intermediates, and the scaled
+  copy xs of the input, for backward). Like the authors' code it takes only a mask shared by the
+  whole batch ([n, n_out], masked entries -inf) and scales by the full sequence length.
+- spec_state_shapes: the state-dict keys and shapes of EfficientVectorRouting in the spec's table.
 """
 import torch
 import torch.nn.functional as F
@@ -43,3 +45,18 @@ def straightforward_routing(module, x_inp, mask=None):
         x_out = (torch.einsum('...ij,...id,jd,dh->...jh', phi, xs, m.W_F1, m.W_F2)
                  + torch.einsum('...ij,jh->...jh', phi, m.B_F2))                     # [..., n_out, d_out]
     return N(x_out) if m.normalize else x_out
+
+
+def spec_state_shapes(n_inp, n_out, d_inp, d_out):
+    """{state-dict key: shape} of EfficientVectorRouting(n_inp, n_out, d_inp, d_out), from the spec's table."""
+    m = max(1, n_inp)
+    shapes = {'W_A': (m, d_inp), 'B_A': (m,), 'W_F1': (n_out, d_inp), 'W_F2': (d_inp, d_out),
+              'B_F2': (n_out, d_out), 'W_G1': (d_out, d_inp), 'W_G2': (n_out, d_inp),
+              'B_G2': (n_out, d_inp), 'W_S': (m, n_out), 'B_S': (m, n_out),
+              'CONST_ones_over_n_out': (n_out,)}
+    if n_inp > 0:
+        shapes.update(beta_use=(n_inp, n_out), beta_ign=(n_inp, n_out))
+    else:
+        shapes.update({'compute_beta_use.weight': (n_out, d_inp), 'compute_beta_use.bias': (n_out,),
+                       'compute_beta_ign.weight': (n_out, d_inp), 'compute_beta_ign.bias': (n_out,)})
+    return shapes
