@@ -756,11 +756,11 @@ class GenerativeMatrixRouting(nn.Module):
                  p_model='gaussian', eps=1e-5, return_dict=False):
         super().__init__()
         _check_sizes(n_inp, 2 if n_out == -1 else n_out)
+        _check_dims(d_cov=d_cov, d_inp=d_inp, d_out=d_out)
         _check_n_iters(n_iters)
+        _check_eps(eps)
         if p_model not in ('gaussian', 'skm'):
             raise ValueError(f"p_model must be 'gaussian' or 'skm', got {p_model!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a number > 0, got {eps!r}")
         self.n_inp, self.n_out, self.d_cov, self.d_inp, self.d_out = n_inp, n_out, d_cov, d_inp, d_out
         self.n_iters, self.single_beta, self.p_model, self.eps = n_iters, single_beta, p_model, eps
         self.return_dict = return_dict

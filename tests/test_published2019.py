@@ -134,9 +134,15 @@ def test_routing_bad_input_gives_clear_errors():
         variable(torch.randn(5), torch.randn(5, 1, 4))
     with pytest.raises(ValueError, match=r'mask must be broadcastable to \[\.\.\., n, n_out\] = \[6, 7\]'):
         variable(torch.randn(6), torch.randn(6, 1, 4), n_out=7, mask=torch.zeros(6, 3, dtype=torch.bool))
-    for bad in (0, -1e-5, True):
-        with pytest.raises(ValueError, match='eps must be a number > 0'):
+    for bad in (0, -1e-5, True, float('inf')):
+        with pytest.raises(ValueError, match='eps must be a positive float'):
             Routing(d_cov=1, d_inp=4, d_out=2, eps=bad)
+    for name, bad in (('d_cov', 0), ('d_inp', -1), ('d_out', 2.0), ('d_inp', True)):
+        with pytest.raises(ValueError, match=f'{name} must be a positive int'):
+            Routing(**{'d_cov': 1, 'd_inp': 4, 'd_out': 2, name: bad})
+    with torch.autocast('cpu', dtype=torch.bfloat16):                               # autocast leaves float64 alone
+        with pytest.raises(ValueError, match=r'mu_inp has dtype torch.float64 inside torch.autocast'):
+            variable(torch.randn(6, dtype=torch.float64), torch.randn(6, 1, 4, dtype=torch.float64))
 
 
 def test_record_credit_sees_routing():
