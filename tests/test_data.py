@@ -498,7 +498,11 @@ def test_unknown_dataset():
 def test_download_unreachable(tmp_path):
     with pytest.raises(RuntimeError, match='127.0.0.1'):
         data.download_and_extract('http://127.0.0.1:9/nothing.zip', str(tmp_path / 'dest'), checksum='sha256:00')
-    assert os.listdir(tmp_path / 'dest') == []  # no temporary file left behind
+    assert not (tmp_path / 'dest').exists()     # no temporary file, nor the folder it made, left behind
+    (tmp_path / 'kept').mkdir()
+    with pytest.raises(RuntimeError, match='127.0.0.1'):
+        data.download_and_extract('http://127.0.0.1:9/nothing.zip', str(tmp_path / 'kept'), checksum='sha256:00')
+    assert os.listdir(tmp_path / 'kept') == []  # a folder that was there stays, empty
 
 
 def test_download_and_extract_local_archives(tmp_path):
