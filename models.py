@@ -19,7 +19,6 @@ Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored
 library's masks (True = that input is ignored).
 """
 import json
-import os
 import pickle
 from pathlib import Path
 

@@ -19,7 +19,7 @@ import torchvision
 from PIL import Image
 
 import data
-from tests.helpers.files import SST_DEV, SST_DIR, SST_TEST, SST_TRAIN, write_cifar_batch, write_smallnorb, write_sst
+from tests.helpers.files import SST_DIR, write_cifar_batch, write_smallnorb, write_sst
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import models
-from heinsen_routing import EfficientVectorRouting
 from tests.reference import spec_state_shapes
 
 

@@ -6,7 +6,6 @@ Execution uses nbclient on the 'python3' kernel (CI registers it: python -m ipyk
 tmp dir, so running the tests leaves docs/ untouched. The notebooks locate the repository root from their
 working directory, so some run from notebooks/ (as Jupyter does) and one from the repository root.
 """
-import os
 import pathlib
 
 import nbclient

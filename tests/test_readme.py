@@ -1,6 +1,5 @@
 """The README's Python examples run as written, from a working directory laid out as the README's user has it:
 pretrained/ (the repository's) and .data/heinsen2019/ (what `python -m data heinsen2019 --download` fetches)."""
-import os
 import pathlib
 import re
 
