@@ -812,9 +812,9 @@ class GenerativeMatrixRouting(nn.Module):
             n_out = self.n_out
         if mask is not None:
             _check_mask(mask, batch_shape, n, n_out)
-            is_ignored = mask.all(dim=-1)                                          # [..., n] (broadcastable)
-            a_inp = a_inp.masked_fill(is_ignored, 0.0)                              # masked inputs' values never
-            mu_inp = mu_inp.masked_fill(is_ignored[..., None, None], 0.0)           # reach a sum, NaN included
+            # inputs masked for every output: their values (NaN included) never reach a sum
+            a_inp = _without_masked_inputs(a_inp[..., None], mask)[..., 0]          # [..., n]
+            mu_inp = _without_masked_inputs(mu_inp.flatten(-2), mask).reshape_as(mu_inp)  # [..., n, d_cov, d_inp]
 
         # 1. votes V[..., i, j, c, h] = sum_d mu_inp[..., i, c, d] W[i, j, d, h] + B[i, j, c, h]
         #    (with n_inp = -1 one W for every input, never expanded; with variable n_out, W's single
