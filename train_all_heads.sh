@@ -31,10 +31,13 @@ case "${1:-paper}" in
     ;;
   paper-minilm)
     # The paper's SST-5 -> SST-2 settings (as in the paper profile below) on the offline backbone, with the feature
-    # cache; SEED=k for another seed. Long on a 2-core CPU: it resumes where it stopped when run again.
+    # cache; SEED=k for another seed. Long on a 2-core CPU: it resumes where it stopped when run again. Float32 matrix
+    # products use the CPU's bfloat16 units where it has them (--matmul_precision medium; see README, Performance).
+    # Two seeds side by side: OMP_NUM_THREADS=1 SEED=0 bash train_all_heads.sh paper-minilm & (and SEED=1).
     SEED="${SEED:-0}"
     DIR="$OUT/paper-minilm/seed$SEED"
-    MINILM=(--backbone minilm --feature_cache "$DATA_ROOT/features" --rng_seed "$SEED" --batch_sz 50)
+    MINILM=(--backbone minilm --feature_cache "$DATA_ROOT/features" --rng_seed "$SEED" --batch_sz 50
+            --matmul_precision medium)
     run --download --dataset_name sst5 "${MINILM[@]}" --n_epochs 10 --n_iters_per_train_epoch 2000 --output_dir "$DIR/sst5"
     run --dataset_name sst2 "${MINILM[@]}" --n_epochs 3 --n_iters_per_train_epoch 2000 \
         --pretrained_path "$DIR/sst5/model" --output_dir "$DIR/sst2"

@@ -213,13 +213,10 @@ def _add_grad(total, grad_rows, t, start, end, n):
         total += grad_rows.sum_to_size(t.shape)
 
 
-# The parameters of EfficientVectorRouting that _StreamedRouting reads, in its argument order.
+# The parameters of EfficientVectorRouting that a _StreamedPass reads, in its argument order.
 # beta_use, beta_ign: the [n_inp, n_out] parameters, or (n_inp = -1) compute_beta_*.weight [n_out, d_inp]
 # with compute_beta_*.bias in beta_*_bias (None for n_inp > 0).
-_STREAMED_PARAMS = ('W_A', 'B_A', 'beta_use', 'beta_use_bias', 'beta_ign', 'beta_ign_bias', 'W_S', 'B_S',
-                    'W_F1', 'W_F2', 'B_F2', 'W_G1', 'W_G2', 'B_G2')
-# Those of the small [..., n_out, *] steps between passes (x_out from the sums, pred from x_out).
-_BETWEEN_PASSES = ('W_F1', 'W_F2', 'B_F2', 'W_G1', 'W_G2', 'B_G2')
+_STREAMED_PARAMS = ('W_A', 'B_A', 'beta_use', 'beta_use_bias', 'beta_ign', 'beta_ign_bias', 'W_S', 'B_S')
 
 
 def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
@@ -306,20 +303,20 @@ def _uniform_initial_R(mask):
     return mask is None or bool((mask.any(dim=-1) == mask.all(dim=-1)).all())
 
 
-class _StreamedRouting(torch.autograd.Function):
-    """Steps 1 and 3-6 of EfficientVectorRouting (memory_efficient=True): all n_iters iterations in
-    one autograd function whose memory above its input, parameters and their gradients does not grow
-    with n. Each iteration is a pass over chunks of inputs that recomputes, from x and the
-    parameters, everything of size [..., n, *] (_chunk: the betas, a_inp, f_a, the logits
-    L = x pred^T, R, D, phi) and keeps only the two sums the M-step needs,
+class _StreamedPass(torch.autograd.Function):
+    """One iteration of steps 1 and 3-5 of EfficientVectorRouting (memory_efficient=True): a pass over
+    chunks of inputs whose memory above its input, parameters and their gradients does not grow with
+    n. From x, the iteration's pred (None at t = 0) and the parameters it recomputes chunk by chunk
+    everything of size [..., n, *] (_chunk: the betas, a_inp, f_a, the logits L = x pred^T, R, D,
+    phi) and returns only the two sums the M-step needs,
 
         phi_x[..., j, d] = sum_i phi[..., i, j] x[..., i, d]          phi_1[..., j] = sum_i phi[..., i, j]
 
-    from which x_out and the next iteration's pred follow ([..., n_out, *] tensors). Saved for
-    backward: x, the mask, the parameters and the sums. Backward walks the iterations in reverse:
-    autograd on the small steps between passes gives (G, g_1) = the gradient of (phi_x, phi_1);
-    then one pass over chunks recomputes the chunk and writes, in place into one buffer per input
-    or parameter (shared by all iterations), the gradients
+    The small steps between passes (x_out from the sums, the next pred from x_out: [..., n_out, *]
+    tensors) run on plain autograd outside, so autograd keeps their activations and backward never
+    recomputes them. Saved for backward: x, the mask, pred and the parameters. Backward gets
+    (G, g_1) = the gradient of (phi_x, phi_1) and makes one pass over chunks that recomputes the
+    chunk and writes, in place into one buffer per input or parameter, the gradients
 
         dphi  = x G^T + g_1                                           (M-step sums)
         dx   += phi G
@@ -336,90 +333,61 @@ class _StreamedRouting(torch.autograd.Function):
         with per-input parameters (n_inp > 0) their rows s:e get dbeta_*, dW_A = da n^(-1/2) x, dB_A = da.
 
     All products of x with [k, d_inp] blocks share one GEMM per chunk (_x_products), and so do the
-    gradients that flow back through them. dpred of iteration t is the gradient of that iteration's
-    pred, which autograd carries through the small steps to (G, g_1) of iteration t - 1.
+    gradients that flow back through them. dpred is returned as the gradient of the input pred:
+    autograd carries it through the small steps to (G, g_1) of the pass before.
     """
 
     @staticmethod
-    def forward(ctx, cfg, mask, scale, diagnostics, x, *params):
-        # cfg: (n_iters, normalize, n_out, per_input, chunk_elements); mask: None or bool broadcastable
-        # to [..., n, n_out]; scale: n^(-1/2), float or [..., 1, 1]; diagnostics: None or a dict to
-        # fill with the last iteration's intermediates; x [..., n, d_inp]; params: _STREAMED_PARAMS
+    def forward(ctx, cfg, mask, scale, diagnostics, x, pred, *params):
+        # cfg: (t, n_out, per_input, chunk_elements, uniform_R); mask: None or bool broadcastable to
+        # [..., n, n_out]; scale: n^(-1/2), float or [..., 1, 1]; diagnostics: None or a dict to fill
+        # with this pass's intermediates; x [..., n, d_inp]; pred [..., n_out, d_inp] or None (t = 0);
+        # params: _STREAMED_PARAMS
         p = dict(zip(_STREAMED_PARAMS, params))
-        n_iters, normalize, n_out, per_input, chunk_elements = cfg
+        t, n_out, per_input, chunk_elements, uniform_R = cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
-        chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
-        uniform_R = _uniform_initial_R(mask)
-        sums, pred, parts = [], None, []
-        for t in range(n_iters):
-            if t > 0:
-                pred = _predict(x_out, p['W_G1'], p['W_G2'], p['B_G2'])               # [..., n_out, d]
-            products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
-            phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_F1'].dtype)              # [..., n_out, d]
-            phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_F1'].dtype)                 # [..., n_out]
-            for s, e in chunks:
-                c = _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e)
-                phi_x += c['phi'].transpose(-1, -2) @ c['x']
-                phi_1 += c['phi'].sum(dim=-2)
-                if diagnostics is not None and t == n_iters - 1:
-                    parts.append([c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')])
-            sums += [phi_x, phi_1]
-            x_out = _x_out_from_sums(phi_x, phi_1, scale, p['W_F1'], p['W_F2'], p['B_F2'])  # [..., n_out, d_out]
-        if normalize:
-            x_out = _layer_norm(x_out)
+        products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
+        phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
+        phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
+        parts = []
+        for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements):
+            c = _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e)
+            phi_x += c['phi'].transpose(-1, -2) @ c['x']
+            phi_1 += c['phi'].sum(dim=-2)
+            if diagnostics is not None:
+                parts.append([c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')])
         if diagnostics is not None:
             for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
                 dim = -1 if k == 'a_inp' else -2
                 diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
-            diagnostics['pred_x_inp'] = pred
-        ctx.cfg, ctx.uniform_R = cfg, uniform_R
+        ctx.cfg = cfg
         ctx.scale = None if torch.is_tensor(scale) else scale
-        ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, *params, *sums)
+        ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, *params)
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
-        return x_out
+        return phi_x, phi_1
 
     @staticmethod
-    def backward(ctx, g_out):
+    def backward(ctx, G, g_1):
         double_backward = torch.is_grad_enabled()                # create_graph=True
-        x, mask, scale, *rest = ctx.saved_tensors
+        x, mask, scale, pred, *params = ctx.saved_tensors
         scale = ctx.scale if scale is None else scale
-        p = dict(zip(_STREAMED_PARAMS, rest[:len(_STREAMED_PARAMS)]))
-        sums = rest[len(_STREAMED_PARAMS):]
-        n_iters, normalize, n_out, per_input, chunk_elements = ctx.cfg
+        p = dict(zip(_STREAMED_PARAMS, params))
+        t, n_out, per_input, chunk_elements, uniform_R = ctx.cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
-        chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
-        # One gradient buffer per input and parameter, written in place by every iteration.
-        needed = dict(zip(('x', *_STREAMED_PARAMS), ctx.needs_input_grad[4:]))
+        # One gradient buffer per input and parameter, written in place chunk by chunk.
+        needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[4:]))
         grads = {k: torch.zeros_like(v) for k, v in (('x', x), *p.items()) if needed[k]}
+        dpred = None if pred is None else torch.zeros_like(pred)
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            # The small steps between passes, recomputed from the sums with autograd.
-            with torch.enable_grad():
-                small = {k: p[k].detach().requires_grad_() for k in _BETWEEN_PASSES}
-                leaves = [s.detach().requires_grad_() for s in sums]
-                x_outs = [_x_out_from_sums(leaves[2 * t], leaves[2 * t + 1], scale,
-                                           small['W_F1'], small['W_F2'], small['B_F2']) for t in range(n_iters)]
-                preds = [None] + [_predict(x_out, small['W_G1'], small['W_G2'], small['B_G2'])
-                                  for x_out in x_outs[:-1]]
-                y = _layer_norm(x_outs[-1]) if normalize else x_outs[-1]
-            with torch.no_grad():
-                out, g = y, g_out
-                for t in reversed(range(n_iters)):
-                    G, g_1, *d_small = torch.autograd.grad(
-                        out, [leaves[2 * t], leaves[2 * t + 1], *small.values()], g, allow_unused=True)
-                    for k, d_k in zip(small, d_small):
-                        if d_k is not None and k in grads:
-                            grads[k] += d_k
-                    pred = preds[t]
-                    dpred = None if pred is None else torch.zeros_like(pred)
-                    products = _x_products(p, per_input, pred=pred, G=G, uniform_R=ctx.uniform_R and t == 0)
-                    _StreamedRouting._backward_pass(x, mask, scale, p, t, n_out, per_input, chunks,
-                                                    products, g_1, grads, dpred)
-                    out, g = pred, dpred
-        grads = [grads.get(k) for k in ('x', *_STREAMED_PARAMS)]
+        with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
+            _StreamedPass._backward_pass(x, mask, scale, p, t, n_out, per_input,
+                                         _chunks(n, batch.numel(), d + n_out, chunk_elements),
+                                         products, g_1, grads, dpred)
+        grads = [grads.get('x'), dpred if needed['pred'] else None, *(grads.get(k) for k in _STREAMED_PARAMS)]
         if double_backward:
-            anchor = next(v for v in (x, *p.values()) if v is not None and v.requires_grad)
+            anchor = next(v for v in (x, pred, *p.values()) if v is not None and v.requires_grad)
             grads = _NoDoubleBackward.apply(anchor, *grads)
         return (None, None, None, None, *grads)
 
@@ -579,13 +547,22 @@ class EfficientVectorRouting(nn.Module):
         scale = _input_scale(mask, batch_shape, n, self.W_A.dtype, x_inp.device)   # float or [..., 1, 1]
 
         if self.memory_efficient:
-            # Steps 1 and 3-6, streamed over chunks of inputs (_StreamedRouting).
+            # Steps 1 and 3-5 of each iteration streamed over chunks of inputs (_StreamedPass), which
+            # returns the M-step's sums; x_out and the next pred ([..., n_out, *]) on plain autograd.
             diagnostics = {} if self.return_dict else None
-            cfg = (self.n_iters, self.normalize, self.n_out, self.n_inp > 0, self.chunk_elements)
-            x_out = _StreamedRouting.apply(cfg, mask, scale, diagnostics, x_inp, *_streamed_params(self))
+            uniform_R, params, pred = _uniform_initial_R(mask), _streamed_params(self), None
+            for t in range(self.n_iters):
+                if t > 0:
+                    pred = _predict(x_out, self.W_G1, self.W_G2, self.B_G2)           # [..., n_out, d_inp]
+                cfg = (t, self.n_out, self.n_inp > 0, self.chunk_elements, uniform_R)
+                last = diagnostics if t == self.n_iters - 1 else None
+                phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last, x_inp, pred, *params)
+                x_out = _x_out_from_sums(phi_x, phi_1, scale, self.W_F1, self.W_F2, self.B_F2)  # [..., n_out, d_out]
+            if self.normalize:
+                x_out = _layer_norm(x_out)
             if not self.return_dict:
                 return x_out
-            return {**diagnostics, 'V': None, 'x_out': x_out}
+            return {**diagnostics, 'pred_x_inp': None if pred is None else pred.detach(), 'V': None, 'x_out': x_out}
 
         x_inp = _without_masked_inputs(x_inp, mask)                                 # [..., n, d_inp]
         # 1. beta_use, beta_ign: [n_inp, n_out] parameters, or [..., n, n_out] from x_inp

@@ -107,5 +107,5 @@ def test_paper_minilm_profile_is_the_papers_sst_recipe_on_the_offline_backbone(t
         for r in (sst5, sst2):
             assert (r.batch_sz, r.n_epochs, r.n_iters_per_train_epoch) == PAPER_RUNS[r.dataset_name]
             assert (r.backbone, r.rng_seed, r.model, r.lr, r.mixup_alpha) == ('minilm', seed, None, None, None)
-            assert r.feature_cache and r.run_test and r.resume
+            assert r.feature_cache and r.run_test and r.resume and r.matmul_precision == 'medium'
         assert sst2.pretrained_path == os.path.join(sst5.output_dir, 'model') and f'seed{seed}' in sst5.output_dir

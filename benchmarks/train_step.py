@@ -1,0 +1,164 @@
+"""
+Where the time of a head-training step goes: the paper-regime SST-5 run (`bash train_all_heads.sh paper-minilm`:
+RoutingHead on the 7 depths of the frozen minilm, batch 50, features from the cache, mixup, RAdam + one cycle),
+on this CPU. Runs train.py's own pieces (its loaders, training stream, mixup, head, optimizer and schedule) for
+--steps steps after --warmup steps, and times each phase of a step:
+
+    batch       the next batch of the training stream: cache reads (float16 memory map) and collation
+    mixup       train.mixup
+    forward     the head's class scores and the loss
+    backward    accelerator.backward(loss)
+    optimizer   optimizer.step, scheduler.step, zero_grad
+
+It also counts the FLOPs of the head's forward and backward (torch.utils.flop_counter) on the same batches, lists
+the operators that take the most time (torch.profiler), so a speed-up can be aimed where the time is, and, for a
+--matmul_precision other than 'highest', how far the scores and gradients of real batches are from float32's.
+
+    python -m benchmarks.train_step --matmul_precision medium --report benchmarks/train_step.md --label "..."
+
+--report appends the tables, under --label and the command, to a markdown file (benchmarks/train_step.md holds the
+figures before and after the speed-ups).
+"""
+import argparse
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import models
+import train
+
+
+def paper_minilm_run(args):
+    """-> (head, optimizer, scheduler, accelerator, training stream, n_classes, mixup alpha) as train.py builds
+    them for the paper-minilm SST-5 run."""
+    from accelerate import Accelerator
+    targs = train.parse_args(['--dataset_name', 'sst5', '--backbone', 'minilm', '--feature_cache', args.feature_cache,
+                              '--data_root', args.data_root, '--batch_sz', '50', '--n_epochs', '10',
+                              '--n_iters_per_train_epoch', '2000', '--device', 'cpu'])
+    regime = train.resolve_model(targs)
+    accelerator = Accelerator(cpu=True, mixed_precision='no')
+    splits = data.get_dataset_splits('sst5', data_root=args.data_root)
+    backbone = models.load_backbone('minilm')
+    head, _ = train.build_model(targs, splits, backbone)
+    shuffle = torch.Generator()
+    loaders = train.make_loaders(targs, {**splits, 'valid': None, 'test': None}, backbone, accelerator, shuffle)
+    optimizer = torch.optim.RAdam(head.parameters(), lr=targs.lr)
+    head, optimizer, train_loader = accelerator.prepare(head, optimizer, loaders['train'])
+    scheduler = train.one_cycle(optimizer, targs.lr, regime, total_steps=20_000)
+    batches = train.training_stream(train_loader, shuffle, seed=0, start_step=0)
+    return head, optimizer, scheduler, accelerator, batches, splits['n_classes'], regime['mixup_alpha']['text']
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data_root', default='.data')
+    p.add_argument('--feature_cache', default='.data/features', help='built first if empty (not timed)')
+    p.add_argument('--steps', type=int, default=300)
+    p.add_argument('--warmup', type=int, default=30)
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s own choice)')
+    p.add_argument('--matmul_precision', default='highest', choices=['highest', 'high', 'medium'],
+                   help="as train.py's (the paper-minilm profile uses medium)")
+    p.add_argument('--report', default=None, help='append the tables to this markdown file')
+    p.add_argument('--label', default='', help='heading of the appended section')
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.manual_seed(0)
+    head, optimizer, scheduler, accelerator, batches, n_classes, alpha = paper_minilm_run(args)
+    head.train()
+
+    def step(clock=None):
+        tick = clock or (lambda name: None)
+        hidden, mask, labels = next(batches)
+        tick('batch')
+        hidden, mask, targets = train.mixup(hidden, mask, labels, n_classes, alpha)
+        tick('mixup')
+        scores = train.class_scores(head, hidden, mask)
+        loss = -(targets * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
+        tick('forward')
+        accelerator.backward(loss)
+        tick('backward')
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tick('optimizer')
+        return hidden.shape[1]
+
+    for _ in range(args.warmup):
+        step()
+    seconds, n_pos = defaultdict(float), []
+
+    def clock(name, last=[time.perf_counter()]):
+        now = time.perf_counter()
+        seconds[name] += now - last[0]
+        last[0] = now
+
+    started = time.perf_counter()
+    clock('_start')
+    for _ in range(args.steps):
+        n_pos.append(step(clock))
+    total = time.perf_counter() - started
+
+    with FlopCounterMode(display=False) as flops:                 # FLOPs of 20 steps' forward and backward
+        for _ in range(20):
+            step()
+    gflop_per_step = flops.get_total_flops() / 20 / 1e9
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(30):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    prof_total = sum(e.self_cpu_time_total for e in prof.key_averages())
+
+    lines = [f"SST-5, paper regime (batch 50), {args.steps} steps after {args.warmup}, {torch.get_num_threads()} "
+             f"threads ({os.cpu_count()} cores), torch {torch.__version__}, matmul precision {args.matmul_precision}; "
+             f"mean positions per batch {sum(n_pos) / len(n_pos):.1f}", '',
+             '| phase | ms / step | share |', '|---|---|---|']
+    for name in ('batch', 'mixup', 'forward', 'backward', 'optimizer'):
+        lines.append(f"| {name} | {1000 * seconds[name] / args.steps:.2f} | {100 * seconds[name] / total:.0f}% |")
+    lines += [f"| **step** | **{1000 * total / args.steps:.2f}** | **{args.steps / total:.2f} steps/s** |", '',
+              f"Head forward + backward: {gflop_per_step:.2f} GFLOP / step (matrix products, torch.utils.flop_counter), "
+              f"{gflop_per_step * args.steps / total:.1f} GFLOP/s over whole steps.", '',
+              '| operator (torch.profiler, 30 steps) | self CPU ms / step | share |', '|---|---|---|']
+    lines += [f"| {e.key} | {e.self_cpu_time_total / 1000 / 30:.2f} | {100 * e.self_cpu_time_total / prof_total:.0f}% |"
+              for e in ops]
+    if args.matmul_precision != 'highest':
+        scores, grads = precision_gap(head, batches, args.matmul_precision)
+        lines += ['', f"Against float32 ('highest') on 5 real batches: scores differ by at most {scores:.1e} (relative "
+                  f"to their largest), gradients by at most {grads:.1e} (relative norm, worst parameter)."]
+    report = '\n'.join(lines)
+    print('\n' + report)
+    if args.report:
+        command = ' '.join(argv if argv is not None else __import__('sys').argv[1:])
+        with open(args.report, 'a') as f:
+            f.write(f"\n## {args.label}\n\n`python -m benchmarks.train_step {command}`\n\n{report}\n")
+    return total / args.steps
+
+
+def precision_gap(head, batches, precision, n_batches=5):
+    """-> (max relative difference of the scores, of the gradients) between float32 matrix products and
+    `precision`, on n_batches real batches (no mixup)."""
+    worst_scores = worst_grads = 0.0
+    for _ in range(n_batches):
+        hidden, mask, labels = next(batches)
+        out = {}
+        for p in ('highest', precision):
+            torch.set_float32_matmul_precision(p)
+            head.zero_grad(set_to_none=True)
+            scores = train.class_scores(head, hidden, mask)
+            F.cross_entropy(scores, labels).backward()
+            out[p] = scores.detach(), {k: v.grad.clone() for k, v in head.named_parameters() if v.grad is not None}
+        (s0, g0), (s1, g1) = out['highest'], out[precision]
+        worst_scores = max(worst_scores, ((s1 - s0).abs().max() / s0.abs().max()).item())
+        worst_grads = max(worst_grads, max(((g1[k] - g0[k]).norm() / g0[k].norm()).item() for k in g0 if g0[k].norm() > 0))
+    head.zero_grad(set_to_none=True)
+    return worst_scores, worst_grads
+
+if __name__ == '__main__':
+    main()
