@@ -15,6 +15,9 @@ train_all_heads.sh paper-minilm`, one run per seed), summarised from the runs' m
    pretrained head of its dataset if its dev accuracy is higher (dev only decides); its test accuracy is measured
    again on the live backbone (train.py --eval_only). The deletion test (benchmarks.sst_results) is re-run on the
    committed SST-2 head.
+4. Which depths the credit uses (dev only): for each seed's final SST-5 and SST-2 heads, the share of the absolute
+   end-to-end credit for the predicted class that falls on each of minilm's 7 depths (embeddings = 0), averaged
+   over the dev sentences, read from the feature cache (--feature_cache).
 """
 import argparse
 import glob
@@ -24,11 +27,13 @@ import re
 import shutil
 import statistics
 
+import torch
+
+import data
 import models
 import train
-from benchmarks.sst_results import PRETRAINED, deletion_test, publish_pretrained, write_report
+from benchmarks.sst_results import PRETRAINED, deletion_test, publish_pretrained, sst_feature_store, write_report
 
-DOCS = 'docs/sst_paper_regime'
 DATASETS = {'sst5': 'SST-5', 'sst2': 'SST-2'}
 
 
@@ -66,6 +71,7 @@ def plot_curves(seeds, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for row, dataset in enumerate(DATASETS):
         loss_ax, acc_ax = axes[row]
@@ -81,11 +87,29 @@ def plot_curves(seeds, path):
         loss_ax.set(title=f"{DATASETS[dataset]}: training loss (mixup targets)", xlabel=f"epoch ({steps})",
                     ylabel='cross-entropy')
         acc_ax.set(title=f"{DATASETS[dataset]}: accuracy", xlabel=f"epoch ({steps})", ylabel='%')
+        for ax in (loss_ax, acc_ax):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         loss_ax.legend(fontsize=8)
         acc_ax.legend(fontsize=8)
     fig.suptitle("RoutingHead on frozen all-MiniLM-L6-v2, the paper's SST regime (SST-2 fine-tunes the last routing)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@torch.no_grad()
+def depth_credit(head, dev, batch_sz=100):
+    """-> [d_depth]: the mean over dev samples of each depth's share of the absolute end-to-end credit for the
+    predicted class (summed over positions)."""
+    head.eval()
+    batches = data.LengthGroupedBatchSampler(dev.lengths, batch_sz, shuffle=False)
+    shares = []
+    for batch in batches:
+        hidden, mask, _ = data.collate_features([dev[i] for i in batch])
+        credit, scores = head.credit(hidden, mask)                              # [b, n_pos, d_depth, n_classes]
+        predicted = credit[torch.arange(len(batch)), ..., scores.argmax(-1)]     # [b, n_pos, d_depth]
+        per_depth = predicted.abs().sum(dim=1)                                   # [b, d_depth]
+        shares.append(per_depth / per_depth.sum(dim=-1, keepdim=True))
+    return torch.cat(shares).mean(dim=0)
 
 
 def committed_valid_accuracy(dataset):
@@ -99,12 +123,15 @@ def main(argv=None):
     p.add_argument('--data_root', default='.data', help='folder holding sst/{train,dev,test}.txt')
     p.add_argument('--save_pretrained', action='store_true',
                    help='replace the committed heads by the best-dev runs if better on dev; rerun the deletion test')
+    p.add_argument('--feature_cache', default='.data/features', help="train.py's --feature_cache of the runs")
+    p.add_argument('--records', default='docs/sst_paper_regime',
+                   help="the per-seed metrics (copied from --runs, kept across sittings); the curves go to <records>_curves.png")
     p.add_argument('--report', default='docs/sst_paper_regime.md')
     args = p.parse_args(argv)
-    seeds = collect(args.runs, DOCS)
+    seeds = collect(args.runs, args.records)
     if not seeds:
-        raise SystemExit(f"no seed has finished both runs in {args.runs} (nor is one recorded in {DOCS})")
-    plot_curves(seeds, DOCS + '_curves.png')
+        raise SystemExit(f"no seed has finished both runs in {args.runs} (nor is one recorded in {args.records})")
+    plot_curves(seeds, args.records + '_curves.png')
 
     lines = ["| seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test | SST-5 min / epoch | SST-2 min / epoch |",
              "|---|---|---|---|---|---|---|"]
@@ -119,8 +146,23 @@ def main(argv=None):
                for k in ('valid_accuracy', 'test_accuracy')]
     lines.append(f"| **mean ± std** ({len(seeds)} seeds) | {' | '.join(summary)} | | |")
     lines += ['', "Accuracies in %, of the final head (after the last epoch, as the paper), from the float16 feature "
-              "cache. Minutes per epoch include the dev evaluation; the seeds ran side by side on the 2 cores "
-              "(OMP_NUM_THREADS=1 each).", '', f"![learning curves]({os.path.basename(DOCS)}_curves.png)", '']
+              "cache. Minutes per epoch: training only (the dev evaluation after it is not counted); the seeds ran side by side on the 2 cores "
+              "(OMP_NUM_THREADS=1 each).", '', f"![learning curves]({os.path.relpath(args.records + '_curves.png', os.path.dirname(args.report))})", '']
+
+    store = sst_feature_store(args.data_root, args.feature_cache)
+    lines += ["Share of the absolute end-to-end credit for the predicted class by depth (dev; mean over sentences, "
+              "then over seeds; depth 0 = embeddings):", '', '| head | ' + ' | '.join(map(str, range(7))) + ' |',
+              '|---|' + '---|' * 7]
+    for dataset in DATASETS:
+        dev_split = data.get_dataset_splits(dataset, data_root=args.data_root)['valid']
+        dev = store.dataset(dev_split.texts, dev_split.labels)
+        shares = torch.stack([depth_credit(models.from_pretrained(os.path.join(args.runs, f'seed{seed}', dataset,
+                                                                             'model'))[0], dev)
+                              for seed in seeds if os.path.isdir(os.path.join(args.runs, f'seed{seed}', dataset))])
+        if len(shares):
+            lines.append(f"| {DATASETS[dataset]} ({len(shares)} seeds) | "
+                         + ' | '.join(f"{100 * v:.1f}%" for v in shares.mean(dim=0)) + ' |')
+    lines.append('')
 
     if args.save_pretrained:
         lines += ['Pretrained heads (chosen by dev accuracy only):', '']

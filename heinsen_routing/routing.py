@@ -490,8 +490,8 @@ class EfficientVectorRouting(nn.Module):
         normalize: layer-normalise the output vectors (no learned affine).
         memory_efficient: stream the routing over chunks of inputs: never materialise the votes V
             [..., n, n_out, d_out] nor any other [..., n, *] intermediate for longer than a chunk
-            (one autograd function recomputes them in backward and writes each gradient into one
-            buffer), so the memory above the input, the parameters and their gradients does not
+            (one autograd function per iteration recomputes them in backward and writes each
+            gradient into one buffer), so the memory above the input, the parameters and their gradients does not
             grow with n. Its gradients cannot be differentiated again (double backward raises).
             False materialises V and uses plain autograd; both agree.
         return_dict: return a dict of the intermediates instead of x_out.
