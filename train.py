@@ -9,8 +9,9 @@ with --model capsules2019, the 2019 paper's capsule networks in its regime.
 
 Only the head trains: RAdam, one-cycle schedule (30% warm-up, max lr 1e-3), mixup of hidden states
 and one-hot targets (Beta(0.65, 0.65) for text, Beta(0.2, 0.2) for images). --pretrained_path loads a
-head and fine-tunes only its last routing (the paper's SST-5 -> SST-2); the last routing's tensors
-whose shapes differ (other number of classes) start from their initialisation.
+head and fine-tunes only its last routing (the paper's SST-5 -> SST-2; --finetune all trains every parameter, a
+diagnostic variant); the last routing's tensors whose shapes differ (other number of classes) start from their
+initialisation.
 
 Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file, fsync,
 rename, fsync of the folder), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the
@@ -107,6 +108,9 @@ def parse_args(argv=None):
                         '(float16, memory-mapped) and read back, instead of running the backbone each step')
     p.add_argument('--lr', type=float, default=None, help='one-cycle max learning rate (default: 1e-3 routing_head, '
                                                             '5e-4 capsules2019)')
+    p.add_argument('--finetune', default='last_routing', choices=['last_routing', 'all'],
+                   help="with --pretrained_path: train only the last routing (the paper's SST-2 recipe) or every "
+                        "parameter (a diagnostic variant)")
     p.add_argument('--mixup_alpha', type=float, default=None,
                    help='default: 0.65 text, 0.2 images (routing_head); 0.2 (capsules2019); 0 = off')
     p.add_argument('--max_length', type=int, default=None, help="text window (default: the backbone's)")
@@ -159,7 +163,7 @@ def run_files(out):
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + epochs
 # The arguments that define what a run trains: --resume refuses a checkpoint written with others.
 RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
-               'lr', 'batch_sz', 'mixup_alpha', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch', 'mixed_precision')
+               'lr', 'batch_sz', 'mixup_alpha', 'finetune', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch', 'mixed_precision')
 
 
 def load_checkpoint(path):
@@ -206,16 +210,20 @@ def check_resume_args(checkpoint, args, path):
         raise ValueError(f"--resume: {path} records no arguments, so it cannot be checked against this run's; "
                          f"delete it to start over, or use a new --output_dir")
     current = vars(args)
+    defaults = vars(parse_args(['--dataset_name', args.dataset_name]))   # for arguments newer than the checkpoint
+
+    def trained(name):
+        return saved.get(name, defaults[name])
 
     def same(name):
-        a, b = saved.get(name), current.get(name)
+        a, b = trained(name), current.get(name)
         if name == 'pretrained_path' and a and b:
             return os.path.realpath(a) == os.path.realpath(b)
         return a == b
 
     differ = [name for name in RESUME_ARGS if not same(name)]
     if differ:
-        details = ', '.join(f"--{n} {saved.get(n)!r} (now {current.get(n)!r})" for n in differ)
+        details = ', '.join(f"--{n} {trained(n)!r} (now {current.get(n)!r})" for n in differ)
         raise ValueError(f"--resume: {path} was trained with {details}: resume with the same arguments, or start "
                          f"a new run in another --output_dir")
 
@@ -439,14 +447,14 @@ def main(argv=None):
             except RuntimeError as e:
                 raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
                                    f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: {e}") from e
-        else:                                     # fine-tune the last routing; load every tensor that fits
+        else:                                     # fine-tune (the last routing); load every tensor that fits
             own = head.state_dict()
             fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
             head.load_state_dict(fits, strict=False)
             log(f"loaded {len(fits)}/{len(own)} tensors from {args.pretrained_path}; "
                 f"left at init: {sorted(set(own) - set(fits))}")
             for name, p in head.named_parameters():
-                p.requires_grad_(name.startswith(last_routing(head)))
+                p.requires_grad_(args.finetune == 'all' or name.startswith(last_routing(head)))
 
     shuffle = torch.Generator()                           # shuffles the training passes (training_stream)
     loaders = make_loaders(args, splits, backbone, accelerator, shuffle)

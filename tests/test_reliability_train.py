@@ -164,6 +164,18 @@ def test_resume_refuses_other_training_arguments(tiny_sst, tiny_bert, tmp_path, 
     assert (out / 'checkpoint.pt').read_bytes() == checkpoint_bytes
 
 
+def test_resume_takes_arguments_newer_than_the_checkpoint_at_their_default(tiny_sst, tiny_bert, tmp_path):
+    out = tmp_path / 'run'
+    argv = sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--feature_cache', tmp_path / 'cache')
+    run(argv)
+    checkpoint = torch.load(out / 'checkpoint.pt', weights_only=True)
+    del checkpoint['args']['finetune']                           # written before --finetune existed
+    torch.save(checkpoint, out / 'checkpoint.pt')
+    run(argv + ['--n_epochs', 1, '--resume'])                    # the default, last_routing: the same run
+    with pytest.raises(ValueError, match=r"was trained with --finetune 'last_routing' \(now 'all'\)"):
+        run(argv + ['--resume', '--finetune', 'all'])
+
+
 def test_resume_with_another_backbone_is_refused(tiny_sst, tiny_bert, tiny_roberta, tmp_path):
     out = tmp_path / 'run'
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))

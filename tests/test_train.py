@@ -117,6 +117,13 @@ def test_finetune_last_routing_from_sst5_head_for_sst2(tiny_sst, tiny_roberta, t
         if not k.startswith('route.2.'):
             torch.testing.assert_close(after[k], before[k], msg=k)
     assert not torch.equal(after['route.2.W_F2'], before['route.2.W_F2'])
+    everything = tmp_path / 'sst2_all'                           # --finetune all (a diagnostic variant): all train
+    args = sst_args(tiny_sst, tiny_roberta, everything, '--n_epochs', 1, '--pretrained_path', sst5 / 'model',
+                    '--finetune', 'all')
+    args[1] = 'sst2'
+    run(args)
+    tuned = load_file(everything / 'model' / 'model.safetensors')
+    assert not torch.equal(tuned['W'], before['W']) and not torch.equal(tuned['route.0.W_F2'], before['route.0.W_F2'])
 
 
 def test_image_dataset_with_tiny_beit(tiny_beit, tmp_path, capsys):
