@@ -123,7 +123,7 @@ def main(argv=None):
     for name in ('batch', 'mixup', 'forward', 'backward', 'optimizer'):
         lines.append(f"| {name} | {1000 * seconds[name] / args.steps:.2f} | {100 * seconds[name] / total:.0f}% |")
     lines += [f"| **step** | **{1000 * total / args.steps:.2f}** | **{args.steps / total:.2f} steps/s** |", '',
-              f"Head forward + backward: {gflop_per_step:.2f} GFLOP / step (matrix products, torch.utils.flop_counter), "
+              f"Head forward + backward: {gflop_per_step:.2f} GFLOP / step (matrix products, flop_counter), "
               f"{gflop_per_step * args.steps / total:.1f} GFLOP/s over whole steps.", '',
               '| operator (torch.profiler, 30 steps) | self CPU ms / step | share |', '|---|---|---|']
     lines += [f"| {e.key} | {e.self_cpu_time_total / 1000 / 30:.2f} | {100 * e.self_cpu_time_total / prof_total:.0f}% |"
@@ -156,7 +156,8 @@ def precision_gap(head, batches, precision, n_batches=5):
             out[p] = scores.detach(), {k: v.grad.clone() for k, v in head.named_parameters() if v.grad is not None}
         (s0, g0), (s1, g1) = out['highest'], out[precision]
         worst_scores = max(worst_scores, ((s1 - s0).abs().max() / s0.abs().max()).item())
-        worst_grads = max(worst_grads, max(((g1[k] - g0[k]).norm() / g0[k].norm()).item() for k in g0 if g0[k].norm() > 0))
+        gaps = [((g1[k] - g0[k]).norm() / g0[k].norm()).item() for k in g0 if g0[k].norm() > 0]
+        worst_grads = max(worst_grads, *gaps)
     head.zero_grad(set_to_none=True)
     return worst_scores, worst_grads
 
