@@ -14,7 +14,7 @@ train_all_heads.sh paper-minilm`, one run per seed), summarised from the runs' m
 3. --save_pretrained: the run with the best dev accuracy (of the runs under --runs) replaces the committed
    pretrained head of its dataset if its dev accuracy is higher (dev only decides); its test accuracy is measured
    again on the live backbone (train.py --eval_only). The deletion test (benchmarks.sst_results) is re-run on the
-   committed SST-2 head.
+   committed SST-2 head. Reported in docs/sst_paper_regime_pretrained.md, which only this option rewrites.
 4. Diagnostic variants (not the paper's recipe; chosen and judged on dev only): SST-2 from seed 0's final SST-5 head
    with one setting changed (VARIANTS). `--run_variants NAME ...` trains them (train.py, resumable) into
    --variants/<name>; the report lists every finished one beside the paper's recipe for seed 0.
@@ -204,38 +204,46 @@ def main(argv=None):
                          + ' | '.join(f"{100 * v:.1f}%" for v in shares.mean(dim=0)) + ' |')
     lines.append('')
 
-    if args.save_pretrained:
-        lines += ['Pretrained heads (chosen by dev accuracy only):', '']
-        for dataset in DATASETS:
-            runs_here = [(seed, r[dataset][1]) for seed, r in seeds.items()
-                         if os.path.isdir(os.path.join(args.runs, f'seed{seed}', dataset, 'model'))]
-            committed = committed_valid_accuracy(dataset)
-            if not runs_here:
-                lines.append(f"- {dataset}: no run folder under {args.runs}; {PRETRAINED[dataset]} kept")
-                continue
-            seed, final = max(runs_here, key=lambda r: r[1]['valid_accuracy'])
-            if final['valid_accuracy'] <= committed:
-                lines.append(f"- {dataset}: best run (seed {seed}) dev {100 * final['valid_accuracy']:.2f}% is not "
-                             f"above the committed head's {100 * committed:.2f}%: {PRETRAINED[dataset]} kept")
-                continue
-            run_model = os.path.join(args.runs, f'seed{seed}', dataset, 'model')
-            live = train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--data_root', args.data_root,
-                               '--eval_only', '--pretrained_path', run_model, '--device', 'cpu'])
-            publish_pretrained(run_model, PRETRAINED[dataset], dataset, live, final['test_accuracy'],
-                               final['valid_accuracy'])
-            lines.append(f"- {dataset}: seed {seed}, dev {100 * final['valid_accuracy']:.2f}% (the committed head "
-                         f"had {100 * committed:.2f}%), test {100 * live:.2f}% on the live float32 backbone "
-                         f"({100 * final['test_accuracy']:.2f}% from the cache) -> {PRETRAINED[dataset]}")
-        deletion = deletion_test(args, PRETRAINED['sst2'])
-        lines += ['', f"Deletion test of {PRETRAINED['sst2']} (SST-2 test): mean drop of the predicted class's "
-                  "probability after deleting k tokens and re-encoding", '',
-                  '| k | highest-credit tokens deleted | random tokens deleted | sentences |', '|---|---|---|---|']
-        lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, (top, rand, n) in deletion.items()]
-        lines.append('')
     command = ' '.join(argv if argv is not None else __import__('sys').argv[1:])
     lines.append(f"Written by `python -m benchmarks.sst_paper_regime {command}`.")
     write_report(lines, args.report)
+    if args.save_pretrained:
+        publish(args, seeds, command)
     return seeds
+
+
+def publish(args, seeds, command):
+    """The best-dev heads into pretrained/ where better on dev than the committed ones, and the deletion test of the
+    committed SST-2 head, reported in <report>_pretrained.md (rewritten only by --save_pretrained)."""
+    lines = ['Pretrained heads (chosen by dev accuracy only):', '']
+    for dataset in DATASETS:
+        runs_here = [(seed, r[dataset][1]) for seed, r in seeds.items()
+                     if os.path.isdir(os.path.join(args.runs, f'seed{seed}', dataset, 'model'))]
+        committed = committed_valid_accuracy(dataset)
+        if not runs_here:
+            lines.append(f"- {dataset}: no run folder under {args.runs}; {PRETRAINED[dataset]} kept")
+            continue
+        seed, final = max(runs_here, key=lambda r: r[1]['valid_accuracy'])
+        if final['valid_accuracy'] <= committed:
+            lines.append(f"- {dataset}: best run (seed {seed}) dev {100 * final['valid_accuracy']:.2f}% is not "
+                         f"above the committed head's {100 * committed:.2f}%: {PRETRAINED[dataset]} kept")
+            continue
+        run_model = os.path.join(args.runs, f'seed{seed}', dataset, 'model')
+        live = train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--data_root', args.data_root,
+                           '--eval_only', '--pretrained_path', run_model, '--device', 'cpu'])
+        publish_pretrained(run_model, PRETRAINED[dataset], dataset, live, final['test_accuracy'],
+                           final['valid_accuracy'])
+        lines.append(f"- {dataset}: seed {seed}, dev {100 * final['valid_accuracy']:.2f}% (the committed head "
+                     f"had {100 * committed:.2f}%), test {100 * live:.2f}% on the live float32 backbone "
+                     f"({100 * final['test_accuracy']:.2f}% from the cache) -> {PRETRAINED[dataset]}")
+    deletion = deletion_test(args, PRETRAINED['sst2'])
+    lines += ['', f"Deletion test of {PRETRAINED['sst2']} (SST-2 test): mean drop of the predicted class's "
+              "probability after deleting k tokens and re-encoding", '',
+              '| k | highest-credit tokens deleted | random tokens deleted | sentences |', '|---|---|---|---|']
+    lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, (top, rand, n) in deletion.items()]
+    lines.append('')
+    lines.append(f"Written by `python -m benchmarks.sst_paper_regime {command}`.")
+    write_report(lines, args.report.replace('.md', '_pretrained.md'))
 
 
 if __name__ == '__main__':
