@@ -35,7 +35,8 @@ import torch
 import data
 import models
 import train
-from benchmarks.sst_results import PRETRAINED, deletion_test, publish_pretrained, sst_feature_store, write_report
+from benchmarks.sst_results import (PRETRAINED, committed_valid_accuracy, deletion_test, publish_pretrained,
+                                    sst_feature_store, write_report)
 
 DATASETS = {'sst5': 'SST-5', 'sst2': 'SST-2'}
 # name -> (what changes against the paper's SST-2 recipe, train.py arguments added to it)
@@ -127,11 +128,6 @@ def depth_credit(head, dev, batch_sz=100):
         per_depth = predicted.abs().sum(dim=1)                                   # [b, d_depth]
         shares.append(per_depth / per_depth.sum(dim=-1, keepdim=True))
     return torch.cat(shares).mean(dim=0)
-
-
-def committed_valid_accuracy(dataset):
-    _, config = models.from_pretrained(PRETRAINED[dataset])
-    return config['training']['valid_accuracy']
 
 
 def main(argv=None):

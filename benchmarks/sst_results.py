@@ -12,8 +12,9 @@ Steps (wall-clock time of each is reported):
     fine-tuned from it (last routing only); test accuracy of each, mean +- std over seeds;
  3. baselines on the same features and training phrases: logistic regression on the mean-pooled
     states of the last layer, and of all depths concatenated (L2 penalty chosen on dev);
- 4. the heads with the best dev accuracy are the pretrained heads; their test accuracy is measured
-    again with `train.py --eval_only` on the live backbone (the number their metadata states);
+ 4. the heads with the best dev accuracy are the pretrained heads (with --save_pretrained, if their dev accuracy
+    beats the committed heads'); their test accuracy is measured again with `train.py --eval_only` on the live
+    backbone (the number their metadata states);
  5. deletion test on SST-2 test: delete the k tokens with the highest end-to-end credit for the
     predicted class, or k random tokens, re-encode, and measure the drop of the predicted class's
     probability, k = 1, 3, 5.
@@ -46,6 +47,12 @@ def publish_pretrained(run_model, folder, dataset, live, cached, valid):
         **config['training'], 'test_accuracy': round(live, 4), 'test_accuracy_from_float16_feature_cache': round(cached, 4),
         'valid_accuracy': round(valid, 4),
         'reproduce': f'python train.py --dataset_name {dataset} --backbone minilm --eval_only --pretrained_path {folder}'})
+
+
+def committed_valid_accuracy(dataset):
+    """The dev accuracy of the committed pretrained head for dataset: a new head replaces it only if higher."""
+    _, config = models.from_pretrained(PRETRAINED[dataset])
+    return config['training']['valid_accuracy']
 
 
 def write_report(lines, path):
@@ -216,9 +223,10 @@ def main(argv=None):
         live = train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--data_root', args.data_root,
                            '--eval_only', '--pretrained_path', path, '--device', 'cpu', '--output_dir', args.out_dir])
         timings[f'{dataset}: eval_only of the chosen head on the live backbone'] = time.time() - t
-        pretrained[dataset] = (valid, test, live, path)
-        if args.save_pretrained:
+        published = args.save_pretrained and valid > committed_valid_accuracy(dataset)     # dev decides
+        if published:
             publish_pretrained(path, PRETRAINED[dataset], dataset, live, test, valid)
+        pretrained[dataset] = (valid, test, live, path, published)
 
     # 5. deletion test with the chosen SST-2 head
     t = time.time()
@@ -233,9 +241,9 @@ def main(argv=None):
         (v5, c5, t5), (v2, c2, t2) = base['sst5'][name], base['sst2'][name]
         lines.append(f"| logistic regression, {name} (L2 {c5:g} / {c2:g} by dev) | {100 * t5:.1f} | {100 * t2:.1f} |")
     lines += ['', 'Chosen (best dev) heads, test accuracy by `train.py --eval_only` on the live float32 backbone:', '']
-    for dataset, (valid, test, live, path) in pretrained.items():
+    for dataset, (valid, test, live, path, published) in pretrained.items():
         lines.append(f"- {dataset}: dev {100 * valid:.2f}%, test {100 * live:.2f}% (from the float16 feature cache: "
-                     f"{100 * test:.2f}%){' -> ' + PRETRAINED[dataset] if args.save_pretrained else ''}")
+                     f"{100 * test:.2f}%){' -> ' + PRETRAINED[dataset] if published else ''}")
     lines += ['', 'Deletion test (SST-2 test, chosen head): mean drop of the predicted class probability after '
               'deleting k tokens and re-encoding', '', '| k | highest-credit tokens deleted | random tokens deleted | sentences |',
               '|---|---|---|---|']
