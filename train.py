@@ -95,8 +95,8 @@ def parse_args(argv=None):
     p.add_argument('--matmul_precision', default='highest', choices=['highest', 'high', 'medium'],
                    help="torch.set_float32_matmul_precision. On a CPU with bfloat16 instructions (AVX512-BF16, AMX) "
                         "'medium' lets oneDNN compute float32 matrix products with bfloat16 arithmetic: on this "
-                        "repository's 2-core CPU 1.7x faster head training, with scores and gradients equal to "
-                        "float32's within 2e-5 (python -m benchmarks.train_step); on CUDA it allows plain bfloat16")
+                        "repository's 2-core CPU 1.5x faster head training, scores within 1e-6 and gradients within "
+                        "2e-4 of float32's (python -m benchmarks.train_step); on CUDA it allows plain bfloat16")
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--overwrite', action='store_true',

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import statistics
+import sys
 
 import torch
 
@@ -200,8 +201,8 @@ def main(argv=None):
                          + ' | '.join(f"{100 * v:.1f}%" for v in shares.mean(dim=0)) + ' |')
     lines.append('')
 
-    command = ' '.join(argv if argv is not None else __import__('sys').argv[1:])
-    lines.append(f"Written by `python -m benchmarks.sst_paper_regime {command}`.")
+    command = ' '.join(['python -m benchmarks.sst_paper_regime', *(sys.argv[1:] if argv is None else argv)])
+    lines.append(f"Written by `{command}`.")
     write_report(lines, args.report)
     if args.save_pretrained:
         publish(args, seeds, command)
@@ -238,7 +239,7 @@ def publish(args, seeds, command):
               '| k | highest-credit tokens deleted | random tokens deleted | sentences |', '|---|---|---|---|']
     lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, (top, rand, n) in deletion.items()]
     lines.append('')
-    lines.append(f"Written by `python -m benchmarks.sst_paper_regime {command}`.")
+    lines.append(f"Written by `{command}`.")
     write_report(lines, args.report.replace('.md', '_pretrained.md'))
 
 

@@ -21,6 +21,8 @@ figures before and after the speed-ups).
 """
 import argparse
 import os
+import shlex
+import sys
 import time
 from collections import defaultdict
 
@@ -135,7 +137,7 @@ def main(argv=None):
     report = '\n'.join(lines)
     print('\n' + report)
     if args.report:
-        command = ' '.join(argv if argv is not None else __import__('sys').argv[1:])
+        command = shlex.join(argv if argv is not None else sys.argv[1:])
         with open(args.report, 'a') as f:
             f.write(f"\n## {args.label}\n\n`python -m benchmarks.train_step {command}`\n\n{report}\n")
     return total / args.steps
