@@ -316,7 +316,10 @@ class _StreamedPass(torch.autograd.Function):
     tensors) run on plain autograd outside, so autograd keeps their activations and backward never
     recomputes them. Saved for backward: x, the mask, pred and the parameters. Backward gets
     (G, g_1) = the gradient of (phi_x, phi_1) and makes one pass over chunks that recomputes the
-    chunk and writes, in place into one buffer per input or parameter, the gradients
+    chunk and writes, in place into one buffer per input or parameter, the gradients (the input's
+    buffer is shared by the passes of one forward, `x_grad`: autograd runs their backwards from the
+    last iteration to the first, each adds into it, and only the first iteration's returns it, so
+    no second input-sized gradient is ever allocated)
 
         dphi  = x G^T + g_1                                           (M-step sums)
         dx   += phi G
@@ -338,13 +341,14 @@ class _StreamedPass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cfg, mask, scale, diagnostics, x, pred, *params):
-        # cfg: (t, n_out, per_input, chunk_elements, uniform_R); mask: None or bool broadcastable to
+    def forward(ctx, cfg, mask, scale, diagnostics, x_grad, x, pred, *params):
+        # cfg: (t, n_iters, n_out, per_input, chunk_elements, uniform_R); mask: None or bool broadcastable to
         # [..., n, n_out]; scale: n^(-1/2), float or [..., 1, 1]; diagnostics: None or a dict to fill
-        # with this pass's intermediates; x [..., n, d_inp]; pred [..., n_out, d_inp] or None (t = 0);
-        # params: _STREAMED_PARAMS
+        # with this pass's intermediates; x_grad: a dict shared by the passes of one forward (holds the
+        # input's gradient buffer in backward); x [..., n, d_inp]; pred [..., n_out, d_inp] or None
+        # (t = 0); params: _STREAMED_PARAMS
         p = dict(zip(_STREAMED_PARAMS, params))
-        t, n_out, per_input, chunk_elements, uniform_R = cfg
+        t, n_iters, n_out, per_input, chunk_elements, uniform_R = cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
         products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
         phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
@@ -360,7 +364,7 @@ class _StreamedPass(torch.autograd.Function):
             for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
                 dim = -1 if k == 'a_inp' else -2
                 diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.x_grad = cfg, x_grad
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, *params)
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
@@ -373,11 +377,15 @@ class _StreamedPass(torch.autograd.Function):
         x, mask, scale, pred, *params = ctx.saved_tensors
         scale = ctx.scale if scale is None else scale
         p = dict(zip(_STREAMED_PARAMS, params))
-        t, n_out, per_input, chunk_elements, uniform_R = ctx.cfg
+        t, n_iters, n_out, per_input, chunk_elements, uniform_R = ctx.cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
         # One gradient buffer per input and parameter, written in place chunk by chunk.
-        needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[4:]))
-        grads = {k: torch.zeros_like(v) for k, v in (('x', x), *p.items()) if needed[k]}
+        needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[5:]))
+        grads = {k: torch.zeros_like(v) for k, v in p.items() if needed[k]}
+        if needed['x']:                                          # the last iteration's backward runs first
+            if t == n_iters - 1:
+                ctx.x_grad['x'] = torch.zeros_like(x)
+            grads['x'] = ctx.x_grad['x']
         dpred = None if pred is None else torch.zeros_like(pred)
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
@@ -385,11 +393,14 @@ class _StreamedPass(torch.autograd.Function):
             _StreamedPass._backward_pass(x, mask, scale, p, t, n_out, per_input,
                                          _chunks(n, batch.numel(), d + n_out, chunk_elements),
                                          products, g_1, grads, dpred)
-        grads = [grads.get('x'), dpred if needed['pred'] else None, *(grads.get(k) for k in _STREAMED_PARAMS)]
+        grad_x = None
+        if needed['x'] and t == 0:                               # the last backward of this forward's passes
+            grad_x = ctx.x_grad.pop('x')
+        grads = [grad_x, dpred if needed['pred'] else None, *(grads.get(k) for k in _STREAMED_PARAMS)]
         if double_backward:
             anchor = next(v for v in (x, pred, *p.values()) if v is not None and v.requires_grad)
             grads = _NoDoubleBackward.apply(anchor, *grads)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
     @staticmethod
     def _backward_pass(x, mask, scale, p, t, n_out, per_input, chunks, products, g_1, grads, dpred):
@@ -550,13 +561,13 @@ class EfficientVectorRouting(nn.Module):
             # Steps 1 and 3-5 of each iteration streamed over chunks of inputs (_StreamedPass), which
             # returns the M-step's sums; x_out and the next pred ([..., n_out, *]) on plain autograd.
             diagnostics = {} if self.return_dict else None
-            uniform_R, params, pred = _uniform_initial_R(mask), _streamed_params(self), None
+            uniform_R, params, pred, x_grad = _uniform_initial_R(mask), _streamed_params(self), None, {}
             for t in range(self.n_iters):
                 if t > 0:
                     pred = _predict(x_out, self.W_G1, self.W_G2, self.B_G2)           # [..., n_out, d_inp]
-                cfg = (t, self.n_out, self.n_inp > 0, self.chunk_elements, uniform_R)
+                cfg = (t, self.n_iters, self.n_out, self.n_inp > 0, self.chunk_elements, uniform_R)
                 last = diagnostics if t == self.n_iters - 1 else None
-                phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last, x_inp, pred, *params)
+                phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last, x_grad, x_inp, pred, *params)
                 x_out = _x_out_from_sums(phi_x, phi_1, scale, self.W_F1, self.W_F2, self.B_F2)  # [..., n_out, d_out]
             if self.normalize:
                 x_out = _layer_norm(x_out)
