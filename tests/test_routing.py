@@ -634,3 +634,27 @@ def test_float64_input_under_autocast_raises_value_error(memory_efficient):
                                              r"dtype=torch.bfloat16\).*x.float\(\)"):
             module(torch.randn(2, 7, 6, dtype=torch.float64))
         assert module(torch.randn(2, 7, 6)).shape == (2, 4, 5)              # float32 input is fine
+
+
+def test_streamed_backward_allocates_one_input_sized_gradient():
+    """The passes of all iterations share one gradient buffer for the input (none allocates its own), so the
+    memory above the input and its gradient does not grow with n_iters * n."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class InputSizedTensors(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.created = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func._schema.name.endswith('_') and torch.is_tensor(out) and out.shape == self.shape:
+                self.created.append(str(func))                    # an out-of-place op made an input-sized tensor
+            return out
+
+    routing = EfficientVectorRouting(n_inp=-1, n_out=4, d_inp=8, d_out=8, n_iters=3, chunk_elements=64)
+    x = torch.randn(2, 50, 8, requires_grad=True)
+    loss = routing(x).square().sum()
+    with InputSizedTensors(x.shape) as mode:
+        loss.backward()
+    assert mode.created == ['aten.zeros_like.default', 'aten.detach.default'], mode.created   # the buffer, x.grad
