@@ -163,7 +163,8 @@ def run_files(out):
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + epochs
 # The arguments that define what a run trains: --resume refuses a checkpoint written with others.
 RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
-               'lr', 'batch_sz', 'mixup_alpha', 'finetune', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch', 'mixed_precision')
+               'lr', 'batch_sz', 'mixup_alpha', 'finetune', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch',
+               'mixed_precision')
 
 
 def load_checkpoint(path):
@@ -307,6 +308,12 @@ def mixup(hidden, mask, labels, n_classes, alpha):
     hidden = hidden.lerp(hidden[nxt], r.view(-1, *[1] * (hidden.dim() - 1)))
     targets = targets.lerp(targets[nxt], r[:, None])
     return hidden, (None if mask is None else mask & mask[nxt]), targets
+
+
+def soft_cross_entropy(scores, targets):
+    """The training loss: cross-entropy of class scores [batch, n_classes] against (mixed) target distributions
+    [batch, n_classes], in float32, averaged over the batch."""
+    return -(targets * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
 
 
 def training_stream(loader, generator, seed, start_step):
@@ -515,7 +522,7 @@ def main(argv=None):
             hidden, mask, targets = mixup(hidden, mask, labels, n_classes, alpha)
             with accelerator.autocast():
                 scores = class_scores(head, hidden, mask)                         # [batch, n_classes]
-                loss = -(targets * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
+                loss = soft_cross_entropy(scores, targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}; the last checkpoint "
                                          f"({checkpoint_path}) is intact")

@@ -65,14 +65,20 @@ def read_metrics(path):
     return epochs, (finals[-1] if finals else None)
 
 
+def record_if_finished(metrics_path, record_path):
+    """Copies a run's metrics.jsonl to record_path once the run has finished (its final record is written)."""
+    if os.path.exists(metrics_path) and read_metrics(metrics_path)[1] is not None:
+        shutil.copyfile(metrics_path, record_path)
+
+
 def collect(runs, docs):
     """Copies the finished runs' metrics into docs/ (one file per seed and dataset) and reads every recorded seed.
     -> {seed: {dataset: (epochs, final)}} for the seeds whose SST-5 and SST-2 runs have both finished."""
     os.makedirs(docs, exist_ok=True)
     for path in sorted(glob.glob(os.path.join(runs, 'seed*', 'sst*', 'metrics.jsonl'))):
         seed_dir, dataset = os.path.split(os.path.dirname(path))
-        if dataset in DATASETS and read_metrics(path)[1] is not None:
-            shutil.copyfile(path, os.path.join(docs, f"{os.path.basename(seed_dir)}_{dataset}.jsonl"))
+        if dataset in DATASETS:
+            record_if_finished(path, os.path.join(docs, f"{os.path.basename(seed_dir)}_{dataset}.jsonl"))
     seeds = {}
     for path in sorted(glob.glob(os.path.join(docs, 'seed*_sst*.jsonl'))):
         seed, dataset = re.fullmatch(r'seed(\d+)_(sst\d)\.jsonl', os.path.basename(path)).groups()
@@ -171,11 +177,10 @@ def main(argv=None):
 
     variants = {}
     for name in VARIANTS:
-        path = os.path.join(args.variants, name, 'metrics.jsonl')
-        if os.path.exists(path) and read_metrics(path)[1] is not None:
-            shutil.copyfile(path, os.path.join(args.records, f'variant_{name}.jsonl'))
-        if os.path.exists(os.path.join(args.records, f'variant_{name}.jsonl')):
-            variants[name] = read_metrics(os.path.join(args.records, f'variant_{name}.jsonl'))
+        recorded = os.path.join(args.records, f'variant_{name}.jsonl')
+        record_if_finished(os.path.join(args.variants, name, 'metrics.jsonl'), recorded)
+        if os.path.exists(recorded):
+            variants[name] = read_metrics(recorded)
     if variants and 0 in seeds:
         lines += ["Diagnostic variants, **not the paper's recipe**: SST-2 from seed 0's final SST-5 head with one "
                   "change (`--run_variants`); dev accuracy after each of the 3 epochs, then the final head's test "

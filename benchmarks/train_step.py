@@ -82,7 +82,7 @@ def main(argv=None):
         hidden, mask, targets = train.mixup(hidden, mask, labels, n_classes, alpha)
         tick('mixup')
         scores = train.class_scores(head, hidden, mask)
-        loss = -(targets * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
+        loss = train.soft_cross_entropy(scores, targets)
         tick('forward')
         accelerator.backward(loss)
         tick('backward')
@@ -95,14 +95,14 @@ def main(argv=None):
     for _ in range(args.warmup):
         step()
     seconds, n_pos = defaultdict(float), []
+    started = last = time.perf_counter()
 
-    def clock(name, last=[time.perf_counter()]):
+    def clock(name):                                              # the time since the previous phase -> name
+        nonlocal last
         now = time.perf_counter()
-        seconds[name] += now - last[0]
-        last[0] = now
+        seconds[name] += now - last
+        last = now
 
-    started = time.perf_counter()
-    clock('_start')
     for _ in range(args.steps):
         n_pos.append(step(clock))
     total = time.perf_counter() - started
@@ -162,6 +162,7 @@ def precision_gap(head, batches, precision, n_batches=5):
         worst_grads = max(worst_grads, *gaps)
     head.zero_grad(set_to_none=True)
     return worst_scores, worst_grads
+
 
 if __name__ == '__main__':
     main()
