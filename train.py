@@ -131,6 +131,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be a positive integer, got {value}")
+    if args.finetune != 'last_routing' and not args.pretrained_path:
+        p.error(f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too")
     if args.resume and args.overwrite:
         p.error('--resume continues the run in --output_dir; --overwrite replaces it: pass one of them')
     return args

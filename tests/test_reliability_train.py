@@ -165,8 +165,11 @@ def test_resume_refuses_other_training_arguments(tiny_sst, tiny_bert, tmp_path, 
 
 
 def test_resume_takes_arguments_newer_than_the_checkpoint_at_their_default(tiny_sst, tiny_bert, tmp_path):
-    out = tmp_path / 'run'
-    argv = sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--feature_cache', tmp_path / 'cache')
+    pretrained = tmp_path / 'pretrained'
+    run(sst_args(tiny_sst, tiny_bert, pretrained, '--n_epochs', 1, '--feature_cache', tmp_path / 'cache'))
+    out = tmp_path / 'run'                                       # a fine-tuning run, where --finetune applies
+    argv = sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--feature_cache', tmp_path / 'cache',
+                    '--pretrained_path', pretrained / 'model')
     run(argv)
     checkpoint = torch.load(out / 'checkpoint.pt', weights_only=True)
     del checkpoint['args']['finetune']                           # written before --finetune existed

@@ -122,6 +122,9 @@ def test_finetune_last_routing_from_sst5_head_for_sst2(tiny_sst, tiny_roberta, t
                     '--finetune', 'all')
     args[1] = 'sst2'
     run(args)
+    with pytest.raises(SystemExit):
+        train.parse_args(['--dataset_name', 'sst2', '--finetune', 'all'])      # nothing to fine-tune
+    assert '--finetune all fine-tunes a pretrained model: pass --pretrained_path' in capsys.readouterr().err
     tuned = load_file(everything / 'model' / 'model.safetensors')
     assert not torch.equal(tuned['W'], before['W']) and not torch.equal(tuned['route.0.W_F2'], before['route.0.W_F2'])
 
