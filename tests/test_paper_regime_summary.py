@@ -39,3 +39,12 @@ def test_collect_counts_seeds_whose_two_runs_finished_and_keeps_earlier_records(
     png = tmp_path / 'curves.png'
     sst_paper_regime.plot_curves(seeds, str(png))
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
+
+
+def test_a_run_replaces_the_committed_head_only_if_better_at_the_stated_precision():
+    from benchmarks.sst_results import better_on_dev, stated
+    committed = stated(0.49682107175295187)                       # the config states 0.4968
+    assert not better_on_dev(0.49682107175295187, committed)      # the committed head's own run is not better
+    assert not better_on_dev(0.4968, committed)
+    assert better_on_dev(0.49691, committed)
+    assert not better_on_dev(0.4901, committed)
