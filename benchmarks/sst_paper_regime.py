@@ -36,8 +36,8 @@ import torch
 import data
 import models
 import train
-from benchmarks.sst_results import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, publish_pretrained,
-                                    sst_feature_store, write_report)
+from benchmarks.sst_results import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test,
+                                    publish_pretrained, sst_feature_store, write_report)
 
 DATASETS = {'sst5': 'SST-5', 'sst2': 'SST-2'}
 # name -> (what changes against the paper's SST-2 recipe, train.py arguments added to it)
