@@ -36,7 +36,7 @@ import torch
 import data
 import models
 import train
-from benchmarks.sst_results import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test,
+from benchmarks.sst_results import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, mean_std,
                                     publish_pretrained, sst_feature_store, write_report)
 
 DATASETS = {'sst5': 'SST-5', 'sst2': 'SST-2'}
@@ -84,11 +84,6 @@ def collect(runs, docs):
         seed, dataset = re.fullmatch(r'seed(\d+)_(sst\d)\.jsonl', os.path.basename(path)).groups()
         seeds.setdefault(int(seed), {})[dataset] = read_metrics(path)
     return {seed: runs for seed, runs in sorted(seeds.items()) if set(runs) == set(DATASETS)}
-
-
-def mean_std(values):
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
 
 def plot_curves(seeds, path):
@@ -167,7 +162,7 @@ def main(argv=None):
             cells += [f"{100 * final['valid_accuracy']:.2f}", f"{100 * final['test_accuracy']:.2f}"]
         minutes = [statistics.mean(r['epoch_seconds'] for r in runs[d][0]) / 60 for d in DATASETS]
         lines.append(f"| {seed} | {' | '.join(cells)} | {minutes[0]:.1f} | {minutes[1]:.1f} |")
-    summary = [mean_std([runs[d][1][k] for runs in seeds.values()]) for d in DATASETS
+    summary = [mean_std([runs[d][1][k] for runs in seeds.values()], decimals=2) for d in DATASETS
                for k in ('valid_accuracy', 'test_accuracy')]
     lines.append(f"| **mean ± std** ({len(seeds)} seeds) | {' | '.join(summary)} | | |")
     curves = os.path.relpath(args.records + '_curves.png', os.path.dirname(args.report))

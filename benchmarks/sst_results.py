@@ -36,8 +36,10 @@ PRETRAINED = {'sst5': 'pretrained/sst5_minilm_routing_head',
               'sst2': 'pretrained/sst2_minilm_routing_head'}
 
 
-def mean_std(values):
-    return f"{100 * statistics.mean(values):.1f} ± {100 * (statistics.stdev(values) if len(values) > 1 else 0):.1f}"
+def mean_std(values, decimals=1):
+    """Accuracies (fractions) -> 'mean ± std' in %, sample std over seeds (0 for one seed)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.{decimals}f} ± {100 * std:.{decimals}f}"
 
 
 def stated(accuracy):
