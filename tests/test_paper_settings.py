@@ -44,11 +44,17 @@ def table_of(text):
     return runs, [name for name, *_ in rows], revisions
 
 
-def test_the_docs_table_is_the_codes_table():
+def test_the_docs_table_is_the_codes_table(tmp_path):
+    """docs/paper_settings.md == the paper profile of recipes.py (parsed by train.py's parser) == PAPER_RUNS here."""
+    import recipes
     with open(DOCS_TABLE) as f:
         runs, order, revisions = table_of(f.read())
-    assert runs == PAPER_RUNS and order == list(PAPER_RUNS)
-    assert revisions == REVISIONS
+    assert runs == PAPER_RUNS and order == list(PAPER_RUNS) and revisions == REVISIONS
+    os.makedirs(tmp_path / 'paper' / 'seed0' / 'sst5' / 'model')              # the SST-2 run starts from it
+    code = [train.parse_args(argv) for argv in recipes.runs('paper', out=str(tmp_path)).values()]
+    assert [r.dataset_name for r in code] == order
+    assert {r.dataset_name: (r.batch_sz, r.n_epochs, r.n_iters_per_train_epoch) for r in code} == runs
+    assert {r.backbone: r.revision for r in code} == revisions
 
 
 @pytest.mark.skipif(not os.path.isfile(SPEC), reason='the spec is not beside the clone (docs/paper_settings.md is '
