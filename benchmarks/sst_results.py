@@ -1,7 +1,7 @@
 """
 Real results, offline: routing heads on the frozen all-MiniLM-L6-v2 ('minilm') over the real
 Stanford Sentiment Treebank, beside conventional baselines on the same frozen features, and a
-deletion test of the heads' credit assignment. Regenerates docs/sst_results.md (the README's table)
+deletion test of the heads' credit assignment. Regenerates docs/sst_results.md (docs/results.md quotes it)
 from scratch and, with --save_pretrained, the heads under pretrained/.
 
     python -m benchmarks.sst_results --data_root ../shared/data --save_pretrained
