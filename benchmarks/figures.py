@@ -50,9 +50,11 @@ def run_notebook(name, figures_dir, seed=0, timeout=900):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--notebooks', nargs='+', choices=sorted(FIGURES), default=list(FIGURES))
-    p.add_argument('--seed', type=int, default=0, help='NOTEBOOK_SEED for every notebook (default 0: the committed figures)')
+    p.add_argument('--seed', type=int, default=0,
+                   help='NOTEBOOK_SEED for every notebook (default 0: the committed figures)')
     p.add_argument('--out', default=str(ROOT / 'docs'), help='where the figures are copied (default docs/)')
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
