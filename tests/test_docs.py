@@ -58,12 +58,22 @@ def test_the_docs_index_lists_every_page():
             assert f'({page.name})' in index, f"docs/README.md does not link {page.name}"
 
 
-def test_relative_links_point_at_files():
+def anchors(page):
+    """The anchors GitHub makes of a markdown page's headings: lower case, punctuation dropped, spaces -> '-'."""
+    text = re.sub(r"^```.*?^```", '', page.read_text(), flags=re.S | re.M)          # no headings in code blocks
+    return {re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+            for heading in re.findall(r'^#+ (.*)$', text, flags=re.M)}
+
+
+def test_relative_links_point_at_files_and_headings():
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
             if re.match(r'[a-z]+://', target) or target.startswith('mailto:'):
                 continue
-            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links {target}, which does not exist"
+            linked = (page.parent / target) if target else page
+            assert linked.exists(), f"{page.relative_to(ROOT)} links {target}, which does not exist"
+            if anchor and linked.suffix == '.md':
+                assert anchor in anchors(linked), f"{page.relative_to(ROOT)} links {target}#{anchor}: no such heading"
 
 
 def test_snippets_that_are_not_run_are_few_and_say_why():
