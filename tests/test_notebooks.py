@@ -81,7 +81,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv('NOTEBOOK_FIGURES_DIR', str(tmp_path))         # the kernel inherits the environment
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('TOKENIZERS_PARALLELISM', 'false')
-    client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+    client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=1200,   # per cell; a shared CPU is slow
                                      resources={'metadata': {'path': str(cwd)}})
     try:
         client.execute()                                              # raises CellExecutionError on a failing cell
