@@ -4,7 +4,7 @@ Stanford Sentiment Treebank, beside conventional baselines on the same frozen fe
 deletion test of the heads' credit assignment. Regenerates docs/sst_results.md (docs/results.md quotes it)
 from scratch and, with --save_pretrained, the heads under pretrained/.
 
-    python -m benchmarks.sst_results --data_root ../shared/data --save_pretrained
+    python -m benchmarks.sst_results --data_root .data --save_pretrained
 
 Steps (wall-clock time of each is reported):
  1. the frozen hidden states of every SST text, once (train.py's --feature_cache; reused if present);
