@@ -52,8 +52,9 @@ and md5s are the class attributes of data.CIFAR10 / data.CIFAR100, torchvision's
 
 from .downloads import (CHECKSUMS, CIFAR10_URL, CIFAR100_URL, HEINSEN2019_URL, HEINSEN2019_WEIGHTS, IMAGENET_URL,
                         IMDB_HUB, IMDB_URL, MNIST_FILES, MNIST_URL, SMALLNORB_PREFIX, SMALLNORB_URL, SST_HUB,
-                        SST_MEMBER_CHECKSUMS, SST_URL, ChecksumMismatchError, download_and_extract,
-                        fetch_heinsen2019_weights, file_checksum, verify_checksum)
+                        SST_MEMBER_CHECKSUMS, SST_URL, ChecksumMismatchError, UnsafeArchiveError,
+                        download_and_extract, extract_archive, fetch_heinsen2019_weights, file_checksum,
+                        verify_checksum)
 from .features import (CachedFeatures, FeatureStore, LengthGroupedBatchSampler, backbone_fingerprint,
                        collate_features, pad_positions)
 from .fileio import check_labels, remove_orphans, save_atomic, write_atomic
@@ -68,7 +69,8 @@ __all__ = [
     # datasets by name
     'get_dataset_splits', 'DATASETS', 'DATA_SOURCES', 'HUB_DATASETS',
     # downloads and sources
-    'download_and_extract', 'fetch_heinsen2019_weights', 'file_checksum', 'verify_checksum', 'ChecksumMismatchError',
+    'download_and_extract', 'extract_archive', 'UnsafeArchiveError', 'fetch_heinsen2019_weights', 'file_checksum',
+    'verify_checksum', 'ChecksumMismatchError',
     'CHECKSUMS', 'SST_MEMBER_CHECKSUMS', 'HEINSEN2019_WEIGHTS', 'HEINSEN2019_URL', 'SST_URL', 'IMDB_URL',
     'IMAGENET_URL', 'CIFAR10_URL', 'CIFAR100_URL', 'SMALLNORB_URL', 'MNIST_URL', 'SMALLNORB_PREFIX', 'MNIST_FILES',
     'SST_HUB', 'IMDB_HUB',
