@@ -20,6 +20,7 @@ library's masks (True = that input is ignored).
 """
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -321,13 +322,22 @@ class FrozenBackbone(nn.Module):
 class TextBackbone(FrozenBackbone):
     """A transformers text encoder. Texts longer than the window are split into overflowing chunks,
     each chunk encoded with its own special tokens, and the chunks' non-padding tokens re-joined
-    per sample (as the paper does for IMDB); the batch is padded with zeros and masked."""
+    per sample (as the paper does for IMDB); the batch is padded with zeros and masked.
+
+    Chunks are always padded on the right: a tokenizer configured to pad on the left (padding_side 'left') is
+    switched to the right, with a warning. Left padding shifts every real token's absolute position by the
+    padding before it, so its features, and every score, would depend on the other texts of the batch."""
 
     def __init__(self, model, tokenizer, name, max_length=None, revision=None):
         config = model.config
         offset = 2 if config.model_type in ('roberta', 'xlm-roberta', 'camembert') else 0   # position ids start at 2
         window = min(tokenizer.model_max_length, config.max_position_embeddings - offset)
         super().__init__(model, 'text', config.num_hidden_layers + 1, config.hidden_size, name, revision)
+        if getattr(tokenizer, 'padding_side', 'right') != 'right':
+            warnings.warn(f"backbone {name!r}: its tokenizer pads on the {tokenizer.padding_side}; padding on the "
+                          f"right instead (left padding shifts the tokens' positions, so features would depend on "
+                          f"the batch)", stacklevel=3)
+            tokenizer.padding_side = 'right'
         self.tokenizer = tokenizer
         self.max_length = min(max_length or window, window)
 
@@ -336,7 +346,7 @@ class TextBackbone(FrozenBackbone):
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"a text backbone encodes a list of strings, got {type(texts).__name__}")
         tokens = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, padding=True,
-                                return_overflowing_tokens=True, return_tensors='pt')
+                                padding_side='right', return_overflowing_tokens=True, return_tensors='pt')
         sample_of_chunk = tokens['overflow_to_sample_mapping']                  # [n_chunks]
         chunk_mask = tokens['attention_mask'].bool()                             # [n_chunks, len]
         states = []
