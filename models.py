@@ -18,6 +18,7 @@ Models of the paper-replication repository.
 Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored), matching the
 library's masks (True = that input is ignored).
 """
+import inspect
 import json
 import pickle
 import warnings
@@ -62,17 +63,74 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, strict=True, **kwargs):
+        """Validates config.json (types and sizes of the constructor's arguments) and model.safetensors (readable,
+        and holding exactly the tensors, of the shapes, that the config's model has) before anything is
+        allocated; each failure is one ValueError naming the file."""
         config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
         if config.get('model_type') != cls.__name__:
             raise ValueError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
                              f"{cls.__name__}: load it with models.from_pretrained, which reads the model type")
+        check_config(cls, config, config_path(pretrained_model_name_or_path))
+        check_weights_file(cls, config, pretrained_model_name_or_path, revision=kwargs.get('revision'))
         model = super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
         check_finite(model.state_dict(), repr(str(pretrained_model_name_or_path)))
         return model
 
 
+MAX_SIZE = 1 << 20      # the largest size (of a dimension, or a count of capsules or classes) a config may give
+
+
+def config_path(path_or_id):
+    """How errors name a model's config.json: its path, or '<hub id>/config.json'."""
+    return str(Path(path_or_id) / 'config.json')
+
+
+def check_config(cls, config, where):
+    """The constructor arguments of cls in config (a dict): each present one an int (not a bool) in 1..MAX_SIZE;
+    ValueError naming the file (where) and the argument otherwise."""
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == 'self' or name not in config or not (param.default is param.empty or type(param.default) is int):
+            continue                                                # (every argument of these models is a size)
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+            raise ValueError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
+                             f"({type(value).__name__}): the model folder is damaged or was not written by this "
+                             f"repository")
+
+
+def check_weights_file(cls, config, path_or_id, revision=None):
+    """model.safetensors of a folder (or hub repository) must be a complete safetensors file whose tensors are
+    exactly those of cls(**config), with the same shapes. The model is built on the meta device (nothing is
+    allocated) and the file's header alone is read. ValueError naming the file otherwise."""
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        path = folder / 'model.safetensors'
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is missing: the model folder is incomplete")
+    else:
+        path = hf_hub_download(str(path_or_id), 'model.safetensors', revision=revision)
+    try:
+        with safe_open(str(path), 'pt') as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:                       # safetensors' SafetensorError: truncated, empty, not safetensors
+        raise ValueError(f"{str(path)!r} is not a complete safetensors file ({e}): the model folder is damaged "
+                         f"(a truncated copy?)") from None
+    args = {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters and k != 'self'}
+    with torch.device('meta'):
+        expected = {k: tuple(v.shape) for k, v in cls(**args).state_dict().items()}
+    if stored != expected:
+        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        wrong = [f"{k} {stored[k]} (expected {expected[k]})" for k in sorted(set(stored) & set(expected))
+                 if stored[k] != expected[k]]
+        raise ValueError(f"{str(path)!r} does not hold the {cls.__name__} that {config_path(path_or_id)} describes: "
+                         + '; '.join(filter(None, [missing and f"missing {', '.join(missing[:3])}",
+                                                   unexpected and f"unexpected {', '.join(unexpected[:3])}",
+                                                   wrong and f"shapes {', '.join(wrong[:3])}"])))
+
+
 def read_config(path_or_id, revision=None):
-    """config.json of a save_pretrained folder or hub repository -> dict."""
+    """config.json of a save_pretrained folder or hub repository -> dict (ValueError naming the file if it is
+    not a JSON object)."""
     folder = Path(path_or_id)
     if folder.is_dir():
         path = folder / 'config.json'
@@ -82,9 +140,13 @@ def read_config(path_or_id, revision=None):
     else:
         path = hf_hub_download(str(path_or_id), 'config.json', revision=revision)
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
+                         f"arguments: the model folder is damaged or was not written by this repository")
+    return config
 
 
 def check_finite(state, what):
