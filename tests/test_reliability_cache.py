@@ -52,7 +52,7 @@ def read_rows(store, start, length):
 def assert_refused(store, *damaged):
     """A fresh opening of the store refuses to read the damaged texts, naming each and the rebuild command; every
     other text reads."""
-    reopened = data.FeatureStore(os.path.dirname(store.folder), store.backbone)
+    reopened = data.FeatureStore(str(Path(store.folder).parents[1]), store.backbone)
     dataset = reopened.dataset(TEXTS, [0] * len(TEXTS))
     for text in damaged:
         with pytest.raises(ValueError, match=rf"feature cache {store.folder} is damaged: the features of the text "
@@ -112,7 +112,7 @@ def test_an_index_without_checksums_is_refused(store):
     index['texts'] = {t: span[:2] for t, span in index['texts'].items()}
     Path(store.index_path).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"is damaged: .*index.json points .* not \[start, length, checksum\]"):
-        data.FeatureStore(os.path.dirname(store.folder), store.backbone)
+        data.FeatureStore(str(Path(store.folder).parents[1]), store.backbone)
 
 
 def test_features_not_finite_in_float16_are_refused_when_encoded(bert, tmp_path, monkeypatch):
