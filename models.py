@@ -551,6 +551,8 @@ def from_pretrained(path_or_id, **kwargs):
         check_finite(state, repr(path))
         model.load_state_dict(state, strict=True)
         backbone = training.pop('backbone', None)
+        if isinstance(model, SmallNORBClassifier):                 # trained end to end: no backbone
+            backbone = None
         config = {**model._hub_mixin_config, 'model_type': type(model).__name__, 'training': training,
                   'backbone': None if backbone == 'none' else backbone, 'backbone_revision': training.pop('revision', None)}
         return model, config
@@ -572,7 +574,12 @@ def _read_state_file(path):
             raise RuntimeError(f"{path!r} is not a readable safetensors file: {e}") from e
     loaded = torch_load_safely(path)
     if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):             # a train.py checkpoint
-        loaded, metadata = loaded['head'], dict(loaded.get('metadata', {}))
+        metadata = dict(loaded.get('metadata', {}))
+        # the backbone it trained on: recorded by train.py since it checkpoints it, else its --backbone, --revision
+        args = loaded.get('args') if isinstance(loaded.get('args'), dict) else {}
+        metadata['backbone'] = loaded.get('backbone', args.get('backbone'))
+        metadata['revision'] = loaded.get('backbone_revision', args.get('revision'))
+        loaded = loaded['head']
     else:
         metadata = {}
     if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
