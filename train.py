@@ -693,11 +693,12 @@ def remove_run_files(out):
             os.rename(os.path.join(out, name), os.path.join(aside, name))         # a link moves as the link
             moved.append(name)
     except OSError as e:
-        for name in reversed(moved):
-            os.rename(os.path.join(aside, name), os.path.join(out, name))
+        failed = os.path.join(out, name)
+        for back in reversed(moved):
+            os.rename(os.path.join(aside, back), os.path.join(out, back))
         os.rmdir(aside)
-        raise RuntimeError(f"--overwrite: cannot remove {os.path.join(out, name)} ({e.strerror or e}); nothing of "
-                           f"the old run was removed") from e
+        raise RuntimeError(f"--overwrite: cannot remove {failed} ({e.strerror or e}); nothing of the old run was "
+                           f"removed") from e
     try:
         shutil.rmtree(aside)                              # links inside are unlinked, never followed
     except OSError as e:
