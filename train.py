@@ -848,5 +848,8 @@ if __name__ == '__main__':
     try:
         main()
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: FileNotFoundError, disk errors
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if 'Original Traceback' in message:              # re-raised from a DataLoader worker: its last line is the error
+            message = message.splitlines()[-1].split(': ', 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -346,8 +346,19 @@ def test_cli_errors_of_damaged_inputs_are_one_line(trained, tiny_sst, tiny_bert,
     os.truncate(damaged / 'model.safetensors', 100)
     base = [sys.executable, 'train.py', '--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst,
             '--device', 'cpu']
+    [hidden] = (tmp_path / 'cache').glob('*/*/hidden.f16')
+    index = json.loads((hidden.parent / 'index.json').read_text())
+    start, _, _ = index['texts'][data.get_dataset_splits('sst5', data_root=tiny_sst)['test'].texts[0]]
+    with open(hidden, 'r+b') as f:                                                # flip a bit of a test text's rows
+        f.seek(start * index['d_depth'] * index['d_emb'] * 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    cached = ['--eval_only', '--pretrained_path', str(trained / 'model'), '--feature_cache', str(tmp_path / 'cache')]
     for argv, expected in ((['--eval_only', '--pretrained_path', str(damaged)], 'is not a complete safetensors file'),
-                           (['--mixup_alpha', '-1'], '--mixup_alpha must be 0 (no mixup) or positive')):
+                           (['--mixup_alpha', '-1'], '--mixup_alpha must be 0 (no mixup) or positive'),
+                           (cached + ['--num_workers', '1'], 'do not match their checksum'),   # from a loader worker
+                           (cached, 'do not match their checksum')):
         out = subprocess.run(base + argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
         assert out.returncode == 2 and expected in out.stderr and 'Traceback' not in out.stderr, out.stderr
         assert len([line for line in out.stderr.splitlines() if 'error' in line]) == 1
