@@ -20,6 +20,7 @@ library's masks (True = that input is ignored).
 """
 import inspect
 import json
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -132,6 +133,7 @@ def read_config(path_or_id, revision=None):
     """config.json of a save_pretrained folder or hub repository -> dict (ValueError naming the file if it is
     not a JSON object)."""
     folder = Path(path_or_id)
+    check_local_path(path_or_id)
     if folder.is_dir():
         path = folder / 'config.json'
         if not path.is_file():
@@ -147,6 +149,25 @@ def read_config(path_or_id, revision=None):
         raise ValueError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
                          f"arguments: the model folder is damaged or was not written by this repository")
     return config
+
+
+def looks_local(path):
+    """Whether a path names a local file or folder rather than a hub id: it starts with ./ ../ / or ~, starts
+    with pretrained/ (this repository's heads), or its parent folder exists."""
+    path = str(path)
+    if path.startswith(('./', '../', '/', '~', '.' + os.sep, '..' + os.sep, os.sep, 'pretrained/')):
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+
+
+def check_local_path(path):
+    """A path that looks local (looks_local) but does not exist: FileNotFoundError naming its absolute path,
+    instead of the hub's connection error for what it would then take as a hub id."""
+    if looks_local(path) and not os.path.exists(os.path.expanduser(str(path))):
+        kind = 'file' if str(path).endswith(('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')) else 'folder'
+        raise FileNotFoundError(f"no such {kind}: {os.path.abspath(os.path.expanduser(str(path)))}; run from the "
+                                f"repository root or pass an absolute path")
 
 
 def check_finite(state, what):
@@ -472,6 +493,12 @@ def load_backbone(name, revision=None, max_length=None, pretrained=True):
     try:
         config = transformers.AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
+        if name in BACKBONES:                        # a backbone we know, which the hub (or its cache) did not give
+            raise ValueError(
+                f"backbone {name!r} is a known hub backbone ({source}), but it could not be fetched"
+                f"{' offline (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}: run once with "
+                f"network access so that it lands in the Hugging Face cache (HF_HOME), or pass a local folder "
+                f"written by save_pretrained (--backbone /path/to/folder): {e}") from e
         raise ValueError(
             f"unknown backbone {name!r}: not one of {sorted(BACKBONES)} or 'timm/<name>', not a local folder "
             f"with a config.json, and not loadable from the Hugging Face hub (offline? set HF_HOME to a cache "
@@ -545,6 +572,7 @@ def from_pretrained(path_or_id, **kwargs):
         e.g. the authors' published 2019 files; loaded with weights_only=True): rebuilt from its tensors' shapes.
     The weights load strictly and must be finite."""
     path = str(path_or_id)
+    check_local_path(path)
     if path.endswith(('.safetensors', '.pt', '.pth')):
         state, training = _read_state_file(path)
         model = _model_of_state_dict(state, path)
