@@ -344,7 +344,7 @@ def save_checkpoint(state, path):
     except (OSError, RuntimeError) as e:
         if isinstance(e, OSError):
             why = DISK_ERRORS.get(e.errno)
-        else:                                    # torch's writer: '[enforce fail at inline_container.cc] unexpected pos'
+        else:                                    # torch's writer: '[enforce fail at ...] unexpected pos'
             why = 'disk full: free some space' if disk_full(os.path.dirname(os.path.abspath(path)),
                                                             state_bytes(state)) else None
         detail = f" ({why})" if why else ''
@@ -849,7 +849,7 @@ if __name__ == '__main__':
         main()
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: FileNotFoundError, disk errors
         message = str(e).strip()
-        if 'Original Traceback' in message:              # re-raised from a DataLoader worker: its last line is the error
+        if 'Original Traceback' in message:              # re-raised from a DataLoader worker: its last line tells
             message = message.splitlines()[-1].split(': ', 1)[-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

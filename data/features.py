@@ -81,7 +81,8 @@ def backbone_fingerprint(backbone) -> dict:
             'tokenizer': sha(tokenizer_text),
             'tokenizer_settings': sha(json.dumps(tokenizer_settings(tokenizer), sort_keys=True)),
             'max_length': getattr(backbone, 'max_length', None),
-            'revision': getattr(config, '_commit_hash', None), 'requested_revision': getattr(backbone, 'revision', None),
+            'revision': getattr(config, '_commit_hash', None),
+            'requested_revision': getattr(backbone, 'revision', None),
             'transformers': transformers.__version__, 'tokenizers': tokenizers_version}
 
 
@@ -135,8 +136,8 @@ class FeatureStore:
         from filelock import FileLock
         self.backbone = backbone
         fingerprint = backbone_fingerprint(backbone)
-        self.key = hashlib.sha256(json.dumps(
-            [self.FORMAT, backbone.name, backbone.d_depth, backbone.d_emb, fingerprint], sort_keys=True).encode()).hexdigest()
+        key = [self.FORMAT, backbone.name, backbone.d_depth, backbone.d_emb, fingerprint]
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.folder = os.path.join(cache, backbone.name.replace('/', '--'), self.key[:16])
         self.hidden_path = os.path.join(self.folder, 'hidden.f16')
         self.index_path = os.path.join(self.folder, 'index.json')
@@ -235,7 +236,7 @@ class FeatureStore:
                         self._save_index()
                         last_save = time.time()
             except BaseException:
-                try:                   # the index on disk is the truth: rows past it are dropped, nothing points at them
+                try:                   # the index on disk is the truth: rows past it are dropped
                     self._load()
                 except Exception:
                     pass

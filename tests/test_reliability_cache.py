@@ -102,7 +102,8 @@ def test_rows_swapped_between_texts_are_refused(store):
 def test_index_entries_swapped_between_texts_are_refused(store):
     """The checksum covers the text too: an index whose entries (rows and checksums) trade places is refused."""
     index = json.loads(Path(store.index_path).read_text())
-    index['texts']['a good film'], index['texts']['a bad film'] = index['texts']['a bad film'], index['texts']['a good film']
+    texts = index['texts']
+    texts['a good film'], texts['a bad film'] = texts['a bad film'], texts['a good film']
     Path(store.index_path).write_text(json.dumps(index))
     assert_refused(store, 'a good film', 'a bad film')
 

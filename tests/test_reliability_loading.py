@@ -56,7 +56,8 @@ def test_large_config_sizes_allocate_nothing_before_the_weights_are_checked(save
     folder = damaged_copy(saved, tmp_path, config={**config, 'd_emb': models.MAX_SIZE, 'n_hid': models.MAX_SIZE})
     start = time.perf_counter()
     with pytest.raises(ValueError, match=rf"'{folder}/model.safetensors' does not hold the RoutingHead that "
-                                         rf"{folder}/config.json describes: shapes B \(3, 8\) \(expected \(3, 1048576\)\)"):
+                                         rf"{folder}/config.json describes: "
+                                         rf"shapes B \(3, 8\) \(expected \(3, 1048576\)\)"):
         models.from_pretrained(folder)
     assert time.perf_counter() - start < 10
 
@@ -64,7 +65,8 @@ def test_large_config_sizes_allocate_nothing_before_the_weights_are_checked(save
 def test_config_and_weights_that_disagree_are_refused(saved, tmp_path):
     config = json.loads((saved / 'config.json').read_text())
     folder = damaged_copy(saved, tmp_path, config={**config, 'n_hid': 5})
-    with pytest.raises(ValueError, match=r"does not hold the RoutingHead .*route.0.B_F2 \(4, 8\) \(expected \(5, 8\)\)"):
+    with pytest.raises(ValueError, match=r"does not hold the RoutingHead .*route.0.B_F2 \(4, 8\) "
+                                         r"\(expected \(5, 8\)\)"):
         models.from_pretrained(folder)
 
 

@@ -102,7 +102,6 @@ def test_two_processes_on_one_run_folder(tiny_sst, tiny_bert, tmp_path):
             time.sleep(0.05)
         assert (tmp_path / 'started').exists(), first.communicate()
         for extra in (['--rng_seed', '2'], ['--rng_seed', '1', '--resume']):
-            started = time.time()
             second = subprocess.run([sys.executable, str(script), *argv, *extra], env=env, cwd=REPO_ROOT,
                                     capture_output=True, text=True, timeout=600)
             assert second.returncode == 2, second.stderr
