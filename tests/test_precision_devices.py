@@ -135,3 +135,40 @@ def test_feature_cache_key_includes_the_backbone_precision(tiny_bert, tmp_path):
     assert mixed.folder != plain.folder and mixed.meta['autocast_dtype'] == 'bfloat16'
     mixed.ensure(['a lovely film'])
     assert json.load(open(mixed.index_path))['autocast_dtype'] == 'bfloat16'
+
+
+# -------------------------------------------------------------------------------------------------
+# --data_source hub without loading scripts
+# -------------------------------------------------------------------------------------------------
+
+def test_hub_repository_with_a_loading_script_falls_back_to_its_parquet_conversion(monkeypatch):
+    datasets = pytest.importorskip('datasets')
+    import data
+    calls = []
+    trees = {'train': ['(3 (3 good) (2 .))'], 'validation': ['(2 (2 ok) (2 .))'], 'test': ['(1 (1 bad) (2 .))']}
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        if kwargs.get('revision') != 'refs/convert/parquet':       # what datasets 5.x says of a script repository
+            raise RuntimeError("Dataset scripts are no longer supported, but found sst.py")
+        return datasets.DatasetDict({k: datasets.Dataset.from_dict({'ptb_tree': v}) for k, v in trees.items()})
+
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    s = data.get_dataset_splits('sst5', source='hub')
+    assert calls == [('stanfordnlp/sst', 'ptb', {}),
+                     ('stanfordnlp/sst', None, {'data_dir': 'ptb', 'revision': 'refs/convert/parquet'})]
+    assert s['test'].labels == [1] and len(s['train']) == 3                  # the tree and its 2 subtrees
+
+
+def test_the_parquet_conversion_layout_loads_one_config_with_data_dir(tmp_path):
+    """The real datasets library on the layout of refs/convert/parquet (<config>/<split>/0000.parquet, several
+    configs with other columns side by side): data_dir=<config> yields that config's three splits."""
+    datasets = pytest.importorskip('datasets')
+    for config, column in (('ptb', 'ptb_tree'), ('default', 'sentence'), ('dictionary', 'phrase')):
+        for split in ('train', 'validation', 'test'):
+            (tmp_path / config / split).mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_dict({column: [f'{config} {split} {k}' for k in range(3)]}).to_parquet(
+                str(tmp_path / config / split / '0000.parquet'))
+    loaded = datasets.load_dataset(str(tmp_path), data_dir='ptb')
+    assert sorted(loaded) == ['test', 'train', 'validation']
+    assert loaded['validation'].column_names == ['ptb_tree'] and loaded['test']['ptb_tree'][0] == 'ptb test 0'
