@@ -456,18 +456,18 @@ def validate(run, split):
     """Accuracy of run.head on `split` ('valid' or 'test'), from its prepared loader."""
     head, accelerator = run.head, run.accelerator
     head.eval()
-    n_correct, n_total = torch.zeros((), dtype=torch.long, device=accelerator.device), 0   # read once, at the end
+    n_correct = n_total = 0                               # n_correct: a tensor on the device, read once at the end
     for batch in tqdm(run.eval_loaders[split], desc=f"{run.args.dataset_name} {split}", leave=False,
                       disable=not accelerator.is_local_main_process):
         hidden, mask, labels = features(batch, run.backbone, run.cached)
         with accelerator.autocast():
             scores = class_scores(head, hidden, mask)
         preds, labels = accelerator.gather_for_metrics((scores.argmax(-1), labels))
-        n_correct += (preds == labels).sum()
+        n_correct = n_correct + (preds == labels).sum()
         n_total += len(labels)
     if n_total == 0:
         raise ValueError(f"the {split} split has no examples: an accuracy over nothing is no result")
-    return n_correct.item() / n_total
+    return int(n_correct) / n_total
 
 
 # -------------------------------------------------------------------------------------------------
