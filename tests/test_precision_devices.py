@@ -341,3 +341,46 @@ def test_sst2_finetunes_from_the_authors_sst5_checkpoint(tiny_sst, tiny_roberta,
     with pytest.raises(ValueError, match="unknown backbone 'roberta-large'"):   # no --backbone: the file's
         _run(['--dataset_name', 'sst2', '--data_root', tiny_sst, '--output_dir', tmp_path / 'o', '--device', 'cpu',
               '--pretrained_path', path])
+
+
+@pytest.mark.slow
+def test_full_scale_smoke_at_tiny_scale(tiny_sst, tmp_path):
+    """benchmarks/full_scale_smoke.py, the same code at toy sizes: both runs go through train.py in their own
+    process, with the paper profile's settings, and are recorded."""
+    from benchmarks import full_scale_smoke
+    report = tmp_path / 'report.md'
+    rows = full_scale_smoke.main(['--scale', 'tiny', '--work', str(tmp_path / 'work'), '--sst_dir',
+                                  os.path.join(tiny_sst, 'sst'), '--steps', '2', '--batch_sz', '8',
+                                  '--report', str(report)])
+    assert [(r['dataset'], r['eval_split'], r['device'], len(r['step_seconds'])) for r in rows] == \
+        [('sst5', 'valid', 'cpu (cpu)', 2), ('cifar10', 'test', 'cpu (cpu)', 2)]
+    assert all(r['peak_rss_gib'] > 0.1 and all(s > 0 for s in r['step_seconds']) for r in rows)
+    assert '--mixed_precision' not in rows[0]['argv'] and rows[1]['argv'][rows[1]['argv'].index('--batch_sz') + 1] == '8'
+    text = report.read_text()
+    assert text.count('| sst5 | cpu (cpu) | float32 | 2 |') == 1 and '| cifar10 | cpu (cpu) | float32 | 2 |' in text
+
+
+@pytest.mark.slow
+def test_credit_notebook_takes_an_authors_state_dict_by_name(tmp_path, monkeypatch):
+    """credit_language.ipynb with HEAD_PATH = a head saved in the authors' .state_dict format and naming: the
+    committed minilm SST-2 head as pretrained_sst2_head_for_minilm.state_dict (its backbone inferred from the name)."""
+    import pathlib
+    import nbclient
+    import nbformat
+    root = pathlib.Path(__file__).resolve().parent.parent
+    head, _ = models.from_pretrained(root / 'pretrained' / 'sst2_minilm_routing_head')
+    path = tmp_path / 'pretrained_sst2_head_for_minilm.state_dict'
+    torch.save(head.state_dict(), path)
+    monkeypatch.setenv('HEAD_PATH', str(path))
+    monkeypatch.setenv('CREDIT_FIGURES_DIR', str(tmp_path))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    nb = nbformat.read(str(root / 'notebooks' / 'credit_language.ipynb'), as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+                                     resources={'metadata': {'path': str(root / 'notebooks')}})
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:
+        pytest.fail(f"a cell failed:\n{e}", pytrace=False)
+    text = '\n'.join(str(o.get('data', {}).get('text/markdown', '')) for c in nb.cells if c.cell_type == 'code'
+                     for o in c.get('outputs', []))
+    assert 'pretrained_sst2_head_for_minilm.state_dict' in text and 'authors_2022' in text
