@@ -63,8 +63,8 @@ REGIMES = {
 }
 
 
-# The papers' backbones (2022: roberta-large, BEiT-large; 2019: gpt2-large) and their hub ids: on a CPU they take
-# about a minute per step, so a run with one of them never falls back to the CPU silently (check_device).
+# The papers' backbones (2022: roberta-large, BEiT-large; 2019: gpt2-large) and their hub ids: slow on a CPU
+# (benchmarks/full_scale_smoke.md), so a run with one of them never falls back to the CPU silently (check_device).
 PAPER_BACKBONES = ('roberta-large', 'FacebookAI/roberta-large', 'microsoft/beit-large-patch16-224', 'gpt2-large',
                    'openai-community/gpt2-large')
 
@@ -569,7 +569,7 @@ AUTOCAST_DTYPES = {'no': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}   
 
 def check_device(args):
     """-> whether the run is on the CPU. --device cuda needs CUDA; --device auto falls back to the CPU, except for a
-    backbone of the papers (PAPER_BACKBONES, a minute per step on a CPU): that stops unless --device cpu is given."""
+    backbone of the papers (PAPER_BACKBONES): that stops unless --device cpu is given."""
     cuda = torch.cuda.is_available()
     why = (f"torch.cuda.is_available() is False: no GPU, or its driver is older than this torch build (CUDA "
            f"{torch.version.cuda or 'none: a CPU-only build'}) needs")
@@ -577,7 +577,7 @@ def check_device(args):
         raise RuntimeError(f"--device cuda: no CUDA device is usable ({why})")
     if args.device == 'auto' and not cuda and args.backbone in PAPER_BACKBONES:
         raise RuntimeError(f"--backbone {args.backbone} is one of the papers' backbones, meant for a GPU, and no CUDA "
-                           f"device is usable ({why}); on the CPU a step at the paper's batch size takes about a minute. "
+                           f"device is usable ({why}); on a CPU its steps are slow (benchmarks/full_scale_smoke.md). "
                            f"Pass --device cpu to run it on the CPU anyway")
     return args.device == 'cpu' or not cuda
 
