@@ -7,6 +7,11 @@ with --model capsules2019, the 2019 paper's capsule networks in its regime.
     python train.py --dataset_name sst2 --backbone minilm --pretrained_path runs/sst5/model ...
     python train.py --dataset_name sst2 --backbone minilm --eval_only --pretrained_path pretrained/<file>
 
+The frozen backbone runs under torch.autocast at --mixed_precision (fp16 by default on a GPU, as the paper's
+authors), the head in float32. A run on one of the papers' backbones stops when CUDA is not usable, unless
+--device cpu is given. Every epoch is evaluated once: on the validation split, or on the test split where the dataset
+has none (metrics.jsonl names it: "eval_split").
+
 Only the head trains: RAdam, one-cycle schedule (30% warm-up, max lr 1e-3), mixup of hidden states
 and one-hot targets (Beta(0.65, 0.65) for text, Beta(0.2, 0.2) for images). --pretrained_path loads a
 head and fine-tunes only its last routing (the paper's SST-5 -> SST-2; --finetune all trains every parameter, a
@@ -142,7 +147,8 @@ def parse_args(argv=None):
         p.error('--eval_only needs --pretrained_path (the head to evaluate)')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
         p.error(f"--pretrained_path {args.pretrained_path!r}: no such folder or file (a model folder written by train.py "
-                f"or save_pretrained, an older .safetensors head, or a .pt state dict)")
+                f"or save_pretrained, an older .safetensors head, a .pt state dict, or the authors' 2022 "
+                f"<dataset>_head_for_<backbone>.state_dict or ..._epoch<k>.checkpoint)")
     for name in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch'):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -374,6 +374,7 @@ def test_credit_notebook_takes_an_authors_state_dict_by_name(tmp_path, monkeypat
     monkeypatch.setenv('HEAD_PATH', str(path))
     monkeypatch.setenv('CREDIT_FIGURES_DIR', str(tmp_path))
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]))  # import root
     nb = nbformat.read(str(root / 'notebooks' / 'credit_language.ipynb'), as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
                                      resources={'metadata': {'path': str(root / 'notebooks')}})
