@@ -130,17 +130,18 @@ def child(argv):
     import train
     steps = int(argv[argv.index('--n_iters_per_train_epoch') + 1])
     started = time.time()
-    step_times = []
+    step_times, step_cpu = [], []                        # wall seconds; CPU seconds of this process (all threads)
     real_step = train.train_step
 
     def timed_step(run, batch):
         if run.accelerator.device.type == 'cuda':
             torch.cuda.synchronize()
-        t = time.time()
+        t, cpu = time.time(), time.process_time()
         out = real_step(run, batch)
         if run.accelerator.device.type == 'cuda':
             torch.cuda.synchronize()
         step_times.append(time.time() - t)
+        step_cpu.append(time.process_time() - cpu)
         return out
 
     train.train_step = timed_step
@@ -149,7 +150,8 @@ def child(argv):
     epochs, final = train.read_metrics(out)
     cuda = torch.cuda.is_available() and '--device' in argv and argv[argv.index('--device') + 1] == 'cuda'
     print('RESULT ' + json.dumps({
-        'steps': steps, 'step_seconds': step_times, 'epoch_seconds': epochs[0]['epoch_seconds'],
+        'steps': steps, 'step_seconds': step_times, 'step_cpu_seconds': step_cpu, 'threads': torch.get_num_threads(),
+        'epoch_seconds': epochs[0]['epoch_seconds'],
         'run_seconds': time.time() - started, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
         'cuda_peak_gib': torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
         'device': final['device'], 'backbone_precision': final['backbone_precision'],
@@ -216,15 +218,17 @@ def main(argv=None):
     if args.report:
         command = 'python -m benchmarks.full_scale_smoke ' + shlex.join(argv if argv is not None else sys.argv[1:])
         lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `{command}`\n",
-                 f"Machine: {host}.\n",
-                 '| run | device | backbone precision | steps | s/step (each) | epoch s (with loader start) | '
-                 'peak RSS GiB | CUDA peak GiB |', '|---|---|---|---|---|---|---|---|']
+                 f"Machine: {host}; load average at the end {os.getloadavg()[0]:.2f}.\n",
+                 '| run | device | backbone precision | steps | s/step, wall (each) | CPU s/step (each; torch threads) | '
+                 'epoch s (with loader start) | peak RSS GiB | CUDA peak GiB |', '|---|---|---|---|---|---|---|---|---|']
         for r in rows:
             lines.append(f"| {r['dataset']} | {r['device']} | {r['backbone_precision']} | {r['steps']} | "
                          f"{', '.join(f'{s:.1f}' for s in r['step_seconds'][:5])}"
                          f"{' ...' if len(r['step_seconds']) > 5 else ''} (mean of the last "
                          f"{max(1, len(r['step_seconds']) - 1)}: "
-                         f"{np.mean(r['step_seconds'][1:] or r['step_seconds']):.2f}) | {r['epoch_seconds']:.1f} | "
+                         f"{np.mean(r['step_seconds'][1:] or r['step_seconds']):.2f}) | "
+                         f"{', '.join(f'{s:.1f}' for s in r['step_cpu_seconds'][:5])} ({r['threads']}) | "
+                         f"{r['epoch_seconds']:.1f} | "
                          f"{r['peak_rss_gib']:.2f} | "
                          f"{'-' if r['cuda_peak_gib'] is None else format(r['cuda_peak_gib'], '.2f')} |")
         lines.append('\ntrain.py arguments: ' + '; '.join(f"{r['dataset']}: `{shlex.join(r['argv'])}`" for r in rows))
