@@ -19,15 +19,16 @@ def _count_autocast_forwards(backbone, batch):
     return len(seen), sum(seen), hidden
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])   # float16: the paper's (CUDA), here on the CPU
 @pytest.mark.parametrize('fixture', ['tiny_roberta', 'tiny_beit'])
-def test_backbone_runs_under_autocast_when_asked_and_hands_on_float32(fixture, request):
+def test_backbone_runs_under_autocast_when_asked_and_hands_on_float32(fixture, dtype, request):
     torch.manual_seed(0)
     batch = ["a lovely film", "a dull one"] if fixture == 'tiny_roberta' else torch.randn(2, 3, 32, 32)
     plain = models.load_backbone(request.getfixturevalue(fixture))
     assert plain.autocast_dtype is None
     n, n_autocast, hidden32 = _count_autocast_forwards(plain, batch)
     assert (n, n_autocast) == (1, 0) and hidden32.dtype == torch.float32
-    mixed = models.load_backbone(request.getfixturevalue(fixture), autocast_dtype=torch.bfloat16)
+    mixed = models.load_backbone(request.getfixturevalue(fixture), autocast_dtype=dtype)
     n, n_autocast, hidden16 = _count_autocast_forwards(mixed, batch)
     assert (n, n_autocast) == (1, 1)
     assert hidden16.dtype == torch.float32 and hidden16.shape == hidden32.shape   # the head's precision
@@ -385,3 +386,26 @@ def test_credit_notebook_takes_an_authors_state_dict_by_name(tmp_path, monkeypat
     text = '\n'.join(str(o.get('data', {}).get('text/markdown', '')) for c in nb.cells if c.cell_type == 'code'
                      for o in c.get('outputs', []))
     assert 'pretrained_sst2_head_for_minilm.state_dict' in text and 'authors_2022' in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_on_cuda_the_backbone_runs_in_float16_autocast_and_the_head_in_float32(tiny_beit, tmp_path, monkeypatch):
+    """On a GPU (skipped here without one): train.py's default for the paper's head is the backbone under fp16
+    autocast, the head in float32, pinned batches; all forwards of the backbone under autocast('cuda')."""
+    import train
+    seen, load = [], models.load_backbone
+
+    def load_and_hook(*args, **kwargs):
+        backbone = load(*args, **kwargs)
+        backbone.model.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled('cuda')))
+        return backbone
+
+    monkeypatch.setattr(train.models, 'load_backbone', load_and_hook)
+    out = tmp_path / 'run'
+    _run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', _cifar(tmp_path / 'data'),
+          '--image_size', 32, '--output_dir', out, '--batch_sz', 8, '--n_epochs', 1, '--n_iters_per_train_epoch', 2,
+          '--num_workers', 2, '--device', 'cuda'])
+    assert seen and all(seen)
+    config = models.read_config(out / 'model')['training']
+    assert config['backbone_precision'] == 'float16 autocast' and config['head_precision'] == 'float32'
+    assert config['device'].startswith('cuda (')
