@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -382,14 +383,19 @@ BACKBONES = {
 class FrozenBackbone(nn.Module):
     """A pretrained model that never trains: eval mode, no gradients, run under torch.no_grad().
 
-    encode(batch) -> hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] (True = padding) or None.
+    encode(batch) -> hidden [batch, n_pos, d_depth, d_emb] float32, mask [batch, n_pos] (True = padding) or None.
     Text batches are lists of strings; image batches are tensors [batch, 3, H, W].
+
+    autocast_dtype: None (the model runs in float32) or a dtype (torch.float16 on CUDA as the paper's authors,
+    torch.bfloat16 on a CPU) under which the model's forward runs in torch.autocast. The hidden states are handed
+    on as float32 (the head's precision), converted once while stacking the depths.
     """
 
-    def __init__(self, model, modality, d_depth, d_emb, name, revision=None):
+    def __init__(self, model, modality, d_depth, d_emb, name, revision=None, autocast_dtype=None):
         super().__init__()
         self.model, self.modality, self.d_depth, self.d_emb, self.name = model, modality, d_depth, d_emb, name
         self.revision = revision                                                 # the hub revision, when pinned
+        self.autocast_dtype = autocast_dtype
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -400,6 +406,20 @@ class FrozenBackbone(nn.Module):
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    @property
+    def autocast_dtype(self):
+        return self._autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, dtype):
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {dtype!r}")
+        self._autocast_dtype = dtype
+
+    def autocast(self):
+        """The context the model's forward runs in: torch.autocast at autocast_dtype, or float32 (disabled)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
 
 class TextBackbone(FrozenBackbone):
@@ -436,8 +456,9 @@ class TextBackbone(FrozenBackbone):
         for s in range(0, len(sample_of_chunk), chunks_per_batch):
             inputs = {k: tokens[k][s:s + chunks_per_batch].to(self.device)
                       for k in ('input_ids', 'attention_mask', 'token_type_ids') if k in tokens}
-            out = self.model(**inputs, output_hidden_states=True)
-            states.append(torch.stack(out.hidden_states, dim=-2).float())        # [chunks, len, d_depth, d_emb]
+            with self.autocast():
+                out = self.model(**inputs, output_hidden_states=True)
+            states.append(stack_depths(out.hidden_states))                       # [chunks, len, d_depth, d_emb]
         states = torch.cat(states)
         # re-join each sample's chunks, dropping padding tokens
         per_sample = [states[sample_of_chunk == b][chunk_mask[sample_of_chunk == b]] for b in range(len(texts))]
@@ -466,18 +487,38 @@ class ImageBackbone(FrozenBackbone):
             hooks = [self.model.blocks[0].register_forward_pre_hook(lambda m, args: states.append(args[0]))]
             hooks += [b.register_forward_hook(lambda m, args, out: states.append(out)) for b in self.model.blocks]
             try:
-                self.model.forward_features(images)
+                with self.autocast():
+                    self.model.forward_features(images)
             finally:
                 for h in hooks:
                     h.remove()
         else:
-            states = self.model(pixel_values=images, output_hidden_states=True).hidden_states
-        return torch.stack(states, dim=-2).float(), None                         # [batch, n_pos, d_depth, d_emb]
+            with self.autocast():
+                states = self.model(pixel_values=images, output_hidden_states=True).hidden_states
+        return stack_depths(states), None                                        # [batch, n_pos, d_depth, d_emb]
 
 
-def load_backbone(name, revision=None, max_length=None, pretrained=True):
+def stack_depths(states):
+    """The hidden states of each depth, d_depth tensors [..., n_pos, d_emb] of any float dtype (under autocast,
+    float16/bfloat16 or float32 by layer) -> one float32 tensor [..., n_pos, d_depth, d_emb], written once (no
+    intermediate half-precision stack, no copy of a float32 stack)."""
+    out = states[0].new_empty((*states[0].shape[:-1], len(states), states[0].shape[-1]), dtype=torch.float32)
+    for d, state in enumerate(states):
+        out[..., d, :] = state                                                   # converts to float32 in the copy
+    return out
+
+
+def load_backbone(name, revision=None, max_length=None, pretrained=True, autocast_dtype=None):
     """name: a registry key (BACKBONES), 'timm/<model name>', a transformers model id, or a local
-    folder saved with save_pretrained. revision pins a hub revision. -> TextBackbone | ImageBackbone"""
+    folder saved with save_pretrained. revision pins a hub revision. autocast_dtype: None (float32) or the dtype
+    of torch.autocast the backbone's forward runs under (FrozenBackbone.autocast_dtype).
+    -> TextBackbone | ImageBackbone"""
+    backbone = _load_backbone(name, revision, max_length, pretrained)
+    backbone.autocast_dtype = autocast_dtype
+    return backbone
+
+
+def _load_backbone(name, revision, max_length, pretrained):
     if name.startswith('timm/'):
         import timm
         try:
@@ -552,37 +593,50 @@ class MultiModalClassifier(nn.Module):
                                          backbone_revision=self.backbone.revision, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
-        if not config.get('backbone'):
-            raise ValueError(f"{str(pretrained_model_name_or_path)!r} names no backbone: load the head alone with "
-                             f"RoutingHead.from_pretrained")
-        head = RoutingHead.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls(config['backbone'], head=head, revision=config.get('backbone_revision'))
+    def from_pretrained(cls, pretrained_model_name_or_path, backbone=None, **kwargs):
+        """A folder or hub id (save_pretrained), or a single head file that models.from_pretrained reads (the
+        authors' 2022 .state_dict / .checkpoint files by their names). backbone: a name for load_backbone or a
+        FrozenBackbone, for a file that names none (default: the one the file names)."""
+        path = str(pretrained_model_name_or_path)
+        if path.endswith(STATE_FILE_SUFFIXES):
+            head, config = from_pretrained(path, backbone=getattr(backbone, 'name', backbone))
+            if not isinstance(head, RoutingHead):
+                raise ValueError(f"{path!r} holds a {type(head).__name__}, not a RoutingHead")
+        else:
+            config = read_config(path, revision=kwargs.get('revision'))
+            head = RoutingHead.from_pretrained(path, **kwargs)
+        if not (backbone or config.get('backbone')):
+            raise ValueError(f"{path!r} names no backbone: pass backbone= (e.g. 'roberta-large'), or load the head "
+                             f"alone with models.from_pretrained")
+        return cls(backbone or config['backbone'], head=head, revision=config.get('backbone_revision'))
 
 
 # -------------------------------------------------------------------------------------------------
 # Loading any model of this repository, including older single-file heads and plain state dicts
 # -------------------------------------------------------------------------------------------------
 
-def from_pretrained(path_or_id, **kwargs):
+def from_pretrained(path_or_id, backbone=None, **kwargs):
     """Any model of this repository -> (model, config dict), config as save_pretrained writes it:
       - a folder (or hub id) written by save_pretrained or train.py: the class named by its model_type;
       - a single-file head of earlier versions (.safetensors with string metadata), or a plain state dict (.pt,
-        e.g. the authors' published 2019 files; loaded with weights_only=True): rebuilt from its tensors' shapes.
-    The weights load strictly and must be finite."""
+        e.g. the authors' published 2019 files; loaded with weights_only=True): rebuilt from its tensors' shapes;
+      - the authors' 2022 files by their names (authors_2022_file): a head's plain state dict
+        `pretrained_<dataset>_head_for_<backbone>.state_dict` or a training checkpoint
+        `<dataset>_head_for_<backbone>_epoch<k>.checkpoint` (its 'weights'), loaded with weights_only=True.
+    backbone: the backbone of a single file, given (e.g. a local copy of the one it names), else the one the file
+    names (the authors' files: the name after `_for_`, when it is one of BACKBONES), else None. The weights load
+    strictly and must be finite."""
     path = str(path_or_id)
     check_local_path(path)
-    if path.endswith(('.safetensors', '.pt', '.pth')):
+    if path.endswith(STATE_FILE_SUFFIXES):
         state, training = _read_state_file(path)
         model = _model_of_state_dict(state, path)
         check_finite(state, repr(path))
         model.load_state_dict(state, strict=True)
-        backbone = training.pop('backbone', None)
-        if isinstance(model, SmallNORBClassifier):                 # trained end to end: no backbone
-            backbone = None
+        named = training.pop('backbone', None)
+        named = None if named == 'none' or isinstance(model, SmallNORBClassifier) else named   # end to end: none
         config = {**model._hub_mixin_config, 'model_type': type(model).__name__, 'training': training,
-                  'backbone': None if backbone == 'none' else backbone, 'backbone_revision': training.pop('revision', None)}
+                  'backbone': backbone or named, 'backbone_revision': training.pop('revision', None)}
         return model, config
     config = read_config(path, revision=kwargs.get('revision'))
     if config.get('model_type') not in MODEL_TYPES:
@@ -591,8 +645,29 @@ def from_pretrained(path_or_id, **kwargs):
     return MODEL_TYPES[config['model_type']].from_pretrained(path, **kwargs), config
 
 
+STATE_FILE_SUFFIXES = ('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')
+
+# The authors' 2022 file names: pretrained_sst5_head_for_roberta-large.state_dict (a plain state dict of the head),
+# sst5_head_for_roberta-large_epoch10.checkpoint (a dict whose 'weights' is the head's state dict).
+_AUTHORS_2022_NAME = re.compile(r'(?:pretrained_)?(?P<dataset>.+?)_head_for_(?P<backbone>.+?)'
+                                r'(?:_epoch(?P<epoch>\d+))?\.(?:state_dict|checkpoint)')
+
+
+def authors_2022_file(path):
+    """The authors' 2022 head file's name -> {'dataset_name', 'backbone' (a BACKBONES key, or None where the name
+    after `_for_` is none of them), 'epoch' (int, .checkpoint files) or None}; None for any other name."""
+    match = _AUTHORS_2022_NAME.fullmatch(Path(path).name)
+    if match is None:
+        return None
+    name = match['backbone']
+    keys = [k for k in BACKBONES if name in (k, k.split('/')[-1], k.replace('/', '_'), k.replace('/', '--'))]
+    return {'dataset_name': match['dataset'], 'backbone': keys[0] if len(keys) == 1 else None,
+            'epoch': None if match['epoch'] is None else int(match['epoch'])}
+
+
 def _read_state_file(path):
-    """-> (state dict, metadata dict) of a .safetensors file, or of a .pt state dict (or a train.py checkpoint)."""
+    """-> (state dict, metadata dict) of a .safetensors file, of a .pt/.pth/.state_dict state dict (or a train.py
+    checkpoint), or of the authors' .checkpoint (its 'weights')."""
     if path.endswith('.safetensors'):
         try:
             with safe_open(path, 'pt') as f:
@@ -600,16 +675,32 @@ def _read_state_file(path):
             return load_file(path), metadata
         except Exception as e:
             raise RuntimeError(f"{path!r} is not a readable safetensors file: {e}") from e
-    loaded = torch_load_safely(path)
-    if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):             # a train.py checkpoint
+    try:
+        loaded = torch_load_safely(path)
+    except RuntimeError as e:
+        if path.endswith('.checkpoint') and 'refusing to load' in str(e):
+            raise RuntimeError(
+                f"{e}\nIf {path!r} is the authors' training checkpoint and you trust it, extract its head once: "
+                f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)['weights'], "
+                f"'{path[:-len('.checkpoint')]}.state_dict')\" and load the .state_dict file") from None
+        raise
+    metadata = {}
+    if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):               # a train.py checkpoint
         metadata = dict(loaded.get('metadata', {}))
         # the backbone it trained on: recorded by train.py since it checkpoints it, else its --backbone, --revision
         args = loaded.get('args') if isinstance(loaded.get('args'), dict) else {}
         metadata['backbone'] = loaded.get('backbone', args.get('backbone'))
         metadata['revision'] = loaded.get('backbone_revision', args.get('revision'))
         loaded = loaded['head']
-    else:
-        metadata = {}
+    elif path.endswith('.checkpoint'):                                                  # the authors' checkpoint
+        if not isinstance(loaded, dict) or not isinstance(loaded.get('weights'), dict):
+            raise RuntimeError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
+                               f"head's state dict); its keys: {sorted(loaded) if isinstance(loaded, dict) else '-'}")
+        loaded = loaded['weights']
+    authors = authors_2022_file(path)
+    if authors is not None:
+        metadata = {k: v for k, v in {'backbone': authors['backbone'], 'dataset_name': authors['dataset_name'],
+                                      'epoch': authors['epoch'], 'source': 'authors_2022'}.items() if v is not None}
     if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
         raise RuntimeError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
     return loaded, metadata

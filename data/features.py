@@ -107,12 +107,13 @@ class FeatureStore:
     once as float16 and read back memory-mapped. Texts are keys, so datasets that share texts (SST-5
     and SST-2) share features. The store lives in cache/<backbone name, '/' -> '--'>/<key>/ (`folder`), key = a
     hash of the store's FORMAT and backbone_fingerprint (weights, config, tokenizer and its settings, max_length,
-    revision, library versions): other weights, another revision or another tokenizer setting of the same backbone
-    name get their own features. Layout of the folder:
+    revision, library versions) and of the precision the backbone runs in (its autocast_dtype): other weights,
+    another revision, another tokenizer setting or another precision of the same backbone name get their own
+    features. Layout of the folder:
 
         hidden.f16   float16 [n_rows, d_depth, d_emb], one row per non-padding token, append-only
-        index.json   {'format', 'backbone', 'd_depth', 'd_emb', 'max_length', 'fingerprint', 'n_rows',
-                      'texts': {text: [start, length, checksum]}}, checksum = rows_checksum(text, its rows)
+        index.json   {'format', 'backbone', 'd_depth', 'd_emb', 'max_length', 'fingerprint', 'autocast_dtype',
+                      'n_rows', 'texts': {text: [start, length, checksum]}}, checksum = rows_checksum(text, its rows)
         .lock        a file lock (filelock): one process at a time appends rows and rewrites the index
 
     Nothing is lost on interruption: rows are appended and fsynced before index.json (written
@@ -136,14 +137,17 @@ class FeatureStore:
         from filelock import FileLock
         self.backbone = backbone
         fingerprint = backbone_fingerprint(backbone)
-        key = [self.FORMAT, backbone.name, backbone.d_depth, backbone.d_emb, fingerprint]
+        # the precision the backbone runs in (FrozenBackbone.autocast_dtype; None = float32)
+        autocast = getattr(backbone, 'autocast_dtype', None)
+        autocast = None if autocast is None else str(autocast).replace('torch.', '')
+        key = [self.FORMAT, backbone.name, backbone.d_depth, backbone.d_emb, fingerprint, autocast]
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.folder = os.path.join(cache, backbone.name.replace('/', '--'), self.key[:16])
         self.hidden_path = os.path.join(self.folder, 'hidden.f16')
         self.index_path = os.path.join(self.folder, 'index.json')
         self.meta = {'format': self.FORMAT, 'backbone': backbone.name, 'd_depth': backbone.d_depth,
                      'd_emb': backbone.d_emb, 'max_length': getattr(backbone, 'max_length', None),
-                     'fingerprint': fingerprint}
+                     'fingerprint': fingerprint, 'autocast_dtype': autocast}
         self.row_bytes = 2 * backbone.d_depth * backbone.d_emb
         with _disk_errors(self.folder):
             os.makedirs(self.folder, exist_ok=True)
