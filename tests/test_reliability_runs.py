@@ -233,7 +233,7 @@ def test_evaluation_refuses_non_finite_scores(trained, tiny_sst, tiny_bert, monk
         return torch.cat([scores[:1] * float('nan'), scores[1:]])
 
     monkeypatch.setattr(train, 'class_scores', one_nan)
-    with pytest.raises(FloatingPointError, match=r"the test scores of 1 of \d+ examples in a batch are not finite "
+    with pytest.raises(FloatingPointError, match=r"the test scores of [1-9]\d* of \d+ examples are not finite "
                                                  r"\(NaN/Inf\): refusing to report an accuracy"):
         run(['--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst, '--device', 'cpu',
              '--eval_only', '--pretrained_path', trained / 'model'])
