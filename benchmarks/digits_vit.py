@@ -337,7 +337,8 @@ the report took {seconds:.0f} s.
 
 Data: scikit-learn's real handwritten digits (`data.get_dataset_splits('digits')`: 1797 images of 8 x 8 pixels,
 values 0..16 scaled to [0, 1], background 0; the fixed stratified 75/25 split of `data.DIGITS_SEED` = 0,
-1347 train / 450 test). Everything is trained on the training split only; the test split is used once, here.
+1347 train / 450 test). Everything is trained on the training split only (the ViT's recipe was chosen on a held-out
+fifth of it); the test split only evaluates.
 
 * **Backbone**: a transformers `ViTModel` ({VIT_CONFIG['num_hidden_layers']} layers, width
   {VIT_CONFIG['hidden_size']}, {VIT_CONFIG['num_attention_heads']} heads, {n_params_vit:,} parameters) on the
@@ -360,7 +361,7 @@ values 0..16 scaled to [0, 1], background 0; the fixed stratified 75/25 split of
 
 ## Credit per depth
 
-![credit per depth](vision_digits.png)
+![credit per depth]({rel_figure})
 
 `{os.path.basename(figure)}`: the first test digit of each class 0-{FIGURE_DIGITS - 1}; for each, the routing head's
 end-to-end credit (`RoutingHead.credit`) for the predicted class of each {size} x {size}-pixel patch at each depth
