@@ -15,9 +15,10 @@ build:
   2. saves the ViT as OUT/backbone/ (save_pretrained: config.json + model.safetensors; it loads through
      models.load_backbone(OUT/backbone) as a frozen ImageBackbone of 5 depths, and `train.py --backbone OUT/backbone`)
      and its classifier as OUT/vit_classifier.safetensors;
-  3. trains a routing head on the frozen ViT's hidden states of all depths with train.py itself (the paper's
-     routing-head regime: RAdam, one cycle, mixup Beta(0.2, 0.2), batch 50; HEAD_EPOCHS epochs on the training
-     split, no model selection: digits has no validation split) and keeps its final model as OUT/routing_head/
+  3. trains a routing head on the frozen ViT's hidden states of all depths with train.py itself, by the recipe
+     `python recipes.py digits-vit` prints (the paper's routing-head regime: RAdam, one cycle, mixup Beta(0.2, 0.2),
+     batch 50; recipes.HEAD_EPOCHS epochs on the training split, no model selection: digits has no validation
+     split), its --backbone set to OUT/backbone, and keeps its final model as OUT/routing_head/
      (config.json names the backbone folder and records the test accuracy train.py measured).
   OUT/backbone and OUT/routing_head are never overwritten without --overwrite.
   The images are pixel / 16 in [0, 1]; the background is 0. With the same torch version and thread count (the
@@ -60,13 +61,12 @@ VIT_CONFIG = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=64, nu
 # Its pretraining: AdamW, one-cycle learning rate, cross-entropy with label smoothing. (Random shifts of one pixel
 # as augmentation made it learn more slowly in a trial on a held-out part of the training split.)
 PRETRAIN = dict(epochs=40, batch_size=32, lr=3e-3, weight_decay=0.05, pct_start=0.1, label_smoothing=0.1, seed=0)
-# The routing head: train.py's routing-head regime, this many epochs over the training split.
-HEAD_EPOCHS = 20
+# The routing head: recipes.runs('digits-vit') (train.py's routing-head regime), seed HEAD_SEED.
 HEAD_SEED = 0
 QUICK = dict(pretrain_epochs=1, head_epochs=1)   # --quick: the pipeline end to end in seconds (not a result)
 
 KS = (1, 2, 3, 4)        # patches deleted (of 16)
-N_RANDOM = 20            # random draws of k patches per test image
+N_RANDOM = 10            # random draws of k patches per test image
 RANDOM_SEED = 0
 NOTEBOOK_IMAGES, NOTEBOOK_RANDOM = 150, 5   # the notebook's quicker deletion test: the first 150 test digits, 5 draws
 FIGURE_DIGITS = 6        # test digits in the figure (the first test image of each of the first classes)
@@ -132,6 +132,19 @@ def load_model(out):
     return backbone, head
 
 
+def head_recipe(backbone_dir, output_dir, quick=False):
+    """-> the train.py arguments of the routing head: recipes.runs('digits-vit'), on the backbone in backbone_dir,
+    into output_dir (--quick: 1 epoch)."""
+    import recipes
+    (argv,) = recipes.runs('digits-vit', out=output_dir, seed=HEAD_SEED).values()
+    argv = list(argv)
+    argv[argv.index('--backbone') + 1] = backbone_dir
+    argv[argv.index('--output_dir') + 1] = output_dir
+    if quick:
+        argv[argv.index('--n_epochs') + 1] = str(QUICK['head_epochs'])
+    return argv
+
+
 def build(out, overwrite=False, quick=False, log=print):
     """Pretrain the ViT, save it, train the routing head with train.py; -> {'vit_test_accuracy', 'head_test_accuracy'}."""
     import train
@@ -161,10 +174,7 @@ def build(out, overwrite=False, quick=False, log=print):
                     else os.remove(os.path.join(out, name))
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
     with tempfile.TemporaryDirectory(dir=out) as run_dir:
-        head_acc = train.main(['--dataset_name', 'digits', '--backbone', backbone_dir, '--model', 'routing_head',
-                               '--n_epochs', str(QUICK['head_epochs'] if quick else HEAD_EPOCHS),
-                               '--rng_seed', str(HEAD_SEED), '--device', 'cpu', '--run_test',
-                               '--output_dir', os.path.join(run_dir, 'run')])
+        head_acc = train.main(head_recipe(backbone_dir, os.path.join(run_dir, 'run'), quick))
         head_dir = os.path.join(out, 'routing_head')
         if os.path.exists(head_dir):
             shutil.rmtree(head_dir)
@@ -210,25 +220,46 @@ def delete_patches(images, patches, side, size, value=0.0):
     return torch.where(keep, images, torch.full_like(images, value))
 
 
+def patch_ink(images, side, size):
+    """-> the summed pixels of each patch [N, side * side] (raster order) of images [N, C, side * size, side * size]."""
+    n, c = images.shape[:2]
+    return images.reshape(n, c, side, size, side, size).sum((1, 3, 5)).flatten(1)
+
+
+def rank_patches(score, allowed):
+    """-> patch indices [N, P] by descending score [N, P], the patches not allowed [N, P] (bool) last."""
+    return torch.sort(score.masked_fill(~allowed, float('-inf')), dim=-1, descending=True, stable=True).indices
+
+
 @torch.no_grad()
-def deletion_test(backbone, head, images, ks=KS, n_random=N_RANDOM, seed=RANDOM_SEED):
-    """The drop in the predicted class's probability when the k highest-credited patches are set to background,
-    against k random patches; -> dict with, for each ranking ('credit' = summed over depths, 'credit depth d',
-    'random'), the mean drop [len(ks)] and the fraction of images whose prediction changed [len(ks)], and
-    'p_pred' (mean probability of the predicted class before deletion), 'n_images'."""
+def deletion_test(backbone, head, images, ks=KS, n_random=N_RANDOM, seed=RANDOM_SEED, among='all', per_depth=True):
+    """The drop in the predicted class's probability when the k top-ranked patches of each image are set to the
+    background (0), for these rankings: the routing head's credit for the predicted class summed over depths; the
+    credit of each depth alone (per_depth); the patches with the most ink (their summed pixels: a baseline that
+    needs no model); random (n_random draws per image). among: 'all' patches, or 'ink', only the patches that hold
+    ink (a pixel > 0) for every ranking: a blank patch set to the background does not change, so deletion cannot
+    test the credit of blank patches (the rest of the k, if an image has fewer inked patches, are blank: no change).
+    -> {'ks', 'n_images', 'p_pred' (mean probability of the predicted class before deletion), 'n_random', 'among',
+    'rows': {ranking: {'drop': mean drop [len(ks)], 'flipped': share of changed predictions [len(ks)]}}}."""
+    if among not in ('all', 'ink'):
+        raise ValueError(f"among must be 'all' or 'ink', got {among!r}")
     side, size = patch_grid(backbone)
     credit, probs, pred = patch_credit(backbone, head, images)                 # [N, P, D], [N, C], [N]
     p0 = probs.gather(1, pred[:, None])[:, 0]                                  # [N]
-    rankings = {'credit (sum over depths)': credit.sum(-1).argsort(-1, descending=True)}
-    for d in range(credit.shape[-1]):
-        rankings[f'credit of depth {d} alone'] = credit[..., d].argsort(-1, descending=True)
+    ink = patch_ink(images, side, size)                                        # [N, P]
+    allowed = ink > 0 if among == 'ink' else torch.ones_like(ink, dtype=torch.bool)
+    rankings = {'credit (sum over depths)': rank_patches(credit.sum(-1), allowed)}
+    if per_depth:
+        for d in range(credit.shape[-1]):
+            rankings[f'credit of depth {d} alone'] = rank_patches(credit[..., d], allowed)
+    rankings['most ink (no model)'] = rank_patches(ink, allowed)
 
     def drop_of(patches):                                                      # patches [N, k]
         p = predict(backbone, head, delete_patches(images, patches, side, size))
         return (p0 - p.gather(1, pred[:, None])[:, 0]), (p.argmax(-1) != pred)
 
     results = {'ks': list(ks), 'n_images': len(images), 'p_pred': p0.mean().item(), 'n_random': n_random,
-               'rows': {}}
+               'among': among, 'rows': {}}
     for name, order in rankings.items():
         drops = [drop_of(order[:, :k]) for k in ks]
         results['rows'][name] = {'drop': [d.mean().item() for d, _ in drops],
@@ -238,7 +269,7 @@ def deletion_test(backbone, head, images, ks=KS, n_random=N_RANDOM, seed=RANDOM_
     for k in ks:
         d_sum = f_sum = 0.0
         for _ in range(n_random):
-            order = torch.rand(len(images), side * side, generator=generator).argsort(-1)
+            order = rank_patches(torch.rand(ink.shape, generator=generator), allowed)
             d, f = drop_of(order[:, :k])
             d_sum, f_sum = d_sum + d.mean().item(), f_sum + f.float().mean().item()
         random_drop.append(d_sum / n_random)
@@ -260,6 +291,26 @@ def deletion_table(results):
             cells.append(f"{row['drop'][i]:.3f}{ratio}; {row['flipped'][i]:.0%}")
         lines.append(f"| {name} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def deletion_verdict(results):
+    """What the deletion tables {'all': ..., 'ink': ...} say about the credit, in words drawn from their numbers."""
+    lines = []
+    for among, where in (('all', 'among all patches'), ('ink', 'among the inked patches')):
+        rows, ks = results[among]['rows'], results[among]['ks']
+        credit, random, ink = (rows[name]['drop'] for name in ('credit (sum over depths)', 'random',
+                                                                'most ink (no model)'))
+        wins = [k for k, c, r in zip(ks, credit, random) if c > r]
+        versus = ('beats random deletion at every k' if len(wins) == len(ks) else
+                  'loses to random deletion at every k' if not wins else
+                  f"beats random deletion only at k = {', '.join(map(str, wins))}")
+        ratios = ', '.join(f'{c / r:.2f}' for c, r in zip(credit, random))
+        best_depth = max((name for name in rows if name.startswith('credit of depth')), key=lambda n: sum(rows[n]['drop']))
+        ink_vs = ('above' if all(i > c for i, c in zip(ink, credit)) else 'not always above')
+        lines.append(f"* {where.capitalize()}: the summed credit {versus} (ratios {ratios} for k = "
+                     f"{', '.join(map(str, ks))}); of the single depths, {best_depth} ranks best (largest total drop); "
+                     f"deleting the patches with the most ink is {ink_vs} the credit's drop.")
+    return "What the numbers say (written from them by the report):\n\n" + '\n'.join(lines)
 
 
 def figure_indices(labels, n=FIGURE_DIGITS):
@@ -307,16 +358,20 @@ def credit_figure(backbone, head, images, labels, path=None, title=None):
 def report(out, docs, figure, command, log=print):
     """Measure the model in OUT (accuracies, deletion test) and write the docs page and figure."""
     import matplotlib
+    import recipes
     matplotlib.use('Agg')
     torch.set_num_threads(1)
     started = time.time()
+    for folder in {os.path.dirname(os.path.abspath(docs)), os.path.dirname(os.path.abspath(figure))}:
+        os.makedirs(folder, exist_ok=True)
     x_test, y_test = digits_tensors('test')
     vit, classifier = load_vit_classifier(out)
     vit_acc = vit_accuracy(vit, classifier, x_test, y_test)
     backbone, head = load_model(out)
     head_acc = (predict(backbone, head, x_test).argmax(-1) == y_test).float().mean().item()
     recorded = models.read_config(os.path.join(out, 'routing_head'))['training'].get('test_accuracy')
-    results = deletion_test(backbone, head, x_test)
+    results = {among: deletion_test(backbone, head, x_test, among=among) for among in ('all', 'ink')}
+    n_images, p_pred, n_random = (results['all'][key] for key in ('n_images', 'p_pred', 'n_random'))
     idx = figure_indices(y_test)
     credit_figure(backbone, head, x_test[idx], y_test[idx], path=figure,
                   title='routing-head credit for the predicted class, per depth (red = for, blue = against)')
@@ -349,8 +404,9 @@ fifth of it); the test split only evaluates.
   `models.load_backbone('{out}/backbone')` (or `train.py --backbone {out}/backbone`).
 * **Routing head**: `RoutingHead` on the frozen ViT's hidden states of all {backbone.d_depth} depths
   ({n_params_head:,} parameters), trained by
-  `python train.py --dataset_name digits --backbone {out}/backbone --n_epochs {HEAD_EPOCHS} --rng_seed {HEAD_SEED} --run_test`
-  (the paper's routing-head regime; no model selection: digits has no validation split). Saved as `{out}/routing_head/`.
+  `python train.py {shlex.join(head_recipe(f'{out}/backbone', 'OUTPUT_DIR'))}`
+  (`python recipes.py digits-vit`: the paper's routing-head regime for {recipes.HEAD_EPOCHS} epochs; no model selection:
+  digits has no validation split). Saved as `{out}/routing_head/`.
 
 | model | test accuracy (450 digits) |
 |---|---:|
@@ -370,16 +426,25 @@ digit's strokes), and the sum over depths (the ranking the deletion test uses).
 
 ## Patch deletion against random deletion
 
-For each of the {results['n_images']} test digits, the k patches (of {side * side}) ranked highest by the credit
-for the predicted class are set to the background (0) and the image is re-encoded by the frozen ViT; the table gives
-the mean drop in the predicted class's probability (mean before deletion: {results['p_pred']:.3f}), its ratio to
-random deletion, and the share of predictions that change. Random: k patches drawn uniformly,
-{results['n_random']} draws per image (seed {RANDOM_SEED}). "credit of depth d alone" ranks the patches by one
-depth's credit.
+For each of the {n_images} test digits, the k patches (of {side * side}) ranked highest are set to the background
+(0) and the image is re-encoded by the frozen ViT. Each cell: the mean drop in the predicted class's probability
+(mean before deletion: {p_pred:.3f}), in brackets its ratio to random deletion's, then the share of predictions that
+change. Rankings: the routing head's credit for the predicted class summed over depths; the credit of one depth
+alone; the patches with the most ink (summed pixels, a baseline that needs no model); random (k patches drawn
+uniformly, {n_random} draws per image, seed {RANDOM_SEED}).
 
-{deletion_table(results)}
+**Among all {side * side} patches.** A blank patch set to the background does not change, so credit given to blank
+patches (where the absence of ink may well be what tells a class) counts as nothing here:
+
+{deletion_table(results['all'])}
+
+**Among the patches that hold ink** (every ranking, random included, picks only patches with a pixel > 0; where an
+image has fewer than k, the rest are blank: no change):
+
+{deletion_table(results['ink'])}
+
+{deletion_verdict(results)}
 """
-    os.makedirs(os.path.dirname(os.path.abspath(docs)), exist_ok=True)
     data.write_atomic(docs, text.encode())
     log(f"wrote {docs} and {figure} ({seconds:.0f} s)")
     return {'vit_test_accuracy': vit_acc, 'head_test_accuracy': head_acc, 'deletion': results}

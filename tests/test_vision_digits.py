@@ -85,15 +85,34 @@ def test_delete_patches_sets_exactly_the_named_patches_to_background():
     assert torch.equal(out[~zero], images[~zero])
 
 
-def test_credit_points_at_patches_that_matter_more_than_random():
-    """On the committed model, deleting the highest-credited patch lowers the predicted class's probability more
-    than deleting a random one (the claim docs/vision_digits.md measures on the whole test split)."""
+def test_rank_patches_puts_the_patches_not_allowed_last():
+    score = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
+    assert digits_vit.rank_patches(score, torch.ones(1, 4, dtype=torch.bool)).tolist() == [[1, 3, 0, 2]]
+    allowed = torch.tensor([[True, False, True, True]])
+    assert digits_vit.rank_patches(score, allowed)[0, :3].tolist() == [3, 0, 2]
+    images = torch.zeros(1, 1, 8, 8)
+    images[0, 0, 7, 0] = 0.5                                                   # ink in patch 12 only (row 3, col 0)
+    assert digits_vit.patch_ink(images, 4, 2).nonzero().tolist() == [[0, 12]]
+
+
+def test_deletion_test_on_the_committed_model():
+    """Every ranking deletes what it says: deleting all 16 patches leaves the same blank image whatever the ranking,
+    so every row's drop is the same; among='ink' never deletes a blank patch
+    while an inked one is left, so an image with ink everywhere gives both settings the same credit row."""
     backbone, head = digits_vit.load_model(str(MODEL))
     x, _ = digits_vit.digits_tensors('test')
-    results = digits_vit.deletion_test(backbone, head, x[:60], ks=(1, 2), n_random=3)
-    credit, random = results['rows']['credit (sum over depths)']['drop'], results['rows']['random']['drop']
-    assert credit[0] > random[0] and credit[1] > random[1]
-    assert set(results['rows']) == {'credit (sum over depths)', 'random', *(f'credit of depth {d} alone' for d in range(5))}
+    x = x[:12]
+    every = digits_vit.deletion_test(backbone, head, x, ks=(16,), n_random=2)
+    drops = [row['drop'][0] for row in every['rows'].values()]
+    assert set(every['rows']) == {'credit (sum over depths)', 'most ink (no model)', 'random',
+                                  *(f'credit of depth {d} alone' for d in range(5))}
+    assert max(drops) - min(drops) < 1e-6 and every['n_images'] == 12 and 0 < every['p_pred'] <= 1
+    full = x.clamp(min=0.05)                                                    # ink in every patch
+    all_, ink = (digits_vit.deletion_test(backbone, head, full, ks=(1, 3), n_random=1, among=among, per_depth=False)
+                 for among in ('all', 'ink'))
+    assert all_['rows']['credit (sum over depths)'] == ink['rows']['credit (sum over depths)']
+    with pytest.raises(ValueError, match="among must be 'all' or 'ink'"):
+        digits_vit.deletion_test(backbone, head, x, among='blank')
 
 
 @pytest.mark.slow
