@@ -137,3 +137,20 @@ def test_build_and_report_run_end_to_end_and_never_overwrite_a_model(tmp_path):
     text = docs.read_text()
     assert f'python -m benchmarks.digits_vit report --out {out} --docs {docs}' in text
     assert '| random |' in text and (docs.parent / 'vision_digits.png').stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_vision_notebook_is_a_demo_only_without_the_digits_model(tmp_path, monkeypatch):
+    """Without the trained digits model (here: $DIGITS_VIT_MODEL names a missing folder) and without the paper's
+    head, the vision notebook falls back to the random BEiT and says DEMO ONLY; the digits cells are skipped."""
+    nbclient, nbformat = pytest.importorskip('nbclient'), pytest.importorskip('nbformat')
+    for key, value in (('DIGITS_VIT_MODEL', tmp_path / 'missing'), ('CREDIT_FIGURES_DIR', tmp_path),
+                       ('NOTEBOOK_FIGURES_DIR', tmp_path), ('HF_HUB_OFFLINE', '1')):
+        monkeypatch.setenv(key, str(value))
+    nb = nbformat.read(str(ROOT / 'notebooks' / 'credit_vision.ipynb'), as_version=4)
+    nbclient.NotebookClient(nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': str(ROOT)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs]
+    printed = ''.join(o.get('text', '') for o in outputs)
+    shown = ''.join(o.get('data', {}).get('text/html', '') for o in outputs)
+    assert 'DEMO ONLY' in printed and f"no trained digits model at {tmp_path / 'missing'}" in shown
+    assert printed.count('skipped: the trained digits model is not in use') == 2
