@@ -170,11 +170,12 @@ def build(out, overwrite=False, quick=False, log=print):
         vit.save_pretrained(os.path.join(tmp, 'backbone'), safe_serialization=True)
         save_file({k: v.contiguous() for k, v in classifier.state_dict().items()},
                   os.path.join(tmp, 'vit_classifier.safetensors'), metadata={'vit_test_accuracy': f"{vit_acc:.6f}"})
-        for name in ('backbone', 'vit_classifier.safetensors'):
+        for name in ('routing_head', 'backbone', 'vit_classifier.safetensors'):  # (an old head fits no new backbone)
             if os.path.exists(os.path.join(out, name)):
                 shutil.rmtree(os.path.join(out, name)) if os.path.isdir(os.path.join(out, name)) \
                     else os.remove(os.path.join(out, name))
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            if name != 'routing_head':
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
     with tempfile.TemporaryDirectory(dir=out) as run_dir:
         head_acc = train.main(head_recipe(backbone_dir, os.path.join(run_dir, 'run'), quick))
         head_dir = os.path.join(out, 'routing_head')
@@ -359,8 +360,9 @@ def credit_figure(backbone, head, images, labels, path=None, title=None):
     return fig
 
 
-def report(out, docs, figure, command, log=print):
-    """Measure the model in OUT (accuracies, deletion test) and write the docs page and figure."""
+def report(out, docs, figure, command, max_deletion=None, n_random=N_RANDOM, log=print):
+    """Measure the model in OUT (accuracies, deletion test) and write the docs page and figure. max_deletion: run
+    the deletion test on the first test digits only (a quick check; default all), n_random: its random draws."""
     import matplotlib
     import recipes
     matplotlib.use('Agg')
@@ -374,7 +376,8 @@ def report(out, docs, figure, command, log=print):
     backbone, head = load_model(out)
     head_acc = (predict(backbone, head, x_test).argmax(-1) == y_test).float().mean().item()
     recorded = models.read_config(os.path.join(out, 'routing_head'))['training'].get('test_accuracy')
-    results = {among: deletion_test(backbone, head, x_test, among=among) for among in ('all', 'ink')}
+    results = {among: deletion_test(backbone, head, x_test[:max_deletion], n_random=n_random, among=among)
+               for among in ('all', 'ink')}
     n_images, p_pred, n_random = (results['all'][key] for key in ('n_images', 'p_pred', 'n_random'))
     idx = figure_indices(y_test)
     credit_figure(backbone, head, x_test[idx], y_test[idx], path=figure,
@@ -469,8 +472,15 @@ def parse_args(argv=None):
     r.add_argument('--out', default='pretrained/digits_vit', help='the folder build wrote')
     r.add_argument('--docs', default='docs/vision_digits.md')
     r.add_argument('--figure', default=None, help='default: vision_digits.png beside --docs')
+    r.add_argument('--max_deletion', type=int, default=None,
+                   help='run the deletion test on the first N test digits only (a quick check; default: all 450)')
+    r.add_argument('--n_random', type=int, default=N_RANDOM, help='random draws per digit in the deletion test')
     args = p.parse_args(argv)
     if args.command == 'report':
+        for name in ('max_deletion', 'n_random'):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                p.error(f"--{name} must be a positive integer, got {value}")
         args.figure = args.figure or os.path.join(os.path.dirname(args.docs), 'vision_digits.png')
         for name in ('backbone', 'vit_classifier.safetensors', 'routing_head'):
             if not os.path.exists(os.path.join(args.out, name)):
@@ -485,7 +495,7 @@ def main(argv=None):
         return build(args.out, overwrite=args.overwrite, quick=args.quick)
     command = 'python -m benchmarks.digits_vit ' + ' '.join(shlex.quote(a) for a in
                                                             (argv if argv is not None else sys.argv[1:]))
-    return report(args.out, args.docs, args.figure, command)
+    return report(args.out, args.docs, args.figure, command, args.max_deletion, args.n_random)
 
 
 if __name__ == '__main__':

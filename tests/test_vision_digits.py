@@ -132,10 +132,11 @@ def test_build_and_report_run_end_to_end_and_never_overwrite_a_model(tmp_path):
     assert again.returncode == 2 and 'already exist' in again.stderr and '--overwrite' in again.stderr
     assert (out / 'routing_head' / 'model.safetensors').read_bytes() == weights
     docs = tmp_path / 'docs' / 'vision_digits.md'
-    done = run('report', '--out', str(out), '--docs', str(docs))
+    done = run('report', '--out', str(out), '--docs', str(docs), '--max_deletion', '20', '--n_random', '2')
     assert done.returncode == 0, done.stderr[-2000:]
     text = docs.read_text()
-    assert f'python -m benchmarks.digits_vit report --out {out} --docs {docs}' in text
+    assert f'python -m benchmarks.digits_vit report --out {out} --docs {docs} --max_deletion 20 --n_random 2' in text
+    assert 'For each of the 20 test digits' in text and '2 draws per image' in text
     assert '| random |' in text and (docs.parent / 'vision_digits.png').stat().st_size > 10_000
 
 
