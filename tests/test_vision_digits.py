@@ -145,8 +145,8 @@ def test_vision_notebook_is_a_demo_only_without_the_digits_model(tmp_path, monke
     """Without the trained digits model (here: $DIGITS_VIT_MODEL names a missing folder) and without the paper's
     head, the vision notebook falls back to the random BEiT and says DEMO ONLY; the digits cells are skipped."""
     nbclient, nbformat = pytest.importorskip('nbclient'), pytest.importorskip('nbformat')
-    for key, value in (('DIGITS_VIT_MODEL', tmp_path / 'missing'), ('CREDIT_FIGURES_DIR', tmp_path),
-                       ('NOTEBOOK_FIGURES_DIR', tmp_path), ('HF_HUB_OFFLINE', '1')):
+    for key, value in (('DIGITS_VIT_MODEL', tmp_path / 'missing'), ('NOTEBOOK_FIGURES_DIR', tmp_path),
+                       ('HF_HUB_OFFLINE', '1')):
         monkeypatch.setenv(key, str(value))
     nb = nbformat.read(str(ROOT / 'notebooks' / 'credit_vision.ipynb'), as_version=4)
     nbclient.NotebookClient(nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': str(ROOT)}}).execute()
