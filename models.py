@@ -18,10 +18,12 @@ Models of the paper-replication repository.
 Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored), matching the
 library's masks (True = that input is ignored).
 """
+import inspect
 import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,17 +65,74 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, strict=True, **kwargs):
+        """Validates config.json (types and sizes of the constructor's arguments) and model.safetensors (readable,
+        and holding exactly the tensors, of the shapes, that the config's model has) before anything is
+        allocated; each failure is one ValueError naming the file."""
         config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
         if config.get('model_type') != cls.__name__:
             raise ValueError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
                              f"{cls.__name__}: load it with models.from_pretrained, which reads the model type")
+        check_config(cls, config, config_path(pretrained_model_name_or_path))
+        check_weights_file(cls, config, pretrained_model_name_or_path, revision=kwargs.get('revision'))
         model = super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
         check_finite(model.state_dict(), repr(str(pretrained_model_name_or_path)))
         return model
 
 
+MAX_SIZE = 1 << 20      # the largest size (of a dimension, or a count of capsules or classes) a config may give
+
+
+def config_path(path_or_id):
+    """How errors name a model's config.json: its path, or '<hub id>/config.json'."""
+    return str(Path(path_or_id) / 'config.json')
+
+
+def check_config(cls, config, where):
+    """The constructor arguments of cls in config (a dict): each present one an int (not a bool) in 1..MAX_SIZE;
+    ValueError naming the file (where) and the argument otherwise."""
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == 'self' or name not in config or not (param.default is param.empty or type(param.default) is int):
+            continue                                                # (every argument of these models is a size)
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+            raise ValueError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
+                             f"({type(value).__name__}): the model folder is damaged or was not written by this "
+                             f"repository")
+
+
+def check_weights_file(cls, config, path_or_id, revision=None):
+    """model.safetensors of a folder (or hub repository) must be a complete safetensors file whose tensors are
+    exactly those of cls(**config), with the same shapes. The model is built on the meta device (nothing is
+    allocated) and the file's header alone is read. ValueError naming the file otherwise."""
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        path = folder / 'model.safetensors'
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is missing: the model folder is incomplete")
+    else:
+        path = hf_hub_download(str(path_or_id), 'model.safetensors', revision=revision)
+    try:
+        with safe_open(str(path), 'pt') as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:                       # safetensors' SafetensorError: truncated, empty, not safetensors
+        raise ValueError(f"{str(path)!r} is not a complete safetensors file ({e}): the model folder is damaged "
+                         f"(a truncated copy?)") from None
+    args = {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters and k != 'self'}
+    with torch.device('meta'):
+        expected = {k: tuple(v.shape) for k, v in cls(**args).state_dict().items()}
+    if stored != expected:
+        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        wrong = [f"{k} {stored[k]} (expected {expected[k]})" for k in sorted(set(stored) & set(expected))
+                 if stored[k] != expected[k]]
+        raise ValueError(f"{str(path)!r} does not hold the {cls.__name__} that {config_path(path_or_id)} describes: "
+                         + '; '.join(filter(None, [missing and f"missing {', '.join(missing[:3])}",
+                                                   unexpected and f"unexpected {', '.join(unexpected[:3])}",
+                                                   wrong and f"shapes {', '.join(wrong[:3])}"])))
+
+
 def read_config(path_or_id, revision=None):
-    """config.json of a save_pretrained folder or hub repository -> dict."""
+    """config.json of a save_pretrained folder or hub repository -> dict (ValueError naming the file if it is
+    not a JSON object)."""
     folder = Path(path_or_id)
     check_local_path(path_or_id)
     if folder.is_dir():
@@ -84,9 +143,13 @@ def read_config(path_or_id, revision=None):
     else:
         path = hf_hub_download(str(path_or_id), 'config.json', revision=revision)
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
+                         f"arguments: the model folder is damaged or was not written by this repository")
+    return config
 
 
 def looks_local(path):
@@ -362,13 +425,22 @@ class FrozenBackbone(nn.Module):
 class TextBackbone(FrozenBackbone):
     """A transformers text encoder. Texts longer than the window are split into overflowing chunks,
     each chunk encoded with its own special tokens, and the chunks' non-padding tokens re-joined
-    per sample (as the paper does for IMDB); the batch is padded with zeros and masked."""
+    per sample (as the paper does for IMDB); the batch is padded with zeros and masked.
+
+    Chunks are always padded on the right: a tokenizer configured to pad on the left (padding_side 'left') is
+    switched to the right, with a warning. Left padding shifts every real token's absolute position by the
+    padding before it, so its features, and every score, would depend on the other texts of the batch."""
 
     def __init__(self, model, tokenizer, name, max_length=None, revision=None):
         config = model.config
         offset = 2 if config.model_type in ('roberta', 'xlm-roberta', 'camembert') else 0   # position ids start at 2
         window = min(tokenizer.model_max_length, config.max_position_embeddings - offset)
         super().__init__(model, 'text', config.num_hidden_layers + 1, config.hidden_size, name, revision)
+        if getattr(tokenizer, 'padding_side', 'right') != 'right':
+            warnings.warn(f"backbone {name!r}: its tokenizer pads on the {tokenizer.padding_side}; padding on the "
+                          f"right instead (left padding shifts the tokens' positions, so features would depend on "
+                          f"the batch)", stacklevel=3)
+            tokenizer.padding_side = 'right'
         self.tokenizer = tokenizer
         self.max_length = min(max_length or window, window)
 
@@ -377,7 +449,7 @@ class TextBackbone(FrozenBackbone):
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"a text backbone encodes a list of strings, got {type(texts).__name__}")
         tokens = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, padding=True,
-                                return_overflowing_tokens=True, return_tensors='pt')
+                                padding_side='right', return_overflowing_tokens=True, return_tensors='pt')
         sample_of_chunk = tokens['overflow_to_sample_mapping']                  # [n_chunks]
         chunk_mask = tokens['attention_mask'].bool()                             # [n_chunks, len]
         states = []
@@ -562,7 +634,7 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
         check_finite(state, repr(path))
         model.load_state_dict(state, strict=True)
         named = training.pop('backbone', None)
-        named = None if named == 'none' else named
+        named = None if named == 'none' or isinstance(model, SmallNORBClassifier) else named   # end to end: none
         config = {**model._hub_mixin_config, 'model_type': type(model).__name__, 'training': training,
                   'backbone': backbone or named, 'backbone_revision': training.pop('revision', None)}
         return model, config
@@ -614,7 +686,12 @@ def _read_state_file(path):
         raise
     metadata = {}
     if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):               # a train.py checkpoint
-        loaded, metadata = loaded['head'], dict(loaded.get('metadata', {}))
+        metadata = dict(loaded.get('metadata', {}))
+        # the backbone it trained on: recorded by train.py since it checkpoints it, else its --backbone, --revision
+        args = loaded.get('args') if isinstance(loaded.get('args'), dict) else {}
+        metadata['backbone'] = loaded.get('backbone', args.get('backbone'))
+        metadata['revision'] = loaded.get('backbone_revision', args.get('revision'))
+        loaded = loaded['head']
     elif path.endswith('.checkpoint'):                                                  # the authors' checkpoint
         if not isinstance(loaded, dict) or not isinstance(loaded.get('weights'), dict):
             raise RuntimeError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "

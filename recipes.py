@@ -15,6 +15,9 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
     offline        SST-5, then SST-2 from it, on minilm (all-MiniLM-L6-v2) on a CPU: one epoch of 2000 steps of 32
                    phrases each, features from the cache (docs/replication.md has its measured time).
     paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
+    digits-vit     the routing head on the small ViT pretrained on scikit-learn's 8x8 digits (the committed
+                   pretrained/digits_vit/backbone, which `python -m benchmarks.digits_vit build` trains first and then
+                   runs this recipe with): HEAD_EPOCHS epochs over the digits' training split on a CPU.
     capsules2019   the 2019 paper's capsule networks in its regime (train.py --model capsules2019): smallNORB end
                    to end for 50 epochs (GPU), SST-5 and SST-2 for 3 epochs over all subtrees on minilm (the paper
                    used gpt2-large).
@@ -25,11 +28,14 @@ import argparse
 import os
 import shlex
 
-PROFILES = ('paper', 'offline', 'paper-minilm', 'capsules2019')
+PROFILES = ('paper', 'offline', 'paper-minilm', 'digits-vit', 'capsules2019')
 
 # The paper's backbones at the revisions it used.
 ROBERTA = ['--backbone', 'roberta-large', '--revision', '5069d8a']
 BEIT = ['--backbone', 'microsoft/beit-large-patch16-224', '--revision', '0bd443c', '--num_workers', '8']
+# The small ViT trained on the digits (benchmarks/digits_vit.py), and its routing head's epochs.
+DIGITS_VIT = os.path.join('pretrained', 'digits_vit', 'backbone')
+HEAD_EPOCHS = 60
 
 
 def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None):
@@ -70,6 +76,8 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None):
         return {'sst5': stage('sst5', '--download', *minilm, '--n_epochs', '10', '--n_iters_per_train_epoch', '2000'),
                 'sst2': stage('sst2', *minilm, '--n_epochs', '3', '--n_iters_per_train_epoch', '2000',
                               '--pretrained_path', os.path.join(where, 'sst5', 'model'))}
+    if profile == 'digits-vit':
+        return {'digits': stage('digits', '--backbone', DIGITS_VIT, '--n_epochs', str(HEAD_EPOCHS), '--device', 'cpu')}
     # capsules2019: the 2019 paper's regime (batch 20, lr 5e-4 one cycle, mixup Beta(0.2, 0.2)); smallNORB: random
     # crops of the edge-padded training images; SST: each dataset from scratch over all subtrees
     capsules = ['--model', 'capsules2019']

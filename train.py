@@ -153,6 +153,15 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be a positive integer, got {value}")
+    if args.mixup_alpha is not None and not (0 <= args.mixup_alpha < math.inf):
+        p.error(f"--mixup_alpha must be 0 (no mixup) or positive, got {args.mixup_alpha}")
+    if args.lr is not None and not (0 < args.lr < math.inf):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    if args.max_length is not None and args.max_length < 3:
+        p.error(f"--max_length must be at least 3 (the backbone's special tokens and at least one token of text), "
+                f"got {args.max_length}")
+    if args.image_size < 1:
+        p.error(f"--image_size must be a positive integer, got {args.image_size}")
     if args.finetune != 'last_routing' and not args.pretrained_path:
         p.error(f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too")
     if args.resume and args.overwrite:
@@ -186,9 +195,12 @@ def run_files(out):
         if os.path.isdir(out) else []
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + epochs
 # The arguments that define what a run trains: --resume refuses a checkpoint written with others.
+# --feature_cache is compared as on or off (the float16 cache's features, or the backbone's float32 ones); its
+# folder may move, since the cache's key guarantees the same features. The data themselves are compared by their
+# fingerprint (data.split_fingerprint), not by --data_root, which may move too.
 RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
                'lr', 'batch_sz', 'mixup_alpha', 'finetune', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch',
-               'mixed_precision')
+               'mixed_precision', 'matmul_precision', 'feature_cache')
 
 
 def load_checkpoint(path):
@@ -210,6 +222,46 @@ def check_output_dir(args):
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"--output_dir {out!r} is not writable ({e.strerror or e}): choose another --output_dir")
+    lock_output_dir(out)                                  # before looking at what it holds: one writer at a time
+    try:
+        check_run_files(args, out)
+    except BaseException:
+        release_output_dir(out)
+        raise
+
+
+# The locks of the output folders this process writes (one writer per run folder), by real path.
+_OUTPUT_LOCKS = {}
+
+
+def lock_output_dir(out):
+    """Take output_dir/.lock (a file lock, filelock: flock on POSIX) for the whole run, or stop at once: a second
+    run on the folder, or a second --resume of it, would mix its files with this one's. Under `accelerate launch`
+    the main process (RANK 0) holds it for all the run's processes. Released by release_output_dir (main does, at
+    the end of the run) or when the process ends."""
+    from filelock import FileLock, Timeout
+    if os.environ.get('RANK', '0') != '0':
+        return
+    key = os.path.realpath(out)
+    lock = FileLock(os.path.join(out, '.lock'), thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"--output_dir {out!r} is in use: another train.py run holds {os.path.join(out, '.lock')} "
+                         f"(two runs writing one folder would mix their checkpoints, models and metrics): wait for "
+                         f"it to finish, or choose another --output_dir") from None
+    _OUTPUT_LOCKS[key] = lock
+
+
+def release_output_dir(out):
+    lock = _OUTPUT_LOCKS.pop(os.path.realpath(out), None)
+    if lock is not None:
+        lock.release()
+
+
+def check_run_files(args, out):
+    """output_dir must not hold a run (or the --pretrained_path head) that this run would overwrite, unless
+    --resume or --overwrite."""
     existing = run_files(out)
     pretrained = os.path.normpath(args.pretrained_path or '')
     if (args.pretrained_path and not args.overwrite
@@ -244,6 +296,8 @@ def check_resume_args(checkpoint, args, path):
         a, b = trained(name), current.get(name)
         if name == 'pretrained_path' and a and b:
             return os.path.realpath(a) == os.path.realpath(b)
+        if name == 'feature_cache':
+            return bool(a) == bool(b)
         return a == b
 
     differ = [name for name in RESUME_ARGS if not same(name)]
@@ -253,14 +307,70 @@ def check_resume_args(checkpoint, args, path):
                          f"a new run in another --output_dir")
 
 
+def check_resume_data(checkpoint, args, splits, path):
+    """Refuse to resume on other data than the checkpoint trained on: the fingerprints (data.split_fingerprint) of
+    the splits it recorded must match this run's, naming the splits that differ and the data arguments that
+    changed. A checkpoint of an older train.py records none: said, not refused."""
+    saved = checkpoint.get('data_fingerprint')
+    if not isinstance(saved, dict):
+        print(f"--resume: {path} records no fingerprint of its data (an older train.py); the data cannot be "
+              f"checked against it", file=sys.stderr)
+        return
+    now = data_fingerprint(splits)
+    differ = [split for split in sorted(set(saved) | set(now)) if saved.get(split) != now.get(split)]
+    if differ:
+        trained = checkpoint.get('args') or {}
+        moved = ', '.join(f"--{n} {trained.get(n)!r} (now {getattr(args, n)!r})" for n in ('data_root', 'data_source')
+                          if n in trained and trained[n] != getattr(args, n))
+        raise ValueError(f"--resume: {path} was trained on other data: the {', '.join(differ)} split"
+                         f"{'s differ' if len(differ) > 1 else ' differs'} from the one it recorded"
+                         f"{' (' + moved + ')' if moved else ''}: resume on the same data, or start a new run in "
+                         f"another --output_dir")
+
+
+def data_fingerprint(splits):
+    """{split: data.split_fingerprint} of the splits a run trains and evaluates on."""
+    return {k: data.split_fingerprint(splits[k]) for k in ('train', 'valid', 'test') if splits.get(k) is not None}
+
+
+DISK_ERRORS = {errno.ENOSPC: 'disk full: free some space', errno.EDQUOT: 'disk quota exceeded: free some space',
+               errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
+
+
+def disk_full(folder, needed_bytes=0):
+    """Whether folder's file system has no room for needed_bytes (torch.save reports a full disk as a RuntimeError
+    'unexpected pos' without an errno: the free space tells)."""
+    try:
+        return shutil.disk_usage(folder).free <= needed_bytes + (1 << 20)
+    except OSError:
+        return False
+
+
+def state_bytes(state):
+    """The bytes of the tensors in a (nested) state."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
 def save_checkpoint(state, path):
     """The checkpoint, atomically; a failed write (disk full, ...) leaves the previous checkpoint intact."""
     try:
         data.save_atomic(lambda tmp: torch.save(state, tmp), path)
-    except OSError as e:
-        full = ' (disk full: free some space)' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''
-        raise RuntimeError(f"could not write checkpoint {path}{full}: {e}. The previous checkpoint, if any, is "
-                           f"intact: run again with --resume to continue from it") from e
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError):
+            why = DISK_ERRORS.get(e.errno)
+        else:                                    # torch's writer: '[enforce fail at ...] unexpected pos'
+            why = 'disk full: free some space' if disk_full(os.path.dirname(os.path.abspath(path)),
+                                                            state_bytes(state)) else None
+        detail = f" ({why})" if why else ''
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"could not write checkpoint {path}{detail}: {message}. The previous checkpoint, if any, "
+                           f"is intact: run again with --resume to continue from it") from e
 
 
 def write_metrics(path, records):
@@ -462,17 +572,22 @@ def validate(run, split):
     """Accuracy of run.head on `split` ('valid' or 'test'), from its prepared loader."""
     head, accelerator = run.head, run.accelerator
     head.eval()
-    n_correct = n_total = 0                               # n_correct: a tensor on the device, read once at the end
+    n_correct = n_not_finite = n_total = 0                # tensors on the device, read once at the end
     for batch in tqdm(run.eval_loaders[split], desc=f"{run.args.dataset_name} {split}", leave=False,
                       disable=not accelerator.is_local_main_process):
         hidden, mask, labels = features(batch, run.backbone, run.cached)
         with accelerator.autocast():
             scores = class_scores(head, hidden, mask)
-        preds, labels = accelerator.gather_for_metrics((scores.argmax(-1), labels))
+        finite = torch.isfinite(scores).all(dim=-1)                               # [batch]
+        preds, labels, finite = accelerator.gather_for_metrics((scores.argmax(-1), labels, finite))
         n_correct = n_correct + (preds == labels).sum()
+        n_not_finite = n_not_finite + (~finite).sum()
         n_total += len(labels)
     if n_total == 0:
         raise ValueError(f"the {split} split has no examples: an accuracy over nothing is no result")
+    if int(n_not_finite):                                 # (gathered: every process stops, none waits)
+        raise FloatingPointError(f"the {split} scores of {int(n_not_finite)} of {n_total} examples are not finite "
+                                 f"(NaN/Inf): refusing to report an accuracy; the head or its input features are damaged")
     return int(n_correct) / n_total
 
 
@@ -500,6 +615,8 @@ class Run:
     steps_per_epoch: int = 0
     mixup_alpha: float = 0.0
     history: list = dataclasses.field(default_factory=list)   # one metrics record per completed epoch
+    data_fingerprint: dict = None         # {split: data.split_fingerprint}, saved in every checkpoint
+    lock: object = None                   # the output folder's lock (RunLock), held for the whole run
 
     @property
     def n_classes(self):
@@ -548,7 +665,8 @@ def build_run(args):
     loaders, train_sampler = make_loaders(args, splits, backbone, accelerator, shuffle)
     run = Run(args=args, regime=regime, accelerator=accelerator, splits=splits, backbone=backbone, head=head,
               metadata=metadata, eval_loaders={}, cached=bool(args.feature_cache), checkpoint_path=checkpoint_path,
-              metrics_path=os.path.join(args.output_dir, 'metrics.jsonl'))
+              metrics_path=os.path.join(args.output_dir, 'metrics.jsonl'),
+              data_fingerprint=None if args.eval_only else data_fingerprint(splits))
     if args.eval_only:
         run.head, run.eval_loaders['test'] = accelerator.prepare(head, loaders['test'])
         return run
@@ -628,6 +746,12 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
     elif trained_on not in (None, using):
         raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
                          f"{trained_on!r}, not --backbone {using!r}")
+    revision, now = pretrained_config.get('backbone_revision'), backbone and backbone.revision
+    if trained_on is not None and revision != now:
+        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone {trained_on!r} at "
+                         f"revision {revision!r}, not --revision {now!r}: pass --revision {revision}"
+                         if revision else f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
+                         f"{trained_on!r} at no pinned revision, not --revision {now!r}: leave --revision out")
     if args.eval_only:
         try:
             head.load_state_dict(state, strict=True)
@@ -647,19 +771,48 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
 
 
 def remove_old_run(run):
-    """--overwrite: the run replaced, none of its files stays beside ours."""
+    """--overwrite: the run replaced, none of its files stays beside ours. Nothing is removed until everything can
+    be: the old run's entries are first moved aside, together, into one folder (output_dir/.overwritten-<pid>-*);
+    if any cannot be moved, those already moved are put back and the run stops with the old run intact. Only then
+    is the folder deleted. An entry that is a symbolic link (e.g. epoch<k> -> elsewhere) is removed as a link: what
+    it points at is never touched."""
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        for name in run_files(run.args.output_dir):
-            path = os.path.join(run.args.output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        remove_run_files(run.args.output_dir)
     run.accelerator.wait_for_everyone()
+
+
+def remove_run_files(out):
+    """remove_old_run's work in output_dir `out` (see there)."""
+    data.remove_orphans(out, '.overwritten-')             # of --overwrite runs killed while deleting
+    names = run_files(out)
+    if not names:
+        return
+    aside = tempfile.mkdtemp(dir=out, prefix=f".overwritten-{os.getpid()}-")
+    moved = []
+    try:
+        for name in names:
+            os.rename(os.path.join(out, name), os.path.join(aside, name))         # a link moves as the link
+            moved.append(name)
+    except OSError as e:
+        failed = os.path.join(out, name)
+        for back in reversed(moved):
+            os.rename(os.path.join(aside, back), os.path.join(out, back))
+        os.rmdir(aside)
+        raise RuntimeError(f"--overwrite: cannot remove {failed} ({e.strerror or e}); nothing of the old run was "
+                           f"removed") from e
+    try:
+        shutil.rmtree(aside)                              # links inside are unlinked, never followed
+    except OSError as e:
+        print(f"--overwrite: the old run was moved aside into {aside} but could not all be deleted "
+              f"({e.strerror or e}): delete it by hand", file=sys.stderr)
 
 
 def restore(run, checkpoint):
     """--resume: the head, optimizer, schedule and metrics history of output_dir/checkpoint.pt."""
     args, path = run.args, run.checkpoint_path
     check_resume_args(checkpoint, args, path)
+    check_resume_data(checkpoint, args, run.splits, path)
     models.check_finite(checkpoint['head'], f"--resume: {path}")
     if checkpoint['scheduler']['total_steps'] != run.scheduler.total_steps:
         raise ValueError(f"--resume: {path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
@@ -722,13 +875,25 @@ def save_epoch(run, record):
     run.history.append(record)
     if run.accelerator.is_main_process:
         head = run.accelerator.unwrap_model(run.head)
-        save_model(head, os.path.join(run.args.output_dir, f"epoch{record['epoch']}"), run.backbone,
-                   {**run.metadata, **record})
+        epoch_dir = os.path.join(run.args.output_dir, f"epoch{record['epoch']}")
+        try:
+            save_model(head, epoch_dir, run.backbone, {**run.metadata, **record})
+        except OSError as e:
+            raise RuntimeError(f"could not write {epoch_dir} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). The "
+                               f"checkpoint of the epoch before, if any, is intact: run again with --resume to "
+                               f"continue from it") from e
         state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
                  'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
-                 'metadata': run.metadata}
+                 'metadata': run.metadata, 'backbone': run.backbone and run.backbone.name,
+                 'backbone_revision': run.backbone and run.backbone.revision,
+                 'data_fingerprint': run.data_fingerprint}
         save_checkpoint(state, run.checkpoint_path)
-        write_metrics(run.metrics_path, run.history)
+        try:
+            write_metrics(run.metrics_path, run.history)
+        except OSError as e:
+            raise RuntimeError(f"could not write {run.metrics_path} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). "
+                               f"The checkpoint of this epoch is intact and holds the metrics: run again with "
+                               f"--resume") from e
     run.accelerator.wait_for_everyone()
 
 
@@ -747,6 +912,14 @@ def save_final(run, final):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return train_and_evaluate(args)
+    finally:
+        release_output_dir(args.output_dir)              # held since check_output_dir (not with --eval_only)
+
+
+def train_and_evaluate(args):
+    """The run main composes from the stages; -> the test accuracy (or None without --run_test / --eval_only)."""
     torch.set_float32_matmul_precision(args.matmul_precision)
     run = build_run(args)
     log = run.accelerator.print
@@ -781,6 +954,9 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: FileNotFoundError, disk errors
+        message = str(e).strip()
+        if 'Original Traceback' in message:              # re-raised from a DataLoader worker: its last line tells
+            message = message.splitlines()[-1].split(': ', 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -185,11 +185,11 @@ def parse_ptb_lines(lines, where: str, n_labels: int = 5):
 
 
 def read_ptb_trees(path: str, n_labels: int = 5):
-    """Parse a file of PTB trees, one per line (blank lines ignored). Every node's label must be in
-    0..n_labels-1 (SST: 0..4). Errors name the file and line: ValueError for text that is not UTF-8
+    """Parse a file of PTB trees, one per line (blank lines ignored; UTF-8, with or without a byte order mark;
+    trees of any depth). Every node's label must be in 0..n_labels-1 (SST: 0..4). Errors name the file and line: ValueError for text that is not UTF-8
     (e.g. latin-1) or is binary, malformed trees and labels out of range."""
     try:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:        # a UTF-8 byte order mark, if any, is not text
             return parse_ptb_lines(f, path, n_labels)
     except UnicodeDecodeError:
         line_no, bad = '?', b''
@@ -235,20 +235,23 @@ def detokenize(tokens: list[str]) -> str:
 
 
 def _phrases(tree):
-    """-> [(label, words)] for every subtree of tree, root first, then pre-order (left to right)."""
+    """-> [(label, words)] for every subtree of tree, root first, then pre-order (left to right). Iterative: trees
+    nested deeper than Python's recursion limit are read like any other."""
     words, spans = [], []  # spans[k] = [label, start, end] of the k-th subtree in pre-order
-
-    def visit(node):
+    stack = [(tree, None)]  # (node to visit, None) or (None, span of a node whose subtrees are all visited)
+    while stack:
+        node, done = stack.pop()
+        if done is not None:
+            done[2] = len(words)
+            continue
         span = [node[0], len(words), None]
         spans.append(span)
         if isinstance(node[1], str):
             words.append(node[1])
+            span[2] = len(words)
         else:
-            for child in node[1]:
-                visit(child)
-        span[2] = len(words)
-
-    visit(tree)
+            stack.append((None, span))
+            stack.extend((child, None) for child in reversed(node[1]))
     return [(label, words[start:end]) for label, start, end in spans]
 
 
