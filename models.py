@@ -350,6 +350,57 @@ class TextBackbone(FrozenBackbone):
         per_sample = [states[sample_of_chunk == b][chunk_mask[sample_of_chunk == b]] for b in range(len(texts))]
         return pad_positions(per_sample)
 
+    def token_counts(self, texts):
+        """-> [len(texts)] ints: the rows each text gets from encode_rows (all tokens of all its chunks)."""
+        tokens = self._tokenize(texts)
+        counts = [0] * len(texts)
+        for sample, ids in zip(tokens['overflow_to_sample_mapping'], tokens['input_ids']):
+            counts[sample] += len(ids)
+        return counts
+
+    def _tokenize(self, texts):
+        """Unpadded token ids of each chunk (a text longer than the window gives several, each with its special
+        tokens), and the text of each chunk ('overflow_to_sample_mapping'), in text order."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"a text backbone encodes a list of strings, got {type(texts).__name__}")
+        return self.tokenizer(list(texts), max_length=self.max_length, truncation=True,
+                              return_overflowing_tokens=True, return_attention_mask=False)
+
+    @torch.no_grad()
+    def encode_rows(self, texts, dtype=torch.float32, max_tokens=4096):
+        """Every text's hidden states without padding, concatenated: -> rows [sum(lengths), d_depth, d_emb] of
+        `dtype` on the backbone's device, lengths (list of ints; text b's tokens, its chunks re-joined in order, are rows
+        sum(lengths[:b]) : sum(lengths[:b + 1])).
+        The chunks run in batches of equal length (no padding token, no attention mask) of at most max_tokens tokens,
+        so no compute is spent on padding; each batch's states are written once, converted to `dtype`, at their rows."""
+        tokens = self._tokenize(texts)
+        chunk_ids, sample_of_chunk = tokens['input_ids'], tokens['overflow_to_sample_mapping']
+        token_types = tokens.get('token_type_ids')
+        chunk_len = torch.tensor([len(ids) for ids in chunk_ids], dtype=torch.long)           # [n_chunks]
+        lengths = torch.zeros(len(texts), dtype=torch.long).index_add_(
+            0, torch.tensor(sample_of_chunk, dtype=torch.long), chunk_len).tolist()
+        chunk_start = chunk_len.cumsum(0) - chunk_len            # chunks come in text order: [n_chunks] first rows
+        rows = torch.empty(int(chunk_len.sum()), self.d_depth, self.d_emb, dtype=dtype, device=self.device)
+        order = sorted(range(len(chunk_ids)), key=chunk_len.__getitem__)
+        batches, k = [], 0
+        while k < len(order):                                    # runs of equal length, cut at max_tokens tokens
+            n_tok = len(chunk_ids[order[k]])
+            end = k + 1
+            while end < len(order) and end - k < max(1, max_tokens // n_tok) and len(chunk_ids[order[end]]) == n_tok:
+                end += 1
+            batches.append(order[k:end])
+            k = end
+        for batch in batches:
+            n_tok = len(chunk_ids[batch[0]])
+            inputs = {'input_ids': torch.tensor([chunk_ids[c] for c in batch], device=self.device)}  # [b, n_tok]
+            if token_types is not None:
+                inputs['token_type_ids'] = torch.tensor([token_types[c] for c in batch], device=self.device)
+            states = self.model(**inputs, output_hidden_states=True).hidden_states   # d_depth x [b, n_tok, d_emb]
+            where = (chunk_start[batch][:, None] + torch.arange(n_tok)).reshape(-1).to(self.device)  # [b n_tok]
+            for depth, state in enumerate(states):
+                rows[where, depth] = state.reshape(-1, self.d_emb).to(dtype)                 # [b n_tok, d_emb]
+        return rows, lengths
+
 
 class ImageBackbone(FrozenBackbone):
     """A transformers vision encoder (BEiT, ViT, ...) or a timm vision transformer; the hidden
