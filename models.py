@@ -298,14 +298,19 @@ BACKBONES = {
 class FrozenBackbone(nn.Module):
     """A pretrained model that never trains: eval mode, no gradients, run under torch.no_grad().
 
-    encode(batch) -> hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] (True = padding) or None.
+    encode(batch) -> hidden [batch, n_pos, d_depth, d_emb] float32, mask [batch, n_pos] (True = padding) or None.
     Text batches are lists of strings; image batches are tensors [batch, 3, H, W].
+
+    autocast_dtype: None (the model runs in float32) or a dtype (torch.float16 on CUDA as the paper's authors,
+    torch.bfloat16 on a CPU) under which the model's forward runs in torch.autocast. The hidden states are handed
+    on as float32 (the head's precision), converted once while stacking the depths.
     """
 
-    def __init__(self, model, modality, d_depth, d_emb, name, revision=None):
+    def __init__(self, model, modality, d_depth, d_emb, name, revision=None, autocast_dtype=None):
         super().__init__()
         self.model, self.modality, self.d_depth, self.d_emb, self.name = model, modality, d_depth, d_emb, name
         self.revision = revision                                                 # the hub revision, when pinned
+        self.autocast_dtype = autocast_dtype
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -316,6 +321,20 @@ class FrozenBackbone(nn.Module):
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    @property
+    def autocast_dtype(self):
+        return self._autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, dtype):
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {dtype!r}")
+        self._autocast_dtype = dtype
+
+    def autocast(self):
+        """The context the model's forward runs in: torch.autocast at autocast_dtype, or float32 (disabled)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
 
 class TextBackbone(FrozenBackbone):
@@ -343,8 +362,9 @@ class TextBackbone(FrozenBackbone):
         for s in range(0, len(sample_of_chunk), chunks_per_batch):
             inputs = {k: tokens[k][s:s + chunks_per_batch].to(self.device)
                       for k in ('input_ids', 'attention_mask', 'token_type_ids') if k in tokens}
-            out = self.model(**inputs, output_hidden_states=True)
-            states.append(torch.stack(out.hidden_states, dim=-2).float())        # [chunks, len, d_depth, d_emb]
+            with self.autocast():
+                out = self.model(**inputs, output_hidden_states=True)
+            states.append(stack_depths(out.hidden_states))                       # [chunks, len, d_depth, d_emb]
         states = torch.cat(states)
         # re-join each sample's chunks, dropping padding tokens
         per_sample = [states[sample_of_chunk == b][chunk_mask[sample_of_chunk == b]] for b in range(len(texts))]
@@ -424,18 +444,38 @@ class ImageBackbone(FrozenBackbone):
             hooks = [self.model.blocks[0].register_forward_pre_hook(lambda m, args: states.append(args[0]))]
             hooks += [b.register_forward_hook(lambda m, args, out: states.append(out)) for b in self.model.blocks]
             try:
-                self.model.forward_features(images)
+                with self.autocast():
+                    self.model.forward_features(images)
             finally:
                 for h in hooks:
                     h.remove()
         else:
-            states = self.model(pixel_values=images, output_hidden_states=True).hidden_states
-        return torch.stack(states, dim=-2).float(), None                         # [batch, n_pos, d_depth, d_emb]
+            with self.autocast():
+                states = self.model(pixel_values=images, output_hidden_states=True).hidden_states
+        return stack_depths(states), None                                        # [batch, n_pos, d_depth, d_emb]
 
 
-def load_backbone(name, revision=None, max_length=None, pretrained=True):
+def stack_depths(states):
+    """The hidden states of each depth, d_depth tensors [..., n_pos, d_emb] of any float dtype (under autocast,
+    float16/bfloat16 or float32 by layer) -> one float32 tensor [..., n_pos, d_depth, d_emb], written once (no
+    intermediate half-precision stack, no copy of a float32 stack)."""
+    out = states[0].new_empty((*states[0].shape[:-1], len(states), states[0].shape[-1]), dtype=torch.float32)
+    for d, state in enumerate(states):
+        out[..., d, :] = state                                                   # converts to float32 in the copy
+    return out
+
+
+def load_backbone(name, revision=None, max_length=None, pretrained=True, autocast_dtype=None):
     """name: a registry key (BACKBONES), 'timm/<model name>', a transformers model id, or a local
-    folder saved with save_pretrained. revision pins a hub revision. -> TextBackbone | ImageBackbone"""
+    folder saved with save_pretrained. revision pins a hub revision. autocast_dtype: None (float32) or the dtype
+    of torch.autocast the backbone's forward runs under (FrozenBackbone.autocast_dtype).
+    -> TextBackbone | ImageBackbone"""
+    backbone = _load_backbone(name, revision, max_length, pretrained)
+    backbone.autocast_dtype = autocast_dtype
+    return backbone
+
+
+def _load_backbone(name, revision, max_length, pretrained):
     if name.startswith('timm/'):
         import timm
         try:
