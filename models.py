@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_model
 
 import data
 from heinsen_routing import EfficientVectorRouting, Routing, end_to_end_credit, record_credit
+from heinsen_routing.checks import check_dims
 
 from data import pad_positions  # zero-padding of per-sample hidden states: the data layer's (data.features)
 
@@ -136,9 +137,12 @@ class RoutingHead(nn.Module, Pretrained):
     Layer norm over d_emb (no affine), then x * W + B per depth, flatten to n_pos * d_depth input
     vectors, and three routings: (-1 -> n_hid), (n_hid -> n_hid), (n_hid -> n_classes, d_out 1).
     State dict keys: W, B, route.0.*, route.1.*, route.2.* (the authors' published heads load strict).
+    chunk_elements: the routings' chunk size (EfficientVectorRouting's; None = per device: cache-sized on a CPU,
+    the whole sequence in one chunk on a GPU where it fits a quarter of the free memory). It changes speed and
+    memory, never results, and can be changed on a loaded head with set_chunk_elements.
     """
 
-    def __init__(self, d_depth, d_emb, n_classes, n_hid=64):
+    def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None):
         super().__init__()
         self.d_depth, self.d_emb, self.n_classes, self.n_hid = d_depth, d_emb, n_classes, n_hid
         self.normalize = nn.LayerNorm(d_emb, elementwise_affine=False)
@@ -149,6 +153,14 @@ class RoutingHead(nn.Module, Pretrained):
             EfficientVectorRouting(n_inp=n_hid, n_out=n_hid, d_inp=d_emb, d_out=d_emb),
             EfficientVectorRouting(n_inp=n_hid, n_out=n_classes, d_inp=d_emb, d_out=1),
         ])
+        self.set_chunk_elements(chunk_elements)
+
+    def set_chunk_elements(self, chunk_elements):
+        """The chunk size of the streamed routings (None = per device, see the class docstring)."""
+        if chunk_elements is not None:
+            check_dims(chunk_elements=chunk_elements)
+        for routing in self.route:
+            routing.chunk_elements = chunk_elements
 
     def forward(self, hidden, mask=None):
         """hidden [..., n_pos, d_depth, d_emb]; mask [..., n_pos] bool, True = padding."""

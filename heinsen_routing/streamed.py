@@ -5,6 +5,8 @@ The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same e
 `streamed_routing`; one autograd function per routing iteration, `_StreamedPass`, whose backward is derived by
 hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
 """
+from contextlib import nullcontext
+
 import torch
 
 from .steps import activations, agreement, credit, initial_R, masked_softmax, predict, squeeze_last, \
@@ -20,10 +22,11 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
     m = module
     last = {} if diagnostics else None
     uniform_R, params, pred, shared = _uniform_initial_R(mask), _streamed_params(m), None, {}
+    chunk_elements = m.chunk_elements or chunk_elements_for(x_inp.device, m.W_A.dtype)
     for t in range(m.n_iters):
         if t > 0:
             pred = predict(x_out, m.W_G1, m.W_G2, m.B_G2)                               # [..., n_out, d_inp]
-        cfg = (t, m.n_iters, m.n_out, m.n_inp > 0, m.chunk_elements, uniform_R)
+        cfg = (t, m.n_iters, m.n_out, m.n_inp > 0, chunk_elements, uniform_R)
         phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last if t == m.n_iters - 1 else None, shared,
                                            x_inp, pred, *params)
         x_out = x_out_from_sums(phi_x, phi_1, scale, m.W_F1, m.W_F2, m.B_F2)           # [..., n_out, d_out]
@@ -33,9 +36,33 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 
 
 
-# Default of EfficientVectorRouting(chunk_elements=...): a chunk holds the inputs whose rows of
-# [d_inp + n_out] elements, over the whole batch, make about this many (8 MiB in float32).
-CHUNK_ELEMENTS = 1 << 21
+# The chunk size: EfficientVectorRouting(chunk_elements=...) counts a chunk's inputs as elements of [d_inp + n_out]
+# per input over the whole batch. chunk_elements=None (the default) picks it per device from a memory budget for
+# one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
+# temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
+#   CPU   CPU_CHUNK_BYTES, about the last-level cache, so that the chunk's rows of x and its intermediates are read
+#         from cache by the several products and element-wise steps that use them (larger chunks are not faster
+#         there, smaller ones add per-operation overhead);
+#   CUDA  CUDA_FREE_FRACTION of the memory free on the device: the whole sequence in one chunk when it fits, so
+#         that a pass is a few large kernels instead of hundreds of small launches.
+CPU_CHUNK_BYTES = 8 << 20
+CUDA_FREE_FRACTION = 0.25
+WORKING_SET_FACTOR = 4
+CHUNK_ELEMENTS = CPU_CHUNK_BYTES // 4            # the CPU default in float32 (2^21)
+
+
+def chunk_elements_for(device, dtype, free_bytes=None):
+    """The default chunk_elements on `device` for tensors of `dtype` (see above). free_bytes: the memory free on a
+    CUDA device (default: what the driver reports free plus what PyTorch's allocator holds unused); ignored on other
+    devices. -> int"""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    device = torch.device(device)
+    if device.type == 'cuda':
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(device)[0] + (torch.cuda.memory_reserved(device)
+                                                               - torch.cuda.memory_allocated(device))
+        return max(CPU_CHUNK_BYTES, int(free_bytes * CUDA_FREE_FRACTION) // WORKING_SET_FACTOR) // element_size
+    return CPU_CHUNK_BYTES // element_size
 
 
 def _chunks(n, batch_numel, row_width, chunk_elements):
@@ -218,8 +245,9 @@ class _StreamedPass(torch.autograd.Function):
         ctx.cfg, ctx.shared = cfg, shared
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, *params)
-        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
-                        torch.get_autocast_dtype(x.device.type))
+        device_type = x.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        ctx.autocast = (device_type, autocast, torch.get_autocast_dtype(device_type) if autocast else None)
         return phi_x, phi_1
 
     @staticmethod
@@ -242,7 +270,7 @@ class _StreamedPass(torch.autograd.Function):
         grads = ctx.shared
         dpred = None if pred is None else torch.zeros_like(pred)
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+        with torch.no_grad(), (torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()):
             products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
             _StreamedPass._backward_pass(x, mask, scale, p, t, n_out, per_input,
                                          _chunks(n, batch.numel(), d + n_out, chunk_elements),
