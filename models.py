@@ -363,24 +363,11 @@ class TextBackbone(FrozenBackbone):
         self.max_length = min(max_length or window, window)
 
     @torch.no_grad()
-    def encode(self, texts, chunks_per_batch=64):
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"a text backbone encodes a list of strings, got {type(texts).__name__}")
-        tokens = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, padding=True,
-                                return_overflowing_tokens=True, return_tensors='pt')
-        sample_of_chunk = tokens['overflow_to_sample_mapping']                  # [n_chunks]
-        chunk_mask = tokens['attention_mask'].bool()                             # [n_chunks, len]
-        states = []
-        for s in range(0, len(sample_of_chunk), chunks_per_batch):
-            inputs = {k: tokens[k][s:s + chunks_per_batch].to(self.device)
-                      for k in ('input_ids', 'attention_mask', 'token_type_ids') if k in tokens}
-            with self.autocast():
-                out = self.model(**inputs, output_hidden_states=True)
-            states.append(stack_depths(out.hidden_states))                       # [chunks, len, d_depth, d_emb]
-        states = torch.cat(states)
-        # re-join each sample's chunks, dropping padding tokens
-        per_sample = [states[sample_of_chunk == b][chunk_mask[sample_of_chunk == b]] for b in range(len(texts))]
-        return pad_positions(per_sample)
+    def encode(self, texts, max_tokens=4096):
+        """-> hidden [batch, n_pos, d_depth, d_emb] float32, zero after each text's tokens, mask [batch, n_pos]
+        (True = padding): encode_rows' rows (no padding ever enters the model), split per text and padded."""
+        rows, lengths = self.encode_rows(texts, max_tokens=max_tokens)
+        return pad_positions(list(rows.split(lengths)))
 
     def token_counts(self, texts):
         """-> [len(texts)] ints: the rows each text gets from encode_rows (all tokens of all its chunks)."""
@@ -408,26 +395,28 @@ class TextBackbone(FrozenBackbone):
         tokens = self._tokenize(texts)
         chunk_ids, sample_of_chunk = tokens['input_ids'], tokens['overflow_to_sample_mapping']
         token_types = tokens.get('token_type_ids')
-        chunk_len = torch.tensor([len(ids) for ids in chunk_ids], dtype=torch.long)           # [n_chunks]
+        n_tokens = [len(ids) for ids in chunk_ids]
+        chunk_len = torch.tensor(n_tokens, dtype=torch.long)                                  # [n_chunks]
         lengths = torch.zeros(len(texts), dtype=torch.long).index_add_(
             0, torch.tensor(sample_of_chunk, dtype=torch.long), chunk_len).tolist()
         chunk_start = chunk_len.cumsum(0) - chunk_len            # chunks come in text order: [n_chunks] first rows
         rows = torch.empty(int(chunk_len.sum()), self.d_depth, self.d_emb, dtype=dtype, device=self.device)
-        order = sorted(range(len(chunk_ids)), key=chunk_len.__getitem__)
+        order = sorted(range(len(chunk_ids)), key=n_tokens.__getitem__)
         batches, k = [], 0
         while k < len(order):                                    # runs of equal length, cut at max_tokens tokens
-            n_tok = len(chunk_ids[order[k]])
+            n_tok = n_tokens[order[k]]
             end = k + 1
-            while end < len(order) and end - k < max(1, max_tokens // n_tok) and len(chunk_ids[order[end]]) == n_tok:
+            while end < len(order) and end - k < max(1, max_tokens // n_tok) and n_tokens[order[end]] == n_tok:
                 end += 1
             batches.append(order[k:end])
             k = end
         for batch in batches:
-            n_tok = len(chunk_ids[batch[0]])
+            n_tok = n_tokens[batch[0]]
             inputs = {'input_ids': torch.tensor([chunk_ids[c] for c in batch], device=self.device)}  # [b, n_tok]
             if token_types is not None:
                 inputs['token_type_ids'] = torch.tensor([token_types[c] for c in batch], device=self.device)
-            states = self.model(**inputs, output_hidden_states=True).hidden_states   # d_depth x [b, n_tok, d_emb]
+            with self.autocast():
+                states = self.model(**inputs, output_hidden_states=True).hidden_states  # d_depth x [b, n_tok, d_emb]
             where = (chunk_start[batch][:, None] + torch.arange(n_tok)).reshape(-1).to(self.device)  # [b n_tok]
             for depth, state in enumerate(states):
                 rows[where, depth] = state.reshape(-1, self.d_emb).to(dtype)                 # [b n_tok, d_emb]

@@ -29,8 +29,10 @@ from .fileio import write_atomic
 def backbone_fingerprint(backbone) -> dict:
     """What determines a text backbone's features, hashed: its weights (every tensor of the state dict),
     its config (less its path), its tokenizer (the full tokenizers JSON, or the vocabulary), the window
-    (max_length), the hub revision it resolved to, and the versions of the libraries that tokenise.
-    -> {'weights', 'config', 'tokenizer': sha256 hex, 'max_length', 'revision', 'transformers', 'tokenizers'}"""
+    (max_length), the hub revision it resolved to, the versions of the libraries that tokenise, and the
+    precision of its forward when it runs under autocast (FrozenBackbone.autocast_dtype).
+    -> {'weights', 'config', 'tokenizer': sha256 hex, 'max_length', 'revision', 'transformers', 'tokenizers'
+        [, 'autocast_dtype']}"""
     import transformers
     try:
         import tokenizers
@@ -56,10 +58,14 @@ def backbone_fingerprint(backbone) -> dict:
     else:
         tokenizer_text = type(tokenizer).__name__ + json.dumps(tokenizer.get_vocab(), sort_keys=True)
     sha = lambda text: hashlib.sha256(text.encode()).hexdigest()                    # noqa: E731
-    return {'weights': weights.hexdigest(), 'config': sha(json.dumps(config_dict, sort_keys=True, default=str)),
-            'tokenizer': sha(tokenizer_text), 'max_length': getattr(backbone, 'max_length', None),
-            'revision': getattr(config, '_commit_hash', None),
-            'transformers': transformers.__version__, 'tokenizers': tokenizers_version}
+    fingerprint = {'weights': weights.hexdigest(), 'config': sha(json.dumps(config_dict, sort_keys=True, default=str)),
+                   'tokenizer': sha(tokenizer_text), 'max_length': getattr(backbone, 'max_length', None),
+                   'revision': getattr(config, '_commit_hash', None),
+                   'transformers': transformers.__version__, 'tokenizers': tokenizers_version}
+    autocast_dtype = getattr(backbone, 'autocast_dtype', None)
+    if autocast_dtype is not None:        # features computed under autocast are others (float32 ones keep their key)
+        fingerprint['autocast_dtype'] = str(autocast_dtype)
+    return fingerprint
 
 
 class FeatureStore:
@@ -150,32 +156,47 @@ class FeatureStore:
     def _save_index(self):
         write_atomic(self.index_path, json.dumps(self.index).encode())
 
-    def ensure(self, texts, desc='', batch_texts=128):
-        """Encodes (with the backbone) the texts not stored yet, shortest first, in batches."""
+    BLOCK_BYTES = 256 << 20
+
+    def ensure(self, texts, desc='', batch_texts=4096):
+        """Encodes (with the backbone) the texts not stored yet, in blocks of at most batch_texts texts and
+        BLOCK_BYTES of rows, the texts ordered by their number of tokens (so that the backbone's equal-length
+        batches are full, see TextBackbone.encode_rows)."""
         if not set(texts) - set(self.index['texts']):
             return
         with self._locked():
             self._load()                                             # another process may have added some
-            self._append(sorted(set(texts) - set(self.index['texts']), key=len), desc, batch_texts)
+            self._append(sorted(set(texts) - set(self.index['texts'])), desc, batch_texts)
 
     def _append(self, missing, desc, batch_texts):
         from tqdm import tqdm
         if not missing:
             return
+        counts = self.backbone.token_counts(missing)                 # rows of each text
+        order = sorted(range(len(missing)), key=counts.__getitem__)
+        max_rows = max(1, self.BLOCK_BYTES // self.row_bytes)
+        blocks, block, rows = [], [], 0
+        for k in order:
+            if block and (len(block) == batch_texts or rows + counts[k] > max_rows):
+                blocks.append(block)
+                block, rows = [], 0
+            block.append(missing[k])
+            rows += counts[k]
+        blocks.append(block)
         last_save = time.time()
         progress = tqdm(total=len(missing), desc=f"encoding {desc} ({self.backbone.name})", unit='text')
+        texts = self.index['texts']
         with open(self.hidden_path, 'ab') as f, progress:
-            for s in range(0, len(missing), batch_texts):
-                batch = missing[s:s + batch_texts]
-                progress.update(len(batch))
-                hidden, mask = self.backbone.encode(batch)           # [batch, n_pos, d_depth, d_emb], [batch, n_pos]
-                hidden = hidden.to(torch.float16).cpu().numpy()
-                lengths = (~mask).sum(dim=1).tolist()
-                for text, h, length in zip(batch, hidden, lengths):
-                    f.write(np.ascontiguousarray(h[:length]).tobytes())   # non-padding tokens come first
-                    self.index['texts'][text] = [self.index['n_rows'], length]
-                    self.index['n_rows'] += length
-                if time.time() - last_save > self.SAVE_EVERY_SECONDS or s + batch_texts >= len(missing):
+            for b, block in enumerate(blocks):
+                hidden, lengths = self.backbone.encode_rows(block, dtype=torch.float16)   # [rows, d_depth, d_emb]
+                f.write(hidden.cpu().numpy().data)                   # one write per block, the texts' rows in order
+                start = self.index['n_rows']
+                for text, length in zip(block, lengths):
+                    texts[text] = [start, length]
+                    start += length
+                self.index['n_rows'] = start
+                progress.update(len(block))
+                if time.time() - last_save > self.SAVE_EVERY_SECONDS or b == len(blocks) - 1:
                     f.flush()
                     os.fsync(f.fileno())
                     self._save_index()
