@@ -20,6 +20,7 @@ library's masks (True = that input is ignored).
 """
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -545,34 +546,49 @@ class MultiModalClassifier(nn.Module):
                                          backbone_revision=self.backbone.revision, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
-        if not config.get('backbone'):
-            raise ValueError(f"{str(pretrained_model_name_or_path)!r} names no backbone: load the head alone with "
-                             f"RoutingHead.from_pretrained")
-        head = RoutingHead.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls(config['backbone'], head=head, revision=config.get('backbone_revision'))
+    def from_pretrained(cls, pretrained_model_name_or_path, backbone=None, **kwargs):
+        """A folder or hub id (save_pretrained), or a single head file that models.from_pretrained reads (the
+        authors' 2022 .state_dict / .checkpoint files by their names). backbone: a name for load_backbone or a
+        FrozenBackbone, for a file that names none (default: the one the file names)."""
+        path = str(pretrained_model_name_or_path)
+        if path.endswith(STATE_FILE_SUFFIXES):
+            head, config = from_pretrained(path, backbone=getattr(backbone, 'name', backbone))
+            if not isinstance(head, RoutingHead):
+                raise ValueError(f"{path!r} holds a {type(head).__name__}, not a RoutingHead")
+        else:
+            config = read_config(path, revision=kwargs.get('revision'))
+            head = RoutingHead.from_pretrained(path, **kwargs)
+        if not (backbone or config.get('backbone')):
+            raise ValueError(f"{path!r} names no backbone: pass backbone= (e.g. 'roberta-large'), or load the head "
+                             f"alone with models.from_pretrained")
+        return cls(backbone or config['backbone'], head=head, revision=config.get('backbone_revision'))
 
 
 # -------------------------------------------------------------------------------------------------
 # Loading any model of this repository, including older single-file heads and plain state dicts
 # -------------------------------------------------------------------------------------------------
 
-def from_pretrained(path_or_id, **kwargs):
+def from_pretrained(path_or_id, backbone=None, **kwargs):
     """Any model of this repository -> (model, config dict), config as save_pretrained writes it:
       - a folder (or hub id) written by save_pretrained or train.py: the class named by its model_type;
       - a single-file head of earlier versions (.safetensors with string metadata), or a plain state dict (.pt,
-        e.g. the authors' published 2019 files; loaded with weights_only=True): rebuilt from its tensors' shapes.
-    The weights load strictly and must be finite."""
+        e.g. the authors' published 2019 files; loaded with weights_only=True): rebuilt from its tensors' shapes;
+      - the authors' 2022 files by their names (authors_2022_file): a head's plain state dict
+        `pretrained_<dataset>_head_for_<backbone>.state_dict` or a training checkpoint
+        `<dataset>_head_for_<backbone>_epoch<k>.checkpoint` (its 'weights'), loaded with weights_only=True.
+    backbone: the backbone of a single file, given (e.g. a local copy of the one it names), else the one the file
+    names (the authors' files: the name after `_for_`, when it is one of BACKBONES), else None. The weights load
+    strictly and must be finite."""
     path = str(path_or_id)
-    if path.endswith(('.safetensors', '.pt', '.pth')):
+    if path.endswith(STATE_FILE_SUFFIXES):
         state, training = _read_state_file(path)
         model = _model_of_state_dict(state, path)
         check_finite(state, repr(path))
         model.load_state_dict(state, strict=True)
-        backbone = training.pop('backbone', None)
+        named = training.pop('backbone', None)
+        named = None if named == 'none' else named
         config = {**model._hub_mixin_config, 'model_type': type(model).__name__, 'training': training,
-                  'backbone': None if backbone == 'none' else backbone, 'backbone_revision': training.pop('revision', None)}
+                  'backbone': backbone or named, 'backbone_revision': training.pop('revision', None)}
         return model, config
     config = read_config(path, revision=kwargs.get('revision'))
     if config.get('model_type') not in MODEL_TYPES:
@@ -581,8 +597,29 @@ def from_pretrained(path_or_id, **kwargs):
     return MODEL_TYPES[config['model_type']].from_pretrained(path, **kwargs), config
 
 
+STATE_FILE_SUFFIXES = ('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')
+
+# The authors' 2022 file names: pretrained_sst5_head_for_roberta-large.state_dict (a plain state dict of the head),
+# sst5_head_for_roberta-large_epoch10.checkpoint (a dict whose 'weights' is the head's state dict).
+_AUTHORS_2022_NAME = re.compile(r'(?:pretrained_)?(?P<dataset>.+?)_head_for_(?P<backbone>.+?)'
+                                r'(?:_epoch(?P<epoch>\d+))?\.(?:state_dict|checkpoint)')
+
+
+def authors_2022_file(path):
+    """The authors' 2022 head file's name -> {'dataset_name', 'backbone' (a BACKBONES key, or None where the name
+    after `_for_` is none of them), 'epoch' (int, .checkpoint files) or None}; None for any other name."""
+    match = _AUTHORS_2022_NAME.fullmatch(Path(path).name)
+    if match is None:
+        return None
+    name = match['backbone']
+    keys = [k for k in BACKBONES if name in (k, k.split('/')[-1], k.replace('/', '_'), k.replace('/', '--'))]
+    return {'dataset_name': match['dataset'], 'backbone': keys[0] if len(keys) == 1 else None,
+            'epoch': None if match['epoch'] is None else int(match['epoch'])}
+
+
 def _read_state_file(path):
-    """-> (state dict, metadata dict) of a .safetensors file, or of a .pt state dict (or a train.py checkpoint)."""
+    """-> (state dict, metadata dict) of a .safetensors file, of a .pt/.pth/.state_dict state dict (or a train.py
+    checkpoint), or of the authors' .checkpoint (its 'weights')."""
     if path.endswith('.safetensors'):
         try:
             with safe_open(path, 'pt') as f:
@@ -590,11 +627,27 @@ def _read_state_file(path):
             return load_file(path), metadata
         except Exception as e:
             raise RuntimeError(f"{path!r} is not a readable safetensors file: {e}") from e
-    loaded = torch_load_safely(path)
-    if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):             # a train.py checkpoint
+    try:
+        loaded = torch_load_safely(path)
+    except RuntimeError as e:
+        if path.endswith('.checkpoint') and 'refusing to load' in str(e):
+            raise RuntimeError(
+                f"{e}\nIf {path!r} is the authors' training checkpoint and you trust it, extract its head once: "
+                f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)['weights'], "
+                f"'{path[:-len('.checkpoint')]}.state_dict')\" and load the .state_dict file") from None
+        raise
+    metadata = {}
+    if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):               # a train.py checkpoint
         loaded, metadata = loaded['head'], dict(loaded.get('metadata', {}))
-    else:
-        metadata = {}
+    elif path.endswith('.checkpoint'):                                                  # the authors' checkpoint
+        if not isinstance(loaded, dict) or not isinstance(loaded.get('weights'), dict):
+            raise RuntimeError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
+                               f"head's state dict); its keys: {sorted(loaded) if isinstance(loaded, dict) else '-'}")
+        loaded = loaded['weights']
+    authors = authors_2022_file(path)
+    if authors is not None:
+        metadata = {k: v for k, v in {'backbone': authors['backbone'], 'dataset_name': authors['dataset_name'],
+                                      'epoch': authors['epoch'], 'source': 'authors_2022'}.items() if v is not None}
     if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
         raise RuntimeError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
     return loaded, metadata

@@ -29,10 +29,8 @@ from .fileio import write_atomic
 def backbone_fingerprint(backbone) -> dict:
     """What determines a text backbone's features, hashed: its weights (every tensor of the state dict),
     its config (less its path), its tokenizer (the full tokenizers JSON, or the vocabulary), the window
-    (max_length), the hub revision it resolved to, the versions of the libraries that tokenise, and the
-    precision of its forward when it runs under autocast (FrozenBackbone.autocast_dtype).
-    -> {'weights', 'config', 'tokenizer': sha256 hex, 'max_length', 'revision', 'transformers', 'tokenizers'
-        [, 'autocast_dtype']}"""
+    (max_length), the hub revision it resolved to, and the versions of the libraries that tokenise.
+    -> {'weights', 'config', 'tokenizer': sha256 hex, 'max_length', 'revision', 'transformers', 'tokenizers'}"""
     import transformers
     try:
         import tokenizers
@@ -62,9 +60,6 @@ def backbone_fingerprint(backbone) -> dict:
                    'tokenizer': sha(tokenizer_text), 'max_length': getattr(backbone, 'max_length', None),
                    'revision': getattr(config, '_commit_hash', None),
                    'transformers': transformers.__version__, 'tokenizers': tokenizers_version}
-    autocast_dtype = getattr(backbone, 'autocast_dtype', None)
-    if autocast_dtype is not None:        # features computed under autocast are others (float32 ones keep their key)
-        fingerprint['autocast_dtype'] = str(autocast_dtype)
     return fingerprint
 
 
@@ -74,10 +69,11 @@ class FeatureStore:
     once as float16 and read back memory-mapped. Texts are keys, so datasets that share texts (SST-5
     and SST-2) share features. The store lives in cache/<backbone name, '/' -> '--'>/<key>/ (`folder`), key = a
     hash of backbone_fingerprint (weights, config, tokenizer, max_length, revision, library versions): other
-    weights or another revision of the same backbone name get their own features. Layout of the folder:
+    weights or another revision of the same backbone name get their own features, and so does a backbone run
+    under autocast (its autocast_dtype is in the key). Layout of the folder:
 
         hidden.f16   float16 [n_rows, d_depth, d_emb], one row per non-padding token, append-only
-        index.json   {'backbone', 'd_depth', 'd_emb', 'max_length', 'fingerprint', 'n_rows',
+        index.json   {'backbone', 'd_depth', 'd_emb', 'max_length', 'fingerprint', 'autocast_dtype', 'n_rows',
                       'texts': {text: [start, length]}}
         .lock        a file lock (filelock): one process at a time appends rows and rewrites the index
 
@@ -95,13 +91,18 @@ class FeatureStore:
         from filelock import FileLock
         self.backbone = backbone
         fingerprint = backbone_fingerprint(backbone)
+        # the precision the backbone runs in (FrozenBackbone.autocast_dtype; None = float32, the key of earlier stores)
+        autocast = getattr(backbone, 'autocast_dtype', None)
+        autocast = None if autocast is None else str(autocast).replace('torch.', '')
         self.key = hashlib.sha256(json.dumps(
-            [backbone.name, backbone.d_depth, backbone.d_emb, fingerprint], sort_keys=True).encode()).hexdigest()
+            [backbone.name, backbone.d_depth, backbone.d_emb, fingerprint] + ([autocast] if autocast else []),
+            sort_keys=True).encode()).hexdigest()
         self.folder = os.path.join(cache, backbone.name.replace('/', '--'), self.key[:16])
         self.hidden_path = os.path.join(self.folder, 'hidden.f16')
         self.index_path = os.path.join(self.folder, 'index.json')
         self.meta = {'backbone': backbone.name, 'd_depth': backbone.d_depth, 'd_emb': backbone.d_emb,
-                     'max_length': getattr(backbone, 'max_length', None), 'fingerprint': fingerprint}
+                     'max_length': getattr(backbone, 'max_length', None), 'fingerprint': fingerprint,
+                     'autocast_dtype': autocast}
         self.row_bytes = 2 * backbone.d_depth * backbone.d_emb
         os.makedirs(self.folder, exist_ok=True)
         self.lock = FileLock(os.path.join(self.folder, '.lock'))

@@ -66,18 +66,32 @@ class TextFilesDataset(Dataset):
 
 
 def load_hub(hub, what):
-    """datasets.load_dataset(*hub) -> a DatasetDict; errors say how to use the files instead."""
+    """datasets.load_dataset(*hub) -> a DatasetDict; errors say how to use the files instead.
+
+    datasets 5.x runs no loading scripts: where the repository's main branch still holds one (stanfordnlp/sst was
+    published with sst.py), the hub's own Parquet conversion of it is loaded instead, the branch
+    refs/convert/parquet, whose folder <config>/<split>/*.parquet holds the config's splits."""
     try:
         import datasets
     except ImportError as e:
         raise ImportError(f"{what} from the Hugging Face hub (data_source 'hub') needs the datasets library: "
                           f"pip install datasets (or use the files: data_source 'files', the default)") from e
+    attempt = f"datasets.load_dataset{hub!r}"
     try:
-        return datasets.load_dataset(*hub)
+        try:
+            return datasets.load_dataset(*hub)
+        except Exception as e:
+            if 'scripts are no longer supported' not in str(e):
+                raise
+        attempt = f"datasets.load_dataset({hub[0]!r}, data_dir={hub[1]!r}, revision={HUB_PARQUET_EXPORT!r})"
+        return datasets.load_dataset(hub[0], data_dir=hub[1], revision=HUB_PARQUET_EXPORT)
     except Exception as e:  # offline (HF_HUB_OFFLINE), no access, a missing config, ...: say what to do instead
-        raise RuntimeError(f"Could not load {what} from the Hugging Face hub, datasets.load_dataset{hub!r} "
+        raise RuntimeError(f"Could not load {what} from the Hugging Face hub, {attempt} "
                            f"({type(e).__name__}: {e}). Is the network available? The offline alternative is the "
                            f"official files (data_source 'files', the default, with --download).") from e
+
+
+HUB_PARQUET_EXPORT = 'refs/convert/parquet'    # the hub's Parquet conversion of a repository (one folder per config)
 
 
 def hub_split(dataset_dict, split, columns, where):
