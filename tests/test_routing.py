@@ -773,3 +773,17 @@ def test_routing_head_exposes_the_chunk_size():
     torch.testing.assert_close(head(hidden), scores)
     with pytest.raises(ValueError, match="chunk_elements must be a positive int, got 0"):
         head.set_chunk_elements(0)
+
+
+@pytest.mark.slow
+def test_paper_head_on_a_gpu_launches_at_most_twice_the_straightforward_operators():
+    """Issue 19: at BEiT-large's real shapes (batch 50, 197 x 25 x 1024) a training step of the streamed head with
+    the GPU chunk policy (whole sequence in one chunk) runs at most 2x the operators of plain autograd, where the
+    CPU's 2^21-element chunks ran over 60x (counted on the meta device: no compute)."""
+    from benchmarks.routing_ops import GPU_FREE_BYTES, SHAPES, step_operators
+    from heinsen_routing.streamed import chunk_elements_for
+    shape = SHAPES['BEiT-large (batch 50, 197 x 25 x 1024)']
+    straightforward = step_operators(shape, False, None)
+    on_gpu = step_operators(shape, True, chunk_elements_for('cuda', torch.float32, free_bytes=GPU_FREE_BYTES))
+    assert on_gpu <= 2 * straightforward
+    assert step_operators(shape, True, 2 ** 21) > 30 * straightforward
