@@ -19,6 +19,7 @@ Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored
 library's masks (True = that input is ignored).
 """
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -75,6 +76,7 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
 def read_config(path_or_id, revision=None):
     """config.json of a save_pretrained folder or hub repository -> dict."""
     folder = Path(path_or_id)
+    check_local_path(path_or_id)
     if folder.is_dir():
         path = folder / 'config.json'
         if not path.is_file():
@@ -86,6 +88,25 @@ def read_config(path_or_id, revision=None):
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
+
+
+def looks_local(path):
+    """Whether a path names a local file or folder rather than a hub id: it starts with ./ ../ / or ~, starts
+    with pretrained/ (this repository's heads), or its parent folder exists."""
+    path = str(path)
+    if path.startswith(('./', '../', '/', '~', '.' + os.sep, '..' + os.sep, os.sep, 'pretrained/')):
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+
+
+def check_local_path(path):
+    """A path that looks local (looks_local) but does not exist: FileNotFoundError naming its absolute path,
+    instead of the hub's connection error for what it would then take as a hub id."""
+    if looks_local(path) and not os.path.exists(os.path.expanduser(str(path))):
+        kind = 'file' if str(path).endswith(('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')) else 'folder'
+        raise FileNotFoundError(f"no such {kind}: {os.path.abspath(os.path.expanduser(str(path)))}; run from the "
+                                f"repository root or pass an absolute path")
 
 
 def check_finite(state, what):
@@ -493,6 +514,12 @@ def _load_backbone(name, revision, max_length, pretrained):
     try:
         config = transformers.AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
+        if name in BACKBONES:                        # a backbone we know, which the hub (or its cache) did not give
+            raise ValueError(
+                f"backbone {name!r} is a known hub backbone ({source}), but it could not be fetched"
+                f"{' offline (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}: run once with "
+                f"network access so that it lands in the Hugging Face cache (HF_HOME), or pass a local folder "
+                f"written by save_pretrained (--backbone /path/to/folder): {e}") from e
         raise ValueError(
             f"unknown backbone {name!r}: not one of {sorted(BACKBONES)} or 'timm/<name>', not a local folder "
             f"with a config.json, and not loadable from the Hugging Face hub (offline? set HF_HOME to a cache "
@@ -580,6 +607,7 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
     names (the authors' files: the name after `_for_`, when it is one of BACKBONES), else None. The weights load
     strictly and must be finite."""
     path = str(path_or_id)
+    check_local_path(path)
     if path.endswith(STATE_FILE_SUFFIXES):
         state, training = _read_state_file(path)
         model = _model_of_state_dict(state, path)

@@ -160,7 +160,8 @@ def download_and_extract(url: str, dest_dir: str, checksum: str = None, members:
                 os.rmdir(dest_dir)                               # a later attempt finds nothing half-made
             raise RuntimeError(
                 f"Could not download {url} ({e}). Is the network available? You can also download it by hand "
-                f"and " + (by_hand or f"unpack it into {os.path.abspath(dest_dir)}.")) from e
+                f"and " + (by_hand or (f"unpack it into {os.path.abspath(dest_dir)}." if _is_archive(filename)
+                                       else f"put it into {os.path.abspath(dest_dir)}."))) from e
         if checksum is not None:
             verify_checksum(tmp_path, checksum, f"the download of {url}")
         print(f"downloaded {url}" + (" (checksum verified)" if checksum else ""))
@@ -233,6 +234,10 @@ def _extract_archive(archive_path, dest_dir, is_zip, members=None, url=None):
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def _is_archive(filename):
+    return filename.lower().endswith(('.zip', '.tar', '.tar.gz', '.tgz', '.gz'))
+
+
 def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str = HEINSEN2019_URL,
                               download: bool = True) -> dict:
     """
@@ -242,14 +247,24 @@ def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str
     and never leaves the file in dest_dir (a bad file already there is left as it is, for inspection).
     """
     paths, base_url = {}, base_url.rstrip('/') + '/'
+    absent = [name for name in HEINSEN2019_WEIGHTS if not os.path.isfile(os.path.join(dest_dir, name))]
     for name, checksum in HEINSEN2019_WEIGHTS.items():
         path = os.path.join(dest_dir, name)
         if not os.path.isfile(path):
             if not download:
                 raise missing('the 2019 pretrained weights', path,
-                              f"Get {base_url}{name} into {os.path.abspath(dest_dir)}, or pass --download "
+                              f"Missing: {', '.join(absent)}. Download {' and '.join(base_url + n for n in absent)} "
+                              f"into {os.path.abspath(dest_dir)}, or pass --download "
                               f"(python -m data heinsen2019 --download).")
-            download_and_extract(base_url + name, dest_dir, checksum=checksum)
+            try:
+                download_and_extract(base_url + name, dest_dir, checksum=checksum)
+            except ChecksumMismatchError:
+                raise
+            except RuntimeError as e:                    # no network: name every file still missing, to download
+                raise RuntimeError(
+                    f"Could not download {base_url + name} ({e.__cause__ or e}). Download the missing files "
+                    f"{', '.join(absent)} by hand ({', '.join(base_url + n for n in absent)}) into "
+                    f"{os.path.abspath(dest_dir)}; they are used as they are (nothing to unpack).") from e
         else:
             try:
                 verify_checksum(path, checksum, path)

@@ -291,8 +291,9 @@ def _sst_dir(data_root, download):
     if download:
         downloads.download_and_extract(downloads.SST_URL, root, members=downloads.SST_MEMBER_CHECKSUMS,
                                        by_hand=f"put its three PTB tree files trees/train.txt, trees/dev.txt and "
-                                               f"trees/test.txt into {os.path.abspath(root)}/ (or pass --data_root "
-                                               f"to the folder that holds sst/).")
+                                               f"trees/test.txt into {os.path.abspath(root)}/ (or point at the "
+                                               f"folder that holds sst/: --data_root for train.py and python -m "
+                                               f"data, DATA_ROOT=... for train_all_heads.sh).")
         return _sst_dir(data_root, download=False)
     # name the file that is missing, in the folder that holds the others
     d = max(candidates, key=lambda c: sum(os.path.isfile(os.path.join(c, f)) for f in names))
