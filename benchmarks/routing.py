@@ -103,7 +103,8 @@ def worker(impl, config, args, dtype, out_path, source):
 
     def build(n_inp):
         torch.manual_seed(0)
-        return EfficientVectorRouting(n_inp, args.n_out, args.d_inp, args.d_out, n_iters=n_iters).to(device, dtype)
+        return EfficientVectorRouting(n_inp, args.n_out, args.d_inp, args.d_out, n_iters=n_iters,
+                                      chunk_elements=args.chunk_elements).to(device, dtype)
 
     def forward(module, x, mask=None):
         return straightforward_routing(module, x, mask) if impl == 'straightforward' else module(x, mask=mask)
@@ -224,6 +225,8 @@ def measure(impl, config, args, dtype, tmp, source):
     cmd = [sys.executable, '-m', 'benchmarks.routing', '--device', args.device, '--configs', config,
            '--passes', str(args.passes), '--n_out', str(args.n_out), '--d_inp', str(args.d_inp),
            '--d_out', str(args.d_out), '--worker', impl, dtype, out_path, source or '']
+    if args.chunk_elements:
+        cmd += ['--chunk_elements', str(args.chunk_elements)]
     proc = subprocess.run(cmd + ['--memory_limit_gib', str(args.memory_limit_gib)], capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(out_path):
         last = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -289,6 +292,8 @@ def main():
     parser.add_argument('--rounds', type=int, default=3,
                         help='measurements of each implementation (fresh processes, interleaved); the median time is reported')
     parser.add_argument('--passes', type=int, default=2, help='forward+backward passes per process; the last one is timed')
+    parser.add_argument('--chunk_elements', type=int, default=None,
+                        help="ours: EfficientVectorRouting(chunk_elements=...) (default: the device's)")
     parser.add_argument('--busy', type=int, default=0, metavar='K',
                         help='keep the cores busy with K one-thread processes during the measurements')
     parser.add_argument('--idle_threshold', type=float, default=0.1,

@@ -40,17 +40,19 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 # per input over the whole batch. chunk_elements=None (the default) picks it per device from a memory budget for
 # one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
 # temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
-#   CPU   CPU_CHUNK_BYTES, about a last-level cache (32 MiB), so that the chunk's rows of x are read from cache by
-#         the several products that use them, and a pass is a few dozen chunks: every operator on a chunk is a
-#         parallel region whose threads must all be scheduled, so on cores shared with other processes the time
-#         grows with the number of chunks (benchmarks/routing.md: 2^21-element chunks took 4.8x the straightforward
-#         implementation's time on a busy 2-core CPU, 2^23-element chunks 1.7x);
+#   CPU   CPU_CHUNK_BYTES, a quarter of a last-level cache (32 MiB), so that the chunk's rows of x and its
+#         intermediates are read from cache by the several products and element-wise steps that use them, and the
+#         memory beyond the gradients stays near 0.05x the straightforward implementation's at 100,000 inputs.
+#         Every operator on a chunk is a parallel region whose threads must all be scheduled, so on cores shared
+#         with other processes the time grows with the number of chunks: there a larger chunk_elements trades
+#         memory for speed (benchmarks/routing.md: on a busy 2-core CPU 2^21-element chunks took 4.8x the
+#         straightforward implementation's time, 2^23-element chunks 1.7x with 2x-3x the memory);
 #   CUDA  CUDA_FREE_FRACTION of the memory free on the device: the whole sequence in one chunk when it fits, so
 #         that a pass is a few large kernels instead of hundreds of small launches.
-CPU_CHUNK_BYTES = 32 << 20
+CPU_CHUNK_BYTES = 8 << 20
 CUDA_FREE_FRACTION = 0.25
 WORKING_SET_FACTOR = 4
-CHUNK_ELEMENTS = CPU_CHUNK_BYTES // 4            # the CPU default in float32 (2^23)
+CHUNK_ELEMENTS = CPU_CHUNK_BYTES // 4            # the CPU default in float32 (2^21)
 
 
 def chunk_elements_for(device, dtype, free_bytes=None):
