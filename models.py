@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_model
 
 import data
 from heinsen_routing import EfficientVectorRouting, Routing, end_to_end_credit, record_credit
+from heinsen_routing.checks import check_dims
 
 from data import pad_positions  # zero-padding of per-sample hidden states: the data layer's (data.features)
 
@@ -221,9 +222,12 @@ class RoutingHead(nn.Module, Pretrained):
     Layer norm over d_emb (no affine), then x * W + B per depth, flatten to n_pos * d_depth input
     vectors, and three routings: (-1 -> n_hid), (n_hid -> n_hid), (n_hid -> n_classes, d_out 1).
     State dict keys: W, B, route.0.*, route.1.*, route.2.* (the authors' published heads load strict).
+    chunk_elements: the routings' chunk size (EfficientVectorRouting's; None = per device: cache-sized on a CPU,
+    the whole sequence in one chunk on a GPU where it fits a quarter of the free memory). It changes speed and
+    memory, never results, and can be changed on a loaded head with set_chunk_elements.
     """
 
-    def __init__(self, d_depth, d_emb, n_classes, n_hid=64):
+    def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None):
         super().__init__()
         self.d_depth, self.d_emb, self.n_classes, self.n_hid = d_depth, d_emb, n_classes, n_hid
         self.normalize = nn.LayerNorm(d_emb, elementwise_affine=False)
@@ -234,6 +238,14 @@ class RoutingHead(nn.Module, Pretrained):
             EfficientVectorRouting(n_inp=n_hid, n_out=n_hid, d_inp=d_emb, d_out=d_emb),
             EfficientVectorRouting(n_inp=n_hid, n_out=n_classes, d_inp=d_emb, d_out=1),
         ])
+        self.set_chunk_elements(chunk_elements)
+
+    def set_chunk_elements(self, chunk_elements):
+        """The chunk size of the streamed routings (None = per device, see the class docstring)."""
+        if chunk_elements is not None:
+            check_dims(chunk_elements=chunk_elements)
+        for routing in self.route:
+            routing.chunk_elements = chunk_elements
 
     def forward(self, hidden, mask=None):
         """hidden [..., n_pos, d_depth, d_emb]; mask [..., n_pos] bool, True = padding."""
@@ -445,24 +457,64 @@ class TextBackbone(FrozenBackbone):
         self.max_length = min(max_length or window, window)
 
     @torch.no_grad()
-    def encode(self, texts, chunks_per_batch=64):
+    def encode(self, texts, max_tokens=4096):
+        """-> hidden [batch, n_pos, d_depth, d_emb] float32, zero after each text's tokens, mask [batch, n_pos]
+        (True = padding): encode_rows' rows (no padding ever enters the model), split per text and padded."""
+        rows, lengths = self.encode_rows(texts, max_tokens=max_tokens)
+        return pad_positions(list(rows.split(lengths)))
+
+    def token_counts(self, texts):
+        """-> [len(texts)] ints: the rows each text gets from encode_rows (all tokens of all its chunks)."""
+        tokens = self._tokenize(texts)
+        counts = [0] * len(texts)
+        for sample, ids in zip(tokens['overflow_to_sample_mapping'], tokens['input_ids']):
+            counts[sample] += len(ids)
+        return counts
+
+    def _tokenize(self, texts):
+        """Unpadded token ids of each chunk (a text longer than the window gives several, each with its special
+        tokens), and the text of each chunk ('overflow_to_sample_mapping'), in text order."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"a text backbone encodes a list of strings, got {type(texts).__name__}")
-        tokens = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, padding=True,
-                                padding_side='right', return_overflowing_tokens=True, return_tensors='pt')
-        sample_of_chunk = tokens['overflow_to_sample_mapping']                  # [n_chunks]
-        chunk_mask = tokens['attention_mask'].bool()                             # [n_chunks, len]
-        states = []
-        for s in range(0, len(sample_of_chunk), chunks_per_batch):
-            inputs = {k: tokens[k][s:s + chunks_per_batch].to(self.device)
-                      for k in ('input_ids', 'attention_mask', 'token_type_ids') if k in tokens}
+        return self.tokenizer(list(texts), max_length=self.max_length, truncation=True,
+                              return_overflowing_tokens=True, return_attention_mask=False)
+
+    @torch.no_grad()
+    def encode_rows(self, texts, dtype=torch.float32, max_tokens=4096):
+        """Every text's hidden states without padding, concatenated: -> rows [sum(lengths), d_depth, d_emb] of
+        `dtype` on the backbone's device, lengths (list of ints; text b's tokens, its chunks re-joined in order, are rows
+        sum(lengths[:b]) : sum(lengths[:b + 1])).
+        The chunks run in batches of equal length (no padding token, no attention mask) of at most max_tokens tokens,
+        so no compute is spent on padding; each batch's states are written once, converted to `dtype`, at their rows."""
+        tokens = self._tokenize(texts)
+        chunk_ids, sample_of_chunk = tokens['input_ids'], tokens['overflow_to_sample_mapping']
+        token_types = tokens.get('token_type_ids')
+        n_tokens = [len(ids) for ids in chunk_ids]
+        chunk_len = torch.tensor(n_tokens, dtype=torch.long)                                  # [n_chunks]
+        lengths = torch.zeros(len(texts), dtype=torch.long).index_add_(
+            0, torch.tensor(sample_of_chunk, dtype=torch.long), chunk_len).tolist()
+        chunk_start = chunk_len.cumsum(0) - chunk_len            # chunks come in text order: [n_chunks] first rows
+        rows = torch.empty(int(chunk_len.sum()), self.d_depth, self.d_emb, dtype=dtype, device=self.device)
+        order = sorted(range(len(chunk_ids)), key=n_tokens.__getitem__)
+        batches, k = [], 0
+        while k < len(order):                                    # runs of equal length, cut at max_tokens tokens
+            n_tok = n_tokens[order[k]]
+            end = k + 1
+            while end < len(order) and end - k < max(1, max_tokens // n_tok) and n_tokens[order[end]] == n_tok:
+                end += 1
+            batches.append(order[k:end])
+            k = end
+        for batch in batches:
+            n_tok = n_tokens[batch[0]]
+            inputs = {'input_ids': torch.tensor([chunk_ids[c] for c in batch], device=self.device)}  # [b, n_tok]
+            if token_types is not None:
+                inputs['token_type_ids'] = torch.tensor([token_types[c] for c in batch], device=self.device)
             with self.autocast():
-                out = self.model(**inputs, output_hidden_states=True)
-            states.append(stack_depths(out.hidden_states))                       # [chunks, len, d_depth, d_emb]
-        states = torch.cat(states)
-        # re-join each sample's chunks, dropping padding tokens
-        per_sample = [states[sample_of_chunk == b][chunk_mask[sample_of_chunk == b]] for b in range(len(texts))]
-        return pad_positions(per_sample)
+                states = self.model(**inputs, output_hidden_states=True).hidden_states  # d_depth x [b, n_tok, d_emb]
+            where = (chunk_start[batch][:, None] + torch.arange(n_tok)).reshape(-1).to(self.device)  # [b n_tok]
+            for depth, state in enumerate(states):
+                rows[where, depth] = state.reshape(-1, self.d_emb).to(dtype)                 # [b n_tok, d_emb]
+        return rows, lengths
 
 
 class ImageBackbone(FrozenBackbone):

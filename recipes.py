@@ -13,7 +13,9 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
                    cycle (max lr 1e-3, 30% warm-up), mixup with the next sample in the batch. --feature_cache
                    caches roberta-large's hidden states of every SST text (about 90 GB of disk): opt-in.
     offline        SST-5, then SST-2 from it, on minilm (all-MiniLM-L6-v2) on a CPU: one epoch of 2000 steps of 32
-                   phrases each, features from the cache (docs/replication.md has its measured time).
+                   phrases each, features from the cache (docs/replication.md has its measured time); on a CPU
+                   with bfloat16 units the backbone encodes in bfloat16 autocast and the head's matrix products
+                   use matmul precision 'medium'.
     paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
     digits-vit     the routing head on the small ViT pretrained on scikit-learn's 8x8 digits (the committed
                    pretrained/digits_vit/backbone, which `python -m benchmarks.digits_vit build` trains first and then
@@ -36,6 +38,17 @@ BEIT = ['--backbone', 'microsoft/beit-large-patch16-224', '--revision', '0bd443c
 # The small ViT trained on the digits (benchmarks/digits_vit.py), and its routing head's epochs.
 DIGITS_VIT = os.path.join('pretrained', 'digits_vit', 'backbone')
 HEAD_EPOCHS = 60
+
+
+def cpu_has_bfloat16():
+    """Whether this CPU has bfloat16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, from /proc/cpuinfo; False
+    where that file does not exist), so that bfloat16 autocast and matmul precision 'medium' make it faster."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return False
+    return bool({'avx512_bf16', 'amx_bf16'} & set(flags))
 
 
 def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None):
@@ -66,8 +79,11 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None):
                               '2000'),
         }
     if profile == 'offline':
+        # on a CPU with bfloat16 units the frozen backbone encodes under bfloat16 autocast and the head's float32
+        # matrix products use them too (docs/performance.md measures both against float32)
+        fast = ['--mixed_precision', 'bf16', '--matmul_precision', 'medium'] if cpu_has_bfloat16() else []
         minilm = ['--backbone', 'minilm', *cache, '--n_epochs', '1', '--n_iters_per_train_epoch', '2000',
-                  '--batch_sz', '32', '--device', 'cpu']
+                  '--batch_sz', '32', '--device', 'cpu', *fast]
         return {'sst5': stage('sst5', '--download', *minilm),
                 'sst2': stage('sst2', *minilm, '--pretrained_path', os.path.join(where, 'sst5', 'model'))}
     if profile == 'paper-minilm':

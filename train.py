@@ -118,6 +118,12 @@ def parse_args(argv=None):
                         "'medium' lets oneDNN compute float32 matrix products with bfloat16 arithmetic: on this "
                         "repository's 2-core CPU 1.5x faster head training, scores within 1e-6 and gradients within "
                         "2e-4 of float32's (python -m benchmarks.train_step); on CUDA it allows plain bfloat16")
+    p.add_argument('--chunk_elements', type=int, default=None,
+                   help="routing_head: the streamed routings' chunk size (EfficientVectorRouting's chunk_elements: "
+                        "about this many elements of [d_emb + n_out] per input over the batch in a chunk). Default: "
+                        "per device, cache-sized on a CPU (2^21 float32 elements; larger is faster on busy cores), on CUDA the whole sequence in one "
+                        "chunk when its working set fits a quarter of the free memory. Changes speed and memory, "
+                        "never results")
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--overwrite', action='store_true',
@@ -145,6 +151,8 @@ def parse_args(argv=None):
                 f"its files (--data_source files)")
     if args.eval_only and not args.pretrained_path:
         p.error('--eval_only needs --pretrained_path (the head to evaluate)')
+    if args.chunk_elements is not None and args.chunk_elements <= 0:
+        p.error(f'--chunk_elements must be a positive int (elements per chunk), got {args.chunk_elements}')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
         p.error(f"--pretrained_path {args.pretrained_path!r}: no such folder or file (a model folder written by train.py "
                 f"or save_pretrained, an older .safetensors head, a .pt state dict, or the authors' 2022 "
@@ -655,6 +663,11 @@ def build_run(args):
             raise ValueError(f"--dataset_name {args.dataset_name}: the {split} split is empty (in {args.data_root})")
     backbone = load_frozen_backbone(args, splits, accelerator, AUTOCAST_DTYPES[precision])
     head, metadata = build_model(args, splits, backbone)
+    if args.chunk_elements is not None:
+        if not isinstance(head, models.RoutingHead):
+            raise ValueError(f"--chunk_elements sets the streamed routings of --model routing_head; "
+                             f"{type(head).__name__} has none")
+        head.set_chunk_elements(args.chunk_elements)
     metadata.update(device_and_precision(accelerator, backbone, args))
     accelerator.print('device and precision: ' + ', '.join(f'{k} {v}' for k, v in metadata.items()
                                                            if k not in ('model', 'dataset_name')))

@@ -73,12 +73,25 @@ def run_offline_profile(data_root, work_dir):
     out, cache_root = os.path.join(work_dir, 'runs'), os.path.join(work_dir, 'data')
     os.makedirs(cache_root, exist_ok=True)
     os.symlink(os.path.abspath(os.path.join(data_root, 'sst')), os.path.join(cache_root, 'sst'))
+    machine = machine_cpu_seconds()
     started = time.time()
     subprocess.run(['bash', os.path.join(REPO_ROOT, 'train_all_heads.sh'), 'offline'], check=True, cwd=REPO_ROOT,
                    env={**os.environ, 'OUT': out, 'DATA_ROOT': cache_root})
     wall = time.time() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024        # the largest child, KiB on Linux
-    return wall, peak, folder_bytes(os.path.join(cache_root, 'features'))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss * 1024                                               # the largest child, KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime                                       # all the profile's processes
+    busy, total = (b - a for a, b in zip(machine, machine_cpu_seconds()))
+    others = max(0.0, busy - cpu) / max(total, 1e-9)          # the share of the machine's CPU time others used
+    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others
+
+
+def machine_cpu_seconds():
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open('/proc/stat') as f:
+        values = list(map(int, f.readline().split()[1:]))
+    tick = os.sysconf('SC_CLK_TCK')
+    return (sum(values) - values[3] - values[4]) / tick, sum(values) / tick
 
 
 def main(argv=None):
@@ -102,10 +115,11 @@ def main(argv=None):
              ', '.join(f"{name} {size / 2 ** 30:.2f} GiB" for size, name in sizes[:5]) + '.']
     if args.run:
         with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
-            wall, peak, cache = run_offline_profile(args.data_root, work_dir)
+            wall, peak, cache, cpu, others = run_offline_profile(args.data_root, work_dir)
         lines += [f"- **`bash train_all_heads.sh offline` from scratch** (feature cache built first, then the SST-5 "
-                  f"and SST-2 heads): {wall / 60:.1f} min wall clock; load average at the end "
-                  f"{os.getloadavg()[0]:.2f} (other jobs share this machine's cores).",
+                  f"and SST-2 heads): {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min of CPU time (all its "
+                  f"processes); other processes used {others:.0%} of the machine's CPU time meanwhile (load average "
+                  f"at the end {os.getloadavg()[0]:.2f}).",
                   f"- **Feature cache** of all SST texts on minilm: {cache / 2 ** 30:.1f} GiB of disk.",
                   f"- **Peak memory** of one training process (resident set, ru_maxrss): {peak / 2 ** 30:.1f} GiB; "
                   f"the memory-mapped cache counts in it as it is read, so it is mostly page cache the system can "

@@ -202,45 +202,61 @@ class FeatureStore:
     def _save_index(self):
         write_atomic(self.index_path, json.dumps(self.index).encode())
 
-    def ensure(self, texts, desc='', batch_texts=128):
-        """Encodes (with the backbone) the texts not stored yet, shortest first, in batches."""
+    BLOCK_BYTES = 256 << 20
+
+    def ensure(self, texts, desc='', batch_texts=4096):
+        """Encodes (with the backbone) the texts not stored yet, in blocks of at most batch_texts texts and
+        BLOCK_BYTES of rows, the texts ordered by their number of tokens (so that the backbone's equal-length
+        batches are full, see TextBackbone.encode_rows)."""
         if not set(texts) - set(self.index['texts']):
             return
         with _disk_errors(self.folder), self._locked():
             self._load()                                             # another process may have added some
-            self._append(sorted(set(texts) - set(self.index['texts']), key=len), desc, batch_texts)
+            self._append(sorted(set(texts) - set(self.index['texts'])), desc, batch_texts)
 
     def _append(self, missing, desc, batch_texts):
         from tqdm import tqdm
         if not missing:
             return
+        counts = self.backbone.token_counts(missing)                 # rows of each text
+        order = sorted(range(len(missing)), key=counts.__getitem__)
+        max_rows = max(1, self.BLOCK_BYTES // self.row_bytes)
+        blocks, block, rows = [], [], 0
+        for k in order:
+            if block and (len(block) == batch_texts or rows + counts[k] > max_rows):
+                blocks.append(block)
+                block, rows = [], 0
+            block.append(missing[k])
+            rows += counts[k]
+        blocks.append(block)
         last_save = time.time()
         progress = tqdm(total=len(missing), desc=f"encoding {desc} ({self.backbone.name})", unit='text')
+        texts = self.index['texts']
         with open(self.hidden_path, 'ab') as f, progress:
             try:
-                for s in range(0, len(missing), batch_texts):
-                    batch = missing[s:s + batch_texts]
-                    progress.update(len(batch))
-                    hidden, mask = self.backbone.encode(batch)       # [batch, n_pos, d_depth, d_emb], [batch, n_pos]
-                    hidden = hidden.to(torch.float16).cpu().numpy()
-                    lengths = (~mask).sum(dim=1).tolist()
-                    for text, h, length in zip(batch, hidden, lengths):
-                        rows = np.ascontiguousarray(h[:length])     # non-padding tokens come first
+                for b, block in enumerate(blocks):
+                    hidden, lengths = self.backbone.encode_rows(block, dtype=torch.float16)   # [rows, d_depth, d_emb]
+                    hidden = hidden.cpu().numpy()
+                    start = self.index['n_rows']
+                    for text, length in zip(block, lengths):
+                        rows = hidden[start - self.index['n_rows']:][:length]           # this text's rows
                         if not np.isfinite(rows).all():
                             raise ValueError(
                                 f"backbone {self.backbone.name!r} gives hidden states that are not finite in float16 "
                                 f"(NaN, or beyond +-65504) for the text {text[:60]!r}: they cannot be cached; run "
                                 f"without --feature_cache")
-                        f.write(rows.tobytes())
-                        self.index['texts'][text] = [self.index['n_rows'], length, rows_checksum(text, rows)]
-                        self.index['n_rows'] += length
-                    if time.time() - last_save > self.SAVE_EVERY_SECONDS or s + batch_texts >= len(missing):
+                        texts[text] = [start, length, rows_checksum(text, rows)]
+                        start += length
+                    f.write(hidden.data)                             # one write per block, the texts' rows in order
+                    self.index['n_rows'] = start
+                    progress.update(len(block))
+                    if time.time() - last_save > self.SAVE_EVERY_SECONDS or b == len(blocks) - 1:
                         f.flush()
                         os.fsync(f.fileno())
                         self._save_index()
                         last_save = time.time()
             except BaseException:
-                try:                   # the index on disk is the truth: rows past it are dropped
+                try:                   # the index on disk is the truth: rows past it (and their texts) are dropped
                     self._load()
                 except Exception:
                     pass

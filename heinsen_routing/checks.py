@@ -61,7 +61,7 @@ def check_dtype(name, x, param):
     """Outside autocast the input's dtype must equal the parameters' (no silent casts). Autocast
     casts float32 to its lower precision but leaves float64 alone, so float64 input to a module of
     lower precision is an error there too."""
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)  # meta: no
     if x.dtype != param.dtype and not autocast:
         raise ValueError(f"{name} has dtype {x.dtype} but the module's parameters are {param.dtype}: "
                          f"cast the input (x.to({param.dtype})) or the module (module.to({x.dtype})), "

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .checks import check_dims, check_dtype, check_eps, check_mask, check_n_iters, check_sequence, check_sizes
 from .steps import (activations, agreement, betas, credit, init_betas, initial_R, input_scale, layer_norm,
                     masked_softmax, predict, without_masked_inputs)
-from .streamed import CHUNK_ELEMENTS, streamed_routing
+from .streamed import streamed_routing
 
 __all__ = ['EfficientVectorRouting', 'DefinableVectorRouting', 'GenerativeMatrixRouting', 'Routing']
 
@@ -100,8 +100,11 @@ class EfficientVectorRouting(nn.Module):
             False materialises V and uses plain autograd; both agree.
         return_dict: return a dict of the intermediates instead of x_out.
         chunk_elements: with memory_efficient, the inputs in a chunk are as many as make about this
-            many elements of [d_inp + n_out] per input over the batch (default CHUNK_ELEMENTS =
-            2^21, 8 MiB in float32): smaller saves memory, larger saves per-chunk overhead.
+            many elements of [d_inp + n_out] per input over the batch: smaller saves memory, larger saves
+            per-chunk overhead. None (default) picks it per device from a memory budget
+            (streamed.chunk_elements_for): on a CPU cache-sized (2^21 in float32, 8 MiB; larger is faster on
+            busy cores and takes more memory),
+            on a GPU the whole sequence in one chunk when its working set fits a quarter of the free memory.
 
     Forward:
         x_inp [..., n, d_inp], mask (optional) bool broadcastable to [..., n, n_out]
@@ -112,10 +115,10 @@ class EfficientVectorRouting(nn.Module):
     """
 
     def __init__(self, n_inp, n_out, d_inp, d_out, n_iters=2, normalize=True, memory_efficient=True,
-                 return_dict=False, chunk_elements=CHUNK_ELEMENTS):
+                 return_dict=False, chunk_elements=None):
         super().__init__()
         check_sizes(n_inp, n_out)
-        check_dims(d_inp=d_inp, d_out=d_out, chunk_elements=chunk_elements)
+        check_dims(d_inp=d_inp, d_out=d_out, **({} if chunk_elements is None else {'chunk_elements': chunk_elements}))
         check_n_iters(n_iters)
         self.n_inp, self.n_out, self.d_inp, self.d_out = n_inp, n_out, d_inp, d_out
         self.n_iters, self.normalize = n_iters, normalize

@@ -5,6 +5,8 @@ The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same e
 `streamed_routing`; one autograd function per routing iteration, `_StreamedPass`, whose backward is derived by
 hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
 """
+from contextlib import nullcontext
+
 import torch
 
 from .steps import activations, agreement, credit, initial_R, masked_softmax, predict, squeeze_last, \
@@ -19,12 +21,13 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
     intermediates {a_inp, S, R, D_use, D_ign, phi, pred_x_inp}, detached, else {}."""
     m = module
     last = {} if diagnostics else None
-    uniform_R, params, pred, x_grad = _uniform_initial_R(mask), _streamed_params(m), None, {}
+    uniform_R, params, pred, shared = _uniform_initial_R(mask), _streamed_params(m), None, {}
+    chunk_elements = m.chunk_elements or chunk_elements_for(x_inp.device, m.W_A.dtype)
     for t in range(m.n_iters):
         if t > 0:
             pred = predict(x_out, m.W_G1, m.W_G2, m.B_G2)                               # [..., n_out, d_inp]
-        cfg = (t, m.n_iters, m.n_out, m.n_inp > 0, m.chunk_elements, uniform_R)
-        phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last if t == m.n_iters - 1 else None, x_grad,
+        cfg = (t, m.n_iters, m.n_out, m.n_inp > 0, chunk_elements, uniform_R)
+        phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last if t == m.n_iters - 1 else None, shared,
                                            x_inp, pred, *params)
         x_out = x_out_from_sums(phi_x, phi_1, scale, m.W_F1, m.W_F2, m.B_F2)           # [..., n_out, d_out]
     if diagnostics:
@@ -33,9 +36,37 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 
 
 
-# Default of EfficientVectorRouting(chunk_elements=...): a chunk holds the inputs whose rows of
-# [d_inp + n_out] elements, over the whole batch, make about this many (8 MiB in float32).
-CHUNK_ELEMENTS = 1 << 21
+# The chunk size: EfficientVectorRouting(chunk_elements=...) counts a chunk's inputs as elements of [d_inp + n_out]
+# per input over the whole batch. chunk_elements=None (the default) picks it per device from a memory budget for
+# one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
+# temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
+#   CPU   CPU_CHUNK_BYTES, a quarter of a last-level cache (32 MiB), so that the chunk's rows of x and its
+#         intermediates are read from cache by the several products and element-wise steps that use them, and the
+#         memory beyond the gradients stays near 0.05x the straightforward implementation's at 100,000 inputs.
+#         Every operator on a chunk is a parallel region whose threads must all be scheduled, so on cores shared
+#         with other processes the time grows with the number of chunks: there a larger chunk_elements trades
+#         memory for speed (benchmarks/routing.md: on a busy 2-core CPU 2^21-element chunks took 4.8x the
+#         straightforward implementation's time, 2^23-element chunks 1.7x with 2x-3x the memory);
+#   CUDA  CUDA_FREE_FRACTION of the memory free on the device: the whole sequence in one chunk when it fits, so
+#         that a pass is a few large kernels instead of hundreds of small launches.
+CPU_CHUNK_BYTES = 8 << 20
+CUDA_FREE_FRACTION = 0.25
+WORKING_SET_FACTOR = 4
+CHUNK_ELEMENTS = CPU_CHUNK_BYTES // 4            # the CPU default in float32 (2^21)
+
+
+def chunk_elements_for(device, dtype, free_bytes=None):
+    """The default chunk_elements on `device` for tensors of `dtype` (see above). free_bytes: the memory free on a
+    CUDA device (default: what the driver reports free plus what PyTorch's allocator holds unused); ignored on other
+    devices. -> int"""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    device = torch.device(device)
+    if device.type == 'cuda':
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(device)[0] + (torch.cuda.memory_reserved(device)
+                                                               - torch.cuda.memory_allocated(device))
+        return max(CPU_CHUNK_BYTES, int(free_bytes * CUDA_FREE_FRACTION) // WORKING_SET_FACTOR) // element_size
+    return CPU_CHUNK_BYTES // element_size
 
 
 def _chunks(n, batch_numel, row_width, chunk_elements):
@@ -143,6 +174,11 @@ def _gradient_targets(name, n_out):
     return [(name, 1.0)]
 
 
+def _used(name, n_iters):
+    """Whether the passes read this input of _StreamedPass: W_S and B_S only enter the E-step of t > 0."""
+    return n_iters > 1 or name not in ('W_S', 'B_S')
+
+
 def _uniform_initial_R(mask):
     """Whether the first iteration's R is 1/n_out for every input that counts: no mask, or one that
     masks whole inputs only (their f_a is 0, so their R does not matter)."""
@@ -162,10 +198,10 @@ class _StreamedPass(torch.autograd.Function):
     tensors) run on plain autograd outside, so autograd keeps their activations and backward never
     recomputes them. Saved for backward: x, the mask, pred and the parameters. Backward gets
     (G, g_1) = the gradient of (phi_x, phi_1) and makes one pass over chunks that recomputes the
-    chunk and writes, in place into one buffer per input or parameter, the gradients (the input's
-    buffer is shared by the passes of one forward, `x_grad`: autograd runs their backwards from the
-    last iteration to the first, each adds into it, and only the first iteration's returns it, so
-    no second input-sized gradient is ever allocated)
+    chunk and writes, in place into one buffer per input or parameter, the gradients (the buffers are
+    shared by the passes of one forward, `shared`: autograd runs their backwards from the last
+    iteration to the first, each adds into them, and only the first iteration's returns them, so no
+    second input-sized or [n_inp, *] parameter-sized gradient is ever allocated, whatever n_iters)
 
         dphi  = x G^T + g_1                                           (M-step sums)
         dx   += phi G
@@ -187,11 +223,11 @@ class _StreamedPass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cfg, mask, scale, diagnostics, x_grad, x, pred, *params):
+    def forward(ctx, cfg, mask, scale, diagnostics, shared, x, pred, *params):
         # cfg: (t, n_iters, n_out, per_input, chunk_elements, uniform_R); mask: None or bool broadcastable to
         # [..., n, n_out]; scale: n^(-1/2), float or [..., 1, 1]; diagnostics: None or a dict to fill
-        # with this pass's intermediates; x_grad: a dict shared by the passes of one forward (holds the
-        # input's gradient buffer in backward); x [..., n, d_inp]; pred [..., n_out, d_inp] or None
+        # with this pass's intermediates; shared: a dict shared by the passes of one forward (holds the
+        # gradient buffers of the input and parameters in backward); x [..., n, d_inp]; pred [..., n_out, d_inp] or None
         # (t = 0); params: _STREAMED_PARAMS
         p = dict(zip(_STREAMED_PARAMS, params))
         t, n_iters, n_out, per_input, chunk_elements, uniform_R = cfg
@@ -210,11 +246,12 @@ class _StreamedPass(torch.autograd.Function):
             for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
                 dim = -1 if k == 'a_inp' else -2
                 diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
-        ctx.cfg, ctx.x_grad = cfg, x_grad
+        ctx.cfg, ctx.shared = cfg, shared
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, *params)
-        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
-                        torch.get_autocast_dtype(x.device.type))
+        device_type = x.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        ctx.autocast = (device_type, autocast, torch.get_autocast_dtype(device_type) if autocast else None)
         return phi_x, phi_1
 
     @staticmethod
@@ -225,24 +262,27 @@ class _StreamedPass(torch.autograd.Function):
         p = dict(zip(_STREAMED_PARAMS, params))
         t, n_iters, n_out, per_input, chunk_elements, uniform_R = ctx.cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
-        # One gradient buffer per input and parameter, written in place chunk by chunk.
+        # One gradient buffer per input and parameter for the whole forward, written in place chunk by chunk and
+        # shared by its passes (ctx.shared): autograd runs their backwards from the last iteration to the first, the
+        # first to run allocates the buffers, each adds into them, and only the first iteration's backward returns
+        # them, so autograd never holds a second [n_inp, *] or input-sized gradient to sum.
         needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[5:]))
-        grads = {k: torch.zeros_like(v) for k, v in p.items() if needed[k]}
-        if needed['x']:                                          # the last iteration's backward runs first
-            if t == n_iters - 1:
-                ctx.x_grad['x'] = torch.zeros_like(x)
-            grads['x'] = ctx.x_grad['x']
+        if t == n_iters - 1:
+            ctx.shared.clear()
+            ctx.shared.update({k: torch.zeros_like(v) for k, v in (('x', x), *p.items())
+                               if needed[k] and _used(k, n_iters)})
+        grads = ctx.shared
         dpred = None if pred is None else torch.zeros_like(pred)
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+        with torch.no_grad(), (torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()):
             products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
             _StreamedPass._backward_pass(x, mask, scale, p, t, n_out, per_input,
                                          _chunks(n, batch.numel(), d + n_out, chunk_elements),
                                          products, g_1, grads, dpred)
-        grad_x = None
-        if needed['x'] and t == 0:                               # the last backward of this forward's passes
-            grad_x = ctx.x_grad.pop('x')
-        grads = [grad_x, dpred if needed['pred'] else None, *(grads.get(k) for k in _STREAMED_PARAMS)]
+        returned = ctx.shared if t == 0 else {}                  # the last backward of this forward's passes
+        grads = [returned.get('x'), dpred if needed['pred'] else None, *(returned.get(k) for k in _STREAMED_PARAMS)]
+        if t == 0:
+            ctx.shared.clear()
         if double_backward:
             anchor = next(v for v in (x, pred, *p.values()) if v is not None and v.requires_grad)
             grads = _NoDoubleBackward.apply(anchor, *grads)

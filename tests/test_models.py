@@ -132,3 +132,33 @@ def test_routing_head_learns_a_synthetic_task():
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
     hidden, labels = batch(256)
     assert (head(hidden).argmax(-1) == labels).float().mean() > 0.8
+
+
+def test_encode_rows_runs_equal_length_batches_without_padding(tiny_bert):
+    """The feature store's encoder: each chunk's states are those of the chunk run alone; the model only ever sees
+    batches of chunks of one length, with no padding and no attention mask; lengths count every chunk's tokens."""
+    backbone = models.load_backbone(tiny_bert, max_length=16)
+    texts = ['a good film', 'bad', ' '.join(f'word{k}' for k in range(30)), 'a bad film', 'fine']
+    seen = []
+    hook = backbone.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((tuple(kwargs['input_ids'].shape), 'attention_mask' in kwargs)),
+        with_kwargs=True)
+    try:
+        rows, lengths = backbone.encode_rows(texts, dtype=torch.float64, max_tokens=40)
+    finally:
+        hook.remove()
+    assert rows.dtype == torch.float64 and rows.shape == (sum(lengths), 3, 32)
+    assert not any(masked for _, masked in seen) and all(b * n <= 40 or b == 1 for (b, n), _ in seen)
+    tokens = backbone.tokenizer(texts, max_length=16, truncation=True, return_overflowing_tokens=True)
+    assert sorted(n for (b, n), _ in seen for _ in range(b)) == sorted(len(ids) for ids in tokens['input_ids'])
+    expected = {b: [] for b in range(len(texts))}
+    with torch.no_grad():
+        for sample, ids in zip(tokens['overflow_to_sample_mapping'], tokens['input_ids']):
+            out = backbone.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            expected[sample].append(torch.stack(out, dim=-2)[0])                  # [n_tok, d_depth, d_emb]
+    for b, text_rows in enumerate(rows.split(lengths)):
+        torch.testing.assert_close(text_rows.float(), torch.cat(expected[b]), rtol=1e-4, atol=1e-5)
+    assert backbone.token_counts(texts) == lengths
+    hidden, mask = backbone.encode(texts)
+    assert (~mask).sum(dim=1).tolist() == lengths
+    torch.testing.assert_close(hidden[~mask], rows.float())

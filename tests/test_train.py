@@ -153,6 +153,9 @@ def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(['--dataset_name', 'sst5', '--pretrained_path', tmp_path / 'nope.safetensors'])
     assert 'no such folder or file' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(['--dataset_name', 'sst5', '--chunk_elements', '0'])
+    assert '--chunk_elements must be a positive int (elements per chunk), got 0' in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown backbone 'nope'"):
         run(sst_args(tiny_sst, 'nope', tmp_path / 'r'))
     with pytest.raises(FileNotFoundError, match='sst'):
@@ -196,3 +199,12 @@ def test_data_source_hub_trains_on_the_same_data(tiny_sst, tiny_bert, tmp_path, 
     assert from_hub == from_files and same(metrics(tmp_path / 'hub')[0]) == same(metrics(tmp_path / 'files')[0])
     with pytest.raises(SystemExit):
         train.parse_args(['--dataset_name', 'cifar10', '--data_source', 'hub'])
+
+
+def test_chunk_elements_reaches_the_head(tiny_sst, tiny_bert, tmp_path):
+    """--chunk_elements sets the chunk size of the head's streamed routings (default None: per device)."""
+    run_ = train.build_run(train.parse_args([str(a) for a in sst_args(tiny_sst, tiny_bert, tmp_path / 'a',
+                                                                        '--chunk_elements', 300)]))
+    assert [r.chunk_elements for r in run_.head.route] == [300] * 3
+    run_ = train.build_run(train.parse_args([str(a) for a in sst_args(tiny_sst, tiny_bert, tmp_path / 'b')]))
+    assert [r.chunk_elements for r in run_.head.route] == [None] * 3
