@@ -57,11 +57,16 @@ def check_sequence(name, x, n_inp, trailing, trailing_names):
     return n
 
 
+def autocast_enabled(device_type):
+    """Whether torch.autocast is on for this device type (False for one that has no autocast: meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def check_dtype(name, x, param):
     """Outside autocast the input's dtype must equal the parameters' (no silent casts). Autocast
     casts float32 to its lower precision but leaves float64 alone, so float64 input to a module of
     lower precision is an error there too."""
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)  # meta: no
+    autocast = autocast_enabled(x.device.type)
     if x.dtype != param.dtype and not autocast:
         raise ValueError(f"{name} has dtype {x.dtype} but the module's parameters are {param.dtype}: "
                          f"cast the input (x.to({param.dtype})) or the module (module.to({x.dtype})), "

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dims, check_dtype, check_eps, check_mask, check_n_iters, check_sequence, check_sizes
+from .checks import (autocast_enabled, check_dims, check_dtype, check_eps, check_mask, check_n_iters, check_sequence,
+                     check_sizes)
 from .steps import (activations, agreement, betas, credit, init_betas, initial_R, input_scale, layer_norm,
                     masked_softmax, predict, without_masked_inputs)
 from .streamed import streamed_routing
@@ -52,7 +53,7 @@ def autocast_safe(forward):
     @functools.wraps(forward)
     def wrapper(module, *args, **kwargs):
         tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.is_floating_point()]
-        if not tensors or not torch.is_autocast_enabled(tensors[0].device.type) \
+        if not tensors or not autocast_enabled(tensors[0].device.type) \
                 or any(t.dtype == torch.float64 for t in tensors):
             return forward(module, *args, **kwargs)
         device_type = tensors[0].device.type

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .checks import autocast_enabled
 from .steps import activations, agreement, credit, initial_R, masked_softmax, predict, squeeze_last, \
     without_masked_inputs, x_out_from_sums
 
@@ -250,7 +251,7 @@ class _StreamedPass(torch.autograd.Function):
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, *params)
         device_type = x.device.type
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        autocast = autocast_enabled(device_type)
         ctx.autocast = (device_type, autocast, torch.get_autocast_dtype(device_type) if autocast else None)
         return phi_x, phi_1
 

@@ -117,15 +117,15 @@ def test_an_index_without_checksums_is_refused(store):
 
 
 def test_features_not_finite_in_float16_are_refused_when_encoded(bert, tmp_path, monkeypatch):
-    real_encode = bert.encode
+    real_encode_rows = bert.encode_rows
 
-    def overflowing(texts):
-        hidden, mask = real_encode(texts)
-        return hidden * 1e6, mask                                                 # beyond float16's 65504
+    def overflowing(texts, dtype=torch.float32, **kwargs):
+        rows, lengths = real_encode_rows(texts, dtype=torch.float32, **kwargs)
+        return (rows * 1e6).to(dtype), lengths                                    # beyond float16's 65504
 
     store = data.FeatureStore(str(tmp_path / 'cache'), bert)
     store.ensure(TEXTS[:2])
-    monkeypatch.setattr(bert, 'encode', overflowing)
+    monkeypatch.setattr(bert, 'encode_rows', overflowing)
     with pytest.raises(ValueError, match=r"not finite in float16 .* for the text 'bad'.*without --feature_cache"):
         store.ensure(TEXTS[:5])
     assert set(store.index['texts']) == set(TEXTS[:2])                            # what was stored is kept
