@@ -33,8 +33,10 @@ epochs and SST for 3 epochs on all subtrees, e.g.
     python train.py --model capsules2019 --dataset_name sst5 --n_epochs 3 --feature_cache .data/features --run_test
 """
 import argparse
+import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -246,6 +248,16 @@ def write_metrics(path, records):
     data.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records).encode())
 
 
+def read_metrics(path):
+    """A run's metrics.jsonl (the file, or the run's folder) -> (per-epoch records, the final record or None while
+    the run is unfinished)."""
+    path = os.path.join(path, 'metrics.jsonl') if os.path.isdir(path) else path
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    finals = [r['final'] for r in records if 'final' in r]
+    return [r for r in records if 'epoch' in r], (finals[-1] if finals else None)
+
+
 def save_model(model, folder, backbone, training):
     """model.save_pretrained(folder): config.json (the constructor's arguments, the backbone it trained on and the
     training metadata) and model.safetensors, each written atomically."""
@@ -267,7 +279,8 @@ def make_loaders(args, splits, backbone, accelerator, generator):
         if splits['modality'] != 'text':
             raise ValueError(f"--feature_cache is for text datasets; {args.dataset_name} is {splits['modality']} "
                              f"(its training images are augmented, so their features change every epoch)")
-        store = data.FeatureStore(os.path.join(args.feature_cache, backbone.name.replace('/', '--')), backbone)
+        store = data.FeatureStore(args.feature_cache, backbone)
+        accelerator.print(f"feature cache of {backbone.name}: {os.path.abspath(store.folder)}")
     for split in ('train', 'valid', 'test'):
         dataset = splits[split]
         if dataset is None:
@@ -383,28 +396,58 @@ def last_routing(head):
 
 
 @torch.no_grad()
-def evaluate(head, loader, backbone, cached, accelerator, desc):
+def validate(run, split):
+    """Accuracy of run.head on `split` ('valid' or 'test'), from its prepared loader."""
+    head, accelerator = run.head, run.accelerator
     head.eval()
     n_correct = n_total = 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        hidden, mask, labels = features(batch, backbone, cached)
+    for batch in tqdm(run.eval_loaders[split], desc=f"{run.args.dataset_name} {split}", leave=False,
+                      disable=not accelerator.is_local_main_process):
+        hidden, mask, labels = features(batch, run.backbone, run.cached)
         with accelerator.autocast():
             scores = class_scores(head, hidden, mask)
         preds, labels = accelerator.gather_for_metrics((scores.argmax(-1), labels))
         n_correct += (preds == labels).sum().item()
         n_total += len(labels)
     if n_total == 0:
-        raise ValueError(f"the {desc} split has no examples: an accuracy over nothing is no result")
+        raise ValueError(f"the {split} split has no examples: an accuracy over nothing is no result")
     return n_correct / n_total
 
 
 # -------------------------------------------------------------------------------------------------
-# Main
+# The stages of a run: build it, train one step / one epoch, validate, save; main composes them
 # -------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_float32_matmul_precision(args.matmul_precision)
+@dataclasses.dataclass
+class Run:
+    """Everything a run trains and evaluates with (build_run makes it; the other stages read and update it)."""
+    args: argparse.Namespace
+    regime: dict
+    accelerator: Accelerator
+    splits: dict
+    backbone: object                      # models.FrozenBackbone, or None (end-to-end models)
+    head: torch.nn.Module
+    metadata: dict                        # the model and dataset, saved with every model
+    eval_loaders: dict                    # {'valid', 'test': prepared DataLoader} (those the dataset has)
+    cached: bool                          # batches come from the feature cache
+    checkpoint_path: str
+    metrics_path: str
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    batches: object = None                # the training stream (training_stream)
+    steps_per_epoch: int = 0
+    mixup_alpha: float = 0.0
+    history: list = dataclasses.field(default_factory=list)   # one metrics record per completed epoch
+
+    @property
+    def n_classes(self):
+        return self.splits['n_classes']
+
+
+def build_run(args):
+    """Parsed arguments -> a Run: the device, the data, the frozen backbone, the head (initialised from
+    --pretrained_path), and, unless --eval_only, the optimizer, the schedule and the training stream, restored
+    from output_dir/checkpoint.pt with --resume."""
     use_cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
@@ -422,7 +465,6 @@ def main(argv=None):
         check_output_dir(args)                            # before minutes of loading and encoding
     accelerator = Accelerator(cpu=use_cpu,
                               mixed_precision=args.mixed_precision or ('no' if use_cpu else regime['gpu_precision']))
-    log = accelerator.print
     set_seed(args.rng_seed)
 
     splits = data.get_dataset_splits(args.dataset_name, data_root=args.data_root, download=args.download,
@@ -430,148 +472,203 @@ def main(argv=None):
     for split in (('test',) if args.eval_only else ('train', 'valid') + (('test',) if args.run_test else ())):
         if splits[split] is not None and len(splits[split]) == 0:
             raise ValueError(f"--dataset_name {args.dataset_name}: the {split} split is empty (in {args.data_root})")
-    end_to_end = splits['modality'] == 'stereo'           # smallnorb: the 2019 network learns from the pixels
-    if end_to_end and args.model != 'capsules2019':
-        raise ValueError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
-                         f"the 2019 paper's SmallNORBClassifier end to end: pass --model capsules2019")
-    backbone = None
-    if not end_to_end:
-        backbone = models.load_backbone(args.backbone, revision=args.revision, max_length=args.max_length)
-        if backbone.modality != splits['modality']:
-            raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
-                             f"{args.dataset_name!r} is {splits['modality']}")
-        backbone.to(accelerator.device)
-    n_classes = splits['n_classes']
+    backbone = load_frozen_backbone(args, splits, accelerator)
     head, metadata = build_model(args, splits, backbone)
-
-    if args.pretrained_path:
-        state = pretrained.state_dict()
-        trained_on, using = pretrained_config.get('backbone'), backbone and backbone.name
-        if trained_on not in (None, using):
-            raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
-                             f"{trained_on!r}, not --backbone {using!r}")
-        if args.eval_only:
-            try:
-                head.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
-                                   f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: {e}") from e
-        else:                                     # fine-tune (the last routing); load every tensor that fits
-            own = head.state_dict()
-            fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-            head.load_state_dict(fits, strict=False)
-            log(f"loaded {len(fits)}/{len(own)} tensors from {args.pretrained_path}; "
-                f"left at init: {sorted(set(own) - set(fits))}")
-            for name, p in head.named_parameters():
-                p.requires_grad_(args.finetune == 'all' or name.startswith(last_routing(head)))
+    if pretrained is not None:
+        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, accelerator.print)
 
     shuffle = torch.Generator()                           # shuffles the training passes (training_stream)
     loaders = make_loaders(args, splits, backbone, accelerator, shuffle)
-    cached = bool(args.feature_cache)
-
+    run = Run(args=args, regime=regime, accelerator=accelerator, splits=splits, backbone=backbone, head=head,
+              metadata=metadata, eval_loaders={}, cached=bool(args.feature_cache), checkpoint_path=checkpoint_path,
+              metrics_path=os.path.join(args.output_dir, 'metrics.jsonl'))
     if args.eval_only:
-        head, test_loader = accelerator.prepare(head, loaders['test'])
-        acc = evaluate(head, test_loader, backbone, cached, accelerator, 'test')
+        run.head, run.eval_loaders['test'] = accelerator.prepare(head, loaders['test'])
+        return run
+
+    optimizer = torch.optim.RAdam([p for p in head.parameters() if p.requires_grad], lr=args.lr)
+    run.head, run.optimizer, train_loader = accelerator.prepare(head, optimizer, loaders['train'])
+    run.steps_per_epoch = args.n_iters_per_train_epoch or len(train_loader)     # per process, when several
+    run.scheduler = one_cycle(run.optimizer, args.lr, regime, total_steps=args.n_epochs * run.steps_per_epoch)
+    run.eval_loaders = {k: accelerator.prepare(loaders[k]) for k in ('valid', 'test') if k in loaders}
+    run.mixup_alpha = regime['mixup_alpha'][splits['modality']] if args.mixup_alpha is None else args.mixup_alpha
+    if args.overwrite:
+        remove_old_run(run)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    elif args.resume:
+        accelerator.print(f"--resume: no {checkpoint_path} yet, starting from scratch")
+    run.batches = training_stream(train_loader, shuffle, args.rng_seed,
+                                  start_step=len(run.history) * run.steps_per_epoch)
+    return run
+
+
+def load_frozen_backbone(args, splits, accelerator):
+    """The frozen backbone --backbone on the accelerator's device, or None for end-to-end models (smallnorb)."""
+    if splits['modality'] == 'stereo':                    # smallnorb: the 2019 network learns from the pixels
+        if args.model != 'capsules2019':
+            raise ValueError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
+                             f"the 2019 paper's SmallNORBClassifier end to end: pass --model capsules2019")
+        return None
+    backbone = models.load_backbone(args.backbone, revision=args.revision, max_length=args.max_length)
+    if backbone.modality != splits['modality']:
+        raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
+                         f"{args.dataset_name!r} is {splits['modality']}")
+    return backbone.to(accelerator.device)
+
+
+def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log):
+    """--pretrained_path: with --eval_only the head is the pretrained one (every tensor must fit); otherwise it is
+    fine-tuned: every tensor that fits is loaded and only the last routing trains (the paper's SST-5 -> SST-2
+    recipe; --finetune all trains every parameter)."""
+    state = pretrained.state_dict()
+    trained_on, using = pretrained_config.get('backbone'), backbone and backbone.name
+    if trained_on not in (None, using):
+        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
+                         f"{trained_on!r}, not --backbone {using!r}")
+    if args.eval_only:
+        try:
+            head.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
+                               f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: {e}") from e
+        return
+    own = head.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    head.load_state_dict(fits, strict=False)
+    for name, p in head.named_parameters():
+        p.requires_grad_(args.finetune == 'all' or name.startswith(last_routing(head)))
+    trained = 'every parameter' if args.finetune == 'all' else f"only the last routing ({last_routing(head)[:-1]})"
+    log(f"fine-tuning {args.pretrained_path} on {args.dataset_name}, training {trained}: loaded {len(fits)} of the "
+        f"head's {len(own)} tensors; left at initialisation (other shapes, e.g. another number of classes): "
+        f"{', '.join(sorted(set(own) - set(fits))) or 'none'}")
+
+
+def remove_old_run(run):
+    """--overwrite: the run replaced, none of its files stays beside ours."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        for name in run_files(run.args.output_dir):
+            path = os.path.join(run.args.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    run.accelerator.wait_for_everyone()
+
+
+def restore(run, checkpoint):
+    """--resume: the head, optimizer, schedule and metrics history of output_dir/checkpoint.pt."""
+    args, path = run.args, run.checkpoint_path
+    check_resume_args(checkpoint, args, path)
+    models.check_finite(checkpoint['head'], f"--resume: {path}")
+    if checkpoint['scheduler']['total_steps'] != run.scheduler.total_steps:
+        raise ValueError(f"--resume: {path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
+                         f"steps in all, this one has {run.scheduler.total_steps}: resume with the same --n_epochs "
+                         f"and --n_iters_per_train_epoch (the one-cycle schedule spans the whole run)")
+    try:
+        run.accelerator.unwrap_model(run.head).load_state_dict(checkpoint['head'])
+        run.optimizer.load_state_dict(checkpoint['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RuntimeError(f"--resume: {path} does not fit this run's {args.model} for "
+                           f"{args.dataset_name} on {args.backbone}: {e}") from e
+    run.scheduler.load_state_dict(checkpoint['scheduler'])
+    run.history = checkpoint['history']
+    run.accelerator.print(f"resumed from {path} after epoch {len(run.history)}")
+
+
+def train_step(run, batch):
+    """One optimizer step on a batch of the training stream (mixup, forward, loss, backward, step).
+    -> (loss [], number of correct argmax predictions against the mixed targets' argmax []), on the device."""
+    hidden, mask, labels = features(batch, run.backbone, run.cached)
+    hidden, mask, targets = mixup(hidden, mask, labels, run.n_classes, run.mixup_alpha)
+    with run.accelerator.autocast():
+        scores = class_scores(run.head, hidden, mask)                           # [batch, n_classes]
+        loss = soft_cross_entropy(scores, targets)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.accelerator.backward(loss)
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.detach(), (scores.argmax(-1) == targets.argmax(-1)).sum()
+
+
+def train_one_epoch(run, epoch, log_every=50):
+    """Trains run.steps_per_epoch steps. The loss and accuracy add up on the device and are read every log_every
+    steps (no host sync per step). -> the epoch's metrics record {epoch, train_loss, train_acc, epoch_seconds}."""
+    args = run.args
+    set_seed(args.rng_seed * 1000 + epoch)            # each epoch's mixup is reproducible
+    run.head.train()
+    started, n_seen = time.time(), 0
+    total_loss = n_correct = torch.zeros((), device=run.accelerator.device)
+    progress = tqdm(range(run.steps_per_epoch), desc=f"{args.dataset_name} train, epoch {epoch + 1}/{args.n_epochs}",
+                    disable=not run.accelerator.is_local_main_process)
+    for step in progress:
+        batch = next(run.batches)
+        loss, correct = train_step(run, batch)
+        n_batch = len(batch[-1])
+        total_loss, n_correct, n_seen = total_loss + loss.float() * n_batch, n_correct + correct, n_seen + n_batch
+        if (step + 1) % log_every == 0 or step + 1 == run.steps_per_epoch:
+            mean_loss = total_loss.item() / n_seen
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"the training loss is {mean_loss} in epoch {epoch + 1} (by step {step + 1}); "
+                                         f"the last checkpoint ({run.checkpoint_path}) is intact")
+            progress.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{n_correct.item() / n_seen:.4f}",
+                                 lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+    return {'epoch': epoch + 1, 'train_loss': total_loss.item() / n_seen, 'train_acc': n_correct.item() / n_seen,
+            'epoch_seconds': time.time() - started}
+
+
+def save_epoch(run, record):
+    """After an epoch: its model (epoch<k>/, as the paper keeps every epoch's), the checkpoint, the metrics."""
+    run.history.append(record)
+    if run.accelerator.is_main_process:
+        head = run.accelerator.unwrap_model(run.head)
+        save_model(head, os.path.join(run.args.output_dir, f"epoch{record['epoch']}"), run.backbone,
+                   {**run.metadata, **record})
+        state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
+                 'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
+                 'metadata': run.metadata}
+        save_checkpoint(state, run.checkpoint_path)
+        write_metrics(run.metrics_path, run.history)
+    run.accelerator.wait_for_everyone()
+
+
+def save_final(run, final):
+    """The final model (output_dir/model/) and the final metrics record."""
+    model_dir = os.path.join(run.args.output_dir, 'model')
+    if run.accelerator.is_main_process:
+        try:
+            save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final)
+            write_metrics(run.metrics_path, run.history + [{'final': final}])
+        except OSError as e:
+            raise RuntimeError(f"could not write the model into {run.args.output_dir}: {e}. The checkpoint of the "
+                               f"last epoch is intact: run again with --resume to write the model") from e
+    run.accelerator.print(f"saved {model_dir}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    run = build_run(args)
+    log = run.accelerator.print
+    if args.eval_only:
+        acc = validate(run, 'test')
         log(f"test accuracy: {acc:.4f}")
         return acc
 
-    optimizer = torch.optim.RAdam([p for p in head.parameters() if p.requires_grad], lr=args.lr)
-    head, optimizer, train_loader = accelerator.prepare(head, optimizer, loaders['train'])
-    steps_per_epoch = args.n_iters_per_train_epoch or len(train_loader)     # per process, when several
-    scheduler = one_cycle(optimizer, args.lr, regime, total_steps=args.n_epochs * steps_per_epoch)
-    eval_loaders = {k: accelerator.prepare(loaders[k]) for k in ('valid', 'test') if k in loaders}
-    alpha = regime['mixup_alpha'][splits['modality']] if args.mixup_alpha is None else args.mixup_alpha
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics_path = os.path.join(args.output_dir, 'metrics.jsonl')
-    if args.overwrite:                                     # the run replaced: none of its files stays beside ours
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for name in run_files(args.output_dir):
-                path = os.path.join(args.output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        accelerator.wait_for_everyone()
-    history = []                                           # one metrics record per completed epoch
-    if checkpoint is not None:
-        check_resume_args(checkpoint, args, checkpoint_path)
-        models.check_finite(checkpoint['head'], f"--resume: {checkpoint_path}")
-        if checkpoint['scheduler']['total_steps'] != scheduler.total_steps:
-            raise ValueError(f"--resume: {checkpoint_path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
-                             f"steps in all, this one has {scheduler.total_steps}: resume with the same --n_epochs "
-                             f"and --n_iters_per_train_epoch (the one-cycle schedule spans the whole run)")
-        try:
-            accelerator.unwrap_model(head).load_state_dict(checkpoint['head'])
-            optimizer.load_state_dict(checkpoint['optimizer'])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise RuntimeError(f"--resume: {checkpoint_path} does not fit this run's {args.model} for "
-                               f"{args.dataset_name} on {args.backbone}: {e}") from e
-        scheduler.load_state_dict(checkpoint['scheduler'])
-        history = checkpoint['history']
-        log(f"resumed from {checkpoint_path} after epoch {len(history)}")
-    elif args.resume:
-        log(f"--resume: no {checkpoint_path} yet, starting from scratch")
-
-    batches = training_stream(train_loader, shuffle, args.rng_seed, start_step=len(history) * steps_per_epoch)
-    for epoch in range(len(history), args.n_epochs):
-        set_seed(args.rng_seed * 1000 + epoch)            # each epoch's mixup is reproducible
-        head.train()
-        started, total_loss, n_correct, n_seen = time.time(), 0.0, 0, 0
-        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.n_epochs}",
-                        disable=not accelerator.is_local_main_process)
-        for _ in progress:
-            batch = next(batches)
-            hidden, mask, labels = features(batch, backbone, cached)
-            hidden, mask, targets = mixup(hidden, mask, labels, n_classes, alpha)
-            with accelerator.autocast():
-                scores = class_scores(head, hidden, mask)                         # [batch, n_classes]
-                loss = soft_cross_entropy(scores, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}; the last checkpoint "
-                                         f"({checkpoint_path}) is intact")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(labels)
-            n_correct += (scores.argmax(-1) == targets.argmax(-1)).sum().item()
-            n_seen += len(labels)
-            progress.set_postfix(loss=f"{total_loss / n_seen:.4f}", acc=f"{n_correct / n_seen:.4f}",
-                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")
-
-        record = {'epoch': epoch + 1, 'train_loss': total_loss / n_seen, 'train_acc': n_correct / n_seen,
-                  'epoch_seconds': time.time() - started}
-        if 'valid' in eval_loaders:
-            record['valid_acc'] = evaluate(head, eval_loaders['valid'], backbone, cached, accelerator, 'valid')
+    for epoch in range(len(run.history), args.n_epochs):
+        record = train_one_epoch(run, epoch)
+        if 'valid' in run.eval_loaders:
+            record['valid_acc'] = validate(run, 'valid')
         log(json.dumps(record))
-        history.append(record)
-        if accelerator.is_main_process:   # the epoch's model (the paper keeps every epoch's), the checkpoint, its metrics
-            save_model(accelerator.unwrap_model(head), os.path.join(args.output_dir, f'epoch{epoch + 1}'), backbone,
-                       {**metadata, **record})
-            state = {'head': accelerator.unwrap_model(head).state_dict(), 'optimizer': optimizer.state_dict(),
-                     'scheduler': scheduler.state_dict(), 'history': history, 'args': vars(args),
-                     'metadata': metadata}
-            save_checkpoint(state, checkpoint_path)
-            write_metrics(metrics_path, history)
-        accelerator.wait_for_everyone()
+        save_epoch(run, record)
 
-    final = {**metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
-    if 'valid' in eval_loaders:
-        final['valid_accuracy'] = evaluate(head, eval_loaders['valid'], backbone, cached, accelerator, 'valid')
-    test_acc = None
+    final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
+    if 'valid' in run.eval_loaders:                       # the final head is the last epoch's: validated once
+        final['valid_accuracy'] = run.history[-1]['valid_acc']
     if args.run_test:
-        test_acc = final['test_accuracy'] = evaluate(head, eval_loaders['test'], backbone, cached, accelerator, 'test')
-    model_dir = os.path.join(args.output_dir, 'model')
-    if accelerator.is_main_process:
-        try:
-            save_model(accelerator.unwrap_model(head), model_dir, backbone, final)
-            write_metrics(metrics_path, history + [{'final': final}])
-        except OSError as e:
-            raise RuntimeError(f"could not write the model into {args.output_dir}: {e}. The checkpoint of the last "
-                               f"epoch is intact: run again with --resume to write the model") from e
-    log(f"saved {model_dir}")
-    if test_acc is not None:
-        log(f"test accuracy: {test_acc:.4f}")
-    return test_acc
+        final['test_accuracy'] = validate(run, 'test')
+    save_final(run, final)
+    if args.run_test:
+        log(f"test accuracy: {final['test_accuracy']:.4f}")
+    return final.get('test_accuracy')
 
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ train.py's --feature_cache (computed once if missing: about 9 min on 2 cores).
 """
 import argparse
 import concurrent.futures
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 
 import torch
 
+import recipes
 import train
 from benchmarks.sst_results import mean_std, publish_pretrained, sst_feature_store, write_report
 
@@ -30,21 +30,18 @@ PRETRAINED = {'sst5': 'pretrained/sst5_minilm_capsules2019',
 
 def final_metrics(out):
     """-> (dev accuracy, test accuracy, [(epoch seconds, dev accuracy) per epoch]) of a finished train.py run in out."""
-    with open(os.path.join(out, 'metrics.jsonl')) as f:
-        records = [json.loads(line) for line in f]
-    final = records[-1]['final']
-    return (final['valid_accuracy'], final['test_accuracy'],
-            [(r['epoch_seconds'], r['valid_acc']) for r in records[:-1]])
+    epochs, final = train.read_metrics(out)
+    return final['valid_accuracy'], final['test_accuracy'], [(r['epoch_seconds'], r['valid_acc']) for r in epochs]
 
 
 def train_run(args, dataset, seed):
     """One `train.py --model capsules2019` run in its own process (one thread); resumes if interrupted."""
-    out = os.path.join(args.out_dir, f'{dataset}_seed{seed}')
+    argv = recipes.runs('capsules2019', data_root=args.data_root, out=args.out_dir, seed=seed,
+                        feature_cache=args.feature_cache)[dataset]
+    out = train.parse_args(argv).output_dir
     if os.path.exists(os.path.join(out, 'model')):
         return final_metrics(out)
-    argv = [sys.executable, 'train.py', '--model', 'capsules2019', '--dataset_name', dataset, '--backbone', 'minilm',
-            '--data_root', args.data_root, '--feature_cache', args.feature_cache, '--n_epochs', str(args.n_epochs),
-            '--rng_seed', str(seed), '--run_test', '--device', 'cpu', '--output_dir', out, '--resume']
+    argv = [sys.executable, 'train.py', *argv, '--n_epochs', str(args.n_epochs), '--device', 'cpu']
     if args.n_iters_per_train_epoch:
         argv += ['--n_iters_per_train_epoch', str(args.n_iters_per_train_epoch)]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'OMP_WAIT_POLICY': 'PASSIVE', 'TQDM_MININTERVAL': '30'}

@@ -24,7 +24,6 @@ train_all_heads.sh paper-minilm`, one run per seed), summarised from the runs' m
 """
 import argparse
 import glob
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ import torch
 
 import data
 import models
+import recipes
 import train
 from benchmarks.sst_results import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, mean_std,
                                     publish_pretrained, sst_feature_store, write_report)
@@ -48,26 +48,15 @@ VARIANTS = {
 
 
 def run_variant(args, name):
-    """Trains variant `name` of seed 0's SST-2 run (train.py with the paper-minilm arguments plus its own)."""
-    train.main(['--dataset_name', 'sst2', '--backbone', 'minilm', '--feature_cache', args.feature_cache,
-                '--data_root', args.data_root, '--rng_seed', '0', '--batch_sz', '50', '--matmul_precision', 'medium',
-                '--n_epochs', '3', '--n_iters_per_train_epoch', '2000', '--run_test', '--resume',
-                '--pretrained_path', os.path.join(args.runs, 'seed0', 'sst5', 'model'),
+    """Trains variant `name` of seed 0's SST-2 run: the paper-minilm recipe's SST-2 run with its own arguments added."""
+    argv = recipes.runs('paper-minilm', data_root=args.data_root, seed=0, feature_cache=args.feature_cache)['sst2']
+    train.main([*argv, '--pretrained_path', os.path.join(args.runs, 'seed0', 'sst5', 'model'),
                 '--output_dir', os.path.join(args.variants, name), *VARIANTS[name][1]])
-
-
-def read_metrics(path):
-    """metrics.jsonl -> (per-epoch records, final record or None while the run is unfinished)"""
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    epochs = [r for r in records if 'epoch' in r]
-    finals = [r['final'] for r in records if 'final' in r]
-    return epochs, (finals[-1] if finals else None)
 
 
 def record_if_finished(metrics_path, record_path):
     """Copies a run's metrics.jsonl to record_path once the run has finished (its final record is written)."""
-    if os.path.exists(metrics_path) and read_metrics(metrics_path)[1] is not None:
+    if os.path.exists(metrics_path) and train.read_metrics(metrics_path)[1] is not None:
         shutil.copyfile(metrics_path, record_path)
 
 
@@ -82,7 +71,7 @@ def collect(runs, docs):
     seeds = {}
     for path in sorted(glob.glob(os.path.join(docs, 'seed*_sst*.jsonl'))):
         seed, dataset = re.fullmatch(r'seed(\d+)_(sst\d)\.jsonl', os.path.basename(path)).groups()
-        seeds.setdefault(int(seed), {})[dataset] = read_metrics(path)
+        seeds.setdefault(int(seed), {})[dataset] = train.read_metrics(path)
     return {seed: runs for seed, runs in sorted(seeds.items()) if set(runs) == set(DATASETS)}
 
 
@@ -175,7 +164,7 @@ def main(argv=None):
         recorded = os.path.join(args.records, f'variant_{name}.jsonl')
         record_if_finished(os.path.join(args.variants, name, 'metrics.jsonl'), recorded)
         if os.path.exists(recorded):
-            variants[name] = read_metrics(recorded)
+            variants[name] = train.read_metrics(recorded)
     if variants and 0 in seeds:
         lines += ["Diagnostic variants, **not the paper's recipe**: SST-2 from seed 0's final SST-5 head with one "
                   "change (`--run_variants`); dev accuracy after each of the 3 epochs, then the final head's test "

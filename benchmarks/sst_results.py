@@ -20,7 +20,6 @@ Steps (wall-clock time of each is reported):
     probability, k = 1, 3, 5.
 """
 import argparse
-import json
 import os
 import statistics
 import time
@@ -30,6 +29,7 @@ import torch
 
 import data
 import models
+import recipes
 import train
 
 PRETRAINED = {'sst5': 'pretrained/sst5_minilm_routing_head',
@@ -79,7 +79,7 @@ def write_report(lines, path):
 
 def sst_feature_store(data_root, feature_cache):
     """The FeatureStore of minilm's frozen hidden states of every SST text (computed once, then reused)."""
-    store = data.FeatureStore(os.path.join(feature_cache, 'minilm'), models.load_backbone('minilm'))
+    store = data.FeatureStore(feature_cache, models.load_backbone('minilm'))
     for dataset in ('sst5', 'sst2'):
         splits = data.get_dataset_splits(dataset, data_root=data_root)
         for split in ('train', 'valid', 'test'):
@@ -88,20 +88,19 @@ def sst_feature_store(data_root, feature_cache):
 
 
 def train_heads(args, seed):
-    """-> {dataset: (valid acc, test acc, head path)} for the SST-5 head and the SST-2 head tuned from it."""
-    out, results = os.path.join(args.out_dir, f'seed{seed}'), {}
-    common = ['--backbone', 'minilm', '--data_root', args.data_root, '--feature_cache', args.feature_cache,
-              '--batch_sz', str(args.batch_sz), '--rng_seed', str(seed), '--run_test', '--device', 'cpu',
-              '--resume']                                        # a rerun continues (or re-evaluates) the same runs
-    if args.n_iters_per_train_epoch:
-        common += ['--n_iters_per_train_epoch', str(args.n_iters_per_train_epoch)]
-    for dataset, n_epochs, extra in (('sst5', args.sst5_epochs, []),
-                                     ('sst2', args.sst2_epochs, ['--pretrained_path', f'{out}/sst5/model'])):
-        train.main(['--dataset_name', dataset, '--n_epochs', str(n_epochs), '--output_dir', f'{out}/{dataset}',
-                    *common, *extra])
-        with open(f'{out}/{dataset}/metrics.jsonl') as f:
-            final = [json.loads(line) for line in f][-1]['final']
-        results[dataset] = (final['valid_accuracy'], final['test_accuracy'], f'{out}/{dataset}/model')
+    """-> {dataset: (valid acc, test acc, head path)} for the SST-5 head and the SST-2 head tuned from it: the offline
+    recipe (recipes.py) for this seed, with this command's epochs, batch size and steps."""
+    results = {}
+    recipe = recipes.runs('offline', data_root=args.data_root, out=args.out_dir, seed=seed,
+                          feature_cache=args.feature_cache)
+    for dataset, n_epochs in (('sst5', args.sst5_epochs), ('sst2', args.sst2_epochs)):
+        argv = [*recipe[dataset], '--n_epochs', str(n_epochs), '--batch_sz', str(args.batch_sz)]
+        if args.n_iters_per_train_epoch:
+            argv += ['--n_iters_per_train_epoch', str(args.n_iters_per_train_epoch)]
+        train.main(argv)                                 # --resume: a rerun continues (or re-evaluates) the same run
+        out = train.parse_args(argv).output_dir
+        final = train.read_metrics(out)[1]
+        results[dataset] = (final['valid_accuracy'], final['test_accuracy'], os.path.join(out, 'model'))
     return results
 
 
@@ -252,7 +251,8 @@ def main(argv=None):
     p.add_argument('--sst5_epochs', type=int, default=1)
     p.add_argument('--sst2_epochs', type=int, default=1)
     p.add_argument('--batch_sz', type=int, default=32)
-    p.add_argument('--n_iters_per_train_epoch', type=int, default=None, help='cap on steps per epoch (smoke runs)')
+    p.add_argument('--n_iters_per_train_epoch', type=int, default=None,
+                   help="steps per epoch (default: the offline recipe's 2000)")
     p.add_argument('--save_pretrained', action='store_true', help='copy the best-dev heads to pretrained/')
     p.add_argument('--report', default='docs/sst_results.md')
     args = p.parse_args(argv)

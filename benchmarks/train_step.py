@@ -1,14 +1,9 @@
 """
 Where the time of a head-training step goes: the paper-regime SST-5 run (`bash train_all_heads.sh paper-minilm`:
 RoutingHead on the 7 depths of the frozen minilm, batch 50, features from the cache, mixup, RAdam + one cycle),
-on this CPU. Runs train.py's own pieces (its loaders, training stream, mixup, head, optimizer and schedule) for
---steps steps after --warmup steps, and times each phase of a step:
-
-    batch       the next batch of the training stream: cache reads (float16 memory map) and collation
-    mixup       train.mixup
-    forward     the head's class scores and the loss
-    backward    accelerator.backward(loss)
-    optimizer   optimizer.step, scheduler.step, zero_grad
+on this CPU. Builds the run with train.py's own stages (recipes.runs('paper-minilm') -> train.build_run), times
+--steps steps of train.train_step after --warmup steps, split into the next batch of the training stream (cache
+reads from the float16 memory map, collation) and the step itself (mixup, forward, loss, backward, optimizer):
 
 It also counts the FLOPs of the head's forward and backward (torch.utils.flop_counter) on the same batches, lists
 the operators that take the most time (torch.profiler), so a speed-up can be aimed where the time is, and, for a
@@ -23,6 +18,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
@@ -30,30 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
-import models
+import recipes
 import train
 
 
-def paper_minilm_run(args):
-    """-> (head, optimizer, scheduler, accelerator, training stream, n_classes, mixup alpha) as train.py builds
-    them for the paper-minilm SST-5 run."""
-    from accelerate import Accelerator
-    targs = train.parse_args(['--dataset_name', 'sst5', '--backbone', 'minilm', '--feature_cache', args.feature_cache,
-                              '--data_root', args.data_root, '--batch_sz', '50', '--n_epochs', '10',
-                              '--n_iters_per_train_epoch', '2000', '--device', 'cpu'])
-    regime = train.resolve_model(targs)
-    accelerator = Accelerator(cpu=True, mixed_precision='no')
-    splits = data.get_dataset_splits('sst5', data_root=args.data_root)
-    backbone = models.load_backbone('minilm')
-    head, _ = train.build_model(targs, splits, backbone)
-    shuffle = torch.Generator()
-    loaders = train.make_loaders(targs, {**splits, 'valid': None, 'test': None}, backbone, accelerator, shuffle)
-    optimizer = torch.optim.RAdam(head.parameters(), lr=targs.lr)
-    head, optimizer, train_loader = accelerator.prepare(head, optimizer, loaders['train'])
-    scheduler = train.one_cycle(optimizer, targs.lr, regime, total_steps=20_000)
-    batches = train.training_stream(train_loader, shuffle, seed=0, start_step=0)
-    return head, optimizer, scheduler, accelerator, batches, splits['n_classes'], regime['mixup_alpha']['text']
+def paper_minilm_run(args, output_dir):
+    """The paper-minilm SST-5 run (recipes.py) as train.py builds it (train.build_run), on the CPU, in output_dir."""
+    argv = recipes.runs('paper-minilm', data_root=args.data_root, feature_cache=args.feature_cache)['sst5']
+    return train.build_run(train.parse_args([*argv, '--output_dir', output_dir, '--device', 'cpu',
+                                             '--matmul_precision', args.matmul_precision]))
 
 
 def main(argv=None):
@@ -72,39 +53,42 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
-    head, optimizer, scheduler, accelerator, batches, n_classes, alpha = paper_minilm_run(args)
-    head.train()
+    with tempfile.TemporaryDirectory() as output_dir:
+        run = paper_minilm_run(args, output_dir)
+        report = measure(run, args)
+    print('\n' + report)
+    if args.report:
+        command = shlex.join(argv if argv is not None else sys.argv[1:])
+        with open(args.report, 'a') as f:
+            f.write(f"\n## {args.label}\n\n`python -m benchmarks.train_step {command}`\n\n{report}\n")
 
-    def step(clock=None):
-        tick = clock or (lambda name: None)
-        hidden, mask, labels = next(batches)
+
+def measure(run, args):
+    """Times --steps steps of train.train_step after --warmup, counts their FLOPs and profiles their operators.
+    -> the markdown report."""
+    run.head.train()
+
+    def step():
+        batch = next(run.batches)
         tick('batch')
-        hidden, mask, targets = train.mixup(hidden, mask, labels, n_classes, alpha)
-        tick('mixup')
-        scores = train.class_scores(head, hidden, mask)
-        loss = train.soft_cross_entropy(scores, targets)
-        tick('forward')
-        accelerator.backward(loss)
-        tick('backward')
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tick('optimizer')
-        return hidden.shape[1]
+        train.train_step(run, batch)
+        tick('step')
+        return batch[0].shape[1]
 
-    for _ in range(args.warmup):
-        step()
-    seconds, n_pos = defaultdict(float), []
-    started = last = time.perf_counter()
+    seconds, n_pos, last = defaultdict(float), [], time.perf_counter()
 
-    def clock(name):                                              # the time since the previous phase -> name
+    def tick(name):                                               # the time since the previous phase -> name
         nonlocal last
         now = time.perf_counter()
         seconds[name] += now - last
         last = now
 
+    for _ in range(args.warmup):
+        step()
+    seconds.clear()
+    started = last = time.perf_counter()
     for _ in range(args.steps):
-        n_pos.append(step(clock))
+        n_pos.append(step())
     total = time.perf_counter() - started
 
     with FlopCounterMode(display=False) as flops:                 # FLOPs of 20 steps' forward and backward
@@ -122,8 +106,9 @@ def main(argv=None):
              f"threads ({os.cpu_count()} cores), torch {torch.__version__}, matmul precision {args.matmul_precision}; "
              f"mean positions per batch {sum(n_pos) / len(n_pos):.1f}", '',
              '| phase | ms / step | share |', '|---|---|---|']
-    for name in ('batch', 'mixup', 'forward', 'backward', 'optimizer'):
-        lines.append(f"| {name} | {1000 * seconds[name] / args.steps:.2f} | {100 * seconds[name] / total:.0f}% |")
+    for name, what in (('batch', 'the next batch (cache reads, collation)'),
+                       ('step', 'train.train_step (mixup, forward, loss, backward, optimizer)')):
+        lines.append(f"| {what} | {1000 * seconds[name] / args.steps:.2f} | {100 * seconds[name] / total:.0f}% |")
     lines += [f"| **step** | **{1000 * total / args.steps:.2f}** | **{args.steps / total:.2f} steps/s** |", '',
               f"Head forward + backward: {gflop_per_step:.2f} GFLOP / step (matrix products, flop_counter), "
               f"{gflop_per_step * args.steps / total:.1f} GFLOP/s over whole steps.", '',
@@ -131,16 +116,10 @@ def main(argv=None):
     lines += [f"| {e.key} | {e.self_cpu_time_total / 1000 / 30:.2f} | {100 * e.self_cpu_time_total / prof_total:.0f}% |"
               for e in ops]
     if args.matmul_precision != 'highest':
-        scores, grads = precision_gap(head, batches, args.matmul_precision)
+        scores, grads = precision_gap(run.head, run.batches, args.matmul_precision)
         lines += ['', f"Against float32 ('highest') on 5 real batches: scores differ by at most {scores:.1e} (relative "
                   f"to their largest), gradients by at most {grads:.1e} (relative norm, worst parameter)."]
-    report = '\n'.join(lines)
-    print('\n' + report)
-    if args.report:
-        command = shlex.join(argv if argv is not None else sys.argv[1:])
-        with open(args.report, 'a') as f:
-            f.write(f"\n## {args.label}\n\n`python -m benchmarks.train_step {command}`\n\n{report}\n")
-    return total / args.steps
+    return '\n'.join(lines)
 
 
 def precision_gap(head, batches, precision, n_batches=5):

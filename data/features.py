@@ -1,7 +1,7 @@
 """
 The feature store and batching of text features.
 
-    FeatureStore(folder, backbone)   a frozen backbone's hidden states of every text, computed once, memory-mapped
+    FeatureStore(cache, backbone)    a frozen backbone's hidden states of every text, computed once, memory-mapped
     CachedFeatures                   a Dataset of (hidden [n_pos, d_depth, d_emb], label) read from a store
     pad_positions(sequences)         zero-pad a list of [n_pos_b, ...] tensors -> (hidden, mask)
     collate_features(batch)          pad_positions for a DataLoader -> (hidden, mask, labels)
@@ -66,9 +66,9 @@ class FeatureStore:
     """
     Hidden states of all depths of one frozen text backbone for every text ever asked for, stored
     once as float16 and read back memory-mapped. Texts are keys, so datasets that share texts (SST-5
-    and SST-2) share features. The store lives in folder/<key>/, key = a hash of backbone_fingerprint
-    (weights, config, tokenizer, max_length, revision, library versions): other weights or another
-    revision of the same backbone name get their own features. Layout of folder/<key>/:
+    and SST-2) share features. The store lives in cache/<backbone name, '/' -> '--'>/<key>/ (`folder`), key = a
+    hash of backbone_fingerprint (weights, config, tokenizer, max_length, revision, library versions): other
+    weights or another revision of the same backbone name get their own features. Layout of the folder:
 
         hidden.f16   float16 [n_rows, d_depth, d_emb], one row per non-padding token, append-only
         index.json   {'backbone', 'd_depth', 'd_emb', 'max_length', 'fingerprint', 'n_rows',
@@ -85,13 +85,13 @@ class FeatureStore:
 
     SAVE_EVERY_SECONDS = 60
 
-    def __init__(self, folder, backbone):
+    def __init__(self, cache, backbone):
         from filelock import FileLock
         self.backbone = backbone
         fingerprint = backbone_fingerprint(backbone)
         self.key = hashlib.sha256(json.dumps(
             [backbone.name, backbone.d_depth, backbone.d_emb, fingerprint], sort_keys=True).encode()).hexdigest()
-        self.folder = os.path.join(folder, self.key[:16])
+        self.folder = os.path.join(cache, backbone.name.replace('/', '--'), self.key[:16])
         self.hidden_path = os.path.join(self.folder, 'hidden.f16')
         self.index_path = os.path.join(self.folder, 'index.json')
         self.meta = {'backbone': backbone.name, 'd_depth': backbone.d_depth, 'd_emb': backbone.d_emb,

@@ -1,7 +1,6 @@
 """The 2019 paper's capsule networks (models.SmallNORBClassifier, models.SSTClassifier) and their
 training by `train.py --model capsules2019`: shapes, gradients, padding, the 2019 state-dict key
 names, the regime's schedule, and training steps on tiny inputs (smallNORB-format files, a tiny BERT)."""
-import json
 import os
 
 import numpy as np
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 import data
 import models
 import train
-from tests.helpers.files import write_smallnorb
+from tests.helpers.files import metrics_records as metrics, write_smallnorb
 
 
 def run(argv):
@@ -137,11 +136,6 @@ def write_small_smallnorb(root, n_train=40, n_test=10, side=32):
         data.write_smallnorb_file(f'{prefix}dat.mat', dat)
         data.write_smallnorb_file(f'{prefix}cat.mat', labels)
         data.write_smallnorb_file(f'{prefix}info.mat', info)
-
-
-def metrics(out):
-    with open(os.path.join(out, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import train
+from tests.helpers.files import metrics_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO_ROOT / 'tests' / 'helpers' / 'launch_train.py'
@@ -43,8 +44,7 @@ def test_two_processes_train_end_to_end(tiny_sst, tiny_bert, tmp_path, cached):
     assert [w[:2] for w in writes if w[0] == 'model'] == [['model', '0']] * 4   # each epoch's and the final: by rank 0
     assert [w[:2] for w in writes if w[0] == 'checkpoint'] == [['checkpoint', '0']] * 3
     assert {w[1] for w in writes if w[0] == 'metrics'} == {'0'}
-    with open(out / 'metrics.jsonl') as f:
-        records = [json.loads(line) for line in f]
+    records = metrics_records(out)
     assert [r.get('epoch') for r in records] == [1, 2, 3, None]
     assert records[2]['train_loss'] < records[0]['train_loss']
     for r in records[:3]:

@@ -21,7 +21,7 @@ TEXT = ('imdb', 'sst5', 'sst2')
 
 def printed_runs(out_dir, profile='paper', **env):
     """A profile's runs, parsed by train.py's own parser (the SST-5 model the SST-2 run starts from exists)."""
-    for sst5 in ('sst5', 'paper-minilm/seed0/sst5', 'paper-minilm/seed2/sst5'):
+    for sst5 in ('paper/seed0/sst5', 'paper-minilm/seed0/sst5', 'paper-minilm/seed2/sst5'):
         os.makedirs(os.path.join(out_dir, sst5, 'model'), exist_ok=True)
     out = subprocess.run(['bash', os.path.join(ROOT, 'train_all_heads.sh'), profile], capture_output=True, text=True,
                          env={**os.environ, 'LAUNCH': 'echo', 'OUT': str(out_dir), **env}, check=True).stdout

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -227,11 +228,13 @@ def test_all_neutral_test_split_is_refused(tiny_sst, tiny_bert, tmp_path):
         run(argv)
 
 
-def test_evaluate_refuses_an_empty_loader():
+def test_validate_refuses_an_empty_loader():
     class Acc:
         is_local_main_process = True
+    run = types.SimpleNamespace(head=torch.nn.Identity(), accelerator=Acc(), eval_loaders={'test': []}, backbone=None,
+                                cached=True, args=types.SimpleNamespace(dataset_name='sst5'))
     with pytest.raises(ValueError, match='the test split has no examples'):
-        train.evaluate(torch.nn.Identity(), [], None, True, Acc(), 'test')
+        train.validate(run, 'test')
 
 # -----------------------------------------------------------------------------
 # clear errors

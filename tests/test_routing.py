@@ -616,7 +616,7 @@ def test_bool_or_float_counts_raise(bad):
 
 def test_shared_checks_for_other_constructors():
     """_check_dims and _check_eps are the helpers every routing's constructor calls."""
-    from heinsen_routing.routing import _check_dims, _check_eps
+    from heinsen_routing.checks import check_dims as _check_dims, check_eps as _check_eps
     _check_dims(d_cov=4, d_inp=1)
     with pytest.raises(ValueError, match=r"d_cov must be a positive int, got 0"):
         _check_dims(d_cov=0, d_inp=1)

@@ -1,5 +1,4 @@
 """train.py end to end with tiny randomly initialised BERT, RoBERTa and BEiT backbones."""
-import json
 import os
 
 import numpy as np
@@ -9,7 +8,7 @@ from safetensors.torch import load_file
 
 import models
 import train
-from tests.helpers.files import write_cifar_batch
+from tests.helpers.files import metrics_records as metrics, write_cifar_batch
 
 
 def run(argv):
@@ -19,11 +18,6 @@ def run(argv):
 def sst_args(data_root, backbone, out, *extra):
     return ['--dataset_name', 'sst5', '--backbone', backbone, '--data_root', data_root, '--output_dir', out,
             '--batch_sz', 8, '--device', 'cpu', *extra]
-
-
-def metrics(out):
-    with open(os.path.join(out, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_train_checkpoint_eval_with_feature_cache(tiny_sst, tiny_bert, tmp_path, capsys):

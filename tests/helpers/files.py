@@ -88,3 +88,10 @@ def tree(label, words):
     if len(words) == 1:
         return f"({label} {words[0]})"
     return f"({label} ({label} {words[0]}) {tree(label, words[1:])})"
+
+
+def metrics_records(out):
+    """A run's metrics.jsonl as its records (train.read_metrics): one per epoch, then {'final': ...} once finished."""
+    import train
+    epochs, final = train.read_metrics(out)
+    return epochs + ([] if final is None else [{'final': final}])

@@ -1,0 +1,345 @@
+"""
+The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same equations as the readable forward
+(routing.py, with the functions of steps.py), computed over chunks of inputs so that no [..., n, *] intermediate
+(the votes V, the logits, R, D, phi) lives longer than one chunk, in forward or backward. One entry point,
+`streamed_routing`; one autograd function per routing iteration, `_StreamedPass`, whose backward is derived by
+hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
+"""
+import torch
+
+from .steps import activations, agreement, credit, initial_R, masked_softmax, predict, squeeze_last, \
+    without_masked_inputs, x_out_from_sums
+
+
+def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
+    """EfficientVectorRouting's iterations streamed over chunks of inputs: each iteration's pass (_StreamedPass)
+    returns only the M-step's sums phi_x = sum_i phi x [..., n_out, d_inp] and phi_1 = sum_i phi [..., n_out];
+    x_out and the next pred ([..., n_out, *]) are computed from them on plain autograd.
+    -> x_out [..., n_out, d_out] (before normalisation), and (diagnostics=True) a dict of the last iteration's
+    intermediates {a_inp, S, R, D_use, D_ign, phi, pred_x_inp}, detached, else {}."""
+    m = module
+    last = {} if diagnostics else None
+    uniform_R, params, pred, x_grad = _uniform_initial_R(mask), _streamed_params(m), None, {}
+    for t in range(m.n_iters):
+        if t > 0:
+            pred = predict(x_out, m.W_G1, m.W_G2, m.B_G2)                               # [..., n_out, d_inp]
+        cfg = (t, m.n_iters, m.n_out, m.n_inp > 0, m.chunk_elements, uniform_R)
+        phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last if t == m.n_iters - 1 else None, x_grad,
+                                           x_inp, pred, *params)
+        x_out = x_out_from_sums(phi_x, phi_1, scale, m.W_F1, m.W_F2, m.B_F2)           # [..., n_out, d_out]
+    if diagnostics:
+        last['pred_x_inp'] = None if pred is None else pred.detach()
+    return x_out, (last or {})
+
+
+
+# Default of EfficientVectorRouting(chunk_elements=...): a chunk holds the inputs whose rows of
+# [d_inp + n_out] elements, over the whole batch, make about this many (8 MiB in float32).
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _chunks(n, batch_numel, row_width, chunk_elements):
+    """[(start, end), ...] covering 0..n: rows * batch_numel * row_width ~ chunk_elements, >= 1 row."""
+    rows = max(1, chunk_elements // max(1, batch_numel * row_width))
+    return [(start, min(n, start + rows)) for start in range(0, n, rows)]
+
+
+def _has_rows(t, n):
+    """Tensors here broadcast against [..., n, n_out]; those with dim -2 of size n have one row per input."""
+    return t is not None and t.dim() >= 2 and t.shape[-2] == n
+
+
+def _rows(t, start, end, n):
+    """t[..., start:end, :] when t has one row per input, else t itself (it broadcasts over inputs)."""
+    return t[..., start:end, :] if _has_rows(t, n) else t
+
+
+def _add_grad(total, grad_rows, t, start, end, n):
+    """Adds the gradient of rows start:end into the gradient `total` of t (summing broadcast dims)."""
+    if _has_rows(t, n):
+        total[..., start:end, :] += grad_rows.sum_to_size(t[..., start:end, :].shape)
+    else:
+        total += grad_rows.sum_to_size(t.shape)
+
+
+# The parameters of EfficientVectorRouting that a _StreamedPass reads, in its argument order.
+# beta_use, beta_ign: the [n_inp, n_out] parameters, or (n_inp = -1) compute_beta_*.weight [n_out, d_inp]
+# with compute_beta_*.bias in beta_*_bias (None for n_inp > 0).
+_STREAMED_PARAMS = ('W_A', 'B_A', 'beta_use', 'beta_use_bias', 'beta_ign', 'beta_ign_bias', 'W_S', 'B_S')
+
+
+def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
+    """The [k, d_inp] blocks W that multiply every input, y = x W^T, stacked for one GEMM per chunk:
+    G (backward: dphi = x G^T + g_1), pred (t > 0: L = x pred^T) and, when the parameters are shared
+    by all inputs (n_inp = -1), the beta layers' weights (beta = x W^T + bias) and W_A (x W_A^T).
+    With uniform_R (t = 0 and R = 1/n_out wherever f_a > 0) phi = f_a (beta_use R - beta_ign (1 - R))
+    needs only beta_0 = (beta_use - (n_out - 1) beta_ign) / n_out, one block instead of two.
+    -> (names, sizes, W [..., K, d_inp]); x_c @ W^T split by sizes gives the products by name."""
+    blocks = {'G': G, 'pred': pred}
+    if not per_input and uniform_R:
+        blocks.update(beta_0=_beta_0(p['beta_use'], p['beta_ign']), W_A=p['W_A'])
+    elif not per_input:
+        blocks.update(beta_use=p['beta_use'], beta_ign=p['beta_ign'], W_A=p['W_A'])
+    blocks = {name: w for name, w in blocks.items() if w is not None}
+    if not blocks:
+        return [], [], None
+    batch = torch.broadcast_shapes(*(w.shape[:-2] for w in blocks.values()))
+    W = torch.cat([w.expand(*batch, *w.shape[-2:]) for w in blocks.values()], dim=-2)   # [..., K, d_inp]
+    return list(blocks), [w.shape[-2] for w in blocks.values()], W
+
+
+def _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e):
+    """One iteration's steps for the inputs s:e, with the functions of steps.py (docs/equations.md: step 1, the
+    betas; 3-4, a_inp and f_a; the E-step's R; the D-step and the credit phi), from the input and the parameters.
+    The products of x with [k, d_inp] blocks come from one GEMM (_x_products). -> dict of [..., c, *] tensors."""
+    n = x.shape[-2]
+    x_c, mask_c = x[..., s:e, :], _rows(mask, s, e, n)                          # [..., c, d]
+    x_c = without_masked_inputs(x_c, mask_c)
+    names, sizes, W = products
+    Y = {} if W is None else dict(zip(names, (x_c @ W.transpose(-1, -2)).split(sizes, dim=-1)))  # [..., c, k]
+    # 3-4. a_inp = (x . W_A) n^(-1/2) + B_A, f_a = sigma(a_inp), 0 for masked (input, output) pairs
+    if per_input:
+        x_W_A, B_A = torch.einsum('...id,id->...i', x_c, p['W_A'][s:e]), p['B_A'][s:e]   # [..., c], [c]
+    else:
+        x_W_A, B_A = Y['W_A'][..., 0], p['B_A']                                      # [..., c], [1]
+    a, f_a = activations(x_W_A, scale, B_A, mask_c)                               # [..., c], [..., c, 1|n_out]
+    # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x) (or only beta_0, see _x_products)
+    beta_use = beta_ign = beta_0 = None
+    if per_input:
+        beta_use, beta_ign = p['beta_use'][s:e], p['beta_ign'][s:e]               # [c, n_out]
+    elif 'beta_0' in Y:
+        beta_0 = Y['beta_0'] + _beta_0(p['beta_use_bias'], p['beta_ign_bias'])    # [..., c, n_out]
+    else:
+        beta_use, beta_ign = Y['beta_use'] + p['beta_use_bias'], Y['beta_ign'] + p['beta_ign_bias']  # [..., c, n_out]
+    # E-step: R = 1/n_out (t = 0), or R = softmax_j(S), S = logsigma(L W_S + B_S), L = x pred^T
+    L = S = None
+    if t == 0:
+        R = initial_R(f_a, mask_c, n_out)                                        # [..., c, n_out]
+    else:
+        L = Y['pred']                                                              # [..., c, n_out]
+        S = agreement(L, _rows(p['W_S'], s, e, n), _rows(p['B_S'], s, e, n))
+        R = masked_softmax(S, mask_c)
+    # D-step and credit: D_use = f_a R, D_ign = f_a - D_use, phi = beta_use D_use - beta_ign D_ign
+    if beta_0 is None:
+        D_use, D_ign, phi = credit(R, f_a, beta_use, beta_ign)                   # [..., c, n_out]
+    else:
+        D_use, D_ign, phi = f_a * R, f_a - f_a * R, f_a * beta_0                  # (R = 1/n_out where f_a > 0)
+    return dict(x=x_c, mask=mask_c, Y=Y, a=a, f_a=f_a, beta_use=beta_use, beta_ign=beta_ign,
+                beta_0=beta_0, L=L, S=S, R=R, D_use=D_use, D_ign=D_ign, phi=phi)
+
+
+def _beta_0(beta_use, beta_ign):
+    """(beta_use - (n_out - 1) beta_ign) / n_out, for weights [n_out, d_inp] or biases [n_out]:
+    with R = 1/n_out, beta_use R - beta_ign (1 - R) is linear in x with these weights and bias."""
+    n_out = beta_use.shape[0]
+    return (beta_use - (n_out - 1) * beta_ign) / n_out
+
+
+def _gradient_targets(name, n_out):
+    """[(parameter, factor)]: where the gradient of a product's weight block goes (beta_0 is a
+    combination of the beta layers' weights, see _beta_0)."""
+    if name == 'beta_0':
+        return [('beta_use', 1 / n_out), ('beta_ign', -(n_out - 1) / n_out)]
+    return [(name, 1.0)]
+
+
+def _uniform_initial_R(mask):
+    """Whether the first iteration's R is 1/n_out for every input that counts: no mask, or one that
+    masks whole inputs only (their f_a is 0, so their R does not matter)."""
+    return mask is None or bool((mask.any(dim=-1) == mask.all(dim=-1)).all())
+
+
+class _StreamedPass(torch.autograd.Function):
+    """One iteration of EfficientVectorRouting (memory_efficient=True): a pass over
+    chunks of inputs whose memory above its input, parameters and their gradients does not grow with
+    n. From x, the iteration's pred (None at t = 0) and the parameters it recomputes chunk by chunk
+    everything of size [..., n, *] (_chunk: the betas, a_inp, f_a, the logits L = x pred^T, R, D,
+    phi) and returns only the two sums the M-step needs,
+
+        phi_x[..., j, d] = sum_i phi[..., i, j] x[..., i, d]          phi_1[..., j] = sum_i phi[..., i, j]
+
+    The small steps between passes (x_out from the sums, the next pred from x_out: [..., n_out, *]
+    tensors) run on plain autograd outside, so autograd keeps their activations and backward never
+    recomputes them. Saved for backward: x, the mask, pred and the parameters. Backward gets
+    (G, g_1) = the gradient of (phi_x, phi_1) and makes one pass over chunks that recomputes the
+    chunk and writes, in place into one buffer per input or parameter, the gradients (the input's
+    buffer is shared by the passes of one forward, `x_grad`: autograd runs their backwards from the
+    last iteration to the first, each adds into it, and only the first iteration's returns it, so
+    no second input-sized gradient is ever allocated)
+
+        dphi  = x G^T + g_1                                           (M-step sums)
+        dx   += phi G
+        df_a  = dphi ((beta_use + beta_ign) R - beta_ign)             (phi = f_a ((beta_use + beta_ign) R - beta_ign))
+        dbeta_use = dphi f_a R            dbeta_ign = dphi f_a (R - 1)
+        da    = sum_j df_a (unmasked) sigma(a) (1 - sigma(a))         (f_a = sigma(a), masked pairs 0)
+        dR    = dphi f_a (beta_use + beta_ign)
+        dS    = R (dR - sum_j dR R)                                   (R = softmax_j S)
+        dZ    = dS sigma(-Z) = -dS expm1(S)                         (S = logsigma Z)
+        dW_S  = dZ L,   dB_S = dZ,   dL = dZ W_S                      (Z = L W_S + B_S)
+        dpred = dL^T x, dx += dL pred                                 (L = x pred^T)
+        and for each block W of a product y = x W^T (the beta layers and W_A when n_inp = -1):
+        dW += dy^T x, dx += dy W, with dy = dbeta_* (and their biases sum it), da n^(-1/2) for W_A;
+        with per-input parameters (n_inp > 0) their rows s:e get dbeta_*, dW_A = da n^(-1/2) x, dB_A = da.
+
+    All products of x with [k, d_inp] blocks share one GEMM per chunk (_x_products), and so do the
+    gradients that flow back through them. dpred is returned as the gradient of the input pred:
+    autograd carries it through the small steps to (G, g_1) of the pass before.
+    """
+
+    @staticmethod
+    def forward(ctx, cfg, mask, scale, diagnostics, x_grad, x, pred, *params):
+        # cfg: (t, n_iters, n_out, per_input, chunk_elements, uniform_R); mask: None or bool broadcastable to
+        # [..., n, n_out]; scale: n^(-1/2), float or [..., 1, 1]; diagnostics: None or a dict to fill
+        # with this pass's intermediates; x_grad: a dict shared by the passes of one forward (holds the
+        # input's gradient buffer in backward); x [..., n, d_inp]; pred [..., n_out, d_inp] or None
+        # (t = 0); params: _STREAMED_PARAMS
+        p = dict(zip(_STREAMED_PARAMS, params))
+        t, n_iters, n_out, per_input, chunk_elements, uniform_R = cfg
+        batch, (n, d) = x.shape[:-2], x.shape[-2:]
+        products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
+        phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
+        phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
+        parts = []
+        for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements):
+            c = _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e)
+            phi_x += c['phi'].transpose(-1, -2) @ c['x']
+            phi_1 += c['phi'].sum(dim=-2)
+            if diagnostics is not None:
+                parts.append([c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')])
+        if diagnostics is not None:
+            for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
+                dim = -1 if k == 'a_inp' else -2
+                diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
+        ctx.cfg, ctx.x_grad = cfg, x_grad
+        ctx.scale = None if torch.is_tensor(scale) else scale
+        ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, *params)
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                        torch.get_autocast_dtype(x.device.type))
+        return phi_x, phi_1
+
+    @staticmethod
+    def backward(ctx, G, g_1):
+        double_backward = torch.is_grad_enabled()                # create_graph=True
+        x, mask, scale, pred, *params = ctx.saved_tensors
+        scale = ctx.scale if scale is None else scale
+        p = dict(zip(_STREAMED_PARAMS, params))
+        t, n_iters, n_out, per_input, chunk_elements, uniform_R = ctx.cfg
+        batch, (n, d) = x.shape[:-2], x.shape[-2:]
+        # One gradient buffer per input and parameter, written in place chunk by chunk.
+        needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[5:]))
+        grads = {k: torch.zeros_like(v) for k, v in p.items() if needed[k]}
+        if needed['x']:                                          # the last iteration's backward runs first
+            if t == n_iters - 1:
+                ctx.x_grad['x'] = torch.zeros_like(x)
+            grads['x'] = ctx.x_grad['x']
+        dpred = None if pred is None else torch.zeros_like(pred)
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
+            _StreamedPass._backward_pass(x, mask, scale, p, t, n_out, per_input,
+                                         _chunks(n, batch.numel(), d + n_out, chunk_elements),
+                                         products, g_1, grads, dpred)
+        grad_x = None
+        if needed['x'] and t == 0:                               # the last backward of this forward's passes
+            grad_x = ctx.x_grad.pop('x')
+        grads = [grad_x, dpred if needed['pred'] else None, *(grads.get(k) for k in _STREAMED_PARAMS)]
+        if double_backward:
+            anchor = next(v for v in (x, pred, *p.values()) if v is not None and v.requires_grad)
+            grads = _NoDoubleBackward.apply(anchor, *grads)
+        return (None, None, None, None, None, *grads)
+
+    @staticmethod
+    def _backward_pass(x, mask, scale, p, t, n_out, per_input, chunks, products, g_1, grads, dpred):
+        """One pass over the chunks of iteration t: adds its gradients into grads (and dpred)."""
+        n = x.shape[-2]
+        names, sizes, W = products                                                # names[0] == 'G'
+        scale_a = squeeze_last(scale)                                            # float or [..., 1]
+        for s, e in chunks:
+            c = _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e)
+            f_a, R, beta_use, beta_ign = c['f_a'], c['R'], c['beta_use'], c['beta_ign']
+            # M-step sums: phi_x = phi^T x, phi_1 = sum_i phi
+            dphi = c['Y']['G'] + g_1[..., None, :]                              # [..., c, n_out]
+            f_a_dphi = f_a * dphi
+            if c['beta_0'] is None:
+                # credit: phi = f_a ((beta_use + beta_ign) R - beta_ign)
+                d_beta = {'beta_use': f_a_dphi * R, 'beta_ign': f_a_dphi * (R - 1)}
+                d_f_a = dphi * ((beta_use + beta_ign) * R - beta_ign)              # [..., c, n_out]
+            else:
+                # credit at t = 0 with R = 1/n_out: phi = f_a beta_0
+                d_beta = {'beta_0': f_a_dphi}
+                d_f_a = dphi * c['beta_0']
+            if c['mask'] is not None:
+                d_f_a = d_f_a.masked_fill(c['mask'], 0.0)
+            sigma_a = torch.sigmoid(c['a'])                                           # [..., c]
+            d_a = d_f_a.sum(dim=-1) * sigma_a * (1 - sigma_a)                       # [..., c]
+            d_x_W_A = d_a * scale_a                                                # [..., c]
+            dy = {'G': c['phi'], 'W_A': d_x_W_A[..., None], **d_beta}
+            if t > 0:
+                # E-step: R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
+                dR = f_a_dphi * (beta_use + beta_ign)
+                dS = R * (dR - (dR * R).sum(dim=-1, keepdim=True))
+                dZ = dS * -torch.expm1(c['S'])                           # sigma(-Z) = 1 - exp(S)
+                if 'W_S' in grads:
+                    _add_grad(grads['W_S'], dZ * c['L'], p['W_S'], s, e, n)
+                if 'B_S' in grads:
+                    _add_grad(grads['B_S'], dZ, p['B_S'], s, e, n)
+                dy['pred'] = dZ * _rows(p['W_S'], s, e, n)                          # [..., c, n_out]
+            # the products y = x W^T of the chunk's GEMM: dx += dy W, dW += dy^T x
+            dY = torch.cat([dy[k].expand(*dphi.shape[:-1], size) for k, size in zip(names, sizes)], dim=-1)
+            if 'x' in grads:
+                grads['x'][..., s:e, :] += dY @ W                                  # [..., c, d]
+            if len(names) > 1:
+                dW = dY[..., sizes[0]:].transpose(-1, -2) @ c['x']                 # [..., K - n_out, d]
+                for k, dW_k in zip(names[1:], dW.split(sizes[1:], dim=-2)):
+                    if k == 'pred':
+                        dpred += dW_k                                              # [..., n_out, d]
+                        continue
+                    for target, factor in _gradient_targets(k, n_out):
+                        if target in grads:
+                            grads[target] += factor * dW_k.sum_to_size(grads[target].shape)
+            # per-input parameters (n_inp > 0): their rows s:e; shared ones (n_inp = -1): their biases
+            if per_input:
+                if 'x' in grads:
+                    grads['x'][..., s:e, :] += d_x_W_A[..., None] * p['W_A'][s:e]
+                for k, d_k in (*d_beta.items(), ('W_A', torch.einsum('...i,...id->id', d_x_W_A, c['x'])), ('B_A', d_a)):
+                    if k in grads:
+                        grads[k][s:e] += d_k.sum_to_size(grads[k][s:e].shape)
+            else:
+                if 'B_A' in grads:
+                    grads['B_A'] += d_a.sum_to_size(grads['B_A'].shape)
+                for k, d_k in d_beta.items():
+                    for target, factor in _gradient_targets(k, n_out):
+                        if target + '_bias' in grads:
+                            grads[target + '_bias'] += factor * d_k.sum_to_size(grads[target + '_bias'].shape)
+
+
+_DOUBLE_BACKWARD_MESSAGE = (
+    "EfficientVectorRouting(memory_efficient=True) computes its gradients by hand and cannot be "
+    "differentiated twice (double backward: gradient penalties, Hessian-vector products, "
+    "create_graph=True). Use memory_efficient=False, which runs on plain autograd.")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes the streamed routing's gradients through when they are computed with create_graph=True,
+    so that differentiating them raises a clear error instead of silently treating them as constants."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        # anchor: an input of the routing that requires grad, so the outputs are part of the graph
+        return tuple(None if g is None else g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_DOUBLE_BACKWARD_MESSAGE)
+
+
+
+def _streamed_params(module):
+    """An EfficientVectorRouting's tensors in the order of _STREAMED_PARAMS."""
+    if module.n_inp > 0:
+        betas = {'beta_use': module.beta_use, 'beta_use_bias': None, 'beta_ign': module.beta_ign, 'beta_ign_bias': None}
+    else:
+        betas = {'beta_use': module.compute_beta_use.weight, 'beta_use_bias': module.compute_beta_use.bias,
+                 'beta_ign': module.compute_beta_ign.weight, 'beta_ign_bias': module.compute_beta_ign.bias}
+    return [betas[name] if name in betas else getattr(module, name) for name in _STREAMED_PARAMS]
+

@@ -1,0 +1,94 @@
+"""
+The training recipes, each defined once: the train.py runs of every profile of train_all_heads.sh, which the
+benchmarks and tests read from here too.
+
+    python recipes.py PROFILE [--data_root .data] [--out runs] [--seed 0] [--feature_cache DIR]
+
+prints the profile's train.py runs, one shell-quoted argument list per line, in the order they must run
+(train_all_heads.sh runs each line with $LAUNCH train.py). Profiles:
+
+    paper          the 2022 paper's six runs with its settings (one 24 GB GPU): IMDB, SST-5, SST-2 on roberta-large,
+                   ImageNet-1k, CIFAR-10, CIFAR-100 on beit-large, at the paper's pinned hub revisions; batch 50
+                   (IMDB 5), epochs of n iterations from a stream cycling over the training split, RAdam + one
+                   cycle (max lr 1e-3, 30% warm-up), mixup with the next sample in the batch. --feature_cache
+                   caches roberta-large's hidden states of every SST text (about 90 GB of disk): opt-in.
+    offline        SST-5, then SST-2 from it, on minilm (all-MiniLM-L6-v2) on a CPU: one epoch of 2000 steps of 32
+                   phrases each, features from the cache (docs/replication.md has its measured time).
+    paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
+    capsules2019   the 2019 paper's capsule networks in its regime (train.py --model capsules2019): smallNORB end
+                   to end for 50 epochs (GPU), SST-5 and SST-2 for 3 epochs over all subtrees on minilm (the paper
+                   used gpt2-large).
+
+Every run writes OUT/<profile>/seed<k>/<dataset>/{checkpoint.pt,metrics.jsonl,model/,epoch<k>/} and resumes when run again.
+"""
+import argparse
+import os
+import shlex
+
+PROFILES = ('paper', 'offline', 'paper-minilm', 'capsules2019')
+
+# The paper's backbones at the revisions it used.
+ROBERTA = ['--backbone', 'roberta-large', '--revision', '5069d8a']
+BEIT = ['--backbone', 'microsoft/beit-large-patch16-224', '--revision', '0bd443c', '--num_workers', '8']
+
+
+def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None):
+    """-> {stage: train.py arguments} of a profile, in the order the stages run (a stage may start from an earlier
+    stage's model). feature_cache: the minilm profiles' cache (default <data_root>/features); the paper profile
+    caches only when it is given."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    common = ['--data_root', data_root, '--run_test', '--resume', '--rng_seed', str(seed)]
+    cache = ['--feature_cache', feature_cache or os.path.join(data_root, 'features')]
+    where = os.path.join(out, profile, f'seed{seed}')
+
+    def stage(dataset, *args):
+        return ['--dataset_name', dataset, *args, '--output_dir', os.path.join(where, dataset), *common]
+
+    if profile == 'paper':
+        sst_cache = ['--feature_cache', feature_cache] if feature_cache else []
+        return {
+            'imdb': stage('imdb', *ROBERTA, '--batch_sz', '5', '--n_epochs', '10', '--n_iters_per_train_epoch', '10000'),
+            'sst5': stage('sst5', *ROBERTA, *sst_cache, '--batch_sz', '50', '--n_epochs', '10',
+                          '--n_iters_per_train_epoch', '2000'),
+            # SST-2 from the SST-5 head after its last (10th) epoch; only the last routing trains
+            'sst2': stage('sst2', *ROBERTA, *sst_cache, '--batch_sz', '50', '--n_epochs', '3',
+                          '--n_iters_per_train_epoch', '2000', '--pretrained_path', os.path.join(where, 'sst5', 'model')),
+            'imagenet-1k': stage('imagenet-1k', *BEIT, '--batch_sz', '50', '--n_epochs', '10'),
+            'cifar10': stage('cifar10', *BEIT, '--batch_sz', '50', '--n_epochs', '10', '--n_iters_per_train_epoch', '2000'),
+            'cifar100': stage('cifar100', *BEIT, '--batch_sz', '50', '--n_epochs', '10', '--n_iters_per_train_epoch',
+                              '2000'),
+        }
+    if profile == 'offline':
+        minilm = ['--backbone', 'minilm', *cache, '--n_epochs', '1', '--n_iters_per_train_epoch', '2000',
+                  '--batch_sz', '32', '--device', 'cpu']
+        return {'sst5': stage('sst5', '--download', *minilm),
+                'sst2': stage('sst2', *minilm, '--pretrained_path', os.path.join(where, 'sst5', 'model'))}
+    if profile == 'paper-minilm':
+        # float32 matrix products on the CPU's bfloat16 units where it has them (docs/performance.md)
+        minilm = ['--backbone', 'minilm', *cache, '--batch_sz', '50', '--matmul_precision', 'medium']
+        return {'sst5': stage('sst5', '--download', *minilm, '--n_epochs', '10', '--n_iters_per_train_epoch', '2000'),
+                'sst2': stage('sst2', *minilm, '--n_epochs', '3', '--n_iters_per_train_epoch', '2000',
+                              '--pretrained_path', os.path.join(where, 'sst5', 'model'))}
+    # capsules2019: the 2019 paper's regime (batch 20, lr 5e-4 one cycle, mixup Beta(0.2, 0.2)); smallNORB: random
+    # crops of the edge-padded training images; SST: each dataset from scratch over all subtrees
+    capsules = ['--model', 'capsules2019']
+    return {'smallnorb': stage('smallnorb', *capsules, '--n_epochs', '50', '--num_workers', '4'),
+            **{dataset: stage(dataset, *capsules, '--backbone', 'minilm', *cache, '--n_epochs', '3')
+               for dataset in ('sst5', 'sst2')}}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('profile', choices=PROFILES)
+    p.add_argument('--data_root', default='.data')
+    p.add_argument('--out', default='runs')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--feature_cache', default=None)
+    args = p.parse_args(argv)
+    for argv_ in runs(args.profile, args.data_root, args.out, args.seed, args.feature_cache or None).values():
+        print(shlex.join(argv_))
+
+
+if __name__ == '__main__':
+    main()
