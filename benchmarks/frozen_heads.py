@@ -3,7 +3,7 @@ The routing head against the standard heads on the same frozen features (issue 2
 SST regime on frozen all-MiniLM-L6-v2 (RAdam, one cycle, mixup; SST-5 10 x 2000 x 50, then SST-2 3 x 2000 x 50
 fine-tuning the last stage of the SST-5 head), 3 seeds, every choice by dev only.
 
-    OMP_NUM_THREADS=1 MODEL=scalar_mix_mean SEED=0 bash train_all_heads.sh frozen-heads &   # each head, seed
+    OMP_NUM_THREADS=1 SEED=0 HEADS=scalar_mix_mean bash train_all_heads.sh frozen-heads &   # each seed, head
     python -m benchmarks.frozen_heads --time_steps 200     # time per training step of every head, back to back
     python -m benchmarks.frozen_heads                      # docs/frozen_heads.md from the runs' metrics
 
@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import models
-from benchmarks.sst_paper_regime import read_metrics
+from train import read_metrics
 from benchmarks.sst_results import mean_std, write_report
 
 HEADS = {'routing_head': "routing head (2022), the paper's", 'scalar_mix_mean': '(a) ScalarMix, mean pooling, Linear',

@@ -98,3 +98,24 @@ def test_every_parameter_learns(name, cls):
     hidden = torch.randn(4, 5, D_DEPTH, D_EMB, dtype=torch.double)
     head(hidden).logsumexp(-1).sum().backward()
     assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in head.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(models.FROZEN_HEADS))
+def test_train_sst5_then_sst2_fine_tunes_only_the_final_linear(name, tiny_sst, tiny_bert, tmp_path):
+    """train.py --model <head>: the routing head's regime; SST-2 from the SST-5 head trains only `classify` (the
+    analogue of the last routing), every other tensor stays the SST-5 head's."""
+    import recipes
+    import train
+    stages = recipes.runs('frozen-heads', data_root=str(tiny_sst), out=str(tmp_path), feature_cache=str(tmp_path / 'c'),
+                          heads=(name,))
+    small = ['--n_epochs', '2', '--n_iters_per_train_epoch', '3', '--batch_sz', '4', '--device', 'cpu']
+    for dataset in ('sst5', 'sst2'):
+        train.main([*stages[f'{name}/{dataset}'], *small])             # later options override the recipe's
+    sst5, config5 = models.from_pretrained(tmp_path / 'frozen-heads' / name / 'seed0' / 'sst5' / 'model')
+    sst2, config2 = models.from_pretrained(tmp_path / 'frozen-heads' / name / 'seed0' / 'sst2' / 'model')
+    assert type(sst5) is type(sst2) is models.FROZEN_HEADS[name]
+    assert (config5['n_classes'], config2['n_classes']) == (5, 2) and config2['training']['model'] == name
+    for key, tensor in sst2.state_dict().items():
+        assert key.startswith('classify.') or torch.equal(tensor, sst5.state_dict()[key]), key
+    assert train.REGIMES[name] == train.REGIMES['routing_head']
