@@ -49,12 +49,18 @@ def probabilities(hidden, mask, head):
 
 
 def integrated_gradients(n_steps, internal_batch_size):
+    """-> attribute(head, hidden, mask, pred) -> [b, n_pos]; attribute.gaps collects, per sentence, (|the sum of the
+    attributions - (p(x) - p(0))|, |p(x) - p(0)|): how far n_steps are from IG's completeness."""
     def attribute(head, hidden, mask, pred):
         from captum.attr import IntegratedGradients
-        attributions = IntegratedGradients(probabilities).attribute(
+        attributions, delta = IntegratedGradients(probabilities).attribute(
             hidden, baselines=torch.zeros_like(hidden), target=pred, n_steps=n_steps,
-            additional_forward_args=(mask, head), internal_batch_size=internal_batch_size)
+            additional_forward_args=(mask, head), internal_batch_size=internal_batch_size,
+            return_convergence_delta=True)                                       # delta: sum - (p(x) - p(0)), [b]
+        total = attributions.sum(dim=(-3, -2, -1))
+        attribute.gaps += list(zip(delta.abs().tolist(), (total - delta).abs().tolist()))
         return attributions.sum(dim=(-2, -1))                                    # [b, n_pos]
+    attribute.gaps = []
     return attribute
 
 
@@ -139,8 +145,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     command = ' '.join(['python -m benchmarks.faithfulness', *(sys.argv[1:] if argv is None else argv)])
     routing = models.RoutingHead.from_pretrained(args.routing_head).eval()
-    ig = integrated_gradients(args.ig_steps, internal_batch_size=args.batch_sz)
-    heads = {'routing head': (routing, {'routing credit': routing_credit, 'integrated gradients': ig,
+    ig = {h: integrated_gradients(args.ig_steps, internal_batch_size=args.batch_sz) for h in ('routing head', 'head (b)')}
+    heads = {'routing head': (routing, {'routing credit': routing_credit, 'integrated gradients': ig['routing head'],
                                         'gradient x input': gradient_x_input})}
     found = (args.attention_head, 'given') if args.attention_head else best_attention_head(args.runs)
     if found:
@@ -148,7 +154,7 @@ def main(argv=None):
         if not isinstance(attention, models.ScalarMixAttentionHead):
             raise ValueError(f"--attention_head {found[0]!r} holds a {type(attention).__name__}, not a "
                              f"ScalarMixAttentionHead")
-        heads['head (b)'] = (attention.eval(), {'attention weights': attention_weights, 'integrated gradients': ig,
+        heads['head (b)'] = (attention.eval(), {'attention weights': attention_weights, 'integrated gradients': ig['head (b)'],
                                                 'gradient x input': gradient_x_input})
     test = data.get_dataset_splits('sst2', data_root=args.data_root)['test']
     order = np.random.default_rng(args.seed).permutation(len(test))[:args.n_sentences]
@@ -179,6 +185,11 @@ def main(argv=None):
               f"hidden states. Cost measured on {os.cpu_count()} CPU cores with load average {load:.1f} at the start "
               f"(other jobs shared the machine), torch {torch.__version__}, one thread per process "
               f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); {minutes:.0f} min in all.", '']
+    for head_name in heads:
+        gaps = np.asarray(ig[head_name].gaps)                                    # [n, 2]
+        lines += [f"Integrated Gradients on the {head_name}, completeness after {args.ig_steps} steps: the token "
+                  f"attributions' sum misses p(x) - p(0) by {gaps[:, 0].mean():.3f} on average (median "
+                  f"{np.median(gaps[:, 0]):.3f}), against a mean |p(x) - p(0)| of {gaps[:, 1].mean():.3f}.", '']
     if 'head (b)' in heads:
         lines.append(f"Head (b): {found[0]} ({'the best dev accuracy of the finished SST-2 runs, ' + found[1] if found[1] != 'given' else 'given by --attention_head'}).")
     else:

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import models
@@ -191,7 +192,7 @@ def removal_test(heads, data_root, ks=(1, 3, 5), seed=0, modes=('delete',), batc
              for h, (_, methods) in heads.items()}
     seconds = {h: {m: 0.0 for m in methods} for h, (_, methods) in heads.items()}
     encode_seconds = 0.0
-    for s in range(0, len(texts), batch_sz):
+    for s in tqdm(range(0, len(texts), batch_sz), desc='deletion / insertion test', unit='batch'):
         ids = [tokenizer(t)['input_ids'] for t in texts[s:s + batch_sz]]
         t = time.perf_counter()
         encoded = encode(ids)
