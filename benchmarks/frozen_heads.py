@@ -4,7 +4,7 @@ SST regime on frozen all-MiniLM-L6-v2 (RAdam, one cycle, mixup; SST-5 10 x 2000 
 fine-tuning the last stage of the SST-5 head), 3 seeds, every choice by dev only.
 
     OMP_NUM_THREADS=1 SEED=0 HEADS=scalar_mix_mean bash train_all_heads.sh frozen-heads &   # each seed, head
-    python -m benchmarks.frozen_heads --time_steps 200     # time per training step of every head, back to back
+    python -m benchmarks.frozen_heads --time_steps 200     # time per training step of every head, in turn
     python -m benchmarks.frozen_heads                      # docs/frozen_heads.md from the runs' metrics
 
 Heads (models.py): (a) scalar_mix_mean, ScalarMixMeanHead: a learned softmax mix of the depths (ELMo's ScalarMix /
@@ -17,8 +17,8 @@ head, the analogue of the routing head's last routing (the stage that maps the p
 1. Each finished run's metrics.jsonl (under --runs/<head>/seed<k>/{sst5,sst2}) is copied to
    docs/frozen_heads/<head>_seed<k>_<dataset>.jsonl; seeds recorded there earlier are kept and counted.
 2. --time_steps N: every head, the routing head included, trains N steps of SST-5 (batch 50, the regime's settings,
-   from the feature cache) one after the other in this process; seconds per step and the load average are recorded in
-   docs/frozen_heads/time_per_step.json.
+   from the feature cache), in rounds that take every head in turn (the same load for all); seconds per step and the
+   load average are recorded in docs/frozen_heads/time_per_step.json.
 3. docs/frozen_heads.md: parameters, test accuracy mean ± std over the recorded seeds, seconds per step, beside the
    routing head's paper-regime seeds (docs/sst_paper_regime/seed<k>_{sst5,sst2}.jsonl).
 """
@@ -81,20 +81,40 @@ def collect(runs, records):
     return found, unfinished
 
 
-def time_steps(args):
-    """Trains every head n steps of SST-5 from the feature cache, one after the other -> {head: s / step}, load."""
+def time_steps(args, rounds=10):
+    """Seconds per training step of every head, the routing head included, on the same batches' kind and the same
+    load: each head's SST-5 run of its recipe (recipes.py) is built by train.py's own stages (train.build_run), then
+    `rounds` rounds, each timing --time_steps / rounds steps (train.train_step: the next batch of the training
+    stream from the feature cache, mixup, forward, loss, backward, RAdam step) of every head in turn, after one
+    untimed round. -> the record of time_per_step.json"""
+    import torch
+
+    import recipes
     import train
-    seconds, loads = {}, [os.getloadavg()[0]]
+    torch.manual_seed(0)
+    argvs = {'routing_head': recipes.runs('paper-minilm', args.data_root, feature_cache=args.feature_cache)['sst5']}
+    argvs.update({name: argv for stage, argv in recipes.runs('frozen-heads', args.data_root,
+                                                             feature_cache=args.feature_cache).items()
+                  for name in models.FROZEN_HEADS if stage == f'{name}/sst5'})
+    per_round = max(1, args.time_steps // rounds)
+    seconds, loads = {name: 0.0 for name in HEADS}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in HEADS:
-            train.main(['--model', name, '--dataset_name', 'sst5', '--backbone', 'minilm', '--data_root',
-                        args.data_root, '--feature_cache', args.feature_cache, '--batch_sz', '50', '--device', 'cpu',
-                        '--matmul_precision', 'medium', '--n_epochs', '1', '--n_iters_per_train_epoch',
-                        str(args.time_steps), '--output_dir', os.path.join(tmp, name)])
-            epochs, _ = read_metrics(os.path.join(tmp, name, 'metrics.jsonl'))
-            seconds[name] = epochs[0]['epoch_seconds'] / args.time_steps
+        runs = {name: train.build_run(train.parse_args([*argvs[name], '--output_dir', os.path.join(tmp, name),
+                                                        '--device', 'cpu']))
+                for name in HEADS}
+        for name, run in runs.items():
+            run.head.train()
+        for r in range(rounds + 1):
             loads.append(os.getloadavg()[0])
-    return {'seconds_per_step': seconds, 'steps': args.time_steps, 'load_average_1min': loads,
+            for name, run in runs.items():
+                started = time.perf_counter()
+                for _ in range(per_round):
+                    loss, _ = train.train_step(run, next(run.batches))
+                    loss.item()
+                if r > 0:                                                        # round 0 warms up
+                    seconds[name] += time.perf_counter() - started
+    return {'seconds_per_step': {name: t / (rounds * per_round) for name, t in seconds.items()},
+            'steps': rounds * per_round, 'rounds': rounds, 'load_average_1min': loads,
             'cpu_count': os.cpu_count(), 'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
             'when': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
@@ -133,10 +153,12 @@ def main(argv=None):
     if timing:
         loads = ', '.join(f"{v:.1f}" for v in timing['load_average_1min'])
         lines += [f"Seconds per step: `python -m benchmarks.frozen_heads --time_steps {timing['steps']}` "
-                  f"({timing['when']}): each head trained {timing['steps']} steps of SST-5 from the feature cache, one "
-                  f"after the other in one process, on {timing['cpu_count']} CPU cores (OMP_NUM_THREADS="
-                  f"{timing['omp_num_threads']}), load average (1 min) before and after each: {loads}. Other jobs "
-                  f"shared the machine, so compare the heads with each other, not with other tables.", '']
+                  f"({timing['when']}): each head's SST-5 run built by train.py's stages, then {timing['rounds']} "
+                  f"rounds of {timing['steps'] // timing['rounds']} steps of every head in turn (batch 50 from the "
+                  f"feature cache, mixup, forward, backward, RAdam step; one untimed round first), in one process on "
+                  f"{timing['cpu_count']} CPU cores (OMP_NUM_THREADS={timing['omp_num_threads']}); load average "
+                  f"(1 min) at each round: {loads}. Other jobs shared the machine, so compare the heads with each "
+                  f"other, not with other tables.", '']
     lines += ['Per seed (dev / test, %):', '', '| head | seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test | '
               'SST-5 s / step in the run |', '|---|---|---|---|---|---|---|']
     for name in HEADS:
