@@ -131,18 +131,108 @@ def verdict(drops):
     return lines
 
 
+def the(head_name):
+    return f"the {head_name}" if head_name == 'routing head' else head_name
+
+
+def paired(a, b, sign):
+    """'better' | 'worse' | 'tied': a against b on the same sentences, beyond two standard errors of the paired
+    difference (sign: +1 when higher drops are more faithful, -1 when lower are)."""
+    mean, se = mean_se(sign * (np.asarray(a) - np.asarray(b)))
+    return 'better' if mean > 2 * se else 'worse' if mean < -2 * se else 'tied'
+
+
+def summary(drops, seconds):
+    """The paragraph: per head, its own credit (the first method: routing credit, attention weights) against every
+    other method over the 2 tests x 3 values of k, and the costs."""
+    sentences = []
+    for head_name, methods in drops.items():
+        own, others = list(methods)[0], list(methods)[1:]
+        parts = []
+        for other in others:
+            counts = {'better': 0, 'worse': 0, 'tied': 0}
+            for mode in MODES:
+                for k in KS:
+                    counts[paired(methods[own][mode][k], methods[other][mode][k], 1 if mode == 'delete' else -1)] += 1
+            parts.append(f"more faithful than {other} in {counts['better']}, less faithful in {counts['worse']} and "
+                         f"not clearly different in {counts['tied']}")
+        n_cells = len(MODES) * len(KS)
+        sentences.append(f"On {the(head_name)}, {own} is, of the {n_cells} cells (deletion and insertion, k = "
+                         f"{', '.join(map(str, KS))}; a difference counts beyond two standard errors of the paired "
+                         f"difference), " + '; '.join(parts) + '.')
+        worse = [other for other in others if other != 'random' and sum(
+            paired(methods[own][mode][k], methods[other][mode][k], 1 if mode == 'delete' else -1) == 'worse'
+            for mode in MODES for k in KS) > n_cells / 2]
+        if worse:
+            sentences.append(f"So {own} LOSES to {' and '.join(worse)} on this test: "
+                             f"{'they pick' if len(worse) > 1 else 'it picks'} the tokens that move this head's "
+                             f"prediction more often than {own} does.")
+        costs = ', '.join(f"{m} {1000 * t:.0f} ms" for m, t in seconds[head_name].items())
+        sentences.append(f"Cost per sentence on {the(head_name)}: {costs}.")
+    return ' '.join(sentences)
+
+
+def render(result, report):
+    """The markdown report and the figure from the saved result (main's JSON)."""
+    drops = {h: {m: {mode: {int(k): v for k, v in by_k.items()} for mode, by_k in by_mode.items()}
+                 for m, by_mode in methods.items()} for h, methods in result['drops'].items()}
+    meta, n = result['meta'], result['meta']['n_sentences']
+    per_sentence = {h: {m: t / n for m, t in methods.items()} for h, methods in result['seconds'].items()}
+    counts = ', '.join(f"k = {k}: {len(next(iter(drops.values()))['random']['delete'][k])}" for k in KS)
+    subset = '' if n == meta['n_test'] else f", drawn at random with seed {meta['seed']}"
+    lines = [f"Faithfulness of credit on SST-2 test ({n} of {meta['n_test']} sentences{subset}): mean drop of the "
+             f"predicted class's probability (± one standard error) after deleting the k highest-ranked tokens "
+             f"(higher = more faithful) or keeping only them (lower = more faithful), re-encoded by the live minilm. "
+             f"Sentences with more than k tokens: {counts}.", '',
+             '| head | method | ' + ' | '.join(f'deletion k={k}' for k in KS) + ' | '
+             + ' | '.join(f'insertion k={k}' for k in KS) + ' | ms / sentence |',
+             '|---|---|' + '---|' * (2 * len(KS) + 1)]
+    for head_name, methods in drops.items():
+        for method, by_mode in methods.items():
+            cells = ['%.3f ± %.3f' % mean_se(by_mode[mode][k]) for mode in MODES for k in KS]
+            cost = 1000 * per_sentence[head_name].get(method, 0.0)
+            lines.append(f"| {head_name} | {method} | {' | '.join(cells)} | {cost:.1f} |")
+    lines += ['', f"**What the numbers support.** {summary(drops, per_sentence)}", '',
+              f"Encoding a sentence (minilm, all depths; common to every method, not in the costs above): "
+              f"{1000 * meta['encode_seconds'] / n:.1f} ms. Integrated Gradients: {meta['ig_steps']} steps from "
+              f"all-zero hidden states, of the predicted class's probability; gradient x input of the same. Costs "
+              f"measured on {meta['cpu_count']} CPU cores with load average {meta['load']:.1f} at the start (other "
+              f"jobs shared the machine), torch {meta['torch']}, OMP_NUM_THREADS={meta['omp_num_threads']}; "
+              f"{meta['minutes']:.0f} min in all.", '']
+    for head_name, gaps in result['ig_gaps'].items():
+        gaps = np.asarray(gaps)                                                  # [n, 2]
+        lines += [f"Integrated Gradients on {the(head_name)}, completeness after {meta['ig_steps']} steps: the token "
+                  f"attributions' sum misses p(x) - p(0) by {gaps[:, 0].mean():.3f} on average (median "
+                  f"{np.median(gaps[:, 0]):.3f}), against a mean |p(x) - p(0)| of {gaps[:, 1].mean():.3f}.", '']
+    lines += [meta['head_b'], '', f"![faithfulness]({os.path.basename(os.path.splitext(report)[0])}.png)", '',
+              'Per head, test and k, the best method (the paired difference with the runner-up is over the same '
+              'sentences):', '']
+    lines += [f"- {line}" for line in verdict(drops)]
+    lines += ['', f"Written by `{meta['command']}` (per-sentence drops in "
+              f"[{os.path.basename(os.path.splitext(report)[0])}.json]({os.path.basename(os.path.splitext(report)[0])}.json))."]
+    os.makedirs(os.path.dirname(report) or '.', exist_ok=True)
+    plot(drops, os.path.splitext(report)[0] + '.png')
+    write_report(lines, report)
+    return drops
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data_root', default='.data', help='folder holding sst/{train,dev,test}.txt')
     p.add_argument('--routing_head', default=PRETRAINED['sst2'])
-    p.add_argument('--runs', default='runs/frozen_heads', help="benchmarks.frozen_heads' runs (head (b)'s SST-2 runs)")
+    p.add_argument('--runs', default='runs/frozen-heads', help="benchmarks.frozen_heads' runs (head (b)'s SST-2 runs)")
     p.add_argument('--attention_head', default=None, help='an SST-2 ScalarMixAttentionHead folder (default: from --runs)')
     p.add_argument('--n_sentences', type=int, default=None, help='random subset of the test set (default: all)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--ig_steps', type=int, default=50)
     p.add_argument('--batch_sz', type=int, default=64)
-    p.add_argument('--report', default='docs/faithfulness.md')
+    p.add_argument('--report', default='docs/faithfulness.md', help='also <report>.png and <report>.json (the result)')
+    p.add_argument('--render_only', action='store_true', help="rewrite the report from <report>.json, measuring nothing")
     args = p.parse_args(argv)
+    result_path = os.path.splitext(args.report)[0] + '.json'
+    if args.render_only:
+        with open(result_path) as f:
+            return render(json.load(f), args.report)
     command = ' '.join(['python -m benchmarks.faithfulness', *(sys.argv[1:] if argv is None else argv)])
     routing = models.RoutingHead.from_pretrained(args.routing_head).eval()
     ig = {h: integrated_gradients(args.ig_steps, internal_batch_size=args.batch_sz) for h in ('routing head', 'head (b)')}
@@ -154,8 +244,15 @@ def main(argv=None):
         if not isinstance(attention, models.ScalarMixAttentionHead):
             raise ValueError(f"--attention_head {found[0]!r} holds a {type(attention).__name__}, not a "
                              f"ScalarMixAttentionHead")
-        heads['head (b)'] = (attention.eval(), {'attention weights': attention_weights, 'integrated gradients': ig['head (b)'],
+        heads['head (b)'] = (attention.eval(), {'attention weights': attention_weights,
+                                                'integrated gradients': ig['head (b)'],
                                                 'gradient x input': gradient_x_input})
+        why = 'given by --attention_head' if found[1] == 'given' else \
+            f'the best dev accuracy of the finished SST-2 runs, {found[1]}'
+        head_b = f"Head (b), models.ScalarMixAttentionHead: {found[0]} ({why})."
+    else:
+        head_b = (f"Head (b) (models.ScalarMixAttentionHead) is not in this report: no finished SST-2 run of it under "
+                  f"{args.runs} (and no --attention_head) when this ran.")
     test = data.get_dataset_splits('sst2', data_root=args.data_root)['test']
     order = np.random.default_rng(args.seed).permutation(len(test))[:args.n_sentences]
     order = sorted(order.tolist(), key=lambda i: len(test.texts[i]))          # similar lengths batched together
@@ -163,45 +260,16 @@ def main(argv=None):
     started = time.time()
     drops, seconds, shared = removal_test(heads, args.data_root, KS, args.seed, modes=tuple(MODES),
                                           batch_sz=args.batch_sz, sentences=order)
-    minutes = (time.time() - started) / 60
-    n = shared['n_sentences']
-
-    lines = [f"Faithfulness of credit on SST-2 test ({n} of {len(test)} sentences"
-             f"{'' if n == len(test) else f', drawn at random with seed {args.seed}'}): mean drop of the predicted "
-             f"class's probability (± one standard error) after deleting the k highest-ranked tokens (higher = more "
-             f"faithful) or keeping only them (lower = more faithful), re-encoded by the live minilm. Sentences "
-             f"with more than k tokens: " + ', '.join(f"k = {k}: {len(next(iter(drops.values()))['random']['delete'][k])}"
-                                                       for k in KS) + '.', '',
-             '| head | method | ' + ' | '.join(f'deletion k={k}' for k in KS) + ' | '
-             + ' | '.join(f'insertion k={k}' for k in KS) + ' | ms / sentence |',
-             '|---|---|' + '---|' * (2 * len(KS) + 1)]
-    for head_name, methods in drops.items():
-        for method, by_mode in methods.items():
-            cells = ['%.3f ± %.3f' % mean_se(by_mode[mode][k]) for mode in MODES for k in KS]
-            cost = 1000 * seconds[head_name][method] / n if method in seconds[head_name] else 0.0
-            lines.append(f"| {head_name} | {method} | {' | '.join(cells)} | {cost:.1f} |")
-    lines += ['', f"Encoding a sentence (minilm, all depths; common to every method): "
-              f"{1000 * shared['encode'] / n:.1f} ms. Integrated Gradients: {args.ig_steps} steps from all-zero "
-              f"hidden states. Cost measured on {os.cpu_count()} CPU cores with load average {load:.1f} at the start "
-              f"(other jobs shared the machine), torch {torch.__version__}, one thread per process "
-              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); {minutes:.0f} min in all.", '']
-    for head_name in heads:
-        gaps = np.asarray(ig[head_name].gaps)                                    # [n, 2]
-        lines += [f"Integrated Gradients on the {head_name}, completeness after {args.ig_steps} steps: the token "
-                  f"attributions' sum misses p(x) - p(0) by {gaps[:, 0].mean():.3f} on average (median "
-                  f"{np.median(gaps[:, 0]):.3f}), against a mean |p(x) - p(0)| of {gaps[:, 1].mean():.3f}.", '']
-    if 'head (b)' in heads:
-        lines.append(f"Head (b): {found[0]} ({'the best dev accuracy of the finished SST-2 runs, ' + found[1] if found[1] != 'given' else 'given by --attention_head'}).")
-    else:
-        lines.append(f"Head (b) is not in this report: no finished SST-2 run of it under {args.runs} (and no "
-                     f"--attention_head).")
-    lines += ['', '![faithfulness](faithfulness.png)', '', 'Per head, test and k, the best method (the paired '
-              'difference with the runner-up is over the same sentences):', '']
-    lines += [f"- {line}" for line in verdict(drops)]
-    lines += ['', f"Written by `{command}`."]
-    os.makedirs(os.path.dirname(args.report) or '.', exist_ok=True)
-    plot(drops, os.path.splitext(args.report)[0] + '.png')
-    write_report(lines, args.report)
+    result = {'drops': drops, 'seconds': seconds, 'ig_gaps': {h: ig[h].gaps for h in heads},
+              'meta': {'n_sentences': shared['n_sentences'], 'n_test': len(test), 'seed': args.seed,
+                       'ig_steps': args.ig_steps, 'encode_seconds': shared['encode'], 'load': load,
+                       'minutes': (time.time() - started) / 60, 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
+                       'omp_num_threads': os.environ.get('OMP_NUM_THREADS', 'unset'), 'head_b': head_b,
+                       'command': command}}
+    os.makedirs(os.path.dirname(result_path) or '.', exist_ok=True)
+    with open(result_path, 'w') as f:
+        json.dump(result, f)
+    render(json.loads(json.dumps(result)), args.report)
     return drops, seconds, shared
 
 

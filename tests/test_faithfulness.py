@@ -84,3 +84,18 @@ def test_faithfulness_report_on_a_few_real_sentences(tmp_path):
         assert f"| {method} |" in text
     for methods in drops.values():                                              # the same sentences for every method
         assert len({len(m['delete'][5]) for m in methods.values()}) == 1
+
+
+def test_summary_says_plainly_when_the_heads_own_credit_loses():
+    high, low = [0.5, 0.6, 0.55, 0.52], [0.1, 0.12, 0.09, 0.11]
+    cell = lambda delete, insert: {'delete': {k: delete for k in faithfulness.KS},
+                                   'insert': {k: insert for k in faithfulness.KS}}
+    drops = {'routing head': {'routing credit': cell(low, high), 'integrated gradients': cell(high, low),
+                              'random': cell(low, high)}}
+    seconds = {'routing head': {'routing credit': 0.01, 'integrated gradients': 1.0}}
+    text = faithfulness.summary(drops, seconds)
+    assert 'less faithful in 6' in text and 'not clearly different in 6' in text            # vs IG; vs random
+    assert 'routing credit LOSES to integrated gradients' in text
+    assert 'routing credit 10 ms, integrated gradients 1000 ms' in text
+    drops['routing head']['routing credit'] = cell(high, low)
+    assert 'LOSES' not in faithfulness.summary(drops, seconds)
