@@ -18,8 +18,12 @@ Models of the paper-replication repository.
 Padding convention everywhere: mask [batch, n_pos] bool, True = padding (ignored), matching the
 library's masks (True = that input is ignored).
 """
+import inspect
 import json
+import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,18 +65,76 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, strict=True, **kwargs):
+        """Validates config.json (types and sizes of the constructor's arguments) and model.safetensors (readable,
+        and holding exactly the tensors, of the shapes, that the config's model has) before anything is
+        allocated; each failure is one ValueError naming the file."""
         config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
         if config.get('model_type') != cls.__name__:
             raise ValueError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
                              f"{cls.__name__}: load it with models.from_pretrained, which reads the model type")
+        check_config(cls, config, config_path(pretrained_model_name_or_path))
+        check_weights_file(cls, config, pretrained_model_name_or_path, revision=kwargs.get('revision'))
         model = super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
         check_finite(model.state_dict(), repr(str(pretrained_model_name_or_path)))
         return model
 
 
-def read_config(path_or_id, revision=None):
-    """config.json of a save_pretrained folder or hub repository -> dict."""
+MAX_SIZE = 1 << 20      # the largest size (of a dimension, or a count of capsules or classes) a config may give
+
+
+def config_path(path_or_id):
+    """How errors name a model's config.json: its path, or '<hub id>/config.json'."""
+    return str(Path(path_or_id) / 'config.json')
+
+
+def check_config(cls, config, where):
+    """The constructor arguments of cls in config (a dict): each present one an int (not a bool) in 1..MAX_SIZE;
+    ValueError naming the file (where) and the argument otherwise."""
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == 'self' or name not in config or not (param.default is param.empty or type(param.default) is int):
+            continue                                                # (every argument of these models is a size)
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+            raise ValueError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
+                             f"({type(value).__name__}): the model folder is damaged or was not written by this "
+                             f"repository")
+
+
+def check_weights_file(cls, config, path_or_id, revision=None):
+    """model.safetensors of a folder (or hub repository) must be a complete safetensors file whose tensors are
+    exactly those of cls(**config), with the same shapes. The model is built on the meta device (nothing is
+    allocated) and the file's header alone is read. ValueError naming the file otherwise."""
     folder = Path(path_or_id)
+    if folder.is_dir():
+        path = folder / 'model.safetensors'
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is missing: the model folder is incomplete")
+    else:
+        path = hf_hub_download(str(path_or_id), 'model.safetensors', revision=revision)
+    try:
+        with safe_open(str(path), 'pt') as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:                       # safetensors' SafetensorError: truncated, empty, not safetensors
+        raise ValueError(f"{str(path)!r} is not a complete safetensors file ({e}): the model folder is damaged "
+                         f"(a truncated copy?)") from None
+    args = {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters and k != 'self'}
+    with torch.device('meta'):
+        expected = {k: tuple(v.shape) for k, v in cls(**args).state_dict().items()}
+    if stored != expected:
+        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        wrong = [f"{k} {stored[k]} (expected {expected[k]})" for k in sorted(set(stored) & set(expected))
+                 if stored[k] != expected[k]]
+        raise ValueError(f"{str(path)!r} does not hold the {cls.__name__} that {config_path(path_or_id)} describes: "
+                         + '; '.join(filter(None, [missing and f"missing {', '.join(missing[:3])}",
+                                                   unexpected and f"unexpected {', '.join(unexpected[:3])}",
+                                                   wrong and f"shapes {', '.join(wrong[:3])}"])))
+
+
+def read_config(path_or_id, revision=None):
+    """config.json of a save_pretrained folder or hub repository -> dict (ValueError naming the file if it is
+    not a JSON object)."""
+    folder = Path(path_or_id)
+    check_local_path(path_or_id)
     if folder.is_dir():
         path = folder / 'config.json'
         if not path.is_file():
@@ -81,9 +143,32 @@ def read_config(path_or_id, revision=None):
     else:
         path = hf_hub_download(str(path_or_id), 'config.json', revision=revision)
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
+                         f"arguments: the model folder is damaged or was not written by this repository")
+    return config
+
+
+def looks_local(path):
+    """Whether a path names a local file or folder rather than a hub id: it starts with ./ ../ / or ~, starts
+    with pretrained/ (this repository's heads), or its parent folder exists."""
+    path = str(path)
+    if path.startswith(('./', '../', '/', '~', '.' + os.sep, '..' + os.sep, os.sep, 'pretrained/')):
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+
+
+def check_local_path(path):
+    """A path that looks local (looks_local) but does not exist: FileNotFoundError naming its absolute path,
+    instead of the hub's connection error for what it would then take as a hub id."""
+    if looks_local(path) and not os.path.exists(os.path.expanduser(str(path))):
+        kind = 'file' if str(path).endswith(('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')) else 'folder'
+        raise FileNotFoundError(f"no such {kind}: {os.path.abspath(os.path.expanduser(str(path)))}; run from the "
+                                f"repository root or pass an absolute path")
 
 
 def check_finite(state, what):
@@ -298,14 +383,19 @@ BACKBONES = {
 class FrozenBackbone(nn.Module):
     """A pretrained model that never trains: eval mode, no gradients, run under torch.no_grad().
 
-    encode(batch) -> hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] (True = padding) or None.
+    encode(batch) -> hidden [batch, n_pos, d_depth, d_emb] float32, mask [batch, n_pos] (True = padding) or None.
     Text batches are lists of strings; image batches are tensors [batch, 3, H, W].
+
+    autocast_dtype: None (the model runs in float32) or a dtype (torch.float16 on CUDA as the paper's authors,
+    torch.bfloat16 on a CPU) under which the model's forward runs in torch.autocast. The hidden states are handed
+    on as float32 (the head's precision), converted once while stacking the depths.
     """
 
-    def __init__(self, model, modality, d_depth, d_emb, name, revision=None):
+    def __init__(self, model, modality, d_depth, d_emb, name, revision=None, autocast_dtype=None):
         super().__init__()
         self.model, self.modality, self.d_depth, self.d_emb, self.name = model, modality, d_depth, d_emb, name
         self.revision = revision                                                 # the hub revision, when pinned
+        self.autocast_dtype = autocast_dtype
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -317,17 +407,40 @@ class FrozenBackbone(nn.Module):
     def device(self):
         return next(self.model.parameters()).device
 
+    @property
+    def autocast_dtype(self):
+        return self._autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, dtype):
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {dtype!r}")
+        self._autocast_dtype = dtype
+
+    def autocast(self):
+        """The context the model's forward runs in: torch.autocast at autocast_dtype, or float32 (disabled)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
 
 class TextBackbone(FrozenBackbone):
     """A transformers text encoder. Texts longer than the window are split into overflowing chunks,
     each chunk encoded with its own special tokens, and the chunks' non-padding tokens re-joined
-    per sample (as the paper does for IMDB); the batch is padded with zeros and masked."""
+    per sample (as the paper does for IMDB); the batch is padded with zeros and masked.
+
+    Chunks are always padded on the right: a tokenizer configured to pad on the left (padding_side 'left') is
+    switched to the right, with a warning. Left padding shifts every real token's absolute position by the
+    padding before it, so its features, and every score, would depend on the other texts of the batch."""
 
     def __init__(self, model, tokenizer, name, max_length=None, revision=None):
         config = model.config
         offset = 2 if config.model_type in ('roberta', 'xlm-roberta', 'camembert') else 0   # position ids start at 2
         window = min(tokenizer.model_max_length, config.max_position_embeddings - offset)
         super().__init__(model, 'text', config.num_hidden_layers + 1, config.hidden_size, name, revision)
+        if getattr(tokenizer, 'padding_side', 'right') != 'right':
+            warnings.warn(f"backbone {name!r}: its tokenizer pads on the {tokenizer.padding_side}; padding on the "
+                          f"right instead (left padding shifts the tokens' positions, so features would depend on "
+                          f"the batch)", stacklevel=3)
+            tokenizer.padding_side = 'right'
         self.tokenizer = tokenizer
         self.max_length = min(max_length or window, window)
 
@@ -336,15 +449,16 @@ class TextBackbone(FrozenBackbone):
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"a text backbone encodes a list of strings, got {type(texts).__name__}")
         tokens = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, padding=True,
-                                return_overflowing_tokens=True, return_tensors='pt')
+                                padding_side='right', return_overflowing_tokens=True, return_tensors='pt')
         sample_of_chunk = tokens['overflow_to_sample_mapping']                  # [n_chunks]
         chunk_mask = tokens['attention_mask'].bool()                             # [n_chunks, len]
         states = []
         for s in range(0, len(sample_of_chunk), chunks_per_batch):
             inputs = {k: tokens[k][s:s + chunks_per_batch].to(self.device)
                       for k in ('input_ids', 'attention_mask', 'token_type_ids') if k in tokens}
-            out = self.model(**inputs, output_hidden_states=True)
-            states.append(torch.stack(out.hidden_states, dim=-2).float())        # [chunks, len, d_depth, d_emb]
+            with self.autocast():
+                out = self.model(**inputs, output_hidden_states=True)
+            states.append(stack_depths(out.hidden_states))                       # [chunks, len, d_depth, d_emb]
         states = torch.cat(states)
         # re-join each sample's chunks, dropping padding tokens
         per_sample = [states[sample_of_chunk == b][chunk_mask[sample_of_chunk == b]] for b in range(len(texts))]
@@ -373,18 +487,38 @@ class ImageBackbone(FrozenBackbone):
             hooks = [self.model.blocks[0].register_forward_pre_hook(lambda m, args: states.append(args[0]))]
             hooks += [b.register_forward_hook(lambda m, args, out: states.append(out)) for b in self.model.blocks]
             try:
-                self.model.forward_features(images)
+                with self.autocast():
+                    self.model.forward_features(images)
             finally:
                 for h in hooks:
                     h.remove()
         else:
-            states = self.model(pixel_values=images, output_hidden_states=True).hidden_states
-        return torch.stack(states, dim=-2).float(), None                         # [batch, n_pos, d_depth, d_emb]
+            with self.autocast():
+                states = self.model(pixel_values=images, output_hidden_states=True).hidden_states
+        return stack_depths(states), None                                        # [batch, n_pos, d_depth, d_emb]
 
 
-def load_backbone(name, revision=None, max_length=None, pretrained=True):
+def stack_depths(states):
+    """The hidden states of each depth, d_depth tensors [..., n_pos, d_emb] of any float dtype (under autocast,
+    float16/bfloat16 or float32 by layer) -> one float32 tensor [..., n_pos, d_depth, d_emb], written once (no
+    intermediate half-precision stack, no copy of a float32 stack)."""
+    out = states[0].new_empty((*states[0].shape[:-1], len(states), states[0].shape[-1]), dtype=torch.float32)
+    for d, state in enumerate(states):
+        out[..., d, :] = state                                                   # converts to float32 in the copy
+    return out
+
+
+def load_backbone(name, revision=None, max_length=None, pretrained=True, autocast_dtype=None):
     """name: a registry key (BACKBONES), 'timm/<model name>', a transformers model id, or a local
-    folder saved with save_pretrained. revision pins a hub revision. -> TextBackbone | ImageBackbone"""
+    folder saved with save_pretrained. revision pins a hub revision. autocast_dtype: None (float32) or the dtype
+    of torch.autocast the backbone's forward runs under (FrozenBackbone.autocast_dtype).
+    -> TextBackbone | ImageBackbone"""
+    backbone = _load_backbone(name, revision, max_length, pretrained)
+    backbone.autocast_dtype = autocast_dtype
+    return backbone
+
+
+def _load_backbone(name, revision, max_length, pretrained):
     if name.startswith('timm/'):
         import timm
         try:
@@ -400,6 +534,12 @@ def load_backbone(name, revision=None, max_length=None, pretrained=True):
     try:
         config = transformers.AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
+        if name in BACKBONES:                        # a backbone we know, which the hub (or its cache) did not give
+            raise ValueError(
+                f"backbone {name!r} is a known hub backbone ({source}), but it could not be fetched"
+                f"{' offline (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}: run once with "
+                f"network access so that it lands in the Hugging Face cache (HF_HOME), or pass a local folder "
+                f"written by save_pretrained (--backbone /path/to/folder): {e}") from e
         raise ValueError(
             f"unknown backbone {name!r}: not one of {sorted(BACKBONES)} or 'timm/<name>', not a local folder "
             f"with a config.json, and not loadable from the Hugging Face hub (offline? set HF_HOME to a cache "
@@ -453,34 +593,50 @@ class MultiModalClassifier(nn.Module):
                                          backbone_revision=self.backbone.revision, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
-        if not config.get('backbone'):
-            raise ValueError(f"{str(pretrained_model_name_or_path)!r} names no backbone: load the head alone with "
-                             f"RoutingHead.from_pretrained")
-        head = RoutingHead.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls(config['backbone'], head=head, revision=config.get('backbone_revision'))
+    def from_pretrained(cls, pretrained_model_name_or_path, backbone=None, **kwargs):
+        """A folder or hub id (save_pretrained), or a single head file that models.from_pretrained reads (the
+        authors' 2022 .state_dict / .checkpoint files by their names). backbone: a name for load_backbone or a
+        FrozenBackbone, for a file that names none (default: the one the file names)."""
+        path = str(pretrained_model_name_or_path)
+        if path.endswith(STATE_FILE_SUFFIXES):
+            head, config = from_pretrained(path, backbone=getattr(backbone, 'name', backbone))
+            if not isinstance(head, RoutingHead):
+                raise ValueError(f"{path!r} holds a {type(head).__name__}, not a RoutingHead")
+        else:
+            config = read_config(path, revision=kwargs.get('revision'))
+            head = RoutingHead.from_pretrained(path, **kwargs)
+        if not (backbone or config.get('backbone')):
+            raise ValueError(f"{path!r} names no backbone: pass backbone= (e.g. 'roberta-large'), or load the head "
+                             f"alone with models.from_pretrained")
+        return cls(backbone or config['backbone'], head=head, revision=config.get('backbone_revision'))
 
 
 # -------------------------------------------------------------------------------------------------
 # Loading any model of this repository, including older single-file heads and plain state dicts
 # -------------------------------------------------------------------------------------------------
 
-def from_pretrained(path_or_id, **kwargs):
+def from_pretrained(path_or_id, backbone=None, **kwargs):
     """Any model of this repository -> (model, config dict), config as save_pretrained writes it:
       - a folder (or hub id) written by save_pretrained or train.py: the class named by its model_type;
       - a single-file head of earlier versions (.safetensors with string metadata), or a plain state dict (.pt,
-        e.g. the authors' published 2019 files; loaded with weights_only=True): rebuilt from its tensors' shapes.
-    The weights load strictly and must be finite."""
+        e.g. the authors' published 2019 files; loaded with weights_only=True): rebuilt from its tensors' shapes;
+      - the authors' 2022 files by their names (authors_2022_file): a head's plain state dict
+        `pretrained_<dataset>_head_for_<backbone>.state_dict` or a training checkpoint
+        `<dataset>_head_for_<backbone>_epoch<k>.checkpoint` (its 'weights'), loaded with weights_only=True.
+    backbone: the backbone of a single file, given (e.g. a local copy of the one it names), else the one the file
+    names (the authors' files: the name after `_for_`, when it is one of BACKBONES), else None. The weights load
+    strictly and must be finite."""
     path = str(path_or_id)
-    if path.endswith(('.safetensors', '.pt', '.pth')):
+    check_local_path(path)
+    if path.endswith(STATE_FILE_SUFFIXES):
         state, training = _read_state_file(path)
         model = _model_of_state_dict(state, path)
         check_finite(state, repr(path))
         model.load_state_dict(state, strict=True)
-        backbone = training.pop('backbone', None)
+        named = training.pop('backbone', None)
+        named = None if named == 'none' or isinstance(model, SmallNORBClassifier) else named   # end to end: none
         config = {**model._hub_mixin_config, 'model_type': type(model).__name__, 'training': training,
-                  'backbone': None if backbone == 'none' else backbone, 'backbone_revision': training.pop('revision', None)}
+                  'backbone': backbone or named, 'backbone_revision': training.pop('revision', None)}
         return model, config
     config = read_config(path, revision=kwargs.get('revision'))
     if config.get('model_type') not in MODEL_TYPES:
@@ -489,8 +645,29 @@ def from_pretrained(path_or_id, **kwargs):
     return MODEL_TYPES[config['model_type']].from_pretrained(path, **kwargs), config
 
 
+STATE_FILE_SUFFIXES = ('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')
+
+# The authors' 2022 file names: pretrained_sst5_head_for_roberta-large.state_dict (a plain state dict of the head),
+# sst5_head_for_roberta-large_epoch10.checkpoint (a dict whose 'weights' is the head's state dict).
+_AUTHORS_2022_NAME = re.compile(r'(?:pretrained_)?(?P<dataset>.+?)_head_for_(?P<backbone>.+?)'
+                                r'(?:_epoch(?P<epoch>\d+))?\.(?:state_dict|checkpoint)')
+
+
+def authors_2022_file(path):
+    """The authors' 2022 head file's name -> {'dataset_name', 'backbone' (a BACKBONES key, or None where the name
+    after `_for_` is none of them), 'epoch' (int, .checkpoint files) or None}; None for any other name."""
+    match = _AUTHORS_2022_NAME.fullmatch(Path(path).name)
+    if match is None:
+        return None
+    name = match['backbone']
+    keys = [k for k in BACKBONES if name in (k, k.split('/')[-1], k.replace('/', '_'), k.replace('/', '--'))]
+    return {'dataset_name': match['dataset'], 'backbone': keys[0] if len(keys) == 1 else None,
+            'epoch': None if match['epoch'] is None else int(match['epoch'])}
+
+
 def _read_state_file(path):
-    """-> (state dict, metadata dict) of a .safetensors file, or of a .pt state dict (or a train.py checkpoint)."""
+    """-> (state dict, metadata dict) of a .safetensors file, of a .pt/.pth/.state_dict state dict (or a train.py
+    checkpoint), or of the authors' .checkpoint (its 'weights')."""
     if path.endswith('.safetensors'):
         try:
             with safe_open(path, 'pt') as f:
@@ -498,11 +675,32 @@ def _read_state_file(path):
             return load_file(path), metadata
         except Exception as e:
             raise RuntimeError(f"{path!r} is not a readable safetensors file: {e}") from e
-    loaded = torch_load_safely(path)
-    if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):             # a train.py checkpoint
-        loaded, metadata = loaded['head'], dict(loaded.get('metadata', {}))
-    else:
-        metadata = {}
+    try:
+        loaded = torch_load_safely(path)
+    except RuntimeError as e:
+        if path.endswith('.checkpoint') and 'refusing to load' in str(e):
+            raise RuntimeError(
+                f"{e}\nIf {path!r} is the authors' training checkpoint and you trust it, extract its head once: "
+                f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)['weights'], "
+                f"'{path[:-len('.checkpoint')]}.state_dict')\" and load the .state_dict file") from None
+        raise
+    metadata = {}
+    if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):               # a train.py checkpoint
+        metadata = dict(loaded.get('metadata', {}))
+        # the backbone it trained on: recorded by train.py since it checkpoints it, else its --backbone, --revision
+        args = loaded.get('args') if isinstance(loaded.get('args'), dict) else {}
+        metadata['backbone'] = loaded.get('backbone', args.get('backbone'))
+        metadata['revision'] = loaded.get('backbone_revision', args.get('revision'))
+        loaded = loaded['head']
+    elif path.endswith('.checkpoint'):                                                  # the authors' checkpoint
+        if not isinstance(loaded, dict) or not isinstance(loaded.get('weights'), dict):
+            raise RuntimeError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
+                               f"head's state dict); its keys: {sorted(loaded) if isinstance(loaded, dict) else '-'}")
+        loaded = loaded['weights']
+    authors = authors_2022_file(path)
+    if authors is not None:
+        metadata = {k: v for k, v in {'backbone': authors['backbone'], 'dataset_name': authors['dataset_name'],
+                                      'epoch': authors['epoch'], 'source': 'authors_2022'}.items() if v is not None}
     if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
         raise RuntimeError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
     return loaded, metadata

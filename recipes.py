@@ -18,6 +18,9 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
     frozen-heads   the standard heads on the same frozen features (issue 21; train.py --model scalar_mix_mean,
                    scalar_mix_attention, token_depth_attention), each in the paper-minilm recipe (SST-2 fine-tunes
                    their final Linear); outputs OUT/frozen-heads/<head>/seed<k>/<dataset>/. --heads picks some.
+    digits-vit     the routing head on the small ViT pretrained on scikit-learn's 8x8 digits (the committed
+                   pretrained/digits_vit/backbone, which `python -m benchmarks.digits_vit build` trains first and then
+                   runs this recipe with): HEAD_EPOCHS epochs over the digits' training split on a CPU.
     capsules2019   the 2019 paper's capsule networks in its regime (train.py --model capsules2019): smallNORB end
                    to end for 50 epochs (GPU), SST-5 and SST-2 for 3 epochs over all subtrees on minilm (the paper
                    used gpt2-large).
@@ -28,12 +31,15 @@ import argparse
 import os
 import shlex
 
-PROFILES = ('paper', 'offline', 'paper-minilm', 'frozen-heads', 'capsules2019')
+PROFILES = ('paper', 'offline', 'paper-minilm', 'frozen-heads', 'digits-vit', 'capsules2019')
 FROZEN_HEADS = ('scalar_mix_mean', 'scalar_mix_attention', 'token_depth_attention')   # models.FROZEN_HEADS
 
 # The paper's backbones at the revisions it used.
 ROBERTA = ['--backbone', 'roberta-large', '--revision', '5069d8a']
 BEIT = ['--backbone', 'microsoft/beit-large-patch16-224', '--revision', '0bd443c', '--num_workers', '8']
+# The small ViT trained on the digits (benchmarks/digits_vit.py), and its routing head's epochs.
+DIGITS_VIT = os.path.join('pretrained', 'digits_vit', 'backbone')
+HEAD_EPOCHS = 60
 
 
 def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, heads=FROZEN_HEADS):
@@ -86,6 +92,8 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, hea
         return {f'{head}/{dataset}': argv for head in heads
                 for dataset, argv in paper_minilm(os.path.join(out, profile, head, f'seed{seed}'),
                                                   '--model', head).items()}
+    if profile == 'digits-vit':
+        return {'digits': stage('digits', '--backbone', DIGITS_VIT, '--n_epochs', str(HEAD_EPOCHS), '--device', 'cpu')}
     # capsules2019: the 2019 paper's regime (batch 20, lr 5e-4 one cycle, mixup Beta(0.2, 0.2)); smallNORB: random
     # crops of the edge-padded training images; SST: each dataset from scratch over all subtrees
     capsules = ['--model', 'capsules2019']

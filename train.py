@@ -7,6 +7,11 @@ with --model capsules2019, the 2019 paper's capsule networks in its regime.
     python train.py --dataset_name sst2 --backbone minilm --pretrained_path runs/sst5/model ...
     python train.py --dataset_name sst2 --backbone minilm --eval_only --pretrained_path pretrained/<file>
 
+The frozen backbone runs under torch.autocast at --mixed_precision (fp16 by default on a GPU, as the paper's
+authors), the head in float32. A run on one of the papers' backbones stops when CUDA is not usable, unless
+--device cpu is given. Every epoch is evaluated once: on the validation split, or on the test split where the dataset
+has none (metrics.jsonl names it: "eval_split").
+
 Only the head trains: RAdam, one-cycle schedule (30% warm-up, max lr 1e-3), mixup of hidden states
 and one-hot targets (Beta(0.65, 0.65) for text, Beta(0.2, 0.2) for images). --pretrained_path loads a
 head and fine-tunes only its last routing (the paper's SST-5 -> SST-2; --finetune all trains every parameter, a
@@ -46,7 +51,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, skip_first_batches
+from accelerate import Accelerator, DataLoaderConfiguration, skip_first_batches
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
@@ -65,6 +70,12 @@ REGIMES = {
 REGIMES.update({name: REGIMES['routing_head'] for name in models.FROZEN_HEADS})
 
 
+# The papers' backbones (2022: roberta-large, BEiT-large; 2019: gpt2-large) and their hub ids: slow on a CPU
+# (benchmarks/full_scale_smoke.md), so a run with one of them never falls back to the CPU silently (check_device).
+PAPER_BACKBONES = ('roberta-large', 'FacebookAI/roberta-large', 'microsoft/beit-large-patch16-224', 'gpt2-large',
+                   'openai-community/gpt2-large')
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the paper's options
@@ -76,8 +87,10 @@ def parse_args(argv=None):
     p.add_argument('--run_test', action='store_true', help='evaluate the final head on the test split')
     p.add_argument('--rng_seed', type=int, default=0)
     p.add_argument('--pretrained_path', default=None,
-                   help="a model to fine-tune (last routing only) or evaluate: a .safetensors head, a train.py "
-                        "checkpoint.pt, or a plain state-dict .pt (the authors' published 2019 files)")
+                   help="a model to fine-tune (last routing only) or evaluate: a model folder, a .safetensors head, "
+                        "a train.py checkpoint.pt, a plain state-dict .pt (the authors' published 2019 files), or the "
+                        "authors' 2022 files by their names: <dataset>_head_for_<backbone>.state_dict, "
+                        "<dataset>_head_for_<backbone>_epoch<k>.checkpoint")
     # ours
     p.add_argument('--model', default=None, choices=sorted(REGIMES),
                    help="routing_head: the 2022 paper's RoutingHead; capsules2019: the 2019 paper's SSTClassifier "
@@ -86,18 +99,24 @@ def parse_args(argv=None):
                         "features (models.FROZEN_HEADS), in the routing head's regime. "
                         "Default: the model of --pretrained_path (or of the checkpoint --resume continues), "
                         "else routing_head")
-    p.add_argument('--backbone', default='minilm',
+    p.add_argument('--backbone', default=None,
                    help="'minilm' (offline default), 'roberta-large', 'microsoft/beit-large-patch16-224', "
-                        "'timm/<name>', any transformers id or local folder")
+                        "'timm/<name>', any transformers id or local folder. Default: the backbone --pretrained_path "
+                        "names (the authors' files: the name after '_for_'), else minilm")
     p.add_argument('--revision', default=None, help='pin the backbone to a hub revision')
     p.add_argument('--data_root', default='.data')
     p.add_argument('--download', action='store_true', help='fetch the dataset from its official source')
     p.add_argument('--data_source', default='files', choices=data.DATA_SOURCES,
                    help="files (default, offline): the official files under --data_root; hub: sst5, sst2, imdb "
                         "from the Hugging Face hub with the datasets library (the same data)")
-    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
+                   help="auto: CUDA when available, else the CPU; except for the papers' backbones "
+                        f"({', '.join(PAPER_BACKBONES)}), which run on a CPU only with --device cpu given")
     p.add_argument('--mixed_precision', default=None, choices=['no', 'fp16', 'bf16'],
-                   help='default: no on CPU; on GPU fp16 (routing_head), no (capsules2019)')
+                   help="the frozen backbone's precision: its forward runs under torch.autocast at this dtype, in "
+                        "no_grad (fp16 on GPU as the paper's authors; bf16 on a CPU with bfloat16 instructions). The "
+                        "head trains in float32, as the authors'. Default: no on CPU; on GPU fp16 (routing_head), "
+                        "no (capsules2019)")
     p.add_argument('--matmul_precision', default='highest', choices=['highest', 'high', 'medium'],
                    help="torch.set_float32_matmul_precision. On a CPU with bfloat16 instructions (AVX512-BF16, AMX) "
                         "'medium' lets oneDNN compute float32 matrix products with bfloat16 arithmetic: on this "
@@ -132,11 +151,21 @@ def parse_args(argv=None):
         p.error('--eval_only needs --pretrained_path (the head to evaluate)')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
         p.error(f"--pretrained_path {args.pretrained_path!r}: no such folder or file (a model folder written by train.py "
-                f"or save_pretrained, an older .safetensors head, or a .pt state dict)")
+                f"or save_pretrained, an older .safetensors head, a .pt state dict, or the authors' 2022 "
+                f"<dataset>_head_for_<backbone>.state_dict or ..._epoch<k>.checkpoint)")
     for name in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch'):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be a positive integer, got {value}")
+    if args.mixup_alpha is not None and not (0 <= args.mixup_alpha < math.inf):
+        p.error(f"--mixup_alpha must be 0 (no mixup) or positive, got {args.mixup_alpha}")
+    if args.lr is not None and not (0 < args.lr < math.inf):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    if args.max_length is not None and args.max_length < 3:
+        p.error(f"--max_length must be at least 3 (the backbone's special tokens and at least one token of text), "
+                f"got {args.max_length}")
+    if args.image_size < 1:
+        p.error(f"--image_size must be a positive integer, got {args.image_size}")
     if args.finetune != 'last_routing' and not args.pretrained_path:
         p.error(f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too")
     if args.resume and args.overwrite:
@@ -170,9 +199,12 @@ def run_files(out):
         if os.path.isdir(out) else []
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + epochs
 # The arguments that define what a run trains: --resume refuses a checkpoint written with others.
+# --feature_cache is compared as on or off (the float16 cache's features, or the backbone's float32 ones); its
+# folder may move, since the cache's key guarantees the same features. The data themselves are compared by their
+# fingerprint (data.split_fingerprint), not by --data_root, which may move too.
 RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
                'lr', 'batch_sz', 'mixup_alpha', 'finetune', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch',
-               'mixed_precision')
+               'mixed_precision', 'matmul_precision', 'feature_cache')
 
 
 def load_checkpoint(path):
@@ -194,6 +226,46 @@ def check_output_dir(args):
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"--output_dir {out!r} is not writable ({e.strerror or e}): choose another --output_dir")
+    lock_output_dir(out)                                  # before looking at what it holds: one writer at a time
+    try:
+        check_run_files(args, out)
+    except BaseException:
+        release_output_dir(out)
+        raise
+
+
+# The locks of the output folders this process writes (one writer per run folder), by real path.
+_OUTPUT_LOCKS = {}
+
+
+def lock_output_dir(out):
+    """Take output_dir/.lock (a file lock, filelock: flock on POSIX) for the whole run, or stop at once: a second
+    run on the folder, or a second --resume of it, would mix its files with this one's. Under `accelerate launch`
+    the main process (RANK 0) holds it for all the run's processes. Released by release_output_dir (main does, at
+    the end of the run) or when the process ends."""
+    from filelock import FileLock, Timeout
+    if os.environ.get('RANK', '0') != '0':
+        return
+    key = os.path.realpath(out)
+    lock = FileLock(os.path.join(out, '.lock'), thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"--output_dir {out!r} is in use: another train.py run holds {os.path.join(out, '.lock')} "
+                         f"(two runs writing one folder would mix their checkpoints, models and metrics): wait for "
+                         f"it to finish, or choose another --output_dir") from None
+    _OUTPUT_LOCKS[key] = lock
+
+
+def release_output_dir(out):
+    lock = _OUTPUT_LOCKS.pop(os.path.realpath(out), None)
+    if lock is not None:
+        lock.release()
+
+
+def check_run_files(args, out):
+    """output_dir must not hold a run (or the --pretrained_path head) that this run would overwrite, unless
+    --resume or --overwrite."""
     existing = run_files(out)
     pretrained = os.path.normpath(args.pretrained_path or '')
     if (args.pretrained_path and not args.overwrite
@@ -228,6 +300,8 @@ def check_resume_args(checkpoint, args, path):
         a, b = trained(name), current.get(name)
         if name == 'pretrained_path' and a and b:
             return os.path.realpath(a) == os.path.realpath(b)
+        if name == 'feature_cache':
+            return bool(a) == bool(b)
         return a == b
 
     differ = [name for name in RESUME_ARGS if not same(name)]
@@ -237,14 +311,70 @@ def check_resume_args(checkpoint, args, path):
                          f"a new run in another --output_dir")
 
 
+def check_resume_data(checkpoint, args, splits, path):
+    """Refuse to resume on other data than the checkpoint trained on: the fingerprints (data.split_fingerprint) of
+    the splits it recorded must match this run's, naming the splits that differ and the data arguments that
+    changed. A checkpoint of an older train.py records none: said, not refused."""
+    saved = checkpoint.get('data_fingerprint')
+    if not isinstance(saved, dict):
+        print(f"--resume: {path} records no fingerprint of its data (an older train.py); the data cannot be "
+              f"checked against it", file=sys.stderr)
+        return
+    now = data_fingerprint(splits)
+    differ = [split for split in sorted(set(saved) | set(now)) if saved.get(split) != now.get(split)]
+    if differ:
+        trained = checkpoint.get('args') or {}
+        moved = ', '.join(f"--{n} {trained.get(n)!r} (now {getattr(args, n)!r})" for n in ('data_root', 'data_source')
+                          if n in trained and trained[n] != getattr(args, n))
+        raise ValueError(f"--resume: {path} was trained on other data: the {', '.join(differ)} split"
+                         f"{'s differ' if len(differ) > 1 else ' differs'} from the one it recorded"
+                         f"{' (' + moved + ')' if moved else ''}: resume on the same data, or start a new run in "
+                         f"another --output_dir")
+
+
+def data_fingerprint(splits):
+    """{split: data.split_fingerprint} of the splits a run trains and evaluates on."""
+    return {k: data.split_fingerprint(splits[k]) for k in ('train', 'valid', 'test') if splits.get(k) is not None}
+
+
+DISK_ERRORS = {errno.ENOSPC: 'disk full: free some space', errno.EDQUOT: 'disk quota exceeded: free some space',
+               errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
+
+
+def disk_full(folder, needed_bytes=0):
+    """Whether folder's file system has no room for needed_bytes (torch.save reports a full disk as a RuntimeError
+    'unexpected pos' without an errno: the free space tells)."""
+    try:
+        return shutil.disk_usage(folder).free <= needed_bytes + (1 << 20)
+    except OSError:
+        return False
+
+
+def state_bytes(state):
+    """The bytes of the tensors in a (nested) state."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
 def save_checkpoint(state, path):
     """The checkpoint, atomically; a failed write (disk full, ...) leaves the previous checkpoint intact."""
     try:
         data.save_atomic(lambda tmp: torch.save(state, tmp), path)
-    except OSError as e:
-        full = ' (disk full: free some space)' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''
-        raise RuntimeError(f"could not write checkpoint {path}{full}: {e}. The previous checkpoint, if any, is "
-                           f"intact: run again with --resume to continue from it") from e
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError):
+            why = DISK_ERRORS.get(e.errno)
+        else:                                    # torch's writer: '[enforce fail at ...] unexpected pos'
+            why = 'disk full: free some space' if disk_full(os.path.dirname(os.path.abspath(path)),
+                                                            state_bytes(state)) else None
+        detail = f" ({why})" if why else ''
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"could not write checkpoint {path}{detail}: {message}. The previous checkpoint, if any, "
+                           f"is intact: run again with --resume to continue from it") from e
 
 
 def write_metrics(path, records):
@@ -273,11 +403,48 @@ def save_model(model, folder, backbone, training):
 # Data: batches of (hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] or None, labels [batch])
 # -------------------------------------------------------------------------------------------------
 
+class PassSampler(torch.utils.data.Sampler):
+    """The training split's shuffled order (as RandomSampler(generator) draws it), each index paired with the pass
+    it belongs to: yields (n_pass, index); training_stream sets n_pass before each pass."""
+
+    def __init__(self, n, generator):
+        self.n, self.generator, self.n_pass = n, generator, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return ((self.n_pass, i) for i in torch.randperm(self.n, generator=self.generator).tolist())
+
+
+class SeededDraws(torch.utils.data.Dataset):
+    """A training split whose random transforms (the images' augmentations) draw from torch's RNG seeded with
+    (seed, pass, index) alone: another --rng_seed draws other augmentations, the same seed the same ones, in any
+    worker and after --resume (which starts mid-pass). The caller's RNG is left as it was (mixup's draws do not
+    depend on the loading). Indexed by PassSampler's (n_pass, index)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        n_pass, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, n_pass, i)) & (2 ** 63 - 1))   # ints hash the same in every process
+            return self.dataset[i]
+
+
 def make_loaders(args, splits, backbone, accelerator, generator):
-    """-> {split: DataLoader}; the training split is shuffled by `generator` alone (each loader draws its workers'
-    seeds from a generator of its own, never from torch's global RNG, so that mixup's draws do not depend on when
-    a pass starts). With --feature_cache, text batches come straight from the cache."""
-    loaders = {}
+    """-> ({split: DataLoader}, the training split's PassSampler or None); the training split is shuffled by
+    `generator` alone and its random transforms are seeded by (--rng_seed, pass, index) (SeededDraws); each loader
+    draws its workers' seeds from a generator of its own seeded with --rng_seed, never from torch's global RNG, so
+    that mixup's draws do not depend on when a pass starts. On CUDA, batches are pinned and workers persist. With
+    --feature_cache, text batches come straight from the cache."""
+    loaders, sampler = {}, None
+    cuda = accelerator.device.type == 'cuda'
+    workers = dict(num_workers=args.num_workers, pin_memory=cuda, persistent_workers=cuda and args.num_workers > 0)
     store = None
     if args.feature_cache:
         if splits['modality'] != 'text':
@@ -290,17 +457,19 @@ def make_loaders(args, splits, backbone, accelerator, generator):
         if dataset is None:
             continue
         if store is None:
-            shuffled = torch.utils.data.RandomSampler(dataset, generator=generator) if split == 'train' else None
-            loaders[split] = torch.utils.data.DataLoader(dataset, batch_size=args.batch_sz, sampler=shuffled,
-                                                         generator=torch.Generator(), num_workers=args.num_workers)
+            if split == 'train':
+                sampler, dataset = PassSampler(len(dataset), generator), SeededDraws(dataset, args.rng_seed)
+            loaders[split] = torch.utils.data.DataLoader(
+                dataset, batch_size=args.batch_sz, sampler=sampler if split == 'train' else None,
+                generator=torch.Generator().manual_seed(args.rng_seed), **workers)
             continue
         with accelerator.main_process_first():
             dataset = store.dataset(dataset.texts, dataset.labels, desc=f"{args.dataset_name}/{split}")
         batches = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_sz, shuffle=(split == 'train'),
                                                  generator=generator if split == 'train' else None)
         loaders[split] = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate_features,
-                                                     generator=torch.Generator(), num_workers=args.num_workers)
-    return loaders
+                                                     generator=torch.Generator().manual_seed(args.rng_seed), **workers)
+    return loaders, sampler
 
 
 def features(batch, backbone, cached):
@@ -335,13 +504,16 @@ def soft_cross_entropy(scores, targets):
     return -(targets * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
 
 
-def training_stream(loader, generator, seed, start_step):
+def training_stream(loader, generator, seed, start_step, sampler=None):
     """The paper's stream of training batches: passes over the training split, each shuffled anew (pass p by
-    `generator` seeded with seed * 1000 + p), cycled without end; it starts at global step start_step, so an
-    epoch of n steps takes the next n batches (epochs need not align with passes), also after --resume."""
+    `generator` seeded with seed * 1000 + p; its augmentations seeded by (seed, p, index) through `sampler`, a
+    PassSampler), cycled without end; it starts at global step start_step, so an epoch of n steps takes the next n
+    batches (epochs need not align with passes), also after --resume."""
     n_pass, skip = divmod(start_step, len(loader))
     while True:
         generator.manual_seed(seed * 1000 + n_pass)
+        if sampler is not None:
+            sampler.n_pass = n_pass
         yield from skip_first_batches(loader, skip) if skip else loader
         n_pass, skip = n_pass + 1, 0
 
@@ -415,18 +587,23 @@ def validate(run, split):
     """Accuracy of run.head on `split` ('valid' or 'test'), from its prepared loader."""
     head, accelerator = run.head, run.accelerator
     head.eval()
-    n_correct = n_total = 0
+    n_correct = n_not_finite = n_total = 0                # tensors on the device, read once at the end
     for batch in tqdm(run.eval_loaders[split], desc=f"{run.args.dataset_name} {split}", leave=False,
                       disable=not accelerator.is_local_main_process):
         hidden, mask, labels = features(batch, run.backbone, run.cached)
         with accelerator.autocast():
             scores = class_scores(head, hidden, mask)
-        preds, labels = accelerator.gather_for_metrics((scores.argmax(-1), labels))
-        n_correct += (preds == labels).sum().item()
+        finite = torch.isfinite(scores).all(dim=-1)                               # [batch]
+        preds, labels, finite = accelerator.gather_for_metrics((scores.argmax(-1), labels, finite))
+        n_correct = n_correct + (preds == labels).sum()
+        n_not_finite = n_not_finite + (~finite).sum()
         n_total += len(labels)
     if n_total == 0:
         raise ValueError(f"the {split} split has no examples: an accuracy over nothing is no result")
-    return n_correct / n_total
+    if int(n_not_finite):                                 # (gathered: every process stops, none waits)
+        raise FloatingPointError(f"the {split} scores of {int(n_not_finite)} of {n_total} examples are not finite "
+                                 f"(NaN/Inf): refusing to report an accuracy; the head or its input features are damaged")
+    return int(n_correct) / n_total
 
 
 # -------------------------------------------------------------------------------------------------
@@ -453,6 +630,8 @@ class Run:
     steps_per_epoch: int = 0
     mixup_alpha: float = 0.0
     history: list = dataclasses.field(default_factory=list)   # one metrics record per completed epoch
+    data_fingerprint: dict = None         # {split: data.split_fingerprint}, saved in every checkpoint
+    lock: object = None                   # the output folder's lock (RunLock), held for the whole run
 
     @property
     def n_classes(self):
@@ -463,10 +642,10 @@ def build_run(args):
     """Parsed arguments -> a Run: the device, the data, the frozen backbone, the head (initialised from
     --pretrained_path), and, unless --eval_only, the optimizer, the schedule and the training stream, restored
     from output_dir/checkpoint.pt with --resume."""
-    use_cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
     pretrained, pretrained_config = models.from_pretrained(args.pretrained_path) if args.pretrained_path else (None, None)
+    backbone_given = args.backbone is not None
+    args.backbone = args.backbone or (pretrained_config or {}).get('backbone') or 'minilm'
+    use_cpu = check_device(args)
     pretrained_meta = None if pretrained is None else {
         'model': model_name(pretrained)}
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
@@ -478,8 +657,10 @@ def build_run(args):
     regime = resolve_model(args, pretrained_meta, checkpoint and checkpoint['metadata'])
     if not args.eval_only:
         check_output_dir(args)                            # before minutes of loading and encoding
-    accelerator = Accelerator(cpu=use_cpu,
-                              mixed_precision=args.mixed_precision or ('no' if use_cpu else regime['gpu_precision']))
+    # the head trains in float32 (as the authors'): no autocast, no GradScaler; the backbone runs under autocast
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision='no',
+                              dataloader_config=DataLoaderConfiguration(non_blocking=not use_cpu))
+    precision = args.mixed_precision or ('no' if use_cpu else regime['gpu_precision'])
     set_seed(args.rng_seed)
 
     splits = data.get_dataset_splits(args.dataset_name, data_root=args.data_root, download=args.download,
@@ -487,16 +668,20 @@ def build_run(args):
     for split in (('test',) if args.eval_only else ('train', 'valid') + (('test',) if args.run_test else ())):
         if splits[split] is not None and len(splits[split]) == 0:
             raise ValueError(f"--dataset_name {args.dataset_name}: the {split} split is empty (in {args.data_root})")
-    backbone = load_frozen_backbone(args, splits, accelerator)
+    backbone = load_frozen_backbone(args, splits, accelerator, AUTOCAST_DTYPES[precision])
     head, metadata = build_model(args, splits, backbone)
+    metadata.update(device_and_precision(accelerator, backbone, args))
+    accelerator.print('device and precision: ' + ', '.join(f'{k} {v}' for k, v in metadata.items()
+                                                           if k not in ('model', 'dataset_name')))
     if pretrained is not None:
-        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, accelerator.print)
+        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, accelerator.print, backbone_given)
 
     shuffle = torch.Generator()                           # shuffles the training passes (training_stream)
-    loaders = make_loaders(args, splits, backbone, accelerator, shuffle)
+    loaders, train_sampler = make_loaders(args, splits, backbone, accelerator, shuffle)
     run = Run(args=args, regime=regime, accelerator=accelerator, splits=splits, backbone=backbone, head=head,
               metadata=metadata, eval_loaders={}, cached=bool(args.feature_cache), checkpoint_path=checkpoint_path,
-              metrics_path=os.path.join(args.output_dir, 'metrics.jsonl'))
+              metrics_path=os.path.join(args.output_dir, 'metrics.jsonl'),
+              data_fingerprint=None if args.eval_only else data_fingerprint(splits))
     if args.eval_only:
         run.head, run.eval_loaders['test'] = accelerator.prepare(head, loaders['test'])
         return run
@@ -514,33 +699,74 @@ def build_run(args):
     elif args.resume:
         accelerator.print(f"--resume: no {checkpoint_path} yet, starting from scratch")
     run.batches = training_stream(train_loader, shuffle, args.rng_seed,
-                                  start_step=len(run.history) * run.steps_per_epoch)
+                                  start_step=len(run.history) * run.steps_per_epoch, sampler=train_sampler)
     return run
 
 
-def load_frozen_backbone(args, splits, accelerator):
-    """The frozen backbone --backbone on the accelerator's device, or None for end-to-end models (smallnorb)."""
+AUTOCAST_DTYPES = {'no': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}   # --mixed_precision -> the backbone's
+
+
+def check_device(args):
+    """-> whether the run is on the CPU. --device cuda needs CUDA; --device auto falls back to the CPU, except for a
+    backbone of the papers (PAPER_BACKBONES): that stops unless --device cpu is given."""
+    cuda = torch.cuda.is_available()
+    why = (f"torch.cuda.is_available() is False: no GPU, or its driver is older than this torch build (CUDA "
+           f"{torch.version.cuda or 'none: a CPU-only build'}) needs")
+    if args.device == 'cuda' and not cuda:
+        raise RuntimeError(f"--device cuda: no CUDA device is usable ({why})")
+    if args.device == 'auto' and not cuda and args.backbone in PAPER_BACKBONES:
+        raise RuntimeError(f"--backbone {args.backbone} is one of the papers' backbones, meant for a GPU, and no CUDA "
+                           f"device is usable ({why}); on a CPU its steps are slow (benchmarks/full_scale_smoke.md). "
+                           f"Pass --device cpu to run it on the CPU anyway")
+    return args.device == 'cpu' or not cuda
+
+
+def device_and_precision(accelerator, backbone, args):
+    """What the run computes on, for the log and the saved model's config.json (training metadata)."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    autocast = backbone is not None and backbone.autocast_dtype
+    return {'device': f'{device.type} ({name})',
+            'backbone_precision': 'none' if backbone is None else
+            (f"{str(autocast).replace('torch.', '')} autocast" if autocast else 'float32'),
+            'head_precision': 'float32', 'matmul_precision': args.matmul_precision}
+
+
+def load_frozen_backbone(args, splits, accelerator, autocast_dtype=None):
+    """The frozen backbone --backbone on the accelerator's device, its forward under autocast at autocast_dtype
+    (None: float32), or None for end-to-end models (smallnorb)."""
     if splits['modality'] == 'stereo':                    # smallnorb: the 2019 network learns from the pixels
         if args.model != 'capsules2019':
             raise ValueError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
                              f"the 2019 paper's SmallNORBClassifier end to end: pass --model capsules2019")
         return None
-    backbone = models.load_backbone(args.backbone, revision=args.revision, max_length=args.max_length)
+    backbone = models.load_backbone(args.backbone, revision=args.revision, max_length=args.max_length,
+                                    autocast_dtype=autocast_dtype)
     if backbone.modality != splits['modality']:
         raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
                          f"{args.dataset_name!r} is {splits['modality']}")
     return backbone.to(accelerator.device)
 
 
-def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log):
+def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log, backbone_given=True):
     """--pretrained_path: with --eval_only the head is the pretrained one (every tensor must fit); otherwise it is
     fine-tuned: every tensor that fits is loaded and only the last routing trains (the paper's SST-5 -> SST-2
-    recipe; --finetune all trains every parameter)."""
+    recipe; --finetune all trains every parameter). The backbone must be the one the file names; the authors' files
+    name theirs only in the file name, so a --backbone given explicitly (e.g. a local copy) is taken as theirs."""
     state = pretrained.state_dict()
     trained_on, using = pretrained_config.get('backbone'), backbone and backbone.name
-    if trained_on not in (None, using):
+    authors = pretrained_config.get('training', {}).get('source') == 'authors_2022'
+    if authors and backbone_given and trained_on not in (None, using):
+        log(f"--pretrained_path {args.pretrained_path} is named for backbone {trained_on!r}; using --backbone {using!r}")
+    elif trained_on not in (None, using):
         raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
                          f"{trained_on!r}, not --backbone {using!r}")
+    revision, now = pretrained_config.get('backbone_revision'), backbone and backbone.revision
+    if trained_on is not None and revision != now:
+        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone {trained_on!r} at "
+                         f"revision {revision!r}, not --revision {now!r}: pass --revision {revision}"
+                         if revision else f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
+                         f"{trained_on!r} at no pinned revision, not --revision {now!r}: leave --revision out")
     if args.eval_only:
         try:
             head.load_state_dict(state, strict=True)
@@ -560,19 +786,48 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
 
 
 def remove_old_run(run):
-    """--overwrite: the run replaced, none of its files stays beside ours."""
+    """--overwrite: the run replaced, none of its files stays beside ours. Nothing is removed until everything can
+    be: the old run's entries are first moved aside, together, into one folder (output_dir/.overwritten-<pid>-*);
+    if any cannot be moved, those already moved are put back and the run stops with the old run intact. Only then
+    is the folder deleted. An entry that is a symbolic link (e.g. epoch<k> -> elsewhere) is removed as a link: what
+    it points at is never touched."""
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        for name in run_files(run.args.output_dir):
-            path = os.path.join(run.args.output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        remove_run_files(run.args.output_dir)
     run.accelerator.wait_for_everyone()
+
+
+def remove_run_files(out):
+    """remove_old_run's work in output_dir `out` (see there)."""
+    data.remove_orphans(out, '.overwritten-')             # of --overwrite runs killed while deleting
+    names = run_files(out)
+    if not names:
+        return
+    aside = tempfile.mkdtemp(dir=out, prefix=f".overwritten-{os.getpid()}-")
+    moved = []
+    try:
+        for name in names:
+            os.rename(os.path.join(out, name), os.path.join(aside, name))         # a link moves as the link
+            moved.append(name)
+    except OSError as e:
+        failed = os.path.join(out, name)
+        for back in reversed(moved):
+            os.rename(os.path.join(aside, back), os.path.join(out, back))
+        os.rmdir(aside)
+        raise RuntimeError(f"--overwrite: cannot remove {failed} ({e.strerror or e}); nothing of the old run was "
+                           f"removed") from e
+    try:
+        shutil.rmtree(aside)                              # links inside are unlinked, never followed
+    except OSError as e:
+        print(f"--overwrite: the old run was moved aside into {aside} but could not all be deleted "
+              f"({e.strerror or e}): delete it by hand", file=sys.stderr)
 
 
 def restore(run, checkpoint):
     """--resume: the head, optimizer, schedule and metrics history of output_dir/checkpoint.pt."""
     args, path = run.args, run.checkpoint_path
     check_resume_args(checkpoint, args, path)
+    check_resume_data(checkpoint, args, run.splits, path)
     models.check_finite(checkpoint['head'], f"--resume: {path}")
     if checkpoint['scheduler']['total_steps'] != run.scheduler.total_steps:
         raise ValueError(f"--resume: {path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
@@ -635,13 +890,25 @@ def save_epoch(run, record):
     run.history.append(record)
     if run.accelerator.is_main_process:
         head = run.accelerator.unwrap_model(run.head)
-        save_model(head, os.path.join(run.args.output_dir, f"epoch{record['epoch']}"), run.backbone,
-                   {**run.metadata, **record})
+        epoch_dir = os.path.join(run.args.output_dir, f"epoch{record['epoch']}")
+        try:
+            save_model(head, epoch_dir, run.backbone, {**run.metadata, **record})
+        except OSError as e:
+            raise RuntimeError(f"could not write {epoch_dir} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). The "
+                               f"checkpoint of the epoch before, if any, is intact: run again with --resume to "
+                               f"continue from it") from e
         state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
                  'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
-                 'metadata': run.metadata}
+                 'metadata': run.metadata, 'backbone': run.backbone and run.backbone.name,
+                 'backbone_revision': run.backbone and run.backbone.revision,
+                 'data_fingerprint': run.data_fingerprint}
         save_checkpoint(state, run.checkpoint_path)
-        write_metrics(run.metrics_path, run.history)
+        try:
+            write_metrics(run.metrics_path, run.history)
+        except OSError as e:
+            raise RuntimeError(f"could not write {run.metrics_path} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). "
+                               f"The checkpoint of this epoch is intact and holds the metrics: run again with "
+                               f"--resume") from e
     run.accelerator.wait_for_everyone()
 
 
@@ -660,6 +927,14 @@ def save_final(run, final):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return train_and_evaluate(args)
+    finally:
+        release_output_dir(args.output_dir)              # held since check_output_dir (not with --eval_only)
+
+
+def train_and_evaluate(args):
+    """The run main composes from the stages; -> the test accuracy (or None without --run_test / --eval_only)."""
     torch.set_float32_matmul_precision(args.matmul_precision)
     run = build_run(args)
     log = run.accelerator.print
@@ -668,18 +943,23 @@ def main(argv=None):
         log(f"test accuracy: {acc:.4f}")
         return acc
 
+    # every epoch is evaluated once, as the authors did: on the validation split, or on the test split where the
+    # dataset has none (imdb, imagenet-1k, cifar10, cifar100; recorded as "eval_split": "test"; nothing is selected
+    # on it: the final head is the last epoch's)
+    eval_split = 'valid' if 'valid' in run.eval_loaders else 'test'
     for epoch in range(len(run.history), args.n_epochs):
         record = train_one_epoch(run, epoch)
-        if 'valid' in run.eval_loaders:
-            record['valid_acc'] = validate(run, 'valid')
+        record['eval_split'] = eval_split
+        record[f'{eval_split}_acc'] = validate(run, eval_split)
         log(json.dumps(record))
         save_epoch(run, record)
 
     final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
-    if 'valid' in run.eval_loaders:                       # the final head is the last epoch's: validated once
+    if eval_split == 'valid':                             # the final head is the last epoch's: evaluated once
         final['valid_accuracy'] = run.history[-1]['valid_acc']
     if args.run_test:
-        final['test_accuracy'] = validate(run, 'test')
+        final['test_accuracy'] = (run.history[-1]['test_acc'] if eval_split == 'test'
+                                  and 'test_acc' in run.history[-1] else validate(run, 'test'))
     save_final(run, final)
     if args.run_test:
         log(f"test accuracy: {final['test_accuracy']:.4f}")
@@ -689,6 +969,9 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: FileNotFoundError, disk errors
+        message = str(e).strip()
+        if 'Original Traceback' in message:              # re-raised from a DataLoader worker: its last line tells
+            message = message.splitlines()[-1].split(': ', 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -3,7 +3,7 @@ Training-step time of a routing head with and without the feature cache (train.p
 on the real SST-5 and the offline backbone 'minilm'. Without the cache the frozen backbone runs on
 every batch; with it, the hidden states of all depths are read back from a float16 memory map.
 
-    python -m benchmarks.feature_cache --data_root ../shared/data --feature_cache .data/features
+    python -m benchmarks.feature_cache --data_root .data --feature_cache .data/features
 
 Each configuration trains --steps steps (a capped epoch) in a fresh output folder; the epoch time
 of a full pass over the SST-5 training phrases is extrapolated from the measured seconds per step.

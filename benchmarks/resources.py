@@ -1,7 +1,7 @@
 """
 What the set-up and the offline profile cost on this machine: the disk the installed requirements take, and
 (with --run) the wall time and peak memory of `bash train_all_heads.sh offline` from scratch, and the disk its
-feature cache takes. Writes docs/resources.md (the README's set-up section quotes it).
+feature cache takes. Writes docs/resources.md (docs/replication.md quotes it).
 
     python -m benchmarks.resources                 # installed size only (seconds)
     python -m benchmarks.resources --run           # + the offline profile from scratch (about an hour on 2 cores)

@@ -2,10 +2,10 @@
 Real results, offline, of the 2019 paper's text model: models.SSTClassifier (frozen hidden states of
 all depths of all-MiniLM-L6-v2 routed as 1 x 64 capsules by two GenerativeMatrixRoutings), trained by
 `train.py --model capsules2019` in the 2019 regime on the real Stanford Sentiment Treebank, SST-5 and
-SST-2 each from scratch, several seeds. Writes docs/sst_capsules2019.md (the README's table row) and,
+SST-2 each from scratch, several seeds. Writes docs/sst_capsules2019.md (docs/results.md quotes it) and,
 with --save_pretrained, the best-dev models under pretrained/.
 
-    python -m benchmarks.sst_capsules --data_root ../shared/data --feature_cache .data/features --save_pretrained
+    python -m benchmarks.sst_capsules --data_root .data --feature_cache .data/features --save_pretrained
 
 The runs are independent processes, --jobs at a time (one CPU thread each: these small models train
 faster on one thread than on two, and two runs then use both cores). The frozen features come from

@@ -157,7 +157,8 @@ def main(argv=None):
     curves = os.path.relpath(args.records + '_curves.png', os.path.dirname(args.report))
     lines += ['', "Accuracies in %, of the final head (after the last epoch, as the paper), from the float16 feature "
               "cache. Minutes per epoch: training only (the dev evaluation after it is not counted); they depend on "
-              "how the seeds shared the CPU (README, \"The paper's regime\").", '', f"![learning curves]({curves})", '']
+              "how the seeds shared the CPU (docs/results.md, \"The paper's regime on minilm\").", '',
+              f"![learning curves]({curves})", '']
 
     variants = {}
     for name in VARIANTS:

@@ -1,10 +1,10 @@
 """
 Real results, offline: routing heads on the frozen all-MiniLM-L6-v2 ('minilm') over the real
 Stanford Sentiment Treebank, beside conventional baselines on the same frozen features, and a
-deletion test of the heads' credit assignment. Regenerates docs/sst_results.md (the README's table)
+deletion test of the heads' credit assignment. Regenerates docs/sst_results.md (docs/results.md quotes it)
 from scratch and, with --save_pretrained, the heads under pretrained/.
 
-    python -m benchmarks.sst_results --data_root ../shared/data --save_pretrained
+    python -m benchmarks.sst_results --data_root .data --save_pretrained
 
 Steps (wall-clock time of each is reported):
  1. the frozen hidden states of every SST text, once (train.py's --feature_cache; reused if present);
@@ -303,6 +303,10 @@ def main(argv=None):
     for name in base['sst5']:
         (v5, c5, t5), (v2, c2, t2) = base['sst5'][name], base['sst2'][name]
         lines.append(f"| logistic regression, {name} (L2 {c5:g} / {c2:g} by dev) | {100 * t5:.1f} | {100 * t2:.1f} |")
+    lines += ['', 'Per seed (the offline profile, `bash train_all_heads.sh offline`, is seed 0), accuracies in %:', '',
+              '| seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test |', '|---|---|---|---|---|']
+    lines += [f"| {seed} | " + ' | '.join(f"{100 * r[d][k]:.2f}" for d in ('sst5', 'sst2') for k in (0, 1)) + ' |'
+              for seed, r in zip(args.seeds, runs)]
     lines += ['', 'Chosen (best dev) heads, test accuracy by `train.py --eval_only` on the live float32 backbone:', '']
     for dataset, (valid, test, live, path, published) in pretrained.items():
         lines.append(f"- {dataset}: dev {100 * valid:.2f}%, test {100 * live:.2f}% (from the float16 feature cache: "

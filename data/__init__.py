@@ -52,23 +52,25 @@ and md5s are the class attributes of data.CIFAR10 / data.CIFAR100, torchvision's
 
 from .downloads import (CHECKSUMS, CIFAR10_URL, CIFAR100_URL, HEINSEN2019_URL, HEINSEN2019_WEIGHTS, IMAGENET_URL,
                         IMDB_HUB, IMDB_URL, MNIST_FILES, MNIST_URL, SMALLNORB_PREFIX, SMALLNORB_URL, SST_HUB,
-                        SST_MEMBER_CHECKSUMS, SST_URL, ChecksumMismatchError, download_and_extract,
-                        fetch_heinsen2019_weights, file_checksum, verify_checksum)
+                        SST_MEMBER_CHECKSUMS, SST_URL, ChecksumMismatchError, UnsafeArchiveError,
+                        download_and_extract, extract_archive, fetch_heinsen2019_weights, file_checksum,
+                        verify_checksum)
 from .features import (CachedFeatures, FeatureStore, LengthGroupedBatchSampler, backbone_fingerprint,
                        collate_features, pad_positions)
 from .fileio import check_labels, remove_orphans, save_atomic, write_atomic
 from .images import (CIFAR10, CIFAR100, DIGITS_SEED, MNIST, TensorImageDataset, image_transforms, load_cifar,
                      load_digits_splits, load_imagenet, load_mnist, read_cifar_batch, read_idx, write_idx)
 from .smallnorb import SmallNorbDataset, load_smallnorb, read_smallnorb_file, write_smallnorb_file
-from .splits import DATA_SOURCES, DATASETS, HUB_DATASETS, get_dataset_splits
+from .splits import DATA_SOURCES, DATASETS, HUB_DATASETS, get_dataset_splits, split_fingerprint
 from .text import (TextDataset, TextFilesDataset, clean_imdb, detokenize, iter_subtrees, load_imdb, load_sst,
                    parse_ptb_lines, parse_ptb_tree, read_ptb_trees, sst_examples, sst_to_binary, tree_leaves)
 
 __all__ = [
     # datasets by name
-    'get_dataset_splits', 'DATASETS', 'DATA_SOURCES', 'HUB_DATASETS',
+    'get_dataset_splits', 'split_fingerprint', 'DATASETS', 'DATA_SOURCES', 'HUB_DATASETS',
     # downloads and sources
-    'download_and_extract', 'fetch_heinsen2019_weights', 'file_checksum', 'verify_checksum', 'ChecksumMismatchError',
+    'download_and_extract', 'extract_archive', 'UnsafeArchiveError', 'fetch_heinsen2019_weights', 'file_checksum',
+    'verify_checksum', 'ChecksumMismatchError',
     'CHECKSUMS', 'SST_MEMBER_CHECKSUMS', 'HEINSEN2019_WEIGHTS', 'HEINSEN2019_URL', 'SST_URL', 'IMDB_URL',
     'IMAGENET_URL', 'CIFAR10_URL', 'CIFAR100_URL', 'SMALLNORB_URL', 'MNIST_URL', 'SMALLNORB_PREFIX', 'MNIST_FILES',
     'SST_HUB', 'IMDB_HUB',

@@ -2,6 +2,7 @@
 Where every dataset comes from, and verified downloads: nothing unverified is kept.
 
     download_and_extract(url, dest_dir, checksum=..., members=...)   fetch, verify, unpack atomically
+    extract_archive(archive, dest_dir, members=...)                  unpack a zip/tar that cannot write outside dest_dir
     fetch_heinsen2019_weights(dest_dir)                              the 2019 paper's published state dicts
     CHECKSUMS, SST_MEMBER_CHECKSUMS, HEINSEN2019_WEIGHTS             the pinned checksums
     missing(what, path, how), how_to_get(url, dest)                  the FileNotFoundError of a missing dataset
@@ -13,6 +14,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import urllib.parse
@@ -21,7 +23,7 @@ import zipfile
 
 from torchvision.datasets import CIFAR10 as _TorchvisionCIFAR10, CIFAR100 as _TorchvisionCIFAR100
 
-from .fileio import fsync_dir, pid_prefix, publish, remove_orphans
+from .fileio import current_umask, fsync_dir, pid_prefix, publish, remove_orphans
 
 # -----------------------------------------------------------------------------
 # official sources
@@ -134,22 +136,25 @@ def download_and_extract(url: str, dest_dir: str, checksum: str = None, members:
       anything else                -> saved as dest_dir/<name>
     checksum ('sha256:<hex>' or 'md5:<hex>') is the downloaded file's; members ({path inside the archive:
     checksum}) are checked after unpacking instead or as well. One of them is required: nothing unverified
-    is kept (ChecksumMismatchError). Archive members that would land outside dest_dir (absolute paths,
-    '..', links pointing out, devices) are refused on every Python, with or without tarfile.data_filter.
-    Writing is atomic: everything goes to a temporary name inside dest_dir first and is renamed at
-    the end, so an interrupted download never leaves a half-written dataset behind. Top-level
-    entries that already exist in dest_dir are left untouched. Raises RuntimeError if the download
-    fails (e.g. no network), saying what to put where by hand (by_hand), and leaves no empty dest_dir behind.
+    is kept (ChecksumMismatchError). Archives are unpacked by extract_archive, which cannot write outside
+    its destination by design (no link, device or fifo member is ever created; every path is checked against
+    the resolved destination; see there). Writing is atomic: the download and the unpacked files go to
+    temporary names beside dest_dir (or inside it, where its parent is not writable or on another disk) and
+    are renamed into place at the end, so an interrupted download never leaves a half-written dataset
+    behind. Top-level entries that already exist in dest_dir are left untouched. Raises RuntimeError if the
+    download fails (e.g. no network), saying what to put where by hand (by_hand), and leaves no empty dest_dir behind.
     """
     if checksum is None and not members:
         raise ValueError(f"download_and_extract({url!r}): pass the pinned checksum (or member checksums); "
                          f"unverified downloads are not kept")
     created = not os.path.isdir(dest_dir)
     os.makedirs(dest_dir, exist_ok=True)
-    for prefix in ('.download-', '.gunzip-', '.extract-'):
-        remove_orphans(dest_dir, prefix)                         # left behind by killed downloads
+    work_dir = _work_dir(dest_dir)
+    for folder in {os.path.realpath(dest_dir), work_dir}:
+        for prefix in ('.download-', '.gunzip-', '.extract-'):
+            remove_orphans(folder, prefix)                       # left behind by killed downloads
     filename = os.path.basename(urllib.parse.urlparse(url).path)
-    fd, tmp_path = tempfile.mkstemp(dir=dest_dir, prefix=pid_prefix('.download-'))
+    fd, tmp_path = tempfile.mkstemp(dir=work_dir, prefix=pid_prefix('.download-'))
     try:
         try:
             with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as response:
@@ -160,15 +165,16 @@ def download_and_extract(url: str, dest_dir: str, checksum: str = None, members:
                 os.rmdir(dest_dir)                               # a later attempt finds nothing half-made
             raise RuntimeError(
                 f"Could not download {url} ({e}). Is the network available? You can also download it by hand "
-                f"and " + (by_hand or f"unpack it into {os.path.abspath(dest_dir)}.")) from e
+                f"and " + (by_hand or (f"unpack it into {os.path.abspath(dest_dir)}." if _is_archive(filename)
+                                       else f"put it into {os.path.abspath(dest_dir)}."))) from e
         if checksum is not None:
             verify_checksum(tmp_path, checksum, f"the download of {url}")
         print(f"downloaded {url}" + (" (checksum verified)" if checksum else ""))
         lower = filename.lower()
         if lower.endswith('.zip') or lower.endswith(('.tar', '.tar.gz', '.tgz')):
-            _extract_archive(tmp_path, dest_dir, is_zip=lower.endswith('.zip'), members=members, url=url)
+            extract_archive(tmp_path, dest_dir, members=members, what=url)
         elif lower.endswith('.gz'):
-            out_fd, out_tmp = tempfile.mkstemp(dir=dest_dir, prefix=pid_prefix('.gunzip-'))
+            out_fd, out_tmp = tempfile.mkstemp(dir=work_dir, prefix=pid_prefix('.gunzip-'))
             try:
                 with os.fdopen(out_fd, 'wb') as out, gzip.open(tmp_path, 'rb') as src:
                     shutil.copyfileobj(src, out, length=1 << 20)
@@ -183,54 +189,155 @@ def download_and_extract(url: str, dest_dir: str, checksum: str = None, members:
             os.remove(tmp_path)
 
 
-def _check_tar_members(t, archive, dest):
-    """Refuse tar members that would be written outside dest (checked here: tarfile.data_filter is missing
-    from Python 3.10.0-3.10.11 and 3.11.0-3.11.3) and anything that is not a file, folder or inner link."""
-    for m in t.getmembers():
-        name = m.name.replace('\\', '/')
-        norm = os.path.normpath(name)
-        if os.path.isabs(name) or norm == '..' or norm.startswith('../') or (len(name) > 1 and name[1] == ':'):
-            raise ValueError(f"archive {archive}: member {m.name!r} would be written outside {dest}; refusing to unpack it")
-        if m.issym() or m.islnk():
-            link = m.linkname.replace('\\', '/')
-            target = os.path.normpath(os.path.join(os.path.dirname(norm), link) if m.issym() else link)
-            if os.path.isabs(link) or target == '..' or target.startswith('../'):
-                raise ValueError(f"archive {archive}: link {m.name!r} -> {m.linkname!r} points outside {dest}; "
-                                 f"refusing to unpack it")
-        elif not (m.isfile() or m.isdir()):
-            raise ValueError(f"archive {archive}: member {m.name!r} is a device or fifo; refusing to unpack it")
-
-
-def _extract_archive(archive_path, dest_dir, is_zip, members=None, url=None):
-    """Extract a zip/tar archive into a temporary folder in dest_dir, verify `members` ({relative path:
-    checksum}), then move its entries into place."""
-    what = url or archive_path
-    tmp_dir = tempfile.mkdtemp(dir=dest_dir, prefix=pid_prefix('.extract-'))
+def _work_dir(dest_dir):
+    """Where temporary files of dest_dir go: its (resolved) parent, so that a fresh extraction is renamed into
+    place as a whole; dest_dir itself where the parent is not writable or is on another file system (a mount
+    point), since a rename cannot cross file systems."""
+    dest = os.path.realpath(dest_dir)
+    parent = os.path.dirname(dest)
     try:
-        if is_zip:
-            with zipfile.ZipFile(archive_path) as z:
-                z.extractall(tmp_dir)  # zipfile refuses absolute paths and '..' components
-        else:
-            with tarfile.open(archive_path) as t:
-                _check_tar_members(t, what, dest_dir)
-                if hasattr(tarfile, 'data_filter'):  # Python >= 3.10.12 / 3.11.4: also refuses special bits
-                    t.extractall(tmp_dir, filter='data')
-                else:
-                    t.extractall(tmp_dir)
+        if parent != dest and os.access(parent, os.W_OK | os.X_OK) and os.stat(parent).st_dev == os.stat(dest).st_dev:
+            return parent
+    except OSError:
+        pass
+    return dest
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member that would be written outside the destination, or is not a plain file or folder."""
+
+
+def _member_path(name, archive, dest_real, root_real):
+    """The path (inside root_real, the fresh extraction folder) that archive member `name` is written to, or
+    UnsafeArchiveError: absolute paths, drive letters, '..' components and NUL bytes are refused lexically, and
+    the joined path, resolved, must lie inside root_real (it always does once links are refused; checked anyway)."""
+    parts = name.replace('\\', '/').split('/')
+    if (name.startswith(('/', '\\')) or '\x00' in name or '..' in parts or (len(name) > 1 and name[1] == ':')):
+        raise UnsafeArchiveError(f"archive {archive}: member {name!r} would be written outside {dest_real}; "
+                                 f"refusing to unpack it")
+    relative = [p for p in parts if p not in ('', '.')]
+    path = os.path.realpath(os.path.join(root_real, *relative))
+    if os.path.commonpath([path, root_real]) != root_real:
+        raise UnsafeArchiveError(f"archive {archive}: member {name!r} resolves to {path}, outside {dest_real}; "
+                                 f"refusing to unpack it")
+    return path
+
+
+def _tar_members(archive_path, what):
+    """-> [(name, is_dir, open_fn)] of a tar archive; UnsafeArchiveError for any link, device, fifo or other
+    special member (the official archives hold only files and folders)."""
+    with tarfile.open(archive_path) as t:
+        infos = t.getmembers()
+    out = []
+    for m in infos:
+        if m.issym() or m.islnk():
+            raise UnsafeArchiveError(f"archive {what}: member {m.name!r} is a {'symbolic' if m.issym() else 'hard'} "
+                                     f"link (to {m.linkname!r}); links are refused (they could point outside the "
+                                     f"destination, and no official archive holds any)")
+        if not (m.isfile() or m.isdir()):
+            raise UnsafeArchiveError(f"archive {what}: member {m.name!r} is a device, fifo or other special file; "
+                                     f"refusing to unpack it")
+        out.append((m.name, m.isdir(), m))
+    return out
+
+
+def _zip_members(archive_path, what):
+    """-> [(name, is_dir, info)] of a zip archive; UnsafeArchiveError for members whose Unix mode (the high bits
+    of external_attr) says link, device, fifo or socket."""
+    with zipfile.ZipFile(archive_path) as z:
+        infos = z.infolist()
+    out = []
+    for info in infos:
+        mode = info.external_attr >> 16
+        kind = stat.S_IFMT(mode)
+        if kind == stat.S_IFLNK:
+            raise UnsafeArchiveError(f"archive {what}: member {info.filename!r} is a symbolic link; links are "
+                                     f"refused (they could point outside the destination)")
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise UnsafeArchiveError(f"archive {what}: member {info.filename!r} is a device, fifo or other special "
+                                     f"file; refusing to unpack it")
+        out.append((info.filename, info.is_dir(), info))
+    return out
+
+
+def extract_archive(archive_path, dest_dir, members=None, what=None):
+    """
+    Unpack a zip or tar archive (gzip, bz2, xz) into dest_dir; it cannot write outside dest_dir by design:
+      1. every member is listed first; a symbolic or hard link, device, fifo or other special member refuses the
+         whole archive (UnsafeArchiveError, a ValueError), before anything is written;
+      2. every member path is refused if absolute, with a drive letter, a '..' component or a NUL byte, and
+         must resolve (realpath) inside a fresh, empty extraction folder;
+      3. files are written by this function, not by tarfile/zipfile's extractall (so nothing relies on
+         tarfile.data_filter, which Pythons 3.10.0-3.10.11 and 3.11.0-3.11.3 lack): opened with O_EXCL |
+         O_NOFOLLOW (a name that appears twice, or any link, fails), modes from the umask (no special bits);
+      4. `members` ({relative path: checksum}) are verified in the extraction folder;
+      5. the folder is renamed into place as a whole when dest_dir is empty (it is made beside dest_dir), else
+         its top-level entries are moved in, leaving entries that already exist untouched.
+    Nothing reaches dest_dir unless every step succeeds.
+    """
+    what = what or archive_path
+    dest_real = os.path.realpath(dest_dir)
+    os.makedirs(dest_real, exist_ok=True)
+    with open(archive_path, 'rb') as f:
+        is_zip = f.read(4) in (b'PK\x03\x04', b'PK\x05\x06')   # a zip's first header, or an empty zip's
+    try:
+        listed = _zip_members(archive_path, what) if is_zip else _tar_members(archive_path, what)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"archive {what} is not a readable {'zip' if is_zip else 'tar'} archive ({e})") from e
+    umask = current_umask()
+    tmp_dir = os.path.realpath(tempfile.mkdtemp(dir=_work_dir(dest_real), prefix=pid_prefix('.extract-')))
+    try:
+        targets = [(_member_path(name, what, dest_real, tmp_dir), is_dir, ref) for name, is_dir, ref in listed]
+        opener = zipfile.ZipFile(archive_path) if is_zip else tarfile.open(archive_path)
+        with opener as archive:
+            for path, is_dir, ref in targets:
+                if path == tmp_dir:
+                    continue                                     # './', the archive's root folder
+                if is_dir:
+                    _makedirs_inside(path, tmp_dir, what)
+                    continue
+                _makedirs_inside(os.path.dirname(path), tmp_dir, what)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666 & ~umask)
+                except FileExistsError:
+                    raise UnsafeArchiveError(f"archive {what}: member {os.path.relpath(path, tmp_dir)!r} appears "
+                                             f"twice (or as a file and a folder); refusing to unpack it") from None
+                with os.fdopen(fd, 'wb') as out, (archive.open(ref) if is_zip else archive.extractfile(ref)) as src:
+                    shutil.copyfileobj(src, out, length=1 << 20)
         for member, checksum in (members or {}).items():
             path = os.path.join(tmp_dir, member)
             if not os.path.isfile(path):
                 raise ChecksumMismatchError(f"{what} does not hold {member}: not the expected archive; it was not used")
             verify_checksum(path, checksum, f"{member} of {what}")
+        os.chmod(tmp_dir, 0o777 & ~umask)
+        try:
+            os.rename(tmp_dir, dest_real)                        # dest_real empty (and on this file system)
+            fsync_dir(os.path.dirname(dest_real))
+            return
+        except OSError:
+            pass                                                 # not empty, or tmp_dir inside it: entry by entry
         for entry in sorted(os.listdir(tmp_dir)):
-            target = os.path.join(dest_dir, entry)
-            if os.path.exists(target):
+            target = os.path.join(dest_real, entry)
+            if os.path.lexists(target):
                 print(f"{target} already exists; leaving it as it is")
                 continue
-            os.replace(os.path.join(tmp_dir, entry), target)
-        fsync_dir(dest_dir)
+            os.rename(os.path.join(tmp_dir, entry), target)
+        fsync_dir(dest_real)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _makedirs_inside(path, root, what):
+    """os.makedirs(path) for a path checked to lie inside root (no links exist below root: none are created)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UnsafeArchiveError(f"archive {what}: {os.path.relpath(path, root)!r} is both a file and a folder in "
+                                 f"the archive; refusing to unpack it") from None
+
+
+def _is_archive(filename):
+    return filename.lower().endswith(('.zip', '.tar', '.tar.gz', '.tgz', '.gz'))
 
 
 def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str = HEINSEN2019_URL,
@@ -242,14 +349,24 @@ def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str
     and never leaves the file in dest_dir (a bad file already there is left as it is, for inspection).
     """
     paths, base_url = {}, base_url.rstrip('/') + '/'
+    absent = [name for name in HEINSEN2019_WEIGHTS if not os.path.isfile(os.path.join(dest_dir, name))]
     for name, checksum in HEINSEN2019_WEIGHTS.items():
         path = os.path.join(dest_dir, name)
         if not os.path.isfile(path):
             if not download:
                 raise missing('the 2019 pretrained weights', path,
-                              f"Get {base_url}{name} into {os.path.abspath(dest_dir)}, or pass --download "
+                              f"Missing: {', '.join(absent)}. Download {' and '.join(base_url + n for n in absent)} "
+                              f"into {os.path.abspath(dest_dir)}, or pass --download "
                               f"(python -m data heinsen2019 --download).")
-            download_and_extract(base_url + name, dest_dir, checksum=checksum)
+            try:
+                download_and_extract(base_url + name, dest_dir, checksum=checksum)
+            except ChecksumMismatchError:
+                raise
+            except RuntimeError as e:                    # no network: name every file still missing, to download
+                raise RuntimeError(
+                    f"Could not download {base_url + name} ({e.__cause__ or e}). Download the missing files "
+                    f"{', '.join(absent)} by hand ({', '.join(base_url + n for n in absent)}) into "
+                    f"{os.path.abspath(dest_dir)}; they are used as they are (nothing to unpack).") from e
         else:
             try:
                 verify_checksum(path, checksum, path)

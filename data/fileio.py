@@ -53,7 +53,7 @@ def remove_orphans(folder: str, prefix: str) -> list:
     return removed
 
 
-def _umask():
+def current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -77,7 +77,7 @@ def publish(tmp, path):
     """Durably move a finished temporary file into place: fsync it, give it the umask's mode, rename, fsync the folder."""
     with open(tmp, 'rb+') as f:
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 

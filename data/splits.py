@@ -54,3 +54,52 @@ def get_dataset_splits(name: str, data_root: str = '.data', download: bool = Fal
         splits, n_classes, modality = load_digits_splits(), 10, 'image'
     return {'train': splits['train'], 'valid': splits.get('valid'), 'test': splits['test'],
             'n_classes': n_classes, 'modality': modality}
+
+
+def split_fingerprint(dataset) -> str:
+    """The sha256 (16 hex digits) of what a split holds: its examples and labels, whatever the source (files or
+    hub) or the folder it was read from. Texts: every text and label (IMDB: every file's bytes); images: the
+    pixel arrays and labels (CIFAR, MNIST, digits, smallNORB); ImageNet folders: each image's path below the
+    root, size and label (not the pixels: 150 GB). None for a split that is absent, '?' for a dataset type not
+    known here. train.py's --resume compares them, so a run never continues on other data."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    if dataset is None:
+        return None
+    h = hashlib.sha256(type(dataset).__name__.encode())
+
+    def add(value):
+        if torch.is_tensor(value):
+            value = value.detach().cpu().contiguous().numpy()
+        if isinstance(value, np.ndarray):
+            h.update(f"{value.dtype} {value.shape}".encode())
+            h.update(memoryview(np.ascontiguousarray(value)).cast('B'))
+        else:
+            h.update(repr(value).encode('utf-8', 'surrogatepass'))
+        h.update(b'\x00')
+
+    labels = getattr(dataset, 'labels', None)
+    if hasattr(dataset, 'paths'):                                    # TextFilesDataset: the files' bytes
+        for path in dataset.paths:
+            with open(path, 'rb') as f:
+                add(f.read())
+        add(list(labels))
+    elif hasattr(dataset, 'texts'):                                  # TextDataset
+        for text in dataset.texts:
+            add(text)
+        add(list(labels))
+    elif hasattr(dataset, 'samples') and hasattr(dataset, 'root'):   # ImageFolder
+        import os
+        for path, label in dataset.samples:
+            add((os.path.relpath(path, dataset.root), os.path.getsize(path), label))
+    elif hasattr(dataset, 'data') and hasattr(dataset, 'targets'):  # CIFAR, MNIST
+        add(dataset.data)
+        add(dataset.targets if torch.is_tensor(dataset.targets) else list(dataset.targets))
+    elif hasattr(dataset, 'images') and labels is not None:          # digits, smallNORB
+        add(dataset.images)
+        add(list(labels))
+    else:
+        return '?'
+    return h.hexdigest()[:16]

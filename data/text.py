@@ -66,18 +66,32 @@ class TextFilesDataset(Dataset):
 
 
 def load_hub(hub, what):
-    """datasets.load_dataset(*hub) -> a DatasetDict; errors say how to use the files instead."""
+    """datasets.load_dataset(*hub) -> a DatasetDict; errors say how to use the files instead.
+
+    datasets 5.x runs no loading scripts: where the repository's main branch still holds one (stanfordnlp/sst was
+    published with sst.py), the hub's own Parquet conversion of it is loaded instead, the branch
+    refs/convert/parquet, whose folder <config>/<split>/*.parquet holds the config's splits."""
     try:
         import datasets
     except ImportError as e:
         raise ImportError(f"{what} from the Hugging Face hub (data_source 'hub') needs the datasets library: "
                           f"pip install datasets (or use the files: data_source 'files', the default)") from e
+    attempt = f"datasets.load_dataset{hub!r}"
     try:
-        return datasets.load_dataset(*hub)
+        try:
+            return datasets.load_dataset(*hub)
+        except Exception as e:
+            if 'scripts are no longer supported' not in str(e):
+                raise
+        attempt = f"datasets.load_dataset({hub[0]!r}, data_dir={hub[1]!r}, revision={HUB_PARQUET_EXPORT!r})"
+        return datasets.load_dataset(hub[0], data_dir=hub[1], revision=HUB_PARQUET_EXPORT)
     except Exception as e:  # offline (HF_HUB_OFFLINE), no access, a missing config, ...: say what to do instead
-        raise RuntimeError(f"Could not load {what} from the Hugging Face hub, datasets.load_dataset{hub!r} "
+        raise RuntimeError(f"Could not load {what} from the Hugging Face hub, {attempt} "
                            f"({type(e).__name__}: {e}). Is the network available? The offline alternative is the "
                            f"official files (data_source 'files', the default, with --download).") from e
+
+
+HUB_PARQUET_EXPORT = 'refs/convert/parquet'    # the hub's Parquet conversion of a repository (one folder per config)
 
 
 def hub_split(dataset_dict, split, columns, where):
@@ -171,11 +185,11 @@ def parse_ptb_lines(lines, where: str, n_labels: int = 5):
 
 
 def read_ptb_trees(path: str, n_labels: int = 5):
-    """Parse a file of PTB trees, one per line (blank lines ignored). Every node's label must be in
-    0..n_labels-1 (SST: 0..4). Errors name the file and line: ValueError for text that is not UTF-8
+    """Parse a file of PTB trees, one per line (blank lines ignored; UTF-8, with or without a byte order mark;
+    trees of any depth). Every node's label must be in 0..n_labels-1 (SST: 0..4). Errors name the file and line: ValueError for text that is not UTF-8
     (e.g. latin-1) or is binary, malformed trees and labels out of range."""
     try:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:        # a UTF-8 byte order mark, if any, is not text
             return parse_ptb_lines(f, path, n_labels)
     except UnicodeDecodeError:
         line_no, bad = '?', b''
@@ -221,20 +235,23 @@ def detokenize(tokens: list[str]) -> str:
 
 
 def _phrases(tree):
-    """-> [(label, words)] for every subtree of tree, root first, then pre-order (left to right)."""
+    """-> [(label, words)] for every subtree of tree, root first, then pre-order (left to right). Iterative: trees
+    nested deeper than Python's recursion limit are read like any other."""
     words, spans = [], []  # spans[k] = [label, start, end] of the k-th subtree in pre-order
-
-    def visit(node):
+    stack = [(tree, None)]  # (node to visit, None) or (None, span of a node whose subtrees are all visited)
+    while stack:
+        node, done = stack.pop()
+        if done is not None:
+            done[2] = len(words)
+            continue
         span = [node[0], len(words), None]
         spans.append(span)
         if isinstance(node[1], str):
             words.append(node[1])
+            span[2] = len(words)
         else:
-            for child in node[1]:
-                visit(child)
-        span[2] = len(words)
-
-    visit(tree)
+            stack.append((None, span))
+            stack.extend((child, None) for child in reversed(node[1]))
     return [(label, words[start:end]) for label, start, end in spans]
 
 
@@ -277,8 +294,9 @@ def _sst_dir(data_root, download):
     if download:
         downloads.download_and_extract(downloads.SST_URL, root, members=downloads.SST_MEMBER_CHECKSUMS,
                                        by_hand=f"put its three PTB tree files trees/train.txt, trees/dev.txt and "
-                                               f"trees/test.txt into {os.path.abspath(root)}/ (or pass --data_root "
-                                               f"to the folder that holds sst/).")
+                                               f"trees/test.txt into {os.path.abspath(root)}/ (or point at the "
+                                               f"folder that holds sst/: --data_root for train.py and python -m "
+                                               f"data, DATA_ROOT=... for train_all_heads.sh).")
         return _sst_dir(data_root, download=False)
     # name the file that is missing, in the folder that holds the others
     d = max(candidates, key=lambda c: sum(os.path.isfile(os.path.join(c, f)) for f in names))

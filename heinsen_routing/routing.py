@@ -24,6 +24,8 @@ Beyond the authors' code, every module here
   - raises ValueError naming the argument with the expected and actual shape or dtype,
   - returns the dict also for n_iters=1 (S and pred entries None).
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,47 @@ from .steps import (activations, agreement, betas, credit, init_betas, initial_R
 from .streamed import CHUNK_ELEMENTS, streamed_routing
 
 __all__ = ['EfficientVectorRouting', 'DefinableVectorRouting', 'GenerativeMatrixRouting', 'Routing']
+
+
+def autocast_safe(forward):
+    """Under torch.autocast, a routing's forward (decorated with this) keeps its numerics out of float16's range
+    and returns float32, whatever the memory mode:
+      - fp16 autocast: the forward runs with autocast off, in the parameters' dtype (float32 unless the module
+        was cast), its inputs cast to it. Its sums over the inputs (M-step), softmaxes, squared distances and
+        layer norms overflow float16 at input magnitudes of about 100 (EfficientVectorRouting) or 1e4
+        (GenerativeMatrixRouting), which would make every output NaN.
+      - bf16 autocast (float32's range): the forward runs under autocast as it is.
+    Either way every floating-point tensor it returns (x_out; a_out, mu_out, sig2_out; the dict's entries) is
+    float32 (as autocast's own reductions: softmax, layer_norm, sum). Outside autocast nothing changes.
+    float64 inputs are left to the dtype check (autocast does not cast float64)."""
+    @functools.wraps(forward)
+    def wrapper(module, *args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.is_floating_point()]
+        if not tensors or not torch.is_autocast_enabled(tensors[0].device.type) \
+                or any(t.dtype == torch.float64 for t in tensors):
+            return forward(module, *args, **kwargs)
+        device_type = tensors[0].device.type
+        if torch.get_autocast_dtype(device_type) == torch.float16:
+            dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()
+                          and not isinstance(p, nn.parameter.UninitializedParameter)), torch.float32)
+            cast = lambda a: a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a   # noqa: E731
+            with torch.autocast(device_type, enabled=False):
+                out = forward(module, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+        else:
+            out = forward(module, *args, **kwargs)
+        return _to_float32(out)
+    return wrapper
+
+
+def _to_float32(out):
+    """Floating-point tensors of out (a tensor, tuple or dict) as float32; anything else as it is."""
+    if torch.is_tensor(out):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        return tuple(_to_float32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_float32(v) for k, v in out.items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +140,7 @@ class EfficientVectorRouting(nn.Module):
                 f"memory_efficient={self.memory_efficient}, return_dict={self.return_dict}, "
                 f"chunk_elements={self.chunk_elements}")
 
+    @autocast_safe
     def forward(self, x_inp, mask=None):
         n = check_sequence('x_inp', x_inp, self.n_inp, (self.d_inp,), ('d_inp',))
         check_dtype('x_inp', x_inp, self.W_A)
@@ -176,6 +220,7 @@ class DefinableVectorRouting(nn.Module):
         init_betas(self, n_inp, n_out, d_inp)
         self.register_buffer('CONST_ones_over_n_out', torch.ones(n_out) / n_out)   # [n_out]
 
+    @autocast_safe
     def forward(self, x_inp, mask=None):
         n = check_sequence('x_inp', x_inp, self.n_inp, (self.d_inp,), ('d_inp',))
         batch_shape = x_inp.shape[:-2]
@@ -184,8 +229,13 @@ class DefinableVectorRouting(nn.Module):
 
         x_inp = without_masked_inputs(x_inp, mask)                                 # [..., n, d_inp]
         beta_use, beta_ign = betas(self, x_inp)                                    # [..., n, n_out]
-        a_inp = self.A(x_inp).view(*batch_shape, n)                                 # [..., n]
-        V = self.F(x_inp).view(*batch_shape, n, self.n_out, -1)                     # [..., n, n_out, d_out]
+        a_inp = self.A(x_inp).reshape(*batch_shape, n)                              # [..., n]
+        V = self.F(x_inp)                                       # [..., n, n_out * d_out] or [..., n, n_out, d_out]
+        if tuple(V.shape[:-1]) == (*batch_shape, n) and V.shape[-1] % self.n_out == 0:
+            V = V.unflatten(-1, (self.n_out, V.shape[-1] // self.n_out))           # (unambiguous for a batch of 0)
+        elif tuple(V.shape[:-1]) != (*batch_shape, n, self.n_out):
+            raise ValueError(f"F(x_inp) must have shape [..., n, n_out * d_out] or [..., n, n_out, d_out] with "
+                             f"[..., n] = {[*batch_shape, n]} and n_out = {self.n_out}, got {tuple(V.shape)}")
         f_a = torch.sigmoid(a_inp)[..., None]                                       # [..., n, 1]
         if mask is not None:
             f_a = f_a.masked_fill(mask, 0.0)                                        # [..., n, n_out]
@@ -258,6 +308,7 @@ class GenerativeMatrixRouting(nn.Module):
                 f"d_out={self.d_out}, n_iters={self.n_iters}, single_beta={self.single_beta}, "
                 f"p_model={self.p_model!r}, eps={self.eps}, return_dict={self.return_dict}")
 
+    @autocast_safe
     def forward(self, a_inp, mu_inp, mask=None, n_out=None):
         out = self._route(a_inp, mu_inp, mask, n_out)
         return out if self.return_dict else (out['a_out'], out['mu_out'], out['sig2_out'])
@@ -355,6 +406,7 @@ class Routing(GenerativeMatrixRouting):
         super().__init__(n_inp, n_out, d_cov, d_inp, d_out, n_iters=n_iters, single_beta=single_beta,
                          p_model=p_model, eps=eps, return_dict=return_dict)
 
+    @autocast_safe
     def forward(self, a_inp, mu_inp, return_R=False, n_out=None, mask=None):
         out = self._route(a_inp, mu_inp, mask, n_out)
         if self.return_dict:

@@ -1,5 +1,6 @@
-"""The 2022 paper's settings (../shared/spec/paper2022.md): train_all_heads.sh's paper profile prints (LAUNCH=echo)
-its six runs, each checked against the spec's table; the authors' image preprocessing and mixup pairing."""
+"""The 2022 paper's settings: the table in docs/paper_settings.md (and, when the spec is beside the clone, the spec's
+own table) is the one train_all_heads.sh's paper profile prints (LAUNCH=echo): its six runs are checked against it;
+also the authors' image preprocessing and mixup pairing."""
 import os
 import re
 import shlex
@@ -10,9 +11,10 @@ import pytest
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = os.path.join(ROOT, '..', 'shared', 'spec', 'paper2022.md')
+DOCS_TABLE = os.path.join(ROOT, 'docs', 'paper_settings.md')
+SPEC = os.path.join(ROOT, '..', 'shared', 'spec', 'paper2022.md')        # only where the spec is beside the clone
 
-# the spec's table: dataset -> (batch_sz, n_epochs, n_iters_per_train_epoch; None = one pass), in this order
+# the paper's table: dataset -> (batch_sz, n_epochs, n_iters_per_train_epoch; None = one pass), in this order
 PAPER_RUNS = {'imdb': (5, 10, 10000), 'sst5': (50, 10, 2000), 'sst2': (50, 3, 2000),
               'imagenet-1k': (50, 10, None), 'cifar10': (50, 10, 2000), 'cifar100': (50, 10, 2000)}
 REVISIONS = {'roberta-large': '5069d8a', 'microsoft/beit-large-patch16-224': '0bd443c'}
@@ -33,15 +35,36 @@ def printed_runs(out_dir, profile='paper', **env):
     return runs
 
 
-@pytest.mark.skipif(not os.path.isfile(SPEC), reason='the spec is not beside the clone')
-def test_the_table_here_is_the_spec_table():
-    with open(SPEC) as f:
-        text = f.read()
+def table_of(text):
+    """A markdown text's table of runs and backbone revisions -> ({dataset: (batch, epochs, iterations)}, order,
+    {backbone: revision})."""
     rows = re.findall(r'^\| (imdb|sst5|sst2|imagenet-1k|cifar10|cifar100) \| (\d+) \| (\d+) \| ([^|]+)\|', text, re.M)
-    assert {name: (int(b), int(e), int(n) if n.strip().isdigit() else None) for name, b, e, n in rows} == PAPER_RUNS
-    assert [name for name, *_ in rows] == list(PAPER_RUNS)
-    for backbone, revision in REVISIONS.items():
-        assert re.search(rf'\| {re.escape(backbone)} \| {revision} \|', text)
+    runs = {name: (int(b), int(e), int(n) if n.strip().isdigit() else None) for name, b, e, n in rows}
+    revisions = dict(re.findall(r'^\| (?:text|images) \| (\S+) \| ([0-9a-f]{7,40}) \|', text, re.M))
+    return runs, [name for name, *_ in rows], revisions
+
+
+def test_the_docs_table_is_the_codes_table(tmp_path):
+    """docs/paper_settings.md == the paper profile of recipes.py (parsed by train.py's parser) == PAPER_RUNS here."""
+    import recipes
+    with open(DOCS_TABLE) as f:
+        runs, order, revisions = table_of(f.read())
+    assert runs == PAPER_RUNS and order == list(PAPER_RUNS) and revisions == REVISIONS
+    os.makedirs(tmp_path / 'paper' / 'seed0' / 'sst5' / 'model')              # the SST-2 run starts from it
+    code = [train.parse_args(argv) for argv in recipes.runs('paper', out=str(tmp_path)).values()]
+    assert [r.dataset_name for r in code] == order
+    assert {r.dataset_name: (r.batch_sz, r.n_epochs, r.n_iters_per_train_epoch) for r in code} == runs
+    assert {r.backbone: r.revision for r in code} == revisions
+
+
+@pytest.mark.skipif(not os.path.isfile(SPEC), reason='the spec is not beside the clone (docs/paper_settings.md is '
+                                                     'checked by test_the_docs_table_is_the_codes_table)')
+def test_the_docs_table_is_the_spec_table():
+    with open(SPEC) as f:
+        spec = table_of(f.read())
+    with open(DOCS_TABLE) as f:
+        assert table_of(f.read()) == spec
+    assert spec[0] == PAPER_RUNS and spec[2] == REVISIONS
 
 
 def test_paper_profile_prints_the_six_runs_with_the_paper_settings(tmp_path):

@@ -18,8 +18,13 @@ PRETRAINED = {'pretrained/sst5_minilm_routing_head': (models.RoutingHead, 'routi
               'pretrained/sst2_minilm_capsules2019': (models.SSTClassifier, 'capsules2019', 'sst2')}
 
 
+# the small ViT trained on the digits with its routing head (backbone/, routing_head/): tests/test_vision_digits.py
+OTHER_PRETRAINED = ('pretrained/digits_vit',)
+
+
 def test_pretrained_holds_exactly_these_models():
-    assert sorted(f'pretrained/{n}' for n in os.listdir(os.path.join(ROOT, 'pretrained'))) == sorted(PRETRAINED)
+    assert sorted(f'pretrained/{n}' for n in os.listdir(os.path.join(ROOT, 'pretrained'))) == \
+        sorted([*PRETRAINED, *OTHER_PRETRAINED])
 
 
 @pytest.mark.parametrize('path', PRETRAINED)

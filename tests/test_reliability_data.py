@@ -385,7 +385,7 @@ def test_feature_cache_truncated_or_deleted_hidden_is_refused(bert, tmp_path):
         data.FeatureStore(str(tmp_path), bert)
     assert os.path.getsize(store.hidden_path) == size - 7                          # not "repaired" with zeros
     os.remove(store.hidden_path)
-    with pytest.raises(ValueError, match=r"truncated or deleted.*Delete this folder"):
+    with pytest.raises(ValueError, match=r"truncated or deleted.*Rebuild it: rm -r "):
         data.FeatureStore(str(tmp_path), bert)
 
 

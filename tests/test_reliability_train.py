@@ -269,7 +269,7 @@ def test_disk_full_during_checkpoint_write(tiny_sst, tiny_bert, tmp_path, monkey
                                            r'.*previous checkpoint, if any, is intact: run again with --resume'):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache'))
     monkeypatch.setattr(torch, 'save', real_save)
-    assert sorted(os.listdir(out)) == ['checkpoint.pt', 'epoch1', 'epoch2', 'metrics.jsonl']   # no temporary leftovers
+    assert sorted(os.listdir(out)) == ['.lock', 'checkpoint.pt', 'epoch1', 'epoch2', 'metrics.jsonl']   # nothing else
     assert len(train.load_checkpoint(str(out / 'checkpoint.pt'))['history']) == 1
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache', '--resume'))
     assert os.path.exists(out / 'model' / 'model.safetensors')
