@@ -17,6 +17,9 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
                    with bfloat16 units the backbone encodes in bfloat16 autocast and the head's matrix products
                    use matmul precision 'medium'.
     paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
+    frozen-heads   the standard heads on the same frozen features (issue 21; train.py --model scalar_mix_mean,
+                   scalar_mix_attention, token_depth_attention), each in the paper-minilm recipe (SST-2 fine-tunes
+                   their final Linear); outputs OUT/frozen-heads/<head>/seed<k>/<dataset>/. --heads picks some.
     digits-vit     the routing head on the small ViT pretrained on scikit-learn's 8x8 digits (the committed
                    pretrained/digits_vit/backbone, which `python -m benchmarks.digits_vit build` trains first and then
                    runs this recipe with): HEAD_EPOCHS epochs over the digits' training split on a CPU.
@@ -30,7 +33,8 @@ import argparse
 import os
 import shlex
 
-PROFILES = ('paper', 'offline', 'paper-minilm', 'digits-vit', 'capsules2019')
+PROFILES = ('paper', 'offline', 'paper-minilm', 'frozen-heads', 'digits-vit', 'capsules2019')
+FROZEN_HEADS = ('scalar_mix_mean', 'scalar_mix_attention', 'token_depth_attention')   # models.FROZEN_HEADS
 
 # The paper's backbones at the revisions it used.
 ROBERTA = ['--backbone', 'roberta-large', '--revision', '5069d8a']
@@ -51,17 +55,17 @@ def cpu_has_bfloat16():
     return bool({'avx512_bf16', 'amx_bf16'} & set(flags))
 
 
-def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None):
+def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, heads=FROZEN_HEADS):
     """-> {stage: train.py arguments} of a profile, in the order the stages run (a stage may start from an earlier
     stage's model). feature_cache: the minilm profiles' cache (default <data_root>/features); the paper profile
-    caches only when it is given."""
+    caches only when it is given. heads: the frozen-heads profile's heads (stages '<head>/sst5', '<head>/sst2')."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     common = ['--data_root', data_root, '--run_test', '--resume', '--rng_seed', str(seed)]
     cache = ['--feature_cache', feature_cache or os.path.join(data_root, 'features')]
     where = os.path.join(out, profile, f'seed{seed}')
 
-    def stage(dataset, *args):
+    def stage(dataset, *args, where=where):
         return ['--dataset_name', dataset, *args, '--output_dir', os.path.join(where, dataset), *common]
 
     if profile == 'paper':
@@ -86,12 +90,24 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None):
                   '--batch_sz', '32', '--device', 'cpu', *fast]
         return {'sst5': stage('sst5', '--download', *minilm),
                 'sst2': stage('sst2', *minilm, '--pretrained_path', os.path.join(where, 'sst5', 'model'))}
-    if profile == 'paper-minilm':
+    def paper_minilm(where, *model):
         # float32 matrix products on the CPU's bfloat16 units where it has them (docs/performance.md)
-        minilm = ['--backbone', 'minilm', *cache, '--batch_sz', '50', '--matmul_precision', 'medium']
-        return {'sst5': stage('sst5', '--download', *minilm, '--n_epochs', '10', '--n_iters_per_train_epoch', '2000'),
+        minilm = [*model, '--backbone', 'minilm', *cache, '--batch_sz', '50', '--matmul_precision', 'medium']
+        return {'sst5': stage('sst5', '--download', *minilm, '--n_epochs', '10', '--n_iters_per_train_epoch', '2000',
+                              where=where),
                 'sst2': stage('sst2', *minilm, '--n_epochs', '3', '--n_iters_per_train_epoch', '2000',
-                              '--pretrained_path', os.path.join(where, 'sst5', 'model'))}
+                              '--pretrained_path', os.path.join(where, 'sst5', 'model'), where=where)}
+
+    if profile == 'paper-minilm':
+        return paper_minilm(where)
+    if profile == 'frozen-heads':
+        # the paper-minilm recipe for each head; SST-2 fine-tunes the final Linear (train.last_routing)
+        unknown = sorted(set(heads) - set(FROZEN_HEADS))
+        if unknown:
+            raise ValueError(f"unknown heads {unknown}: choose among {', '.join(FROZEN_HEADS)}")
+        return {f'{head}/{dataset}': argv for head in heads
+                for dataset, argv in paper_minilm(os.path.join(out, profile, head, f'seed{seed}'),
+                                                  '--model', head).items()}
     if profile == 'digits-vit':
         return {'digits': stage('digits', '--backbone', DIGITS_VIT, '--n_epochs', str(HEAD_EPOCHS), '--device', 'cpu')}
     # capsules2019: the 2019 paper's regime (batch 20, lr 5e-4 one cycle, mixup Beta(0.2, 0.2)); smallNORB: random
@@ -109,8 +125,11 @@ def main(argv=None):
     p.add_argument('--out', default='runs')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--feature_cache', default=None)
+    p.add_argument('--heads', default='', help=f"frozen-heads: comma-separated, among {','.join(FROZEN_HEADS)} "
+                                               f"(default: all)")
     args = p.parse_args(argv)
-    for argv_ in runs(args.profile, args.data_root, args.out, args.seed, args.feature_cache or None).values():
+    heads = tuple(h for h in args.heads.split(',') if h) or FROZEN_HEADS
+    for argv_ in runs(args.profile, args.data_root, args.out, args.seed, args.feature_cache or None, heads).values():
         print(shlex.join(argv_))
 
 

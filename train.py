@@ -66,6 +66,8 @@ REGIMES = {
     'capsules2019': dict(lr=5e-4, pct_start=0.1, final_lr=1e-5, batch_sz=20,
                          mixup_alpha={'text': 0.2, 'stereo': 0.2}, gpu_precision='no'),
 }
+# The standard heads on the same frozen features (models.FROZEN_HEADS; issue 21) train in the routing head's regime.
+REGIMES.update({name: REGIMES['routing_head'] for name in models.FROZEN_HEADS})
 
 
 # The papers' backbones (2022: roberta-large, BEiT-large; 2019: gpt2-large) and their hub ids: slow on a CPU
@@ -92,7 +94,9 @@ def parse_args(argv=None):
     # ours
     p.add_argument('--model', default=None, choices=sorted(REGIMES),
                    help="routing_head: the 2022 paper's RoutingHead; capsules2019: the 2019 paper's SSTClassifier "
-                        "(text) or SmallNORBClassifier (smallnorb, trained end to end), each in its paper's regime. "
+                        "(text) or SmallNORBClassifier (smallnorb, trained end to end), each in its paper's regime; "
+                        "scalar_mix_mean, scalar_mix_attention, token_depth_attention: standard heads on the same "
+                        "features (models.FROZEN_HEADS), in the routing head's regime. "
                         "Default: the model of --pretrained_path (or of the checkpoint --resume continues), "
                         "else routing_head")
     p.add_argument('--backbone', default=None,
@@ -528,6 +532,12 @@ def class_scores(head, inputs, mask):
     return out[0] if isinstance(out, tuple) else out
 
 
+def model_name(model):
+    """The --model name of a loaded model."""
+    frozen_heads = {cls: name for name, cls in models.FROZEN_HEADS.items()}
+    return 'routing_head' if isinstance(model, models.RoutingHead) else frozen_heads.get(type(model), 'capsules2019')
+
+
 def build_model(args, splits, backbone):
     """-> (the trained module, its training metadata) for --model on this dataset (backbone None: end to end); the
     module's own config (its constructor's arguments) is saved with it by save_pretrained."""
@@ -535,6 +545,8 @@ def build_model(args, splits, backbone):
     metadata = {'model': args.model, 'dataset_name': args.dataset_name}
     if args.model == 'routing_head':
         return models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes), metadata
+    if args.model in models.FROZEN_HEADS:
+        return models.FROZEN_HEADS[args.model](backbone.d_depth, backbone.d_emb, n_classes), metadata
     if modality == 'stereo':
         return models.SmallNORBClassifier(n_objs=n_classes, n_parts=64, d_chns=64), metadata
     if modality == 'text':
@@ -570,7 +582,10 @@ def depths_hint(state, backbone):
 
 
 def last_routing(head):
-    """The parameter-name prefix of the model's last routing (the one fine-tuned from a pretrained model)."""
+    """The parameter-name prefix of the model's last routing (the one fine-tuned from a pretrained model); for the
+    standard heads (models.FROZEN_HEADS) its analogue, their final Linear (LAST_STAGE)."""
+    if hasattr(head, 'LAST_STAGE'):
+        return head.LAST_STAGE
     name = 'route' if isinstance(head, models.RoutingHead) else 'routings'
     return f"{name}.{len(getattr(head, name)) - 1}."
 
@@ -640,7 +655,7 @@ def build_run(args):
     args.backbone = args.backbone or (pretrained_config or {}).get('backbone') or 'minilm'
     use_cpu = check_device(args)
     pretrained_meta = None if pretrained is None else {
-        'model': 'routing_head' if isinstance(pretrained, models.RoutingHead) else 'capsules2019'}
+        'model': model_name(pretrained)}
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.exists(checkpoint_path) else None
     if checkpoint is not None and (not isinstance(checkpoint, dict)

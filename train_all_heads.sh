@@ -6,6 +6,7 @@
 #   bash train_all_heads.sh offline         # SST-5 then SST-2 on minilm (all-MiniLM-L6-v2), on a CPU
 #   bash train_all_heads.sh paper-minilm    # the paper's SST-5 -> SST-2 settings on minilm (long on a CPU)
 #   bash train_all_heads.sh capsules2019    # the 2019 paper's capsule networks (smallNORB on a GPU; SST on minilm)
+#   bash train_all_heads.sh frozen-heads    # standard heads on minilm's features, paper-minilm recipe (HEADS=a,b picks)
 #
 # Environment: DATA_ROOT (datasets, default .data), OUT (runs, default runs), SEED (default 0), FEATURE_CACHE (the
 # paper profile's opt-in SST feature cache, about 90 GB; the minilm profiles cache in $DATA_ROOT/features),
@@ -16,7 +17,7 @@ cd "$(dirname "$0")"
 PROFILE="${1:-paper}"
 LAUNCH="${LAUNCH:-python}"
 RUNS="$(python recipes.py "$PROFILE" --data_root "${DATA_ROOT:-.data}" --out "${OUT:-runs}" --seed "${SEED:-0}" \
-        --feature_cache "${FEATURE_CACHE:-}")"
+        --feature_cache "${FEATURE_CACHE:-}" --heads "${HEADS:-}")"
 while IFS= read -r run; do
   eval "$LAUNCH train.py $run" </dev/null     # $run is shell-quoted by recipes.py
 done <<< "$RUNS"

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import models
@@ -148,49 +149,98 @@ def baselines(args, store, dataset):
     return results
 
 
-@torch.no_grad()
-def deletion_test(args, head_path, ks=(1, 3, 5), seed=0):
-    """-> {k: (mean drop deleting top-credit tokens, mean drop deleting random tokens, n sentences)}"""
+def routing_credit(head, hidden, mask, pred):
+    """A RoutingHead's end-to-end credit of each token (summed over depths) for the predicted class -> [batch, n_pos]."""
+    credit, _ = head.credit(hidden, mask)                                        # [batch, n_pos, d_depth, n_classes]
+    return credit.sum(dim=2)[torch.arange(len(pred)), :, pred]
+
+
+def removal_test(heads, data_root, ks=(1, 3, 5), seed=0, modes=('delete',), batch_sz=64, sentences=None):
+    """Deletion (and insertion) tests on the SST-2 test sentences, re-encoding with the live minilm.
+
+    heads: {name: (head, {method: attribute})}: a head on minilm's hidden states (hidden [b, n_pos, d_depth, d_emb],
+    mask [b, n_pos] -> class scores [b, n_classes]) and its attribution methods, attribute(head, hidden, mask, pred)
+    -> [b, n_pos] token scores (higher = more for the predicted class pred [b]). 'random' is added to every head.
+    For each sentence with more than k content (non-special) tokens, its k highest-scored content tokens are deleted
+    ('delete') or are the only ones kept ('insert'; the special tokens stay), the result is re-encoded, and the drop
+    of the predicted class's probability is recorded. The random tokens are drawn once per sentence and k, for every
+    head and both tests. -> ({head: {method: {mode: {k: [drops]}}}}, {head: {method: attribution seconds}},
+    {'encode': seconds of the first encoding, 'n_sentences': n}). sentences: indices of the test sentences to use, in
+    this order (default: all, in file order)."""
     backbone = models.load_backbone('minilm')
     tokenizer, model = backbone.tokenizer, backbone.model
-    head = models.RoutingHead.from_pretrained(head_path).eval()
-    test = data.get_dataset_splits('sst2', data_root=args.data_root)['test']
+    test = data.get_dataset_splits('sst2', data_root=data_root)['test']
+    texts = test.texts if sentences is None else [test.texts[i] for i in sentences]
     special = set(tokenizer.all_special_ids)
     rng = np.random.default_rng(seed)
 
-    def probabilities(id_lists):
-        """token id lists -> class probabilities [n, 2], credit [n, n_pos, d_depth, 2], mask."""
+    @torch.no_grad()
+    def encode(id_lists):
+        """token id lists -> hidden [n, n_pos, d_depth, d_emb], mask [n, n_pos] (True = padding)"""
         n_pos = max(len(ids) for ids in id_lists)
         input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (n_pos - len(ids)) for ids in id_lists])
         attention = torch.tensor([[1] * len(ids) + [0] * (n_pos - len(ids)) for ids in id_lists])
-        hidden = torch.stack(model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True).hidden_states, dim=-2)
-        credit, scores = head.credit(hidden, attention == 0)
-        return scores.softmax(-1), credit
+        out = model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True)
+        return torch.stack(out.hidden_states, dim=-2), attention == 0
 
-    drops = {k: ([], []) for k in ks}
-    for s in range(0, len(test), 64):
-        ids = [tokenizer(t)['input_ids'] for t in test.texts[s:s + 64]]
-        probs, credit = probabilities(ids)
-        pred = probs.argmax(-1)
-        token_credit = credit.sum(dim=2)[torch.arange(len(ids)), :, pred]           # [batch, n_pos] for the predicted class
+    @torch.no_grad()
+    def probabilities(head, id_lists, encoded=None):
+        hidden, mask = encoded or encode(id_lists)
+        return head(hidden, mask).softmax(-1)                                    # [n, n_classes]
+
+    drops = {h: {m: {mode: {k: [] for k in ks} for mode in modes} for m in [*methods, 'random']}
+             for h, (_, methods) in heads.items()}
+    seconds = {h: {m: 0.0 for m in methods} for h, (_, methods) in heads.items()}
+    encode_seconds = 0.0
+    for s in tqdm(range(0, len(texts), batch_sz), desc='deletion / insertion test', unit='batch'):
+        ids = [tokenizer(t)['input_ids'] for t in texts[s:s + batch_sz]]
+        t = time.perf_counter()
+        encoded = encode(ids)
+        encode_seconds += time.perf_counter() - t
+        ranked, probs, preds = {}, {}, {}                      # per head: {method: [b, n_pos] scores}, [b, n_cls], [b]
+        for h, (head, methods) in heads.items():
+            probs[h] = probabilities(head, ids, encoded)
+            preds[h] = probs[h].argmax(-1)
+            ranked[h] = {}
+            for m, attribute in methods.items():
+                t = time.perf_counter()
+                ranked[h][m] = attribute(head, *encoded, preds[h]).detach()
+                seconds[h][m] += time.perf_counter() - t
         for k in ks:
-            variants, rows = [], []
+            jobs = []                                          # (head, method, mode, sentence, token ids after)
             for b, seq in enumerate(ids):
-                content = [i for i, t in enumerate(seq) if t not in special]
+                content = [i for i, tok in enumerate(seq) if tok not in special]
                 if len(content) <= k:
                     continue
-                top = set(sorted(content, key=lambda i: -token_credit[b, i].item())[:k])
                 rand = set(rng.choice(content, size=k, replace=False).tolist())
-                variants += [[t for i, t in enumerate(seq) if i not in top], [t for i, t in enumerate(seq) if i not in rand]]
-                rows.append(b)
-            if not rows:
-                continue
-            after, _ = probabilities(variants)
-            for n, b in enumerate(rows):
-                p = probs[b, pred[b]].item()
-                drops[k][0].append(p - after[2 * n, pred[b]].item())
-                drops[k][1].append(p - after[2 * n + 1, pred[b]].item())
-    return {k: (float(np.mean(top)), float(np.mean(rand)), len(top)) for k, (top, rand) in drops.items()}
+                for h in heads:
+                    chosen = {m: set(sorted(content, key=lambda i: -scores[b, i].item())[:k])
+                              for m, scores in ranked[h].items()}
+                    for m, top in [*chosen.items(), ('random', rand)]:
+                        for mode in modes:
+                            kept = [tok for i, tok in enumerate(seq)
+                                    if (i not in top) == (mode == 'delete') or tok in special]
+                            jobs.append((h, m, mode, b, tuple(kept)))
+            unique = sorted({job[-1] for job in jobs}, key=len)  # each distinct variant encoded once, for every head
+            after = {h: {} for h in heads}
+            for u in range(0, len(unique), batch_sz):
+                chunk = unique[u:u + batch_sz]
+                encoded = encode([list(v) for v in chunk])
+                for h, (head, _) in heads.items():
+                    after[h].update(zip(chunk, probabilities(head, None, encoded)))
+            for h, m, mode, b, kept in jobs:
+                p = probs[h][b, preds[h][b]].item()
+                drops[h][m][mode][k].append(p - after[h][kept][preds[h][b]].item())
+    return drops, seconds, {'encode': encode_seconds, 'n_sentences': len(texts)}
+
+
+def deletion_test(args, head_path, ks=(1, 3, 5), seed=0):
+    """-> {k: (mean drop deleting top-credit tokens, mean drop deleting random tokens, n sentences)}"""
+    head = models.RoutingHead.from_pretrained(head_path).eval()
+    drops, _, _ = removal_test({'routing': (head, {'credit': routing_credit})}, args.data_root, ks, seed)
+    routing = drops['routing']
+    return {k: (float(np.mean(routing['credit']['delete'][k])), float(np.mean(routing['random']['delete'][k])),
+                len(routing['credit']['delete'][k])) for k in ks}
 
 
 def main(argv=None):
