@@ -18,17 +18,11 @@ from filelock import FileLock
 
 import data
 import train
+from tests.helpers.training import run, short_sst_args as sst_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(argv):
-    return train.main([str(a) for a in argv])
-
-
-def sst_args(data_root, backbone, out, *extra):
-    return ['--dataset_name', 'sst5', '--backbone', backbone, '--data_root', data_root, '--output_dir', out,
-            '--batch_sz', 8, '--device', 'cpu', '--n_iters_per_train_epoch', 2, *extra]
 
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Runs train.main under `accelerate launch` and records which process writes the models, checkpoint and
-metrics (one line '<kind> <rank> <pid>' per write, in $WRITES_LOG), for tests/test_multiprocess.py."""
+metrics (one line '<kind> <rank> <pid>' per write, in $WRITES_LOG), for tests/test_training_multiprocess.py."""
 import os
 import sys
 
-import train                        # the repository root is on PYTHONPATH (tests/test_multiprocess.py sets it)
+import train                        # the repository root is on PYTHONPATH (tests/test_training_multiprocess.py sets it)
 
 
 def recorded(kind, fn):

@@ -8,16 +8,10 @@ from safetensors.torch import load_file
 
 import models
 import train
+from tests.helpers.training import run, sst_args
 from tests.helpers.files import metrics_records as metrics, write_cifar_batch
 
 
-def run(argv):
-    return train.main([str(a) for a in argv])
-
-
-def sst_args(data_root, backbone, out, *extra):
-    return ['--dataset_name', 'sst5', '--backbone', backbone, '--data_root', data_root, '--output_dir', out,
-            '--batch_sz', 8, '--device', 'cpu', *extra]
 
 
 def test_train_checkpoint_eval_with_feature_cache(tiny_sst, tiny_bert, tmp_path, capsys):
