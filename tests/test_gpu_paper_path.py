@@ -110,15 +110,15 @@ def test_the_parquet_conversion_layout_loads_one_config_with_data_dir(tmp_path):
 # train.py: backbone precision, no silent CPU, one evaluation per epoch, seeded augmentations, the authors' files
 # -------------------------------------------------------------------------------------------------
 
-def _count_backbone_forwards(monkeypatch):
-    """Every backbone train.py loads gets a forward hook: -> the list of torch.is_autocast_enabled('cpu'), one per
-    forward of the backbone's model."""
+def _count_backbone_forwards(monkeypatch, device_type='cpu'):
+    """Every backbone train.py loads gets a forward hook: -> the list of torch.is_autocast_enabled(device_type), one
+    per forward of the backbone's model."""
     import train
     seen, load = [], models.load_backbone
 
     def load_and_hook(*args, **kwargs):
         backbone = load(*args, **kwargs)
-        backbone.model.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled('cpu')))
+        backbone.model.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled(device_type)))
         return backbone
 
     monkeypatch.setattr(train.models, 'load_backbone', load_and_hook)
@@ -263,15 +263,7 @@ def test_full_scale_smoke_at_tiny_scale(tiny_sst, tmp_path):
 def test_on_cuda_the_backbone_runs_in_float16_autocast_and_the_head_in_float32(tiny_beit, tmp_path, monkeypatch):
     """On a GPU (skipped here without one): train.py's default for the paper's head is the backbone under fp16
     autocast, the head in float32, pinned batches; all forwards of the backbone under autocast('cuda')."""
-    import train
-    seen, load = [], models.load_backbone
-
-    def load_and_hook(*args, **kwargs):
-        backbone = load(*args, **kwargs)
-        backbone.model.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled('cuda')))
-        return backbone
-
-    monkeypatch.setattr(train.models, 'load_backbone', load_and_hook)
+    seen = _count_backbone_forwards(monkeypatch, 'cuda')
     out = tmp_path / 'run'
     _run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', _cifar(tmp_path / 'data'),
           '--image_size', 32, '--output_dir', out, '--batch_sz', 8, '--n_epochs', 1, '--n_iters_per_train_epoch', 2,
