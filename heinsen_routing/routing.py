@@ -324,8 +324,8 @@ class GenerativeMatrixRouting(nn.Module):
         t = torch.linspace(-1, 1, n_out, dtype=self.B.dtype, device=self.B.device)  # [n_out]
         return self.B + self.B_brk * t[:, None, None]                                # [m, n_out, d_cov, d_out]
 
-    def _route(self, a_inp, mu_inp, mask, n_out):
-        """The EM loop (docs/equations.md, 2019): -> dict of every intermediate."""
+    def _check_inputs(self, a_inp, mu_inp, mask, n_out):
+        """-> (n, batch shape, n_out) of valid inputs; one ValueError naming the argument otherwise."""
         n = check_sequence('mu_inp', mu_inp, self.n_inp, (self.d_cov, self.d_inp), ('d_cov', 'd_inp'))
         check_dtype('mu_inp', mu_inp, self.W)
         batch_shape = mu_inp.shape[:-3]
@@ -347,6 +347,12 @@ class GenerativeMatrixRouting(nn.Module):
             n_out = self.n_out
         if mask is not None:
             check_mask(mask, batch_shape, n, n_out)
+        return n, batch_shape, n_out
+
+    def _route(self, a_inp, mu_inp, mask, n_out):
+        """The EM loop (docs/equations.md, 2019): -> dict of every intermediate."""
+        n, batch_shape, n_out = self._check_inputs(a_inp, mu_inp, mask, n_out)
+        if mask is not None:
             # inputs masked for every output: their values (NaN included) never reach a sum
             a_inp = without_masked_inputs(a_inp[..., None], mask)[..., 0]          # [..., n]
             mu_inp = without_masked_inputs(mu_inp.flatten(-2), mask).reshape_as(mu_inp)  # [..., n, d_cov, d_inp]
