@@ -38,9 +38,10 @@ PRETRAINED = {'sst5': 'pretrained/sst5_minilm_routing_head',
 
 
 def mean_std(values, decimals=1):
-    """Accuracies (fractions) -> 'mean ± std' in %, sample std over seeds (0 for one seed)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.{decimals}f} ± {100 * std:.{decimals}f}"
+    """Accuracies (fractions) -> 'mean ± std' in %, sample std over seeds; one seed has no std: just its value."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.{decimals}f}"
+    return f"{100 * statistics.mean(values):.{decimals}f} ± {100 * statistics.stdev(values):.{decimals}f}"
 
 
 def stated(accuracy):
