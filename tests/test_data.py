@@ -528,6 +528,7 @@ def test_download_and_extract_local_archives(tmp_path):
     assert sorted(os.listdir(tmp_path / 'out')) == ['folder', 'x.mat']  # no temporary leftovers
 
 
+@pytest.mark.slow                                  # subprocesses: python -m data, a full import each
 def test_command_line(tmp_path):
     """python -m data <name> [--data_root] [--download] [--data_source]: split sizes, or a clear error."""
     import subprocess
@@ -542,6 +543,7 @@ def test_command_line(tmp_path):
     assert out.returncode == 2 and "offers sst5, sst2, imdb only" in out.stderr
 
 
+@pytest.mark.slow                                  # a fresh interpreter per module
 def test_the_data_layer_is_layered():
     """data/ modules import only modules listed before them (bottom layer first), and nothing imports models."""
     import ast

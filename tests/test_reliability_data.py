@@ -100,6 +100,7 @@ def test_mnist_download_is_verified(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(PUBLISHED_2019 is None, reason="the published 2019 weights are not present")
+@pytest.mark.slow
 def test_fetch_heinsen2019_weights_verified(tmp_path):
     base_url = PUBLISHED_2019.resolve().as_uri() + '/'
     dest = tmp_path / 'heinsen2019'

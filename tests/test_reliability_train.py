@@ -269,6 +269,7 @@ def test_disk_full_during_checkpoint_write(tiny_sst, tiny_bert, tmp_path, monkey
     assert os.path.exists(out / 'model' / 'model.safetensors')
 
 
+@pytest.mark.slow                                  # train.py in subprocesses
 def test_cli_prints_errors_without_traceback(tiny_sst, tmp_path):
     (tmp_path / 'file').write_text('x')
     out = subprocess.run([sys.executable, 'train.py', '--dataset_name', 'sst5', '--data_root', tiny_sst,
