@@ -231,7 +231,7 @@ def measure(impl, config, args, dtype, tmp, source):
     if proc.returncode != 0 or not os.path.exists(out_path):
         last = (proc.stderr.strip().splitlines() or ['no output'])[-1]
         return {'error': f"exit {proc.returncode}: {last[:200]}"}
-    result = torch.load(out_path)
+    result = torch.load(out_path, weights_only=True)                         # plain types and tensors
     os.remove(out_path)
     return result
 
