@@ -57,9 +57,13 @@ def activations(x_dot_W_A, scale, B_A, mask):
 
 
 def initial_R(f_a, mask, n_out):
-    """E-step of the first iteration: R = 1 / n_out over the unmasked outputs. -> [..., n, n_out]"""
-    log_uniform = torch.full((), -math.log(n_out), dtype=f_a.dtype, device=f_a.device)
-    return masked_softmax(log_uniform.expand(*f_a.shape[:-1], n_out), mask)
+    """E-step of the first iteration: R = 1 / n_out over the unmasked outputs (0 where every output is masked).
+    -> [..., n, n_out]"""
+    if mask is None:
+        return torch.full((), 1 / n_out, dtype=f_a.dtype, device=f_a.device).expand(*f_a.shape[:-1], n_out)
+    shape = torch.broadcast_shapes(mask.shape, (*f_a.shape[:-1], n_out))
+    kept = (~mask).to(f_a.dtype).expand(shape)                                  # [..., n, n_out]
+    return kept / kept.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
 def agreement(L, W_S, B_S):
@@ -74,6 +78,13 @@ def credit(R, f_a, beta_use, beta_ign):
     D_ign = f_a - D_use
     phi = beta_use * D_use - beta_ign * D_ign
     return D_use, D_ign, phi
+
+
+def credit_per_activation(R, beta_use, beta_ign):
+    """The credit per unit of activation, q = beta_use R - beta_ign (1 - R), so that phi = f_a q (credit's phi
+    regrouped; the streamed kernel computes phi this way, and q is what its backward needs for d f_a).
+    R and beta_* [..., n, n_out] -> [..., n, n_out]"""
+    return (beta_use + beta_ign) * R - beta_ign
 
 
 def predict(x_out, W_G1, W_G2, B_G2):

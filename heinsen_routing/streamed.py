@@ -6,11 +6,12 @@ The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same e
 hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
 """
 from contextlib import nullcontext
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .checks import autocast_enabled
-from .steps import activations, agreement, credit, initial_R, masked_softmax, predict, squeeze_last, \
+from .steps import activations, agreement, credit_per_activation, initial_R, masked_softmax, predict, squeeze_last, \
     without_masked_inputs, x_out_from_sums
 
 
@@ -23,11 +24,12 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
     m = module
     last = {} if diagnostics else None
     uniform_R, params, pred, shared = _uniform_initial_R(mask), _streamed_params(m), None, {}
+    masks_inputs = mask is not None and bool(mask.all(dim=-1).any())    # some input masked for every output
     chunk_elements = m.chunk_elements or chunk_elements_for(x_inp.device, m.W_A.dtype)
     for t in range(m.n_iters):
         if t > 0:
             pred = predict(x_out, m.W_G1, m.W_G2, m.B_G2)                               # [..., n_out, d_inp]
-        cfg = (t, m.n_iters, m.n_out, m.n_inp > 0, chunk_elements, uniform_R)
+        cfg = (t, m.n_iters, m.n_out, m.n_inp > 0, chunk_elements, uniform_R, masks_inputs)
         phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last if t == m.n_iters - 1 else None, shared,
                                            x_inp, pred, *params)
         x_out = x_out_from_sums(phi_x, phi_1, scale, m.W_F1, m.W_F2, m.B_F2)           # [..., n_out, d_out]
@@ -41,19 +43,17 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 # per input over the whole batch. chunk_elements=None (the default) picks it per device from a memory budget for
 # one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
 # temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
-#   CPU   CPU_CHUNK_BYTES, a quarter of a last-level cache (32 MiB), so that the chunk's rows of x and its
-#         intermediates are read from cache by the several products and element-wise steps that use them, and the
-#         memory beyond the gradients stays near 0.05x the straightforward implementation's at 100,000 inputs.
-#         Every operator on a chunk is a parallel region whose threads must all be scheduled, so on cores shared
-#         with other processes the time grows with the number of chunks: there a larger chunk_elements trades
-#         memory for speed (benchmarks/routing.md: on a busy 2-core CPU 2^21-element chunks took 4.8x the
-#         straightforward implementation's time, 2^23-element chunks 1.7x with 2x-3x the memory);
+#   CPU   CPU_CHUNK_BYTES (32 MiB: 2^23 float32 elements). Every operator on a chunk is a parallel region whose
+#         threads must all be scheduled, so the time per pass grows with the number of chunks, most of all on cores
+#         shared with other processes; each chunk's intermediates are freed before the next chunk's are made, so
+#         this size keeps the memory beyond the gradients under 0.1x the straightforward implementation's at
+#         100,000 x 1024 inputs in every mode (benchmarks/routing.md measures time and memory per chunk size);
 #   CUDA  CUDA_FREE_FRACTION of the memory free on the device: the whole sequence in one chunk when it fits, so
 #         that a pass is a few large kernels instead of hundreds of small launches.
-CPU_CHUNK_BYTES = 8 << 20
+CPU_CHUNK_BYTES = 32 << 20
 CUDA_FREE_FRACTION = 0.25
 WORKING_SET_FACTOR = 4
-CHUNK_ELEMENTS = CPU_CHUNK_BYTES // 4            # the CPU default in float32 (2^21)
+CHUNK_ELEMENTS = CPU_CHUNK_BYTES // 4            # the CPU default in float32 (2^23)
 
 
 def chunk_elements_for(device, dtype, free_bytes=None):
@@ -120,29 +120,51 @@ def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
     return list(blocks), [w.shape[-2] for w in blocks.values()], W
 
 
-def _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e):
+class _Pass(NamedTuple):
+    """What every chunk of one pass reads: the input x [..., n, d_inp], the mask (None or bool broadcastable to
+    [..., n, n_out]) and whether it masks some input for every output, the scale n^(-1/2) (float or [..., 1, 1]),
+    the parameters p (by _STREAMED_PARAMS name), the iteration t, n_out, whether the parameters are per input
+    (n_inp > 0), and the pass's GEMM blocks (_x_products)."""
+    x: torch.Tensor
+    mask: Optional[torch.Tensor]
+    masks_inputs: bool
+    scale: Union[float, torch.Tensor]
+    p: dict
+    t: int
+    n_out: int
+    per_input: bool
+    products: tuple
+
+
+def _chunk(ps, s, e, diagnostics=False):
     """One iteration's steps for the inputs s:e, with the functions of steps.py (docs/equations.md: step 1, the
     betas; 3-4, a_inp and f_a; the E-step's R; the D-step and the credit phi), from the input and the parameters.
-    The products of x with [k, d_inp] blocks come from one GEMM (_x_products). -> dict of [..., c, *] tensors."""
+    The products of x with [k, d_inp] blocks come from one GEMM (_x_products). D_use and D_ign only with
+    diagnostics (phi needs neither). masks_inputs: whether the mask masks some input for every output (those
+    inputs are replaced by zeros, a copy of the chunk's rows). ps: the pass's _Pass. -> dict of [..., c, *] tensors."""
+    x, mask, scale, p, t, n_out, per_input = ps.x, ps.mask, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
     n = x.shape[-2]
     x_c, mask_c = x[..., s:e, :], _rows(mask, s, e, n)                          # [..., c, d]
-    x_c = without_masked_inputs(x_c, mask_c)
-    names, sizes, W = products
-    Y = {} if W is None else dict(zip(names, (x_c @ W.transpose(-1, -2)).split(sizes, dim=-1)))  # [..., c, k]
+    if ps.masks_inputs:
+        x_c = without_masked_inputs(x_c, mask_c)
+    names, sizes, W = ps.products
+    # [..., c, k] blocks, in the parameters' precision under autocast (the steps below update them in place)
+    Y = {} if W is None else dict(zip(names, (x_c @ W.transpose(-1, -2)).to(p['W_A'].dtype).split(sizes, dim=-1)))
     # 3-4. a_inp = (x . W_A) n^(-1/2) + B_A, f_a = sigma(a_inp), 0 for masked (input, output) pairs
     if per_input:
         x_W_A, B_A = torch.einsum('...id,id->...i', x_c, p['W_A'][s:e]), p['B_A'][s:e]   # [..., c], [c]
     else:
         x_W_A, B_A = Y['W_A'][..., 0], p['B_A']                                      # [..., c], [1]
     a, f_a = activations(x_W_A, scale, B_A, mask_c)                               # [..., c], [..., c, 1|n_out]
-    # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x) (or only beta_0, see _x_products)
+    # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x) (or only beta_0, see _x_products);
+    # the GEMM's blocks are this chunk's own, so the biases are added in place
     beta_use = beta_ign = beta_0 = None
     if per_input:
         beta_use, beta_ign = p['beta_use'][s:e], p['beta_ign'][s:e]               # [c, n_out]
     elif 'beta_0' in Y:
-        beta_0 = Y['beta_0'] + _beta_0(p['beta_use_bias'], p['beta_ign_bias'])    # [..., c, n_out]
+        beta_0 = Y['beta_0'].add_(_beta_0(p['beta_use_bias'], p['beta_ign_bias']))  # [..., c, n_out]
     else:
-        beta_use, beta_ign = Y['beta_use'] + p['beta_use_bias'], Y['beta_ign'] + p['beta_ign_bias']  # [..., c, n_out]
+        beta_use, beta_ign = Y['beta_use'].add_(p['beta_use_bias']), Y['beta_ign'].add_(p['beta_ign_bias'])
     # E-step: R = 1/n_out (t = 0), or R = softmax_j(S), S = logsigma(L W_S + B_S), L = x pred^T
     L = S = None
     if t == 0:
@@ -151,13 +173,16 @@ def _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e):
         L = Y['pred']                                                              # [..., c, n_out]
         S = agreement(L, _rows(p['W_S'], s, e, n), _rows(p['B_S'], s, e, n))
         R = masked_softmax(S, mask_c)
-    # D-step and credit: D_use = f_a R, D_ign = f_a - D_use, phi = beta_use D_use - beta_ign D_ign
-    if beta_0 is None:
-        D_use, D_ign, phi = credit(R, f_a, beta_use, beta_ign)                   # [..., c, n_out]
-    else:
-        D_use, D_ign, phi = f_a * R, f_a - f_a * R, f_a * beta_0                  # (R = 1/n_out where f_a > 0)
+    # D-step and credit: D_use = f_a R, D_ign = f_a - D_use, phi = f_a q with q = beta_use R - beta_ign (1 - R)
+    # (= beta_0 when R = 1/n_out, t = 0); q is what the backward's d f_a needs
+    D_use = D_ign = None
+    q = beta_0 if beta_0 is not None else credit_per_activation(R, beta_use, beta_ign)   # [..., c, n_out]
+    phi = f_a * q                                                                # [..., c, n_out]
+    if diagnostics:
+        D_use = f_a * R
+        D_ign = f_a - D_use
     return dict(x=x_c, mask=mask_c, Y=Y, a=a, f_a=f_a, beta_use=beta_use, beta_ign=beta_ign,
-                beta_0=beta_0, L=L, S=S, R=R, D_use=D_use, D_ign=D_ign, phi=phi)
+                beta_0=beta_0, L=L, S=S, R=R, q=q, D_use=D_use, D_ign=D_ign, phi=phi)
 
 
 def _beta_0(beta_use, beta_ign):
@@ -225,24 +250,20 @@ class _StreamedPass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, mask, scale, diagnostics, shared, x, pred, *params):
-        # cfg: (t, n_iters, n_out, per_input, chunk_elements, uniform_R); mask: None or bool broadcastable to
+        # cfg: (t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs); mask: None or bool broadcastable to
         # [..., n, n_out]; scale: n^(-1/2), float or [..., 1, 1]; diagnostics: None or a dict to fill
         # with this pass's intermediates; shared: a dict shared by the passes of one forward (holds the
         # gradient buffers of the input and parameters in backward); x [..., n, d_inp]; pred [..., n_out, d_inp] or None
         # (t = 0); params: _STREAMED_PARAMS
         p = dict(zip(_STREAMED_PARAMS, params))
-        t, n_iters, n_out, per_input, chunk_elements, uniform_R = cfg
+        t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs = cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
         products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
         phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
         phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
-        parts = []
-        for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements):
-            c = _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e)
-            phi_x += c['phi'].transpose(-1, -2) @ c['x']
-            phi_1 += c['phi'].sum(dim=-2)
-            if diagnostics is not None:
-                parts.append([c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')])
+        ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products)
+        parts = [_StreamedPass._forward_chunk(ps, s, e, phi_x, phi_1, diagnostics is not None)
+                 for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements)]
         if diagnostics is not None:
             for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
                 dim = -1 if k == 'a_inp' else -2
@@ -256,12 +277,21 @@ class _StreamedPass(torch.autograd.Function):
         return phi_x, phi_1
 
     @staticmethod
+    def _forward_chunk(ps, s, e, phi_x, phi_1, diagnostics):
+        """The M-step sums of the inputs s:e, added into phi_x and phi_1 (a function of its own so that the
+        chunk's intermediates are freed before the next chunk's are made). -> the diagnostics' parts or None"""
+        c = _chunk(ps, s, e, diagnostics)
+        phi_x += c['phi'].transpose(-1, -2) @ c['x']                           # [..., n_out, d]
+        phi_1 += c['phi'].sum(dim=-2)                                           # [..., n_out]
+        return [c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')] if diagnostics else None
+
+    @staticmethod
     def backward(ctx, G, g_1):
         double_backward = torch.is_grad_enabled()                # create_graph=True
         x, mask, scale, pred, *params = ctx.saved_tensors
         scale = ctx.scale if scale is None else scale
         p = dict(zip(_STREAMED_PARAMS, params))
-        t, n_iters, n_out, per_input, chunk_elements, uniform_R = ctx.cfg
+        t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs = ctx.cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
         # One gradient buffer per input and parameter for the whole forward, written in place chunk by chunk and
         # shared by its passes (ctx.shared): autograd runs their backwards from the last iteration to the first, the
@@ -277,9 +307,9 @@ class _StreamedPass(torch.autograd.Function):
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.no_grad(), (torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()):
             products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
-            _StreamedPass._backward_pass(x, mask, scale, p, t, n_out, per_input,
-                                         _chunks(n, batch.numel(), d + n_out, chunk_elements),
-                                         products, g_1, grads, dpred)
+            ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products)
+            for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements):
+                _StreamedPass._backward_chunk(ps, s, e, g_1, grads, dpred)
         returned = ctx.shared if t == 0 else {}                  # the last backward of this forward's passes
         grads = [returned.get('x'), dpred if needed['pred'] else None, *(returned.get(k) for k in _STREAMED_PARAMS)]
         if t == 0:
@@ -290,47 +320,50 @@ class _StreamedPass(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
     @staticmethod
-    def _backward_pass(x, mask, scale, p, t, n_out, per_input, chunks, products, g_1, grads, dpred):
-        """One pass over the chunks of iteration t: adds its gradients into grads (and dpred)."""
+    def _backward_chunk(ps, s, e, g_1, grads, dpred):
+        """The gradients of the inputs s:e, added into grads (and dpred). A function of its own so that the chunk's
+        intermediates are freed before the next chunk's are made; the chunk's own tensors are updated in place."""
+        x, scale, p, t, n_out, per_input = ps.x, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
         n = x.shape[-2]
-        names, sizes, W = products                                                # names[0] == 'G'
-        scale_a = squeeze_last(scale)                                            # float or [..., 1]
-        for s, e in chunks:
-            c = _chunk(x, mask, scale, p, t, n_out, per_input, products, s, e)
-            f_a, R, beta_use, beta_ign = c['f_a'], c['R'], c['beta_use'], c['beta_ign']
-            # M-step sums: phi_x = phi^T x, phi_1 = sum_i phi
-            dphi = c['Y']['G'] + g_1[..., None, :]                              # [..., c, n_out]
-            f_a_dphi = f_a * dphi
-            if c['beta_0'] is None:
-                # credit: phi = f_a ((beta_use + beta_ign) R - beta_ign)
-                d_beta = {'beta_use': f_a_dphi * R, 'beta_ign': f_a_dphi * (R - 1)}
-                d_f_a = dphi * ((beta_use + beta_ign) * R - beta_ign)              # [..., c, n_out]
-            else:
-                # credit at t = 0 with R = 1/n_out: phi = f_a beta_0
-                d_beta = {'beta_0': f_a_dphi}
-                d_f_a = dphi * c['beta_0']
-            if c['mask'] is not None:
-                d_f_a = d_f_a.masked_fill(c['mask'], 0.0)
-            sigma_a = torch.sigmoid(c['a'])                                           # [..., c]
-            d_a = d_f_a.sum(dim=-1) * sigma_a * (1 - sigma_a)                       # [..., c]
-            d_x_W_A = d_a * scale_a                                                # [..., c]
-            dy = {'G': c['phi'], 'W_A': d_x_W_A[..., None], **d_beta}
-            if t > 0:
-                # E-step: R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
-                dR = f_a_dphi * (beta_use + beta_ign)
-                dS = R * (dR - (dR * R).sum(dim=-1, keepdim=True))
-                dZ = dS * -torch.expm1(c['S'])                           # sigma(-Z) = 1 - exp(S)
-                if 'W_S' in grads:
-                    _add_grad(grads['W_S'], dZ * c['L'], p['W_S'], s, e, n)
-                if 'B_S' in grads:
-                    _add_grad(grads['B_S'], dZ, p['B_S'], s, e, n)
-                dy['pred'] = dZ * _rows(p['W_S'], s, e, n)                          # [..., c, n_out]
-            # the products y = x W^T of the chunk's GEMM: dx += dy W, dW += dy^T x
-            dY = torch.cat([dy[k].expand(*dphi.shape[:-1], size) for k, size in zip(names, sizes)], dim=-1)
-            if 'x' in grads:
+        names, sizes, W = ps.products                                             # names[0] == 'G'
+        c = _chunk(ps, s, e)
+        f_a, R, q = c['f_a'], c['R'], c['q']
+        # M-step sums: phi_x = phi^T x, phi_1 = sum_i phi
+        dphi = c['Y']['G'].add_(g_1[..., None, :])                              # [..., c, n_out]
+        # credit: phi = f_a q, q = (beta_use + beta_ign) R - beta_ign (q = beta_0 at t = 0, R = 1/n_out)
+        if c['mask'] is not None:
+            dphi.masked_fill_(c['mask'], 0.0)        # f_a is 0 at masked pairs: no d f_a there (f_a dphi is 0 anyway)
+        d_f_a = torch.linalg.vecdot(dphi, q)                                    # [..., c]: sum_j dphi q
+        sigma_a = torch.sigmoid(c['a'])                                           # [..., c]
+        d_a = d_f_a * sigma_a * (1 - sigma_a)                                   # [..., c]
+        d_x_W_A = d_a * squeeze_last(scale)                                    # [..., c]
+        f_a_dphi = dphi.mul_(f_a)                                                  # [..., c, n_out]
+        if c['beta_0'] is None:
+            d_beta = {'beta_use': f_a_dphi * R}
+            d_beta['beta_ign'] = d_beta['beta_use'] - f_a_dphi                  # f_a dphi (R - 1)
+        else:
+            d_beta = {'beta_0': f_a_dphi}
+        dy = {'G': c['phi'], 'W_A': d_x_W_A[..., None], **d_beta}
+        if t > 0:
+            # E-step: R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
+            dR = f_a_dphi * (c['beta_use'] + c['beta_ign'])                        # [..., c, n_out]
+            dS = dR.sub_(torch.linalg.vecdot(dR, R)[..., None]).mul_(R)
+            dZ = dS.mul_(torch.expm1(c['S']).neg_())                              # sigma(-Z) = 1 - exp(S)
+            if 'W_S' in grads:
+                _add_grad(grads['W_S'], dZ * c['L'], p['W_S'], s, e, n)
+            if 'B_S' in grads:
+                _add_grad(grads['B_S'], dZ, p['B_S'], s, e, n)
+            dy['pred'] = dZ * _rows(p['W_S'], s, e, n)                              # [..., c, n_out]
+        # the products y = x W^T of the chunk's GEMM: dx += dy W, dW += dy^T x (the G block only for dx)
+        first = 0 if 'x' in grads else 1
+        if first < len(names):
+            dY = torch.empty(*dphi.shape[:-1], sum(sizes[first:]), dtype=dphi.dtype, device=dphi.device)
+            for k, block in zip(names[first:], dY.split(sizes[first:], dim=-1)):
+                block.copy_(dy[k])                                                 # [..., c, k] (broadcasts)
+            if first == 0:
                 grads['x'][..., s:e, :] += dY @ W                                  # [..., c, d]
             if len(names) > 1:
-                dW = dY[..., sizes[0]:].transpose(-1, -2) @ c['x']                 # [..., K - n_out, d]
+                dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
                 for k, dW_k in zip(names[1:], dW.split(sizes[1:], dim=-2)):
                     if k == 'pred':
                         dpred += dW_k                                              # [..., n_out, d]
@@ -338,20 +371,24 @@ class _StreamedPass(torch.autograd.Function):
                     for target, factor in _gradient_targets(k, n_out):
                         if target in grads:
                             grads[target] += factor * dW_k.sum_to_size(grads[target].shape)
-            # per-input parameters (n_inp > 0): their rows s:e; shared ones (n_inp = -1): their biases
-            if per_input:
-                if 'x' in grads:
-                    grads['x'][..., s:e, :] += d_x_W_A[..., None] * p['W_A'][s:e]
-                for k, d_k in (*d_beta.items(), ('W_A', torch.einsum('...i,...id->id', d_x_W_A, c['x'])), ('B_A', d_a)):
-                    if k in grads:
-                        grads[k][s:e] += d_k.sum_to_size(grads[k][s:e].shape)
-            else:
-                if 'B_A' in grads:
-                    grads['B_A'] += d_a.sum_to_size(grads['B_A'].shape)
-                for k, d_k in d_beta.items():
-                    for target, factor in _gradient_targets(k, n_out):
-                        if target + '_bias' in grads:
-                            grads[target + '_bias'] += factor * d_k.sum_to_size(grads[target + '_bias'].shape)
+        # per-input parameters (n_inp > 0): their rows s:e; shared ones (n_inp = -1): their biases
+        if per_input:
+            if 'x' in grads:
+                grads['x'][..., s:e, :].addcmul_(d_x_W_A[..., None], p['W_A'][s:e])       # no [..., c, d] temporary
+            for k, d_k in (*d_beta.items(), ('B_A', d_a)):
+                if k in grads:
+                    grads[k][s:e] += d_k.sum_to_size(grads[k][s:e].shape)
+            if 'W_A' in grads and d_x_W_A.numel() == e - s:                      # one sample: no [c, d] temporary
+                grads['W_A'][s:e].addcmul_(d_x_W_A.reshape(e - s, 1), c['x'].reshape(e - s, -1))
+            elif 'W_A' in grads:
+                grads['W_A'][s:e] += torch.einsum('...i,...id->id', d_x_W_A, c['x'])
+        else:
+            if 'B_A' in grads:
+                grads['B_A'] += d_a.sum_to_size(grads['B_A'].shape)
+            for k, d_k in d_beta.items():
+                for target, factor in _gradient_targets(k, n_out):
+                    if target + '_bias' in grads:
+                        grads[target + '_bias'] += factor * d_k.sum_to_size(grads[target + '_bias'].shape)
 
 
 _DOUBLE_BACKWARD_MESSAGE = (
