@@ -4,12 +4,13 @@ What the set-up and the offline profile cost on this machine: the disk the insta
 feature cache takes. Writes docs/resources.md (docs/replication.md quotes it).
 
     python -m benchmarks.resources                 # installed size only (seconds)
-    python -m benchmarks.resources --run           # + the offline profile from scratch (about an hour on 2 cores)
+    python -m benchmarks.resources --run           # + the offline profile from scratch, and its heads' accuracies
 
 The offline profile runs into a fresh temporary OUT folder and a fresh feature cache (under --work_dir), so
 nothing cached earlier shortens it; the SST is read from --data_root (fetched there if missing).
 """
 import argparse
+import glob
 import importlib.metadata
 import os
 import re
@@ -20,6 +21,8 @@ import tempfile
 import time
 
 import torch
+
+from train import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +72,8 @@ def folder_bytes(folder):
 
 
 def run_offline_profile(data_root, work_dir):
-    """bash train_all_heads.sh offline into fresh folders -> (wall seconds, peak RSS of a run in bytes, cache bytes)."""
+    """bash train_all_heads.sh offline into fresh folders -> (wall seconds, peak RSS of a run in bytes, cache bytes,
+    CPU seconds, the others' share of the CPU, {dataset: (dev accuracy, test accuracy)} of its runs)."""
     out, cache_root = os.path.join(work_dir, 'runs'), os.path.join(work_dir, 'data')
     os.makedirs(cache_root, exist_ok=True)
     os.symlink(os.path.abspath(os.path.join(data_root, 'sst')), os.path.join(cache_root, 'sst'))
@@ -83,7 +87,11 @@ def run_offline_profile(data_root, work_dir):
     cpu = usage.ru_utime + usage.ru_stime                                       # all the profile's processes
     busy, total = (b - a for a, b in zip(machine, machine_cpu_seconds()))
     others = max(0.0, busy - cpu) / max(total, 1e-9)          # the share of the machine's CPU time others used
-    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others
+    accuracies = {}                                              # the runs' final accuracies, read before cleanup
+    for run in sorted(glob.glob(os.path.join(out, 'offline', 'seed*', '*'))):
+        final = read_metrics(run)[1] or {}
+        accuracies[os.path.basename(run)] = (final.get('valid_accuracy'), final.get('test_accuracy'))
+    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies
 
 
 def machine_cpu_seconds():
@@ -115,11 +123,13 @@ def main(argv=None):
              ', '.join(f"{name} {size / 2 ** 30:.2f} GiB" for size, name in sizes[:5]) + '.']
     if args.run:
         with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
-            wall, peak, cache, cpu, others = run_offline_profile(args.data_root, work_dir)
+            wall, peak, cache, cpu, others, accuracies = run_offline_profile(args.data_root, work_dir)
         lines += [f"- **`bash train_all_heads.sh offline` from scratch** (feature cache built first, then the SST-5 "
                   f"and SST-2 heads): {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min of CPU time (all its "
                   f"processes); other processes used {others:.0%} of the machine's CPU time meanwhile (load average "
                   f"at the end {os.getloadavg()[0]:.2f}).",
+                  f"- **Its heads** (seed 0; dev / test accuracy): " + '; '.join(
+                      f"{dataset} {dev:.2%} / {test:.2%}" for dataset, (dev, test) in accuracies.items()) + '.',
                   f"- **Feature cache** of all SST texts on minilm: {cache / 2 ** 30:.1f} GiB of disk.",
                   f"- **Peak memory** of one training process (resident set, ru_maxrss): {peak / 2 ** 30:.1f} GiB; "
                   f"the memory-mapped cache counts in it as it is read, so it is mostly page cache the system can "

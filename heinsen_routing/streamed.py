@@ -5,7 +5,7 @@ The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same e
 `streamed_routing`; one autograd function per routing iteration, `_StreamedPass`, whose backward is derived by
 hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
 """
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -124,7 +124,7 @@ class _Pass(NamedTuple):
     """What every chunk of one pass reads: the input x [..., n, d_inp], the mask (None or bool broadcastable to
     [..., n, n_out]) and whether it masks some input for every output, the scale n^(-1/2) (float or [..., 1, 1]),
     the parameters p (by _STREAMED_PARAMS name), the iteration t, n_out, whether the parameters are per input
-    (n_inp > 0), and the pass's GEMM blocks (_x_products)."""
+    (n_inp > 0), the pass's GEMM blocks (_x_products) and the intra-op threads its matrix products use."""
     x: torch.Tensor
     mask: Optional[torch.Tensor]
     masks_inputs: bool
@@ -134,6 +134,31 @@ class _Pass(NamedTuple):
     n_out: int
     per_input: bool
     products: tuple
+    threads: int = 1
+
+    def elementwise_threads(self):
+        """A chunk's steps run on one CPU thread, its matrix products (gemm_threads) on the pass's threads: each
+        operator on more than a few thousand elements is otherwise a parallel region that waits for every
+        thread, and on cores shared with other processes each wait can cost a time slice (benchmarks/routing.md).
+        A no-op on other devices."""
+        return _cpu_threads(self.x.device, 1)
+
+    def gemm_threads(self):
+        return _cpu_threads(self.x.device, self.threads)
+
+
+@contextmanager
+def _cpu_threads(device, n):
+    """torch's intra-op threads set to n inside the block on a CPU (restored after it); elsewhere nothing."""
+    before = torch.get_num_threads()
+    if device.type != 'cpu' or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _chunk(ps, s, e, diagnostics=False):
@@ -149,7 +174,12 @@ def _chunk(ps, s, e, diagnostics=False):
         x_c = without_masked_inputs(x_c, mask_c)
     names, sizes, W = ps.products
     # [..., c, k] blocks, in the parameters' precision under autocast (the steps below update them in place)
-    Y = {} if W is None else dict(zip(names, (x_c @ W.transpose(-1, -2)).to(p['W_A'].dtype).split(sizes, dim=-1)))
+    if W is None:
+        Y = {}
+    else:
+        with ps.gemm_threads():
+            XW = x_c @ W.transpose(-1, -2)
+        Y = dict(zip(names, XW.to(p['W_A'].dtype).split(sizes, dim=-1)))
     # 3-4. a_inp = (x . W_A) n^(-1/2) + B_A, f_a = sigma(a_inp), 0 for masked (input, output) pairs
     if per_input:
         x_W_A, B_A = torch.einsum('...id,id->...i', x_c, p['W_A'][s:e]), p['B_A'][s:e]   # [..., c], [c]
@@ -261,9 +291,10 @@ class _StreamedPass(torch.autograd.Function):
         products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
         phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
         phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
-        ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products)
-        parts = [_StreamedPass._forward_chunk(ps, s, e, phi_x, phi_1, diagnostics is not None)
-                 for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements)]
+        ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, torch.get_num_threads())
+        with ps.elementwise_threads():
+            parts = [_StreamedPass._forward_chunk(ps, s, e, phi_x, phi_1, diagnostics is not None)
+                     for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements)]
         if diagnostics is not None:
             for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
                 dim = -1 if k == 'a_inp' else -2
@@ -281,7 +312,8 @@ class _StreamedPass(torch.autograd.Function):
         """The M-step sums of the inputs s:e, added into phi_x and phi_1 (a function of its own so that the
         chunk's intermediates are freed before the next chunk's are made). -> the diagnostics' parts or None"""
         c = _chunk(ps, s, e, diagnostics)
-        phi_x += c['phi'].transpose(-1, -2) @ c['x']                           # [..., n_out, d]
+        with ps.gemm_threads():
+            phi_x += c['phi'].transpose(-1, -2) @ c['x']                       # [..., n_out, d]
         phi_1 += c['phi'].sum(dim=-2)                                           # [..., n_out]
         return [c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')] if diagnostics else None
 
@@ -307,9 +339,10 @@ class _StreamedPass(torch.autograd.Function):
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.no_grad(), (torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()):
             products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
-            ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products)
-            for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements):
-                _StreamedPass._backward_chunk(ps, s, e, g_1, grads, dpred)
+            ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, torch.get_num_threads())
+            with ps.elementwise_threads():
+                for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements):
+                    _StreamedPass._backward_chunk(ps, s, e, g_1, grads, dpred)
         returned = ctx.shared if t == 0 else {}                  # the last backward of this forward's passes
         grads = [returned.get('x'), dpred if needed['pred'] else None, *(returned.get(k) for k in _STREAMED_PARAMS)]
         if t == 0:
@@ -361,9 +394,11 @@ class _StreamedPass(torch.autograd.Function):
             for k, block in zip(names[first:], dY.split(sizes[first:], dim=-1)):
                 block.copy_(dy[k])                                                 # [..., c, k] (broadcasts)
             if first == 0:
-                grads['x'][..., s:e, :] += dY @ W                                  # [..., c, d]
+                with ps.gemm_threads():
+                    grads['x'][..., s:e, :] += dY @ W                              # [..., c, d]
             if len(names) > 1:
-                dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
+                with ps.gemm_threads():
+                    dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
                 for k, dW_k in zip(names[1:], dW.split(sizes[1:], dim=-2)):
                     if k == 'pred':
                         dpred += dW_k                                              # [..., n_out, d]
