@@ -23,8 +23,11 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
     intermediates {a_inp, S, R, D_use, D_ign, phi, pred_x_inp}, detached, else {}."""
     m = module
     last = {} if diagnostics else None
-    uniform_R, params, pred, shared = _uniform_initial_R(mask), _streamed_params(m), None, {}
+    uniform_R, params, pred = _uniform_initial_R(mask), _streamed_params(m), None
     masks_inputs = mask is not None and bool(mask.all(dim=-1).any())    # some input masked for every output
+    # shared by the passes of this forward: x . W_A with per-input W_A (the same at every iteration, so computed
+    # once; with n_inp = -1 it is one column of each chunk's GEMM) and, in backward, the gradient buffers
+    shared = {'x_W_A': _per_input_x_W_A(x_inp, m.W_A, mask if masks_inputs else None) if m.n_inp > 0 else None}
     chunk_elements = m.chunk_elements or chunk_elements_for(x_inp.device, m.W_A.dtype)
     for t in range(m.n_iters):
         if t > 0:
@@ -120,6 +123,34 @@ def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
     return list(blocks), [w.shape[-2] for w in blocks.values()], W
 
 
+def _per_input_x_W_A(x, W_A, mask):
+    """x . W_A with per-input W_A [n, d_inp]: [..., n] (0 for inputs the mask masks for every output, as the chunks
+    see them), detached: the passes compute its gradient by hand."""
+    with torch.no_grad():
+        x_W_A = torch.einsum('...id,id->...i', x, W_A)                              # [..., n]
+        return x_W_A if mask is None else x_W_A.masked_fill(mask.all(dim=-1), 0.0)
+
+
+def _add_per_input_W_A_grads(ps, chunks, d_x_W_A, grads):
+    """With per-input W_A: d x += d(x . W_A) W_A and d W_A += d(x . W_A) x, from d(x . W_A) [..., n] summed over
+    every pass, chunk by chunk (no [..., n, d] temporary)."""
+    x, W_A = ps.x, ps.p['W_A']
+    one_sample = d_x_W_A.numel() == x.shape[-2]
+    with ps.gemm_threads():
+        for s, e in chunks:
+            d_c = d_x_W_A[..., s:e]                                                      # [..., c]
+            if 'x' in grads:
+                grads['x'][..., s:e, :].addcmul_(d_c[..., None], W_A[s:e])
+            if 'W_A' in grads:
+                x_c = x[..., s:e, :]
+                if ps.masks_inputs:
+                    x_c = without_masked_inputs(x_c, _rows(ps.mask, s, e, x.shape[-2]))
+                if one_sample:
+                    grads['W_A'][s:e].addcmul_(d_c.reshape(e - s, 1), x_c.reshape(e - s, -1))
+                else:
+                    grads['W_A'][s:e] += torch.einsum('...i,...id->id', d_c, x_c)
+
+
 class _Pass(NamedTuple):
     """What every chunk of one pass reads: the input x [..., n, d_inp], the mask (None or bool broadcastable to
     [..., n, n_out]) and whether it masks some input for every output, the scale n^(-1/2) (float or [..., 1, 1]),
@@ -134,6 +165,7 @@ class _Pass(NamedTuple):
     n_out: int
     per_input: bool
     products: tuple
+    x_W_A: Optional[torch.Tensor] = None
     threads: int = 1
 
     def elementwise_threads(self):
@@ -182,7 +214,7 @@ def _chunk(ps, s, e, diagnostics=False):
         Y = dict(zip(names, XW.to(p['W_A'].dtype).split(sizes, dim=-1)))
     # 3-4. a_inp = (x . W_A) n^(-1/2) + B_A, f_a = sigma(a_inp), 0 for masked (input, output) pairs
     if per_input:
-        x_W_A, B_A = torch.einsum('...id,id->...i', x_c, p['W_A'][s:e]), p['B_A'][s:e]   # [..., c], [c]
+        x_W_A, B_A = ps.x_W_A[..., s:e], p['B_A'][s:e]                          # [..., c], [c]
     else:
         x_W_A, B_A = Y['W_A'][..., 0], p['B_A']                                      # [..., c], [1]
     a, f_a = activations(x_W_A, scale, B_A, mask_c)                               # [..., c], [..., c, 1|n_out]
@@ -291,7 +323,8 @@ class _StreamedPass(torch.autograd.Function):
         products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
         phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
         phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
-        ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, torch.get_num_threads())
+        ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, shared['x_W_A'],
+                   torch.get_num_threads())
         with ps.elementwise_threads():
             parts = [_StreamedPass._forward_chunk(ps, s, e, phi_x, phi_1, diagnostics is not None)
                      for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements)]
@@ -329,24 +362,31 @@ class _StreamedPass(torch.autograd.Function):
         # shared by its passes (ctx.shared): autograd runs their backwards from the last iteration to the first, the
         # first to run allocates the buffers, each adds into them, and only the first iteration's backward returns
         # them, so autograd never holds a second [n_inp, *] or input-sized gradient to sum.
+        # With per-input W_A, d(x . W_A) of every pass is summed into one [..., n] buffer and multiplied into the
+        # gradients of x and W_A once, by the last backward (_add_per_input_W_A_grads).
         needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[5:]))
         if t == n_iters - 1:
-            ctx.shared.clear()
-            ctx.shared.update({k: torch.zeros_like(v) for k, v in (('x', x), *p.items())
-                               if needed[k] and _used(k, n_iters)})
-        grads = ctx.shared
+            ctx.shared['grads'] = {k: torch.zeros_like(v) for k, v in (('x', x), *p.items())
+                                   if needed[k] and _used(k, n_iters)}
+            if per_input and ({'x', 'W_A'} & set(ctx.shared['grads'])):
+                ctx.shared['grads']['x_W_A'] = torch.zeros_like(ctx.shared['x_W_A'], dtype=p['W_A'].dtype)
+        grads = ctx.shared['grads']
         dpred = None if pred is None else torch.zeros_like(pred)
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.no_grad(), (torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()):
             products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
-            ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, torch.get_num_threads())
+            ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, ctx.shared['x_W_A'],
+                       torch.get_num_threads())
+            chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
             with ps.elementwise_threads():
-                for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements):
+                for s, e in chunks:
                     _StreamedPass._backward_chunk(ps, s, e, g_1, grads, dpred)
-        returned = ctx.shared if t == 0 else {}                  # the last backward of this forward's passes
+            if t == 0 and 'x_W_A' in grads:
+                _add_per_input_W_A_grads(ps, chunks, grads.pop('x_W_A'), grads)
+        returned = grads if t == 0 else {}                       # the last backward of this forward's passes
         grads = [returned.get('x'), dpred if needed['pred'] else None, *(returned.get(k) for k in _STREAMED_PARAMS)]
         if t == 0:
-            ctx.shared.clear()
+            del ctx.shared['grads']
         if double_backward:
             anchor = next(v for v in (x, pred, *p.values()) if v is not None and v.requires_grad)
             grads = _NoDoubleBackward.apply(anchor, *grads)
@@ -408,15 +448,11 @@ class _StreamedPass(torch.autograd.Function):
                             grads[target] += factor * dW_k.sum_to_size(grads[target].shape)
         # per-input parameters (n_inp > 0): their rows s:e; shared ones (n_inp = -1): their biases
         if per_input:
-            if 'x' in grads:
-                grads['x'][..., s:e, :].addcmul_(d_x_W_A[..., None], p['W_A'][s:e])       # no [..., c, d] temporary
+            if 'x_W_A' in grads:
+                grads['x_W_A'][..., s:e] += d_x_W_A                                # [..., c]
             for k, d_k in (*d_beta.items(), ('B_A', d_a)):
                 if k in grads:
                     grads[k][s:e] += d_k.sum_to_size(grads[k][s:e].shape)
-            if 'W_A' in grads and d_x_W_A.numel() == e - s:                      # one sample: no [c, d] temporary
-                grads['W_A'][s:e].addcmul_(d_x_W_A.reshape(e - s, 1), c['x'].reshape(e - s, -1))
-            elif 'W_A' in grads:
-                grads['W_A'][s:e] += torch.einsum('...i,...id->id', d_x_W_A, c['x'])
         else:
             if 'B_A' in grads:
                 grads['B_A'] += d_a.sum_to_size(grads['B_A'].shape)
