@@ -5,6 +5,8 @@ The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same e
 `streamed_routing`; one autograd function per routing iteration, `_StreamedPass`, whose backward is derived by
 hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
 """
+import os
+import time
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple, Optional, Union
 
@@ -169,14 +171,53 @@ class _Pass(NamedTuple):
     threads: int = 1
 
     def elementwise_threads(self):
-        """A chunk's steps run on one CPU thread, its matrix products (gemm_threads) on the pass's threads: each
-        operator on more than a few thousand elements is otherwise a parallel region that waits for every
-        thread, and on cores shared with other processes each wait can cost a time slice (benchmarks/routing.md).
-        A no-op on other devices."""
-        return _cpu_threads(self.x.device, 1)
+        """The threads of a chunk's steps other than its matrix products (those run on the pass's threads,
+        gemm_threads): on a CPU that other processes keep busy, one thread, since each operator on more than a few
+        thousand elements is otherwise a parallel region that waits for every thread and on shared cores each wait
+        can cost a time slice; on an idle CPU the pass's threads (benchmarks/routing.md measures both). A no-op on
+        other devices."""
+        if self.x.device.type != 'cpu':
+            return nullcontext()
+        return _cpu_threads(self.x.device, 1 if _CPU_LOAD.others_busy() else self.threads)
 
     def gemm_threads(self):
         return _cpu_threads(self.x.device, self.threads)
+
+
+class _CpuLoad:
+    """Whether other processes keep this machine's CPU busy: the share of the machine's CPU time (Linux
+    /proc/stat) that processes other than this one used since the previous look, above OTHERS_BUSY. Looks at most
+    every MIN_INTERVAL_S seconds and keeps the last answer in between; False where /proc/stat cannot be read."""
+    OTHERS_BUSY, MIN_INTERVAL_S = 0.25, 0.2
+
+    def __init__(self):
+        self.last, self.busy = None, False
+
+    @staticmethod
+    def sample():
+        """-> (machine busy, machine total, this process's) CPU seconds so far, or None without /proc/stat."""
+        try:
+            with open('/proc/stat') as f:
+                jiffies = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf('SC_CLK_TCK')
+        return (sum(jiffies) - jiffies[3] - jiffies[4]) / tick, sum(jiffies) / tick, time.process_time()
+
+    def others_busy(self):
+        now = self.sample()
+        if now is None:
+            return False
+        if self.last is not None and now[1] - self.last[1] < self.MIN_INTERVAL_S:
+            return self.busy
+        if self.last is not None:                                # (machine busy, machine total, own) seconds
+            machine_busy, machine_total, own = (a - b for a, b in zip(now, self.last))
+            self.busy = (machine_busy - own) / machine_total > self.OTHERS_BUSY
+        self.last = now
+        return self.busy
+
+
+_CPU_LOAD = _CpuLoad()
 
 
 @contextmanager

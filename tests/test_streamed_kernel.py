@@ -305,3 +305,49 @@ def test_paper_head_on_a_gpu_launches_at_most_twice_the_straightforward_operator
     on_gpu = step_operators(shape, True, chunk_elements_for('cuda', torch.float32, free_bytes=GPU_FREE_BYTES))
     assert on_gpu <= 2 * straightforward
     assert step_operators(shape, True, 2 ** 21) > 30 * straightforward
+
+
+def test_cpu_load_decides_the_element_wise_threads():
+    """Others' share of the machine's CPU time since the previous look above a quarter: busy; looks closer than
+    MIN_INTERVAL_S apart keep the last answer; no /proc/stat: not busy."""
+    from heinsen_routing.streamed import _CpuLoad
+    samples = iter([(10.0, 20.0, 1.0), (11.0, 22.0, 1.8), (12.5, 24.0, 2.5), (12.6, 24.1, 2.6), (13.0, 26.0, 3.0)])
+    load = _CpuLoad()
+    load.sample = lambda: next(samples)
+    assert not load.others_busy()                         # first look: no interval yet
+    assert not load.others_busy()                         # others used (1.0 - 0.8) / 2.0 = 10%
+    assert load.others_busy()                             # others used (1.5 - 0.7) / 2.0 = 40%
+    assert load.others_busy()                             # 0.1 s later: the last answer
+    assert not load.others_busy()                         # (0.5 - 0.5) / 2.0 = 0% since the look before
+    load.sample = lambda: None
+    assert not load.others_busy()
+
+
+@pytest.mark.parametrize('others_busy', [False, True])
+def test_streamed_pass_threads_on_a_cpu(monkeypatch, others_busy):
+    """A chunk's element-wise steps run on one thread when other processes keep the CPU busy, else on the pass's
+    threads; the matrix products on the pass's threads; torch's thread count is restored after every pass, also when
+    a pass fails."""
+    import heinsen_routing.streamed as streamed
+    monkeypatch.setattr(streamed._CPU_LOAD, 'others_busy', lambda: others_busy)
+    seen, fail, real_chunk = [], [False], streamed._chunk
+
+    def chunk(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        if fail[0]:
+            raise RuntimeError('chunk failed')
+        return real_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(streamed, '_chunk', chunk)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        routing = EfficientVectorRouting(-1, 4, 8, 6, chunk_elements=chunk_elements_for(7, 2, 8, 4))
+        routing(torch.randn(2, 30, 8, requires_grad=True)).sum().backward()
+        assert set(seen) == {1 if others_busy else 2} and torch.get_num_threads() == 2
+        fail[0] = True
+        with pytest.raises(RuntimeError, match='chunk failed'):
+            routing(torch.randn(2, 30, 8))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
