@@ -52,7 +52,7 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 #         threads must all be scheduled, so the time per pass grows with the number of chunks, most of all on cores
 #         shared with other processes; each chunk's intermediates are freed before the next chunk's are made, so
 #         this size keeps the memory beyond the gradients under 0.1x the straightforward implementation's at
-#         100,000 x 1024 inputs in every mode (benchmarks/routing.md measures time and memory per chunk size);
+#         100,000 x 1024 inputs with a variable length and under 0.3x with a fixed one (benchmarks/routing.md);
 #   CUDA  CUDA_FREE_FRACTION of the memory free on the device: the whole sequence in one chunk when it fits, so
 #         that a pass is a few large kernels instead of hundreds of small launches.
 CPU_CHUNK_BYTES = 32 << 20
@@ -238,8 +238,8 @@ def _chunk(ps, s, e, diagnostics=False):
     """One iteration's steps for the inputs s:e, with the functions of steps.py (docs/equations.md: step 1, the
     betas; 3-4, a_inp and f_a; the E-step's R; the D-step and the credit phi), from the input and the parameters.
     The products of x with [k, d_inp] blocks come from one GEMM (_x_products). D_use and D_ign only with
-    diagnostics (phi needs neither). masks_inputs: whether the mask masks some input for every output (those
-    inputs are replaced by zeros, a copy of the chunk's rows). ps: the pass's _Pass. -> dict of [..., c, *] tensors."""
+    diagnostics (phi needs neither). Inputs masked for every output are replaced by zeros (a copy of the chunk's
+    rows) when the mask has any (ps.masks_inputs). ps: the pass's _Pass. -> dict of [..., c, *] tensors."""
     x, mask, scale, p, t, n_out, per_input = ps.x, ps.mask, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
     n = x.shape[-2]
     x_c, mask_c = x[..., s:e, :], _rows(mask, s, e, n)                          # [..., c, d]
@@ -344,7 +344,9 @@ class _StreamedPass(torch.autograd.Function):
         dpred = dL^T x, dx += dL pred                                 (L = x pred^T)
         and for each block W of a product y = x W^T (the beta layers and W_A when n_inp = -1):
         dW += dy^T x, dx += dy W, with dy = dbeta_* (and their biases sum it), da n^(-1/2) for W_A;
-        with per-input parameters (n_inp > 0) their rows s:e get dbeta_*, dW_A = da n^(-1/2) x, dB_A = da.
+        with per-input parameters (n_inp > 0) their rows s:e get dbeta_* and dB_A = da, and dy = da n^(-1/2)
+        is summed over the passes into one [..., n] buffer that the last backward multiplies into
+        dW_A += dy x and dx += dy W_A (x . W_A is the same at every iteration).
 
     All products of x with [k, d_inp] blocks share one GEMM per chunk (_x_products), and so do the
     gradients that flow back through them. dpred is returned as the gradient of the input pred:
