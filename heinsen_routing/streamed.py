@@ -25,8 +25,8 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
     intermediates {a_inp, S, R, D_use, D_ign, phi, pred_x_inp}, detached, else {}."""
     m = module
     last = {} if diagnostics else None
-    uniform_R, params, pred = _uniform_initial_R(mask), _streamed_params(m), None
-    masks_inputs = mask is not None and bool(mask.all(dim=-1).any())    # some input masked for every output
+    uniform_R, masks_inputs = _mask_kinds(mask)
+    params, pred = _streamed_params(m), None
     # shared by the passes of this forward: x . W_A with per-input W_A (the same at every iteration, so computed
     # once; with n_inp = -1 it is one column of each chunk's GEMM) and, in backward, the gradient buffers
     shared = {'x_W_A': _per_input_x_W_A(x_inp, m.W_A, mask if masks_inputs else None) if m.n_inp > 0 else None}
@@ -308,10 +308,15 @@ def _used(name, n_iters):
     return n_iters > 1 or name not in ('W_S', 'B_S')
 
 
-def _uniform_initial_R(mask):
-    """Whether the first iteration's R is 1/n_out for every input that counts: no mask, or one that
-    masks whole inputs only (their f_a is 0, so their R does not matter)."""
-    return mask is None or bool((mask.any(dim=-1) == mask.all(dim=-1)).all())
+def _mask_kinds(mask):
+    """-> (uniform_R, masks_inputs), read with one host sync per forward. uniform_R: whether the first iteration's
+    R is 1/n_out for every input that counts: no mask, or one that masks whole inputs only (their f_a is 0, so
+    their R does not matter). masks_inputs: whether the mask masks some input for every output."""
+    if mask is None:
+        return True, False
+    masked_for_all = mask.all(dim=-1)
+    uniform_R, masks_inputs = torch.stack([(mask.any(dim=-1) == masked_for_all).all(), masked_for_all.any()]).tolist()
+    return uniform_R, masks_inputs
 
 
 class _StreamedPass(torch.autograd.Function):
