@@ -4,7 +4,6 @@ in routing.py and the streamed kernel in streamed.py both compute with these fun
 once. Notation: `...` any leading (batch) dims, i inputs (n of them), j outputs (n_out), d input features (d_inp),
 h output features (d_out).
 """
-import math
 
 import torch
 import torch.nn as nn
