@@ -802,14 +802,28 @@ def _zero_padding(hidden, mask):
 
 
 def _pool_by_queries(attention, queries, keys, mask):
-    """nn.MultiheadAttention (batch_first) of learned queries [n_q, d] over keys [..., n_k, d] with padding mask
-    [..., n_k] (True = ignored) -> pooled [..., n_q, d], weights averaged over heads [..., n_q, n_k]."""
-    lead, (n_k, d) = keys.shape[:-2], keys.shape[-2:]
-    keys = keys.reshape(-1, n_k, d)                                              # [b, n_k, d]
-    q = queries.expand(len(keys), *queries.shape)                                # [b, n_q, d]
-    pad = None if mask is None else mask.reshape(-1, n_k)                        # [b, n_k]
-    pooled, weights = attention(q, keys, keys, key_padding_mask=pad, need_weights=True, average_attn_weights=True)
-    return pooled.reshape(*lead, *pooled.shape[-2:]), weights.reshape(*lead, *weights.shape[-2:])
+    """nn.MultiheadAttention `attention` (batch_first, its in_proj and out_proj; no dropout, no bias_k/bias_v) of
+    learned queries [n_q, d] over keys = values [..., n_k, d] with padding mask [..., n_k] (True = ignored) ->
+    pooled [..., n_q, d], weights averaged over heads [..., n_q, n_k].
+
+    The same function as attention(q, keys, keys, key_padding_mask=mask), computed in the order that suits few
+    queries over many keys. Per head h (d_head = d / n_heads):
+      scores_h = (q_h W_k,h / sqrt(d_head)) . x_k   (q_h . b_k,h is the same for every key: it cancels in softmax)
+      pooled_h = (sum_k a_hk x_k) W_v,h^T + b_v,h    (the weights a_hk sum to 1 over the keys)
+    so the keys are multiplied by n_heads * n_q query vectors instead of being projected to keys and values: for
+    8 queries of 4 heads over 384-wide vectors, 24x fewer multiply-adds over the keys."""
+    n_heads, d = attention.num_heads, queries.shape[-1]
+    W_q, W_k, W_v = attention.in_proj_weight.view(3, n_heads, d // n_heads, d)    # each [n_heads, d_head, d]
+    b_q, _, b_v = attention.in_proj_bias.view(3, n_heads, d // n_heads)          # each [n_heads, d_head]
+    q = torch.einsum('qd,hed->hqe', queries, W_q) + b_q[:, None]                 # [n_heads, n_q, d_head]
+    q_in_key_space = torch.einsum('hqe,hed->hqd', q, W_k) * (d // n_heads) ** -0.5   # [n_heads, n_q, d]
+    scores = torch.einsum('...kd,hqd->...hqk', keys, q_in_key_space)             # [..., n_heads, n_q, n_k]
+    if mask is not None:
+        scores = scores.masked_fill(mask[..., None, None, :], float('-inf'))
+    weights = scores.softmax(dim=-1)                                             # [..., n_heads, n_q, n_k]
+    pooled_keys = torch.einsum('...hqk,...kd->...hqd', weights, keys)            # [..., n_heads, n_q, d]
+    heads = torch.einsum('...hqd,hed->...qhe', pooled_keys, W_v) + b_v          # [..., n_q, n_heads, d_head]
+    return attention.out_proj(heads.flatten(-2)), weights.mean(dim=-3)          # [..., n_q, d], [..., n_q, n_k]
 
 
 class ScalarMix(nn.Module):

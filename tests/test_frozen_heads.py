@@ -119,3 +119,24 @@ def test_train_sst5_then_sst2_fine_tunes_only_the_final_linear(name, tiny_sst, t
     for key, tensor in sst2.state_dict().items():
         assert key.startswith('classify.') or torch.equal(tensor, sst5.state_dict()[key]), key
     assert train.REGIMES[name] == train.REGIMES['routing_head']
+
+
+def test_pooling_by_queries_is_multihead_attention():
+    """_pool_by_queries folds the queries into the key projection and projects the values after pooling: the same
+    outputs, attention weights and gradients as nn.MultiheadAttention's own forward, padding included."""
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(12, 3, batch_first=True).double()
+    torch.nn.init.normal_(attention.in_proj_bias)                              # nonzero biases, b_k included
+    queries = torch.randn(2, 12, dtype=torch.double, requires_grad=True)
+    keys = torch.randn(4, 6, 12, dtype=torch.double, requires_grad=True)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[1, 4:], mask[3, 1:] = True, True
+    ours = models._pool_by_queries(attention, queries, keys, mask)
+    theirs = attention(queries.expand(4, 2, 12), keys, keys, key_padding_mask=mask)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    inputs = [queries, keys, *attention.parameters()]
+    cotangent = torch.randn_like(ours[0])
+    for a, b in zip(torch.autograd.grad((ours[0] * cotangent).sum(), inputs),
+                    torch.autograd.grad((theirs[0] * cotangent).sum(), inputs)):
+        torch.testing.assert_close(a, b)
