@@ -14,8 +14,9 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
                    caches roberta-large's hidden states of every SST text (about 90 GB of disk): opt-in.
     offline        SST-5, then SST-2 from it, on minilm (all-MiniLM-L6-v2) on a CPU: one epoch of 2000 steps of 32
                    phrases each, features from the cache (docs/replication.md has its measured time); on a CPU
-                   with bfloat16 units the backbone encodes in bfloat16 autocast and the head's matrix products
-                   use matmul precision 'medium'.
+                   whose bfloat16 matrix products measure faster than float32's (cpu_bfloat16_is_faster), the
+                   backbone encodes in bfloat16 autocast and the head's matrix products use matmul precision
+                   'medium'.
     paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
     frozen-heads   the standard heads on the same frozen features (issue 21; train.py --model scalar_mix_mean,
                    scalar_mix_attention, token_depth_attention), each in the paper-minilm recipe (SST-2 fine-tunes
@@ -30,6 +31,7 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
 Every run writes OUT/<profile>/seed<k>/<dataset>/{checkpoint.pt,metrics.jsonl,model/,epoch<k>/} and resumes when run again.
 """
 import argparse
+import functools
 import os
 import shlex
 
@@ -46,13 +48,35 @@ HEAD_EPOCHS = 60
 
 def cpu_has_bfloat16():
     """Whether this CPU has bfloat16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, from /proc/cpuinfo; False
-    where that file does not exist), so that bfloat16 autocast and matmul precision 'medium' make it faster."""
+    where that file does not exist)."""
     try:
         with open('/proc/cpuinfo') as f:
             flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
     except OSError:
         return False
     return bool({'avx512_bf16', 'amx_bf16'} & set(flags))
+
+
+@functools.cache
+def cpu_bfloat16_is_faster(min_speedup=1.2, rounds=5):
+    """Whether bfloat16 makes this CPU's matrix products at least min_speedup x faster than float32: it has the
+    instructions (cpu_has_bfloat16) and, timed here, a product of minilm's feed-forward shape ([4096, 384] x
+    [384, 1536]) in bfloat16 beats the float32 one (the best of `rounds` each, interleaved, on torch's threads).
+    The instructions alone do not decide it: on an Intel Xeon with AVX512-BF16 and no AMX, oneDNN's bfloat16
+    product ran at 0.56x the float32 one's speed, on an AMD EPYC (Zen 4) faster (docs/performance.md)."""
+    if not cpu_has_bfloat16():
+        return False
+    import time
+    import torch
+    a, b = torch.randn(4096, 384), torch.randn(384, 1536)
+    best = {torch.float32: float('inf'), torch.bfloat16: float('inf')}
+    for _ in range(rounds):
+        for dtype in best:
+            x, w = a.to(dtype), b.to(dtype)
+            start = time.perf_counter()
+            x @ w
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] >= min_speedup * best[torch.bfloat16]
 
 
 def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, heads=FROZEN_HEADS):
@@ -83,9 +107,9 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, hea
                               '2000'),
         }
     if profile == 'offline':
-        # on a CPU with bfloat16 units the frozen backbone encodes under bfloat16 autocast and the head's float32
-        # matrix products use them too (docs/performance.md measures both against float32)
-        fast = ['--mixed_precision', 'bf16', '--matmul_precision', 'medium'] if cpu_has_bfloat16() else []
+        # where bfloat16 products are faster on this CPU, the frozen backbone encodes under bfloat16 autocast and the
+        # head's float32 matrix products use bfloat16 units too (docs/performance.md measures both against float32)
+        fast = ['--mixed_precision', 'bf16', '--matmul_precision', 'medium'] if cpu_bfloat16_is_faster() else []
         minilm = ['--backbone', 'minilm', *cache, '--n_epochs', '1', '--n_iters_per_train_epoch', '2000',
                   '--batch_sz', '32', '--device', 'cpu', *fast]
         return {'sst5': stage('sst5', '--download', *minilm),

@@ -90,6 +90,7 @@ def measure(run, args):
     for _ in range(args.steps):
         n_pos.append(step())
     total = time.perf_counter() - started
+    timed = dict(seconds)                                         # the timed steps' phases (tick goes on below)
 
     with FlopCounterMode(display=False) as flops:                 # FLOPs of 20 steps' forward and backward
         for _ in range(20):
@@ -108,7 +109,7 @@ def measure(run, args):
              '| phase | ms / step | share |', '|---|---|---|']
     for name, what in (('batch', 'the next batch (cache reads, collation)'),
                        ('step', 'train.train_step (mixup, forward, loss, backward, optimizer)')):
-        lines.append(f"| {what} | {1000 * seconds[name] / args.steps:.2f} | {100 * seconds[name] / total:.0f}% |")
+        lines.append(f"| {what} | {1000 * timed[name] / args.steps:.2f} | {100 * timed[name] / total:.0f}% |")
     lines += [f"| **step** | **{1000 * total / args.steps:.2f}** | **{args.steps / total:.2f} steps/s** |", '',
               f"Head forward + backward: {gflop_per_step:.2f} GFLOP / step (matrix products, flop_counter), "
               f"{gflop_per_step * args.steps / total:.1f} GFLOP/s over whole steps.", '',

@@ -132,3 +132,20 @@ def test_paper_minilm_profile_is_the_papers_sst_recipe_on_the_offline_backbone(t
             assert (r.backbone, r.rng_seed, r.model, r.lr, r.mixup_alpha) == ('minilm', seed, None, None, None)
             assert r.feature_cache and r.run_test and r.resume and r.matmul_precision == 'medium'
         assert sst2.pretrained_path == os.path.join(sst5.output_dir, 'model') and f'seed{seed}' in sst5.output_dir
+
+
+def test_offline_profile_uses_bfloat16_only_where_it_measures_faster(monkeypatch, tmp_path):
+    """Having AVX512-BF16 is not enough: the offline profile encodes in bfloat16 autocast (and uses matmul precision
+    'medium') only where cpu_bfloat16_is_faster times bfloat16 products faster than float32 ones on this CPU."""
+    import recipes
+    measured = recipes.cpu_bfloat16_is_faster
+    for faster in (False, True):
+        monkeypatch.setattr(recipes, 'cpu_bfloat16_is_faster', lambda faster=faster: faster)
+        os.makedirs(tmp_path / 'offline' / 'seed0' / 'sst5' / 'model', exist_ok=True)
+        for argv in recipes.runs('offline', out=str(tmp_path)).values():
+            args = train.parse_args(argv)
+            assert (args.mixed_precision, args.matmul_precision) == (('bf16', 'medium') if faster else (None, 'highest'))
+    monkeypatch.setattr(recipes, 'cpu_has_bfloat16', lambda: False)                  # no instructions: not timed
+    measured.cache_clear()
+    assert measured() is False
+    measured.cache_clear()
