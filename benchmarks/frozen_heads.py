@@ -81,6 +81,15 @@ def collect(runs, records):
     return found, unfinished
 
 
+def cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo), or None."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        return None
+
+
 def time_steps(args, rounds=10):
     """Seconds per training step of every head, the routing head included, on the same batches' kind and the same
     load: each head's SST-5 run of its recipe (recipes.py) is built by train.py's own stages (train.build_run), then
@@ -115,7 +124,7 @@ def time_steps(args, rounds=10):
                     seconds[name] += time.perf_counter() - started
     return {'seconds_per_step': {name: t / (rounds * per_round) for name, t in seconds.items()},
             'steps': rounds * per_round, 'rounds': rounds, 'load_average_1min': loads,
-            'cpu_count': os.cpu_count(), 'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
+            'cpu_count': os.cpu_count(), 'cpu_model': cpu_model(), 'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
             'when': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
 
@@ -157,8 +166,11 @@ def main(argv=None):
                   f"rounds of {timing['steps'] // timing['rounds']} steps of every head in turn (batch 50 from the "
                   f"feature cache, mixup, forward, backward, RAdam step; one untimed round first), in one process on "
                   f"{timing['cpu_count']} CPU cores (OMP_NUM_THREADS={timing['omp_num_threads']}); load average "
-                  f"(1 min) at each round: {loads}. Other jobs shared the machine, so compare the heads with each "
-                  f"other, not with other tables.", '']
+                  f"(1 min) at each round: {loads}. "
+                  + (f"CPU: {timing['cpu_model']}. " if timing.get('cpu_model') else '')
+                  + ("Other jobs shared the machine, so compare the heads with each other, not with other tables."
+                     if max(timing['load_average_1min']) > 0.75 * timing['cpu_count'] + 1 else
+                     "Nothing else ran on the machine."), '']
     lines += ['Per seed (dev / test, %):', '', '| head | seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test | '
               'SST-5 s / step in the run |', '|---|---|---|---|---|---|---|']
     for name in HEADS:
@@ -167,10 +179,13 @@ def main(argv=None):
                      for k in ('valid_accuracy', 'test_accuracy')]
             step = f"{statistics.mean(e['epoch_seconds'] for e in r['sst5'][0]) / 2000:.3f}" if 'sst5' in r else ''
             lines.append(f"| {name} | {seed} | {' | '.join(cells)} | {step} |")
+    runs = f"$OUT/{os.path.basename(os.path.normpath(args.runs))}" if os.path.isabs(args.runs) else args.runs
     if unfinished:
-        lines += ['', 'Runs still unfinished under ' + args.runs + ' (not counted): '
+        lines += ['', 'Runs still unfinished under ' + runs + ' (not counted): '
                   + '; '.join(f"{h} {s} {d}: {n} epochs done" for h, s, d, n in unfinished) + '.']
-    command = ' '.join(['python -m benchmarks.frozen_heads', *(sys.argv[1:] if argv is None else argv)])
+    # a --runs outside the repository is shown as train_all_heads.sh's $OUT/frozen-heads, not as this machine's path
+    argv = [runs if a == args.runs else a for a in (sys.argv[1:] if argv is None else argv)]
+    command = ' '.join(['python -m benchmarks.frozen_heads', *argv])
     lines += ['', f"Written by `{command}`."]
     write_report(lines, args.report)
     return found
