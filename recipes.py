@@ -57,26 +57,32 @@ def cpu_has_bfloat16():
     return bool({'avx512_bf16', 'amx_bf16'} & set(flags))
 
 
-@functools.cache
-def cpu_bfloat16_is_faster(min_speedup=1.2, rounds=5):
-    """Whether bfloat16 makes this CPU's matrix products at least min_speedup x faster than float32: it has the
-    instructions (cpu_has_bfloat16) and, timed here, a product of minilm's feed-forward shape ([4096, 384] x
-    [384, 1536]) in bfloat16 beats the float32 one (the best of `rounds` each, interleaved, on torch's threads).
-    The instructions alone do not decide it: on an Intel Xeon with AVX512-BF16 and no AMX, oneDNN's bfloat16
-    product ran at 0.56x the float32 one's speed, on an AMD EPYC (Zen 4) faster (docs/performance.md)."""
-    if not cpu_has_bfloat16():
-        return False
+def bfloat16_product_seconds(rounds=5):
+    """-> {'float32': s, 'bfloat16': s}: the best of `rounds` timings (interleaved, on torch's threads) of a matrix
+    product of minilm's feed-forward shape, [4096, 384] x [384, 1536], in each precision."""
     import time
     import torch
     a, b = torch.randn(4096, 384), torch.randn(384, 1536)
-    best = {torch.float32: float('inf'), torch.bfloat16: float('inf')}
+    best = {'float32': float('inf'), 'bfloat16': float('inf')}
     for _ in range(rounds):
         for dtype in best:
-            x, w = a.to(dtype), b.to(dtype)
+            x, w = a.to(getattr(torch, dtype)), b.to(getattr(torch, dtype))
             start = time.perf_counter()
             x @ w
             best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] >= min_speedup * best[torch.bfloat16]
+    return best
+
+
+@functools.cache
+def cpu_bfloat16_is_faster(min_speedup=1.2):
+    """Whether bfloat16 makes this CPU's matrix products at least min_speedup x faster than float32: it has the
+    instructions (cpu_has_bfloat16) and bfloat16_product_seconds measures it. The instructions alone do not decide
+    it: on an Intel Xeon with AVX512-BF16 and no AMX, oneDNN's bfloat16 product ran at about half the float32 one's
+    speed (docs/performance.md)."""
+    if not cpu_has_bfloat16():
+        return False
+    seconds = bfloat16_product_seconds()
+    return seconds['float32'] >= min_speedup * seconds['bfloat16']
 
 
 def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, heads=FROZEN_HEADS):

@@ -25,6 +25,7 @@ import torch
 
 import data
 import models
+import recipes
 
 HEADS = {'sst5': 'pretrained/sst5_minilm_routing_head', 'sst2': 'pretrained/sst2_minilm_routing_head'}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +108,12 @@ def main(argv=None):
     for name, seconds in timings:
         lines.append(f"| {name} | {seconds:.1f} | {n_tokens / seconds:,.0f} | {padded / seconds:.2f} |")
         print(lines[-1], flush=True)
+    product = recipes.bfloat16_product_seconds()
+    gflops = {dtype: 2 * 4096 * 384 * 1536 / seconds / 1e9 for dtype, seconds in product.items()}
+    lines += ['', f"The `[4096, 384] x [384, 1536]` product that `recipes.cpu_bfloat16_is_faster` times, one thread: "
+              f"float32 {gflops['float32']:.0f} GFLOP/s, bfloat16 {gflops['bfloat16']:.0f} GFLOP/s "
+              f"({gflops['bfloat16'] / gflops['float32']:.2f}x); CPU flags with bfloat16 instructions: "
+              f"{'yes' if recipes.cpu_has_bfloat16() else 'no'}."]
     text = '\n'.join(lines) + '\n'
     print(text)
     if args.report:
