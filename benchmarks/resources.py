@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from heinsen_routing.streamed import machine_cpu_seconds
 from train import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,14 +93,6 @@ def run_offline_profile(data_root, work_dir):
         final = read_metrics(run)[1] or {}
         accuracies[os.path.basename(run)] = (final.get('valid_accuracy'), final.get('test_accuracy'))
     return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies
-
-
-def machine_cpu_seconds():
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    with open('/proc/stat') as f:
-        values = list(map(int, f.readline().split()[1:]))
-    tick = os.sysconf('SC_CLK_TCK')
-    return (sum(values) - values[3] - values[4]) / tick, sum(values) / tick
 
 
 def main(argv=None):

@@ -54,6 +54,8 @@ import time
 
 import torch
 
+from heinsen_routing.streamed import machine_cpu_seconds
+
 DEFAULT_CONFIGS = ['var:1x100000', 'fixed:1x100000', 'var:8x10000', 'fixed:8x10000', 'var:1x100000:frozen',
                    'fixed:1x100000:frozen', 'var:1x100000:masked', 'fixed:1x100000:masked', 'var:1x100000:iters3',
                    'fixed:1x100000:iters3', 'var:1x1000000']
@@ -189,24 +191,12 @@ def max_rel_diff(a, b):
     return f"{diffs[worst]:.1e} ({worst})"
 
 
-def machine_cpu_seconds():
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    with open('/proc/stat') as f:
-        values = list(map(int, f.readline().split()[1:]))
-    tick = os.sysconf('SC_CLK_TCK')
-    return (sum(values) - values[3] - values[4]) / tick, sum(values) / tick
-
-
 def cpu_busy_fraction(seconds=2.0):
     """Fraction of the machine's CPU time that was busy over the next `seconds` (from /proc/stat)."""
-    def read():
-        with open('/proc/stat') as f:
-            values = list(map(int, f.readline().split()[1:]))
-        return values[3] + values[4], sum(values)                 # idle + iowait, total
-    idle0, total0 = read()
+    busy0, total0 = machine_cpu_seconds()
     time.sleep(seconds)
-    idle1, total1 = read()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+    busy1, total1 = machine_cpu_seconds()
+    return (busy1 - busy0) / max(1e-9, total1 - total0)
 
 
 def wait_for_idle(args):

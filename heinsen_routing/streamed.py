@@ -184,6 +184,18 @@ class _Pass(NamedTuple):
         return _cpu_threads(self.x.device, self.threads)
 
 
+def machine_cpu_seconds():
+    """(busy, total) CPU seconds of the whole machine so far, all its CPUs (Linux /proc/stat; idle and iowait are
+    not busy), or None where /proc/stat cannot be read. The benchmarks read the machine's load with it too."""
+    try:
+        with open('/proc/stat') as f:
+            jiffies = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf('SC_CLK_TCK')
+    return (sum(jiffies) - jiffies[3] - jiffies[4]) / tick, sum(jiffies) / tick
+
+
 class _CpuLoad:
     """Whether other processes keep this machine's CPU busy: the share of the machine's CPU time (Linux
     /proc/stat) that processes other than this one used since the previous look, above OTHERS_BUSY. Looks at most
@@ -196,13 +208,8 @@ class _CpuLoad:
     @staticmethod
     def sample():
         """-> (machine busy, machine total, this process's) CPU seconds so far, or None without /proc/stat."""
-        try:
-            with open('/proc/stat') as f:
-                jiffies = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        tick = os.sysconf('SC_CLK_TCK')
-        return (sum(jiffies) - jiffies[3] - jiffies[4]) / tick, sum(jiffies) / tick, time.process_time()
+        machine = machine_cpu_seconds()
+        return None if machine is None else (*machine, time.process_time())
 
     def others_busy(self):
         now = self.sample()
