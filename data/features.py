@@ -10,6 +10,7 @@ The feature store and batching of text features.
 Imports data.fileio only (never models: models imports pad_positions from here).
 """
 
+import bisect
 import errno
 import hashlib
 import json
@@ -236,15 +237,17 @@ class FeatureStore:
             try:
                 for b, block in enumerate(blocks):
                     hidden, lengths = self.backbone.encode_rows(block, dtype=torch.float16)   # [rows, d_depth, d_emb]
+                    finite = hidden.isfinite().flatten(1).all(dim=1)                           # [rows], one pass
+                    if not finite.all():
+                        first_text = bisect.bisect_right(np.cumsum(lengths), int((~finite).nonzero()[0, 0]))
+                        raise ValueError(
+                            f"backbone {self.backbone.name!r} gives hidden states that are not finite in float16 "
+                            f"(NaN, or beyond +-65504) for the text {block[first_text][:60]!r}: they cannot be "
+                            f"cached; run without --feature_cache")
                     hidden = hidden.cpu().numpy()
                     start = self.index['n_rows']
                     for text, length in zip(block, lengths):
                         rows = hidden[start - self.index['n_rows']:][:length]           # this text's rows
-                        if not np.isfinite(rows).all():
-                            raise ValueError(
-                                f"backbone {self.backbone.name!r} gives hidden states that are not finite in float16 "
-                                f"(NaN, or beyond +-65504) for the text {text[:60]!r}: they cannot be cached; run "
-                                f"without --feature_cache")
                         texts[text] = [start, length, rows_checksum(text, rows)]
                         start += length
                     f.write(hidden.data)                             # one write per block, the texts' rows in order

@@ -119,14 +119,18 @@ def test_an_index_without_checksums_is_refused(store):
 def test_features_not_finite_in_float16_are_refused_when_encoded(bert, tmp_path, monkeypatch):
     real_encode_rows = bert.encode_rows
 
-    def overflowing(texts, dtype=torch.float32, **kwargs):
+    def overflowing(texts, dtype=torch.float32, **kwargs):                       # only one text's rows, not the first
         rows, lengths = real_encode_rows(texts, dtype=torch.float32, **kwargs)
-        return (rows * 1e6).to(dtype), lengths                                    # beyond float16's 65504
+        k = list(texts).index('the film is long and bad')
+        start = sum(lengths[:k])
+        rows[start:start + lengths[k]] *= 1e6                                     # beyond float16's 65504
+        return rows.to(dtype), lengths
 
     store = data.FeatureStore(str(tmp_path / 'cache'), bert)
     store.ensure(TEXTS[:2])
     monkeypatch.setattr(bert, 'encode_rows', overflowing)
-    with pytest.raises(ValueError, match=r"not finite in float16 .* for the text 'bad'.*without --feature_cache"):
+    with pytest.raises(ValueError, match=r"not finite in float16 .* for the text 'the film is long and bad'.*without "
+                                         r"--feature_cache"):
         store.ensure(TEXTS[:5])
     assert set(store.index['texts']) == set(TEXTS[:2])                            # what was stored is kept
     monkeypatch.undo()
