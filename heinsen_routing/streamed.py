@@ -99,6 +99,18 @@ def _add_grad(total, grad_rows, t, start, end, n):
         total += grad_rows.sum_to_size(t.shape)
 
 
+def _add_product(out, a, b):
+    """out [..., c, d] += a [..., c, k] @ b [..., k, d] in place, the sum done by the GEMM itself (baddbmm over
+    the leading dims) instead of through a [..., c, d] temporary; b's leading dims may broadcast. Under autocast,
+    or with mixed dtypes, the product runs as autocast has it (a @ b) and is then added."""
+    lead, (c, d), k = out.shape[:-2], out.shape[-2:], a.shape[-1]
+    if (a.shape[:-2] != lead or len(b.shape[:-2]) > len(lead) or not out.dtype == a.dtype == b.dtype
+            or autocast_enabled(out.device.type)):
+        out += a @ b
+        return
+    out.view(-1, c, d).baddbmm_(a.reshape(-1, c, k), b.expand(*lead, k, d).reshape(-1, k, d))
+
+
 # The parameters of EfficientVectorRouting that a _StreamedPass reads, in its argument order.
 # beta_use, beta_ign: the [n_inp, n_out] parameters, or (n_inp = -1) compute_beta_*.weight [n_out, d_inp]
 # with compute_beta_*.bias in beta_*_bias (None for n_inp > 0).
@@ -401,7 +413,7 @@ class _StreamedPass(torch.autograd.Function):
         chunk's intermediates are freed before the next chunk's are made). -> the diagnostics' parts or None"""
         c = _chunk(ps, s, e, diagnostics)
         with ps.gemm_threads():
-            phi_x += c['phi'].transpose(-1, -2) @ c['x']                       # [..., n_out, d]
+            _add_product(phi_x, c['phi'].transpose(-1, -2), c['x'])            # [..., n_out, d] += phi^T x
         phi_1 += c['phi'].sum(dim=-2)                                           # [..., n_out]
         return [c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')] if diagnostics else None
 
@@ -490,7 +502,7 @@ class _StreamedPass(torch.autograd.Function):
                 block.copy_(dy[k])                                                 # [..., c, k] (broadcasts)
             if first == 0:
                 with ps.gemm_threads():
-                    grads['x'][..., s:e, :] += dY @ W                              # [..., c, d]
+                    _add_product(grads['x'][..., s:e, :], dY, W)                   # [..., c, d] += dy W
             if len(names) > 1:
                 with ps.gemm_threads():
                     dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
