@@ -46,15 +46,20 @@ DIGITS_VIT = os.path.join('pretrained', 'digits_vit', 'backbone')
 HEAD_EPOCHS = 60
 
 
+def cpuinfo(field):
+    """The value of the first `field` line of Linux's /proc/cpuinfo ('flags', 'model name'), or None where that file
+    or line does not exist."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.split(':', 1)[0].strip() == field), None)
+    except OSError:
+        return None
+
+
 def cpu_has_bfloat16():
     """Whether this CPU has bfloat16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, from /proc/cpuinfo; False
     where that file does not exist)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
-    except OSError:
-        return False
-    return bool({'avx512_bf16', 'amx_bf16'} & set(flags))
+    return bool({'avx512_bf16', 'amx_bf16'} & set((cpuinfo('flags') or '').split()))
 
 
 def bfloat16_product_seconds(rounds=5):

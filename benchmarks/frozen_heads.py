@@ -81,15 +81,6 @@ def collect(runs, records):
     return found, unfinished
 
 
-def cpu_model():
-    """The CPU's model name (Linux /proc/cpuinfo), or None."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
-    except OSError:
-        return None
-
-
 def time_steps(args, rounds=10):
     """Seconds per training step of every head, the routing head included, on the same batches' kind and the same
     load: each head's SST-5 run of its recipe (recipes.py) is built by train.py's own stages (train.build_run), then
@@ -124,7 +115,8 @@ def time_steps(args, rounds=10):
                     seconds[name] += time.perf_counter() - started
     return {'seconds_per_step': {name: t / (rounds * per_round) for name, t in seconds.items()},
             'steps': rounds * per_round, 'rounds': rounds, 'load_average_1min': loads,
-            'cpu_count': os.cpu_count(), 'cpu_model': cpu_model(), 'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
+            'cpu_count': os.cpu_count(), 'cpu_model': recipes.cpuinfo('model name'),
+            'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
             'when': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
 
