@@ -67,7 +67,7 @@ def initial_R(f_a, mask, n_out):
 
 def agreement(L, W_S, B_S):
     """E-step: S = logsigma(L W_S + B_S), L[..., i, j] = x_inp[..., i] . pred[..., j]. -> [..., n, n_out]"""
-    return F.logsigmoid(L * W_S + B_S)
+    return F.logsigmoid(torch.addcmul(B_S, L, W_S))
 
 
 def credit(R, f_a, beta_use, beta_ign):
@@ -79,11 +79,11 @@ def credit(R, f_a, beta_use, beta_ign):
     return D_use, D_ign, phi
 
 
-def credit_per_activation(R, beta_use, beta_ign):
-    """The credit per unit of activation, q = beta_use R - beta_ign (1 - R), so that phi = f_a q (credit's phi
-    regrouped; the streamed kernel computes phi this way, and q is what its backward needs for d f_a).
-    R and beta_* [..., n, n_out] -> [..., n, n_out]"""
-    return (beta_use + beta_ign) * R - beta_ign
+def credit_per_activation(R, beta_sum, beta_ign):
+    """The credit per unit of activation, q = beta_use R - beta_ign (1 - R) = beta_sum R - beta_ign with
+    beta_sum = beta_use + beta_ign, so that phi = f_a q (credit's phi regrouped; the streamed kernel computes phi
+    this way, q is what its backward needs for d f_a, and beta_sum for d R). R, beta_* [..., n, n_out] -> [..., n, n_out]"""
+    return (beta_sum * R).sub_(beta_ign)
 
 
 def predict(x_out, W_G1, W_G2, B_G2):

@@ -27,9 +27,9 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
     last = {} if diagnostics else None
     uniform_R, masks_inputs = _mask_kinds(mask)
     params, pred = _streamed_params(m), None
-    # shared by the passes of this forward: x . W_A with per-input W_A (the same at every iteration, so computed
-    # once; with n_inp = -1 it is one column of each chunk's GEMM) and, in backward, the gradient buffers
-    shared = {'x_W_A': _per_input_x_W_A(x_inp, m.W_A, mask if masks_inputs else None) if m.n_inp > 0 else None}
+    # shared by the passes of this forward: x . W_A (the same at every iteration, so computed once) and, in backward,
+    # the gradient buffers
+    shared = {'x_W_A': _x_W_A(x_inp, m.W_A, m.n_inp > 0, mask if masks_inputs else None)}
     chunk_elements = m.chunk_elements or chunk_elements_for(x_inp.device, m.W_A.dtype)
     for t in range(m.n_iters):
         if t > 0:
@@ -99,16 +99,21 @@ def _add_grad(total, grad_rows, t, start, end, n):
         total += grad_rows.sum_to_size(t.shape)
 
 
-def _add_product(out, a, b):
-    """out [..., c, d] += a [..., c, k] @ b [..., k, d] in place, the sum done by the GEMM itself (baddbmm over
-    the leading dims) instead of through a [..., c, d] temporary; b's leading dims may broadcast. Under autocast,
-    or with mixed dtypes, the product runs as autocast has it (a @ b) and is then added."""
+def _add_product(out, a, b, accumulate=True):
+    """out [..., c, d] += a [..., c, k] @ b [..., k, d] in place (accumulate=False: out = a @ b, out's old values
+    unread), the sum done by the GEMM itself (baddbmm over the leading dims) instead of through a [..., c, d]
+    temporary; b's leading dims may broadcast. Under autocast, or with mixed dtypes, the product runs as autocast
+    has it (a @ b) and is then added."""
     lead, (c, d), k = out.shape[:-2], out.shape[-2:], a.shape[-1]
     if (a.shape[:-2] != lead or len(b.shape[:-2]) > len(lead) or not out.dtype == a.dtype == b.dtype
             or autocast_enabled(out.device.type)):
-        out += a @ b
+        if accumulate:
+            out += a @ b
+        else:
+            out.copy_(a @ b)
         return
-    out.view(-1, c, d).baddbmm_(a.reshape(-1, c, k), b.expand(*lead, k, d).reshape(-1, k, d))
+    out.view(-1, c, d).baddbmm_(a.reshape(-1, c, k), b.expand(*lead, k, d).reshape(-1, k, d),
+                                beta=1 if accumulate else 0)
 
 
 # The parameters of EfficientVectorRouting that a _StreamedPass reads, in its argument order.
@@ -120,15 +125,16 @@ _STREAMED_PARAMS = ('W_A', 'B_A', 'beta_use', 'beta_use_bias', 'beta_ign', 'beta
 def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
     """The [k, d_inp] blocks W that multiply every input, y = x W^T, stacked for one GEMM per chunk:
     G (backward: dphi = x G^T + g_1), pred (t > 0: L = x pred^T) and, when the parameters are shared
-    by all inputs (n_inp = -1), the beta layers' weights (beta = x W^T + bias) and W_A (x W_A^T).
+    by all inputs (n_inp = -1), the beta layers' weights (beta = x W^T + bias). (x . W_A is computed once per
+    forward, _x_W_A.)
     With uniform_R (t = 0 and R = 1/n_out wherever f_a > 0) phi = f_a (beta_use R - beta_ign (1 - R))
     needs only beta_0 = (beta_use - (n_out - 1) beta_ign) / n_out, one block instead of two.
     -> (names, sizes, W [..., K, d_inp]); x_c @ W^T split by sizes gives the products by name."""
     blocks = {'G': G, 'pred': pred}
     if not per_input and uniform_R:
-        blocks.update(beta_0=_beta_0(p['beta_use'], p['beta_ign']), W_A=p['W_A'])
+        blocks.update(beta_0=_beta_0(p['beta_use'], p['beta_ign']))
     elif not per_input:
-        blocks.update(beta_use=p['beta_use'], beta_ign=p['beta_ign'], W_A=p['W_A'])
+        blocks.update(beta_use=p['beta_use'], beta_ign=p['beta_ign'])
     blocks = {name: w for name, w in blocks.items() if w is not None}
     if not blocks:
         return [], [], None
@@ -137,39 +143,45 @@ def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
     return list(blocks), [w.shape[-2] for w in blocks.values()], W
 
 
-def _per_input_x_W_A(x, W_A, mask):
-    """x . W_A with per-input W_A [n, d_inp]: [..., n] (0 for inputs the mask masks for every output, as the chunks
-    see them), detached: the passes compute its gradient by hand."""
+def _x_W_A(x, W_A, per_input, mask):
+    """x . W_A: [..., n], with per-input W_A [n, d_inp] or one W_A [1, d_inp] shared by all inputs (0 for inputs the
+    mask masks for every output, as the chunks see them), detached: the passes compute its gradient by hand. The
+    same at every iteration, so computed once per forward (as a column of each chunk's GEMM it would be recomputed
+    in every pass, forward and backward, and widen every product by one)."""
     with torch.no_grad():
-        x_W_A = torch.einsum('...id,id->...i', x, W_A)                              # [..., n]
+        x_W_A = torch.einsum('...id,id->...i', x, W_A) if per_input else x @ W_A[0]     # [..., n]
         return x_W_A if mask is None else x_W_A.masked_fill(mask.all(dim=-1), 0.0)
 
 
-def _add_per_input_W_A_grads(ps, chunks, d_x_W_A, grads):
-    """With per-input W_A: d x += d(x . W_A) W_A and d W_A += d(x . W_A) x, from d(x . W_A) [..., n] summed over
-    every pass, chunk by chunk (no [..., n, d] temporary)."""
+def _add_W_A_grads(ps, chunks, d_x_W_A, grads):
+    """d x += d(x . W_A) W_A and d W_A += d(x . W_A) x, from d(x . W_A) [..., n] summed over every pass, chunk by
+    chunk (no [..., n, d] temporary); W_A per input [n, d_inp] or shared [1, d_inp]."""
     x, W_A = ps.x, ps.p['W_A']
     one_sample = d_x_W_A.numel() == x.shape[-2]
     with ps.gemm_threads():
         for s, e in chunks:
             d_c = d_x_W_A[..., s:e]                                                      # [..., c]
             if 'x' in grads:
-                grads['x'][..., s:e, :].addcmul_(d_c[..., None], W_A[s:e])
-            if 'W_A' in grads:
-                x_c = x[..., s:e, :]
-                if ps.masks_inputs:
-                    x_c = without_masked_inputs(x_c, _rows(ps.mask, s, e, x.shape[-2]))
-                if one_sample:
-                    grads['W_A'][s:e].addcmul_(d_c.reshape(e - s, 1), x_c.reshape(e - s, -1))
-                else:
-                    grads['W_A'][s:e] += torch.einsum('...i,...id->id', d_c, x_c)
+                grads['x'][..., s:e, :].addcmul_(d_c[..., None], W_A[s:e] if ps.per_input else W_A)
+            if 'W_A' not in grads:
+                continue
+            x_c = x[..., s:e, :]
+            if ps.masks_inputs:
+                x_c = without_masked_inputs(x_c, _rows(ps.mask, s, e, x.shape[-2]))
+            if not ps.per_input:                                    # [1, d] += [1, batch c] @ [batch c, d]
+                grads['W_A'] += d_c.reshape(1, -1) @ x_c.reshape(-1, x.shape[-1])
+            elif one_sample:
+                grads['W_A'][s:e].addcmul_(d_c.reshape(e - s, 1), x_c.reshape(e - s, -1))
+            else:
+                grads['W_A'][s:e] += torch.einsum('...i,...id->id', d_c, x_c)
 
 
 class _Pass(NamedTuple):
     """What every chunk of one pass reads: the input x [..., n, d_inp], the mask (None or bool broadcastable to
     [..., n, n_out]) and whether it masks some input for every output, the scale n^(-1/2) (float or [..., 1, 1]),
     the parameters p (by _STREAMED_PARAMS name), the iteration t, n_out, whether the parameters are per input
-    (n_inp > 0), the pass's GEMM blocks (_x_products) and the intra-op threads its matrix products use."""
+    (n_inp > 0), the pass's GEMM blocks (_x_products), x . W_A [..., n] (_x_W_A) and the intra-op threads its matrix
+    products use."""
     x: torch.Tensor
     mask: Optional[torch.Tensor]
     masks_inputs: bool
@@ -253,12 +265,15 @@ def _cpu_threads(device, n):
         torch.set_num_threads(before)
 
 
-def _chunk(ps, s, e, diagnostics=False):
+def _chunk(ps, s, e, diagnostics=False, phi_out=None):
     """One iteration's steps for the inputs s:e, with the functions of steps.py (docs/equations.md: step 1, the
     betas; 3-4, a_inp and f_a; the E-step's R; the D-step and the credit phi), from the input and the parameters.
     The products of x with [k, d_inp] blocks come from one GEMM (_x_products). D_use and D_ign only with
     diagnostics (phi needs neither). Inputs masked for every output are replaced by zeros (a copy of the chunk's
-    rows) when the mask has any (ps.masks_inputs). ps: the pass's _Pass. -> dict of [..., c, *] tensors."""
+    rows) when the mask has any (ps.masks_inputs). The mask enters as a factor `keep` (1 where the (input, output)
+    pair counts, else 0) of q and of the backward's f_a dphi: on a CPU, multiplying by it is about ten times faster
+    than masked_fill. ps: the pass's _Pass; phi_out: None or a [..., c, n_out] tensor to write phi into.
+    -> dict of [..., c, *] tensors (f_a [..., c, 1] before the mask)."""
     x, mask, scale, p, t, n_out, per_input = ps.x, ps.mask, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
     n = x.shape[-2]
     x_c, mask_c = x[..., s:e, :], _rows(mask, s, e, n)                          # [..., c, d]
@@ -272,21 +287,20 @@ def _chunk(ps, s, e, diagnostics=False):
         with ps.gemm_threads():
             XW = x_c @ W.transpose(-1, -2)
         Y = dict(zip(names, XW.to(p['W_A'].dtype).split(sizes, dim=-1)))
-    # 3-4. a_inp = (x . W_A) n^(-1/2) + B_A, f_a = sigma(a_inp), 0 for masked (input, output) pairs
+    keep = None if mask_c is None else (~mask_c).to(p['W_A'].dtype)            # [..., c, n_out] (broadcastable)
+    # 3-4. a_inp = (x . W_A) n^(-1/2) + B_A, f_a = sigma(a_inp) (0 for masked pairs: through q below)
+    a, f_a = activations(ps.x_W_A[..., s:e], scale, p['B_A'][s:e] if per_input else p['B_A'], None)  # [..., c], [.., c, 1]
+    # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x) (or only beta_0, see _x_products); kept
+    # as beta_sum = beta_use + beta_ign and beta_ign. The GEMM's blocks are this chunk's own, so they are updated in
+    # place (the biases added, beta_use's block turned into beta_sum)
+    beta_sum = beta_ign = beta_0 = None
     if per_input:
-        x_W_A, B_A = ps.x_W_A[..., s:e], p['B_A'][s:e]                          # [..., c], [c]
-    else:
-        x_W_A, B_A = Y['W_A'][..., 0], p['B_A']                                      # [..., c], [1]
-    a, f_a = activations(x_W_A, scale, B_A, mask_c)                               # [..., c], [..., c, 1|n_out]
-    # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x) (or only beta_0, see _x_products);
-    # the GEMM's blocks are this chunk's own, so the biases are added in place
-    beta_use = beta_ign = beta_0 = None
-    if per_input:
-        beta_use, beta_ign = p['beta_use'][s:e], p['beta_ign'][s:e]               # [c, n_out]
+        beta_sum, beta_ign = p['beta_use'][s:e] + p['beta_ign'][s:e], p['beta_ign'][s:e]   # [c, n_out]
     elif 'beta_0' in Y:
         beta_0 = Y['beta_0'].add_(_beta_0(p['beta_use_bias'], p['beta_ign_bias']))  # [..., c, n_out]
     else:
-        beta_use, beta_ign = Y['beta_use'].add_(p['beta_use_bias']), Y['beta_ign'].add_(p['beta_ign_bias'])
+        beta_ign = Y['beta_ign'].add_(p['beta_ign_bias'])                         # [..., c, n_out]
+        beta_sum = Y['beta_use'].add_(p['beta_use_bias']).add_(beta_ign)
     # E-step: R = 1/n_out (t = 0), or R = softmax_j(S), S = logsigma(L W_S + B_S), L = x pred^T
     L = S = None
     if t == 0:
@@ -294,17 +308,30 @@ def _chunk(ps, s, e, diagnostics=False):
     else:
         L = Y['pred']                                                              # [..., c, n_out]
         S = agreement(L, _rows(p['W_S'], s, e, n), _rows(p['B_S'], s, e, n))
-        R = masked_softmax(S, mask_c)
+        R = _softmax_over_kept(S, keep, ps.masks_inputs)
     # D-step and credit: D_use = f_a R, D_ign = f_a - D_use, phi = f_a q with q = beta_use R - beta_ign (1 - R)
-    # (= beta_0 when R = 1/n_out, t = 0); q is what the backward's d f_a needs
+    # (= beta_0 when R = 1/n_out, t = 0), 0 for masked pairs; q is what the backward's d f_a needs
+    q = beta_0 if beta_0 is not None else credit_per_activation(R, beta_sum, beta_ign)   # [..., c, n_out]
+    if keep is not None:
+        q.mul_(keep)
+    phi = torch.mul(f_a, q, out=phi_out)                                          # [..., c, n_out]
     D_use = D_ign = None
-    q = beta_0 if beta_0 is not None else credit_per_activation(R, beta_use, beta_ign)   # [..., c, n_out]
-    phi = f_a * q                                                                # [..., c, n_out]
     if diagnostics:
         D_use = f_a * R
-        D_ign = f_a - D_use
-    return dict(x=x_c, mask=mask_c, Y=Y, a=a, f_a=f_a, beta_use=beta_use, beta_ign=beta_ign,
+        D_ign = (f_a if keep is None else f_a * keep) - D_use
+    return dict(x=x_c, keep=keep, Y=Y, a=a, f_a=f_a, beta_sum=beta_sum, beta_ign=beta_ign,
                 beta_0=beta_0, L=L, S=S, R=R, q=q, D_use=D_use, D_ign=D_ign, phi=phi)
+
+
+def _softmax_over_kept(S, keep, rows_all_masked):
+    """masked_softmax(S, mask) with the mask as keep = 1 - mask (float): the masked entries are moved to
+    -finfo.max / 4 by an addition, several times faster than masked_fill on a CPU; they come out exactly 0 in every
+    row with an unmasked entry. Rows with every entry masked come out 1/n_out and are then zeroed by keep (only
+    needed when the mask masks some input for every output, rows_all_masked). S [..., c, n_out] -> R"""
+    if keep is None:
+        return S.softmax(dim=-1)
+    R = torch.add(S, keep - 1, alpha=torch.finfo(S.dtype).max / 4).softmax(dim=-1)
+    return R.mul_(keep) if rows_all_masked else R
 
 
 def _beta_0(beta_use, beta_ign):
@@ -366,11 +393,11 @@ class _StreamedPass(torch.autograd.Function):
         dZ    = dS sigma(-Z) = -dS expm1(S)                         (S = logsigma Z)
         dW_S  = dZ L,   dB_S = dZ,   dL = dZ W_S                      (Z = L W_S + B_S)
         dpred = dL^T x, dx += dL pred                                 (L = x pred^T)
-        and for each block W of a product y = x W^T (the beta layers and W_A when n_inp = -1):
-        dW += dy^T x, dx += dy W, with dy = dbeta_* (and their biases sum it), da n^(-1/2) for W_A;
-        with per-input parameters (n_inp > 0) their rows s:e get dbeta_* and dB_A = da, and dy = da n^(-1/2)
-        is summed over the passes into one [..., n] buffer that the last backward multiplies into
-        dW_A += dy x and dx += dy W_A (x . W_A is the same at every iteration).
+        and for each block W of a product y = x W^T (the beta layers when n_inp = -1):
+        dW += dy^T x, dx += dy W, with dy = dbeta_* (and their biases sum it); with per-input parameters
+        (n_inp > 0) their rows s:e get dbeta_* and dB_A = da. x . W_A is the same at every iteration and computed
+        once per forward: its gradient da n^(-1/2) is summed over the passes into one [..., n] buffer that the
+        last backward multiplies into dW_A += d(x . W_A) x and dx += d(x . W_A) W_A.
 
     All products of x with [k, d_inp] blocks share one GEMM per chunk (_x_products), and so do the
     gradients that flow back through them. dpred is returned as the gradient of the input pred:
@@ -429,13 +456,14 @@ class _StreamedPass(torch.autograd.Function):
         # shared by its passes (ctx.shared): autograd runs their backwards from the last iteration to the first, the
         # first to run allocates the buffers, each adds into them, and only the first iteration's backward returns
         # them, so autograd never holds a second [n_inp, *] or input-sized gradient to sum.
-        # With per-input W_A, d(x . W_A) of every pass is summed into one [..., n] buffer and multiplied into the
-        # gradients of x and W_A once, by the last backward (_add_per_input_W_A_grads).
+        # The input's buffer is left unset (empty_like): the first backward writes every row of it (dx = dy W), the
+        # others add. d(x . W_A) of every pass is summed into one [..., n] buffer and multiplied into the gradients
+        # of x and W_A once, by the last backward (_add_W_A_grads).
         needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[5:]))
         if t == n_iters - 1:
-            ctx.shared['grads'] = {k: torch.zeros_like(v) for k, v in (('x', x), *p.items())
-                                   if needed[k] and _used(k, n_iters)}
-            if per_input and ({'x', 'W_A'} & set(ctx.shared['grads'])):
+            ctx.shared['grads'] = {k: (torch.empty_like if k == 'x' else torch.zeros_like)(v)
+                                   for k, v in (('x', x), *p.items()) if needed[k] and _used(k, n_iters)}
+            if {'x', 'W_A'} & set(ctx.shared['grads']):
                 ctx.shared['grads']['x_W_A'] = torch.zeros_like(ctx.shared['x_W_A'], dtype=p['W_A'].dtype)
         grads = ctx.shared['grads']
         dpred = None if pred is None else torch.zeros_like(pred)
@@ -447,9 +475,9 @@ class _StreamedPass(torch.autograd.Function):
             chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
             with ps.elementwise_threads():
                 for s, e in chunks:
-                    _StreamedPass._backward_chunk(ps, s, e, g_1, grads, dpred)
+                    _StreamedPass._backward_chunk(ps, s, e, g_1, grads, dpred, first_pass=t == n_iters - 1)
             if t == 0 and 'x_W_A' in grads:
-                _add_per_input_W_A_grads(ps, chunks, grads.pop('x_W_A'), grads)
+                _add_W_A_grads(ps, chunks, grads.pop('x_W_A'), grads)
         returned = grads if t == 0 else {}                       # the last backward of this forward's passes
         grads = [returned.get('x'), dpred if needed['pred'] else None, *(returned.get(k) for k in _STREAMED_PARAMS)]
         if t == 0:
@@ -460,63 +488,61 @@ class _StreamedPass(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
     @staticmethod
-    def _backward_chunk(ps, s, e, g_1, grads, dpred):
-        """The gradients of the inputs s:e, added into grads (and dpred). A function of its own so that the chunk's
-        intermediates are freed before the next chunk's are made; the chunk's own tensors are updated in place."""
+    def _backward_chunk(ps, s, e, g_1, grads, dpred, first_pass):
+        """The gradients of the inputs s:e, added into grads (and dpred; first_pass: the input's gradient rows are
+        written, not added to). A function of its own so that the chunk's intermediates are freed before the next
+        chunk's are made; the chunk's own tensors are updated in place, and the gradients dy of the products y = x W^T
+        are written straight into the blocks of one [..., c, K] tensor dY for the GEMMs dx += dY W and dW = dY^T x."""
         x, scale, p, t, n_out, per_input = ps.x, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
         n = x.shape[-2]
         names, sizes, W = ps.products                                             # names[0] == 'G'
-        c = _chunk(ps, s, e)
-        f_a, R, q = c['f_a'], c['R'], c['q']
+        first = 0 if 'x' in grads else 1                                          # the G block only for dx
+        dY = x.new_empty(*x.shape[:-2], e - s, sum(sizes[first:]), dtype=p['W_A'].dtype)   # [..., c, K]
+        dy = dict(zip(names[first:], dY.split(sizes[first:], dim=-1)))
+        c = _chunk(ps, s, e, phi_out=dy.get('G'))                                # dy_G = phi (dx += phi G)
+        f_a, R, q, keep = c['f_a'], c['R'], c['q'], c['keep']
         # M-step sums: phi_x = phi^T x, phi_1 = sum_i phi
         dphi = c['Y']['G'].add_(g_1[..., None, :])                              # [..., c, n_out]
-        # credit: phi = f_a q, q = (beta_use + beta_ign) R - beta_ign (q = beta_0 at t = 0, R = 1/n_out)
-        if c['mask'] is not None:
-            dphi.masked_fill_(c['mask'], 0.0)        # f_a is 0 at masked pairs: no d f_a there (f_a dphi is 0 anyway)
+        # credit: phi = f_a q, q = ((beta_use + beta_ign) R - beta_ign) keep (beta_0 keep at t = 0, R = 1/n_out)
         d_f_a = torch.linalg.vecdot(dphi, q)                                    # [..., c]: sum_j dphi q
-        sigma_a = torch.sigmoid(c['a'])                                           # [..., c]
-        d_a = d_f_a * sigma_a * (1 - sigma_a)                                   # [..., c]
+        d_a = d_f_a * f_a[..., 0] * (1 - f_a[..., 0])                            # [..., c]: f_a = sigma(a)
         d_x_W_A = d_a * squeeze_last(scale)                                    # [..., c]
-        f_a_dphi = dphi.mul_(f_a)                                                  # [..., c, n_out]
+        f_a_dphi = torch.mul(dphi, f_a, out=dy.get('beta_0'))                    # [..., c, n_out]
+        if keep is not None:
+            f_a_dphi.mul_(keep)
         if c['beta_0'] is None:
-            d_beta = {'beta_use': f_a_dphi * R}
-            d_beta['beta_ign'] = d_beta['beta_use'] - f_a_dphi                  # f_a dphi (R - 1)
+            d_beta = {'beta_use': torch.mul(f_a_dphi, R, out=dy.get('beta_use'))}
+            d_beta['beta_ign'] = torch.sub(d_beta['beta_use'], f_a_dphi, out=dy.get('beta_ign'))  # f_a dphi (R - 1)
         else:
             d_beta = {'beta_0': f_a_dphi}
-        dy = {'G': c['phi'], 'W_A': d_x_W_A[..., None], **d_beta}
         if t > 0:
             # E-step: R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
-            dR = f_a_dphi * (c['beta_use'] + c['beta_ign'])                        # [..., c, n_out]
+            dR = f_a_dphi * c['beta_sum']                                          # [..., c, n_out]
             dS = dR.sub_(torch.linalg.vecdot(dR, R)[..., None]).mul_(R)
             dZ = dS.mul_(torch.expm1(c['S']).neg_())                              # sigma(-Z) = 1 - exp(S)
             if 'W_S' in grads:
                 _add_grad(grads['W_S'], dZ * c['L'], p['W_S'], s, e, n)
             if 'B_S' in grads:
                 _add_grad(grads['B_S'], dZ, p['B_S'], s, e, n)
-            dy['pred'] = dZ * _rows(p['W_S'], s, e, n)                              # [..., c, n_out]
-        # the products y = x W^T of the chunk's GEMM: dx += dy W, dW += dy^T x (the G block only for dx)
-        first = 0 if 'x' in grads else 1
-        if first < len(names):
-            dY = torch.empty(*dphi.shape[:-1], sum(sizes[first:]), dtype=dphi.dtype, device=dphi.device)
-            for k, block in zip(names[first:], dY.split(sizes[first:], dim=-1)):
-                block.copy_(dy[k])                                                 # [..., c, k] (broadcasts)
-            if first == 0:
-                with ps.gemm_threads():
-                    _add_product(grads['x'][..., s:e, :], dY, W)                   # [..., c, d] += dy W
-            if len(names) > 1:
-                with ps.gemm_threads():
-                    dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
-                for k, dW_k in zip(names[1:], dW.split(sizes[1:], dim=-2)):
-                    if k == 'pred':
-                        dpred += dW_k                                              # [..., n_out, d]
-                        continue
-                    for target, factor in _gradient_targets(k, n_out):
-                        if target in grads:
-                            grads[target] += factor * dW_k.sum_to_size(grads[target].shape)
+            torch.mul(dZ, _rows(p['W_S'], s, e, n), out=dy['pred'])                # [..., c, n_out]
+        # the products y = x W^T of the chunk's GEMM: dx += dy W, dW += dy^T x
+        if first == 0:
+            with ps.gemm_threads():
+                _add_product(grads['x'][..., s:e, :], dY, W, accumulate=not first_pass)   # [..., c, d] += dy W
+        if len(names) > 1:
+            with ps.gemm_threads():
+                dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
+            for k, dW_k in zip(names[1:], dW.split(sizes[1:], dim=-2)):
+                if k == 'pred':
+                    dpred += dW_k                                                  # [..., n_out, d]
+                    continue
+                for target, factor in _gradient_targets(k, n_out):
+                    if target in grads:
+                        grads[target] += factor * dW_k.sum_to_size(grads[target].shape)
+        if 'x_W_A' in grads:
+            grads['x_W_A'][..., s:e] += d_x_W_A                                    # [..., c]
         # per-input parameters (n_inp > 0): their rows s:e; shared ones (n_inp = -1): their biases
         if per_input:
-            if 'x_W_A' in grads:
-                grads['x_W_A'][..., s:e] += d_x_W_A                                # [..., c]
             for k, d_k in (*d_beta.items(), ('B_A', d_a)):
                 if k in grads:
                     grads[k][s:e] += d_k.sum_to_size(grads[k][s:e].shape)
