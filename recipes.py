@@ -16,7 +16,8 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
                    phrases each, features from the cache (docs/replication.md has its measured time); on a CPU
                    whose bfloat16 matrix products measure faster than float32's (cpu_bfloat16_is_faster), the
                    backbone encodes in bfloat16 autocast and the head's matrix products use matmul precision
-                   'medium'.
+                   'medium'. The choice is made on the first start and kept in OUT/offline/seed<k>/precision.txt,
+                   so that a resumed run (and its feature cache) keeps it on a CPU near the threshold.
     paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
     frozen-heads   the standard heads on the same frozen features (issue 21; train.py --model scalar_mix_mean,
                    scalar_mix_attention, token_depth_attention), each in the paper-minilm recipe (SST-2 fine-tunes
@@ -90,6 +91,26 @@ def cpu_bfloat16_is_faster(min_speedup=1.2):
     return seconds['float32'] >= min_speedup * seconds['bfloat16']
 
 
+def offline_uses_bfloat16(where):
+    """Whether the offline profile's runs under `where` use bfloat16 (cpu_bfloat16_is_faster): measured on their first
+    start and recorded in where/precision.txt ('bfloat16' or 'float32'), read back on every later start, so that a
+    resumed run never switches precision (nor feature cache) because a new timing fell on the other side of the
+    threshold."""
+    path = os.path.join(where, 'precision.txt')
+    if os.path.exists(path):
+        with open(path) as f:
+            choice = f.read().strip()
+        if choice not in ('bfloat16', 'float32'):
+            raise ValueError(f"{path} must hold 'bfloat16' or 'float32' (the offline profile's recorded precision), "
+                             f"got {choice!r}: delete it to measure again")
+        return choice == 'bfloat16'
+    faster = cpu_bfloat16_is_faster()
+    os.makedirs(where, exist_ok=True)
+    with open(path, 'w') as f:
+        f.write('bfloat16\n' if faster else 'float32\n')
+    return faster
+
+
 def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, heads=FROZEN_HEADS):
     """-> {stage: train.py arguments} of a profile, in the order the stages run (a stage may start from an earlier
     stage's model). feature_cache: the minilm profiles' cache (default <data_root>/features); the paper profile
@@ -120,7 +141,7 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, hea
     if profile == 'offline':
         # where bfloat16 products are faster on this CPU, the frozen backbone encodes under bfloat16 autocast and the
         # head's float32 matrix products use bfloat16 units too (docs/performance.md measures both against float32)
-        fast = ['--mixed_precision', 'bf16', '--matmul_precision', 'medium'] if cpu_bfloat16_is_faster() else []
+        fast = ['--mixed_precision', 'bf16', '--matmul_precision', 'medium'] if offline_uses_bfloat16(where) else []
         minilm = ['--backbone', 'minilm', *cache, '--n_epochs', '1', '--n_iters_per_train_epoch', '2000',
                   '--batch_sz', '32', '--device', 'cpu', *fast]
         return {'sst5': stage('sst5', '--download', *minilm),

@@ -35,6 +35,7 @@ import torch
 
 import data
 import models
+from benchmarks import PLACEHOLDERS, shown_command, shown_path
 from benchmarks.sst_results import PRETRAINED, removal_test, routing_credit, write_report
 
 MODES = {'delete': 'deletion: drop when the top-k tokens are deleted (higher = more faithful)',
@@ -233,7 +234,7 @@ def main(argv=None):
     if args.render_only:
         with open(result_path) as f:
             return render(json.load(f), args.report)
-    command = ' '.join(['python -m benchmarks.faithfulness', *(sys.argv[1:] if argv is None else argv)])
+    command = shown_command('benchmarks.faithfulness', sys.argv[1:] if argv is None else argv)
     routing = models.RoutingHead.from_pretrained(args.routing_head).eval()
     ig = {h: integrated_gradients(args.ig_steps, internal_batch_size=args.batch_sz) for h in ('routing head', 'head (b)')}
     heads = {'routing head': (routing, {'routing credit': routing_credit, 'integrated gradients': ig['routing head'],
@@ -249,10 +250,11 @@ def main(argv=None):
                                                 'gradient x input': gradient_x_input})
         why = 'given by --attention_head' if found[1] == 'given' else \
             f'the best dev accuracy of the finished SST-2 runs, {found[1]}'
-        head_b = f"Head (b), models.ScalarMixAttentionHead: {found[0]} ({why})."
+        shown = shown_path(found[0], os.path.join(PLACEHOLDERS['--runs'], os.path.relpath(found[0], args.runs)))
+        head_b = f"Head (b), models.ScalarMixAttentionHead: {shown} ({why})."
     else:
         head_b = (f"Head (b) (models.ScalarMixAttentionHead) is not in this report: no finished SST-2 run of it under "
-                  f"{args.runs} (and no --attention_head) when this ran.")
+                  f"{shown_path(args.runs, PLACEHOLDERS['--runs'])} (and no --attention_head) when this ran.")
     test = data.get_dataset_splits('sst2', data_root=args.data_root)['test']
     order = np.random.default_rng(args.seed).permutation(len(test))[:args.n_sentences]
     order = sorted(order.tolist(), key=lambda i: len(test.texts[i]))          # similar lengths batched together

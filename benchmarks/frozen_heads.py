@@ -35,6 +35,7 @@ import time
 
 import models
 from train import read_metrics
+from benchmarks import PLACEHOLDERS, shown_command, shown_path
 from benchmarks.sst_results import mean_std, write_report
 
 HEADS = {'routing_head': "routing head (2022), the paper's", 'scalar_mix_mean': '(a) ScalarMix, mean pooling, Linear',
@@ -171,13 +172,11 @@ def main(argv=None):
                      for k in ('valid_accuracy', 'test_accuracy')]
             step = f"{statistics.mean(e['epoch_seconds'] for e in r['sst5'][0]) / 2000:.3f}" if 'sst5' in r else ''
             lines.append(f"| {name} | {seed} | {' | '.join(cells)} | {step} |")
-    runs = f"$OUT/{os.path.basename(os.path.normpath(args.runs))}" if os.path.isabs(args.runs) else args.runs
+    runs = shown_path(args.runs, PLACEHOLDERS['--runs'])
     if unfinished:
         lines += ['', 'Runs still unfinished under ' + runs + ' (not counted): '
                   + '; '.join(f"{h} {s} {d}: {n} epochs done" for h, s, d, n in unfinished) + '.']
-    # a --runs outside the repository is shown as train_all_heads.sh's $OUT/frozen-heads, not as this machine's path
-    argv = [runs if a == args.runs else a for a in (sys.argv[1:] if argv is None else argv)]
-    command = ' '.join(['python -m benchmarks.frozen_heads', *argv])
+    command = shown_command('benchmarks.frozen_heads', sys.argv[1:] if argv is None else argv)
     lines += ['', f"Written by `{command}`."]
     write_report(lines, args.report)
     return found

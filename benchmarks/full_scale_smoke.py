@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import recipes
+from benchmarks import shown_command
 
 # The real sizes (the hub configs of FacebookAI/roberta-large and microsoft/beit-large-patch16-224); 'tiny': the same
 # classes at toy sizes, for the test of this script.
@@ -216,7 +217,7 @@ def main(argv=None):
         rows.append(result)
         print(json.dumps(result), flush=True)
     if args.report:
-        command = 'python -m benchmarks.full_scale_smoke ' + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = shown_command('benchmarks.full_scale_smoke', argv if argv is not None else sys.argv[1:])
         lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `{command}`\n",
                  f"Machine: {host}; load average at the end {os.getloadavg()[0]:.2f}.\n",
                  '| run | device | backbone precision | steps | s/step, wall (each) | CPU s/step (each; torch threads) | '

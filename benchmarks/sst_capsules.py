@@ -22,6 +22,7 @@ import torch
 
 import recipes
 import train
+from benchmarks import shown_command
 from benchmarks.sst_results import mean_std, publish_pretrained, sst_feature_store, write_report
 
 PRETRAINED = {'sst5': 'pretrained/sst5_minilm_capsules2019',
@@ -99,7 +100,7 @@ def main(argv=None):
               f"{len(jobs)} runs, {args.jobs} at a time, one thread each, on {os.cpu_count()} CPU cores "
               f"(torch {torch.__version__}); this invocation took {(time.time() - started) / 60:.1f} min (runs "
               f"already finished in --out_dir are reused, not retrained). Command: "
-              f"`python -m benchmarks.sst_capsules {' '.join(argv if argv is not None else sys.argv[1:])}`"]
+              f"`{shown_command('benchmarks.sst_capsules', argv if argv is not None else sys.argv[1:])}`"]
     write_report(lines, args.report)
     return runs
 

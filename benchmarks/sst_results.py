@@ -22,6 +22,7 @@ Steps (wall-clock time of each is reported):
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ import data
 import models
 import recipes
 import train
+from benchmarks import shown_command
 
 PRETRAINED = {'sst5': 'pretrained/sst5_minilm_routing_head',
               'sst2': 'pretrained/sst2_minilm_routing_head'}
@@ -321,8 +323,8 @@ def main(argv=None):
     steps = f" of at most {args.n_iters_per_train_epoch} steps" if args.n_iters_per_train_epoch else ''
     lines += ['', f"Settings: SST-5 {args.sst5_epochs} epoch(s){steps} over shuffled training phrases (all subtrees), "
               f"SST-2 {args.sst2_epochs} epoch(s){steps} fine-tuning the last routing, batch {args.batch_sz}, RAdam, "
-              f"one-cycle max lr 1e-3, mixup Beta(0.65, 0.65). Command: `python -m benchmarks.sst_results "
-              f"{' '.join(argv if argv is not None else __import__('sys').argv[1:])}`"]
+              f"one-cycle max lr 1e-3, mixup Beta(0.65, 0.65). Command: `"
+              + shown_command('benchmarks.sst_results', argv if argv is not None else sys.argv[1:]) + '`']
     write_report(lines, args.report)
     return runs, base, pretrained, deletion
 

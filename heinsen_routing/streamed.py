@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from .checks import autocast_enabled
-from .steps import activations, agreement, credit_per_activation, initial_R, masked_softmax, predict, squeeze_last, \
+from .steps import activations, agreement, credit_per_activation, initial_R, predict, squeeze_last, \
     without_masked_inputs, x_out_from_sums
 
 
@@ -265,14 +265,15 @@ def _cpu_threads(device, n):
         torch.set_num_threads(before)
 
 
-def _chunk(ps, s, e, diagnostics=False, phi_out=None):
+def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
     """One iteration's steps for the inputs s:e, with the functions of steps.py (docs/equations.md: step 1, the
     betas; 3-4, a_inp and f_a; the E-step's R; the D-step and the credit phi), from the input and the parameters.
     The products of x with [k, d_inp] blocks come from one GEMM (_x_products). D_use and D_ign only with
     diagnostics (phi needs neither). Inputs masked for every output are replaced by zeros (a copy of the chunk's
     rows) when the mask has any (ps.masks_inputs). The mask enters as a factor `keep` (1 where the (input, output)
     pair counts, else 0) of q and of the backward's f_a dphi: on a CPU, multiplying by it is about ten times faster
-    than masked_fill. ps: the pass's _Pass; phi_out: None or a [..., c, n_out] tensor to write phi into.
+    than masked_fill. ps: the pass's _Pass; phi_out: None or a [..., c, n_out] tensor to write phi into; with_phi:
+    False where phi is not needed (the backward without an input gradient), then returned as None.
     -> dict of [..., c, *] tensors (f_a [..., c, 1] before the mask)."""
     x, mask, scale, p, t, n_out, per_input = ps.x, ps.mask, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
     n = x.shape[-2]
@@ -314,7 +315,7 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None):
     q = beta_0 if beta_0 is not None else credit_per_activation(R, beta_sum, beta_ign)   # [..., c, n_out]
     if keep is not None:
         q.mul_(keep)
-    phi = torch.mul(f_a, q, out=phi_out)                                          # [..., c, n_out]
+    phi = torch.mul(f_a, q, out=phi_out) if with_phi else None                    # [..., c, n_out]
     D_use = D_ign = None
     if diagnostics:
         D_use = f_a * R
@@ -499,7 +500,7 @@ class _StreamedPass(torch.autograd.Function):
         first = 0 if 'x' in grads else 1                                          # the G block only for dx
         dY = x.new_empty(*x.shape[:-2], e - s, sum(sizes[first:]), dtype=p['W_A'].dtype)   # [..., c, K]
         dy = dict(zip(names[first:], dY.split(sizes[first:], dim=-1)))
-        c = _chunk(ps, s, e, phi_out=dy.get('G'))                                # dy_G = phi (dx += phi G)
+        c = _chunk(ps, s, e, phi_out=dy.get('G'), with_phi='G' in dy)            # dy_G = phi (dx += phi G)
         f_a, R, q, keep = c['f_a'], c['R'], c['q'], c['keep']
         # M-step sums: phi_x = phi^T x, phi_1 = sum_i phi
         dphi = c['Y']['G'].add_(g_1[..., None, :])                              # [..., c, n_out]
@@ -507,7 +508,7 @@ class _StreamedPass(torch.autograd.Function):
         d_f_a = torch.linalg.vecdot(dphi, q)                                    # [..., c]: sum_j dphi q
         d_a = d_f_a * f_a[..., 0] * (1 - f_a[..., 0])                            # [..., c]: f_a = sigma(a)
         d_x_W_A = d_a * squeeze_last(scale)                                    # [..., c]
-        f_a_dphi = torch.mul(dphi, f_a, out=dy.get('beta_0'))                    # [..., c, n_out]
+        f_a_dphi = torch.mul(dphi, f_a, out=dy['beta_0']) if 'beta_0' in dy else dphi.mul_(f_a)   # [..., c, n_out]
         if keep is not None:
             f_a_dphi.mul_(keep)
         if c['beta_0'] is None:

@@ -48,3 +48,16 @@ def test_a_run_replaces_the_committed_head_only_if_better_at_the_stated_precisio
     assert not better_on_dev(0.4968, committed)
     assert better_on_dev(0.49691, committed)
     assert not better_on_dev(0.4901, committed)
+
+
+def test_reports_show_folders_outside_the_repository_as_placeholders(tmp_path):
+    """A report's command and paths name a folder outside the repository by its placeholder ($DATA_ROOT, ...), not by
+    the measuring machine's path; folders inside the repository stay as relative paths."""
+    from benchmarks import REPO_ROOT, shown_command, shown_path
+    argv = ['--data_root', str(tmp_path / 'data'), '--runs', str(tmp_path / 'runs'), '--n_sentences', '250',
+            f'--feature_cache={tmp_path}/features', '--report', os.path.join(REPO_ROOT, 'docs', 'x.md')]
+    assert shown_command('benchmarks.faithfulness', argv) == (
+        'python -m benchmarks.faithfulness --data_root $DATA_ROOT --runs $OUT/frozen-heads --n_sentences 250 '
+        '--feature_cache=$FEATURE_CACHE --report docs/x.md')
+    assert shown_path(os.path.join(REPO_ROOT, 'runs', 'a'), '$OUT') == os.path.join('runs', 'a')
+    assert shown_path(REPO_ROOT + 'x', '$OUT') == '$OUT'                    # a sibling whose name starts the same

@@ -136,15 +136,27 @@ def test_paper_minilm_profile_is_the_papers_sst_recipe_on_the_offline_backbone(t
 
 def test_offline_profile_uses_bfloat16_only_where_it_measures_faster(monkeypatch, tmp_path):
     """Having AVX512-BF16 is not enough: the offline profile encodes in bfloat16 autocast (and uses matmul precision
-    'medium') only where cpu_bfloat16_is_faster times bfloat16 products faster than float32 ones on this CPU."""
+    'medium') only where cpu_bfloat16_is_faster times bfloat16 products faster than float32 ones on this CPU. The
+    choice is recorded on the first start: a resumed run keeps it whatever a new timing says."""
     import recipes
     measured = recipes.cpu_bfloat16_is_faster
+
+    def precisions(out):
+        os.makedirs(out / 'offline' / 'seed0' / 'sst5' / 'model', exist_ok=True)
+        return {(args.mixed_precision, args.matmul_precision)
+                for args in map(train.parse_args, recipes.runs('offline', out=str(out)).values())}
+
     for faster in (False, True):
         monkeypatch.setattr(recipes, 'cpu_bfloat16_is_faster', lambda faster=faster: faster)
-        os.makedirs(tmp_path / 'offline' / 'seed0' / 'sst5' / 'model', exist_ok=True)
-        for argv in recipes.runs('offline', out=str(tmp_path)).values():
-            args = train.parse_args(argv)
-            assert (args.mixed_precision, args.matmul_precision) == (('bf16', 'medium') if faster else (None, 'highest'))
+        expected = ('bf16', 'medium') if faster else (None, 'highest')
+        assert precisions(tmp_path / str(faster)) == {expected}
+        monkeypatch.setattr(recipes, 'cpu_bfloat16_is_faster', lambda faster=faster: not faster)   # timed again: flips
+        assert precisions(tmp_path / str(faster)) == {expected}                                      # resumed: kept
+        assert (tmp_path / str(faster) / 'offline' / 'seed0' / 'precision.txt').read_text() == (
+            'bfloat16\n' if faster else 'float32\n')
+    (tmp_path / 'True' / 'offline' / 'seed0' / 'precision.txt').write_text('fp8\n')
+    with pytest.raises(ValueError, match=r"precision.txt must hold 'bfloat16' or 'float32'.*got 'fp8'"):
+        precisions(tmp_path / 'True')
     monkeypatch.setattr(recipes, 'cpu_has_bfloat16', lambda: False)                  # no instructions: not timed
     measured.cache_clear()
     assert measured() is False
