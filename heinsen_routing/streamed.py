@@ -168,8 +168,8 @@ def _add_W_A_grads(ps, chunks, d_x_W_A, grads):
             x_c = x[..., s:e, :]
             if ps.masks_inputs:
                 x_c = without_masked_inputs(x_c, _rows(ps.mask, s, e, x.shape[-2]))
-            if not ps.per_input:                                    # [1, d] += [1, batch c] @ [batch c, d]
-                grads['W_A'] += d_c.reshape(1, -1) @ x_c.reshape(-1, x.shape[-1])
+            if not ps.per_input:                                    # [1, d] += sum over [...] of [1, c] @ [c, d]
+                grads['W_A'] += (d_c[..., None, :] @ x_c).sum_to_size(grads['W_A'].shape)
             elif one_sample:
                 grads['W_A'][s:e].addcmul_(d_c.reshape(e - s, 1), x_c.reshape(e - s, -1))
             else:
