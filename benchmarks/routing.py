@@ -93,8 +93,10 @@ def sample(t):
 
 def worker(impl, config, args, dtype, out_path, source):
     """Runs in its own process: builds the routing, times forward+backward, records peak memory."""
-    if source:
-        sys.path.insert(0, source)                               # heinsen_routing of the earlier commit
+    if source:                                                   # heinsen_routing of the earlier commit, in place
+        sys.path.insert(0, source)                               # of the one this module imported at its start
+        for name in [m for m in sys.modules if m == 'heinsen_routing' or m.startswith('heinsen_routing.')]:
+            del sys.modules[name]
     from heinsen_routing import EfficientVectorRouting
     from tests.reference import straightforward_routing
 
