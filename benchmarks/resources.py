@@ -88,11 +88,18 @@ def run_offline_profile(data_root, work_dir):
     cpu = usage.ru_utime + usage.ru_stime                                       # all the profile's processes
     busy, total = (b - a for a, b in zip(machine, machine_cpu_seconds()))
     others = max(0.0, busy - cpu) / max(total, 1e-9)          # the share of the machine's CPU time others used
-    accuracies = {}                                              # the runs' final accuracies, read before cleanup
-    for run in sorted(glob.glob(os.path.join(out, 'offline', 'seed*', '*'))):
-        final = read_metrics(run)[1] or {}
-        accuracies[os.path.basename(run)] = (final.get('valid_accuracy'), final.get('test_accuracy'))
+    accuracies = offline_accuracies(out)                         # read before the work folder is removed
     return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies
+
+
+def offline_accuracies(out):
+    """The offline profile's runs under OUT -> {dataset: (final dev accuracy, final test accuracy)}, from each run
+    folder's metrics.jsonl (other files in the profile's folder, such as precision.txt, are not runs)."""
+    accuracies = {}
+    for path in sorted(glob.glob(os.path.join(out, 'offline', 'seed*', '*', 'metrics.jsonl'))):
+        final = read_metrics(path)[1] or {}
+        accuracies[os.path.basename(os.path.dirname(path))] = (final.get('valid_accuracy'), final.get('test_accuracy'))
+    return accuracies
 
 
 def main(argv=None):

@@ -253,10 +253,11 @@ def measure_rounds(impls, config, args, tmp, sources):
 
 
 class BusyCores:
-    """K processes, each a one-thread float32 matrix product in a loop, for the duration of a with block."""
+    """K processes, each a one-thread float32 matrix product in a loop, for the duration of a with block (each also
+    stops when this process has ended, killed or not)."""
 
-    SCRIPT = ("import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
-              "while True:\n    a = (a @ a).clamp_(-1, 1)\n")
+    SCRIPT = ("import os, torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nparent = os.getppid()\n"
+              "while os.getppid() == parent:\n    a = (a @ a).clamp_(-1, 1)\n")
 
     def __init__(self, k):
         self.k, self.procs = k, []

@@ -61,3 +61,14 @@ def test_reports_show_folders_outside_the_repository_as_placeholders(tmp_path):
         '--feature_cache=$FEATURE_CACHE --report docs/x.md')
     assert shown_path(os.path.join(REPO_ROOT, 'runs', 'a'), '$OUT') == os.path.join('runs', 'a')
     assert shown_path(REPO_ROOT + 'x', '$OUT') == '$OUT'                    # a sibling whose name starts the same
+
+
+def test_offline_profile_accuracies_read_only_the_runs(tmp_path):
+    """benchmarks.resources reads each run's final accuracies; the profile's recorded precision beside the runs is
+    not a run."""
+    from benchmarks.resources import offline_accuracies
+    seed = tmp_path / 'offline' / 'seed0'
+    write_run(str(seed / 'sst5'), 1, finished=True, valid=0.45, test=0.43)
+    write_run(str(seed / 'sst2'), 1, finished=False)
+    (seed / 'precision.txt').write_text('float32\n')
+    assert offline_accuracies(str(tmp_path)) == {'sst5': (0.45, 0.43), 'sst2': (None, None)}
