@@ -99,21 +99,16 @@ def _add_grad(total, grad_rows, t, start, end, n):
         total += grad_rows.sum_to_size(t.shape)
 
 
-def _add_product(out, a, b, accumulate=True):
-    """out [..., c, d] += a [..., c, k] @ b [..., k, d] in place (accumulate=False: out = a @ b, out's old values
-    unread), the sum done by the GEMM itself (baddbmm over the leading dims) instead of through a [..., c, d]
-    temporary; b's leading dims may broadcast. Under autocast, or with mixed dtypes, the product runs as autocast
-    has it (a @ b) and is then added."""
+def _add_product(out, a, b):
+    """out [..., c, d] += a [..., c, k] @ b [..., k, d] in place, the sum done by the GEMM itself (baddbmm over
+    the leading dims) instead of through a [..., c, d] temporary; b's leading dims may broadcast. Under autocast,
+    or with mixed dtypes, the product runs as autocast has it (a @ b) and is then added."""
     lead, (c, d), k = out.shape[:-2], out.shape[-2:], a.shape[-1]
     if (a.shape[:-2] != lead or len(b.shape[:-2]) > len(lead) or not out.dtype == a.dtype == b.dtype
             or autocast_enabled(out.device.type)):
-        if accumulate:
-            out += a @ b
-        else:
-            out.copy_(a @ b)
+        out += a @ b
         return
-    out.view(-1, c, d).baddbmm_(a.reshape(-1, c, k), b.expand(*lead, k, d).reshape(-1, k, d),
-                                beta=1 if accumulate else 0)
+    out.view(-1, c, d).baddbmm_(a.reshape(-1, c, k), b.expand(*lead, k, d).reshape(-1, k, d))
 
 
 # The parameters of EfficientVectorRouting that a _StreamedPass reads, in its argument order.
@@ -457,13 +452,12 @@ class _StreamedPass(torch.autograd.Function):
         # shared by its passes (ctx.shared): autograd runs their backwards from the last iteration to the first, the
         # first to run allocates the buffers, each adds into them, and only the first iteration's backward returns
         # them, so autograd never holds a second [n_inp, *] or input-sized gradient to sum.
-        # The input's buffer is left unset (empty_like): the first backward writes every row of it (dx = dy W), the
-        # others add. d(x . W_A) of every pass is summed into one [..., n] buffer and multiplied into the gradients
-        # of x and W_A once, by the last backward (_add_W_A_grads).
+        # d(x . W_A) of every pass is summed into one [..., n] buffer and multiplied into the gradients of x and W_A
+        # once, by the last backward (_add_W_A_grads).
         needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[5:]))
         if t == n_iters - 1:
-            ctx.shared['grads'] = {k: (torch.empty_like if k == 'x' else torch.zeros_like)(v)
-                                   for k, v in (('x', x), *p.items()) if needed[k] and _used(k, n_iters)}
+            ctx.shared['grads'] = {k: torch.zeros_like(v) for k, v in (('x', x), *p.items())
+                                   if needed[k] and _used(k, n_iters)}
             if {'x', 'W_A'} & set(ctx.shared['grads']):
                 ctx.shared['grads']['x_W_A'] = torch.zeros_like(ctx.shared['x_W_A'], dtype=p['W_A'].dtype)
         grads = ctx.shared['grads']
@@ -476,7 +470,7 @@ class _StreamedPass(torch.autograd.Function):
             chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
             with ps.elementwise_threads():
                 for s, e in chunks:
-                    _StreamedPass._backward_chunk(ps, s, e, g_1, grads, dpred, first_pass=t == n_iters - 1)
+                    _StreamedPass._backward_chunk(ps, s, e, g_1, grads, dpred)
             if t == 0 and 'x_W_A' in grads:
                 _add_W_A_grads(ps, chunks, grads.pop('x_W_A'), grads)
         returned = grads if t == 0 else {}                       # the last backward of this forward's passes
@@ -489,11 +483,11 @@ class _StreamedPass(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
     @staticmethod
-    def _backward_chunk(ps, s, e, g_1, grads, dpred, first_pass):
-        """The gradients of the inputs s:e, added into grads (and dpred; first_pass: the input's gradient rows are
-        written, not added to). A function of its own so that the chunk's intermediates are freed before the next
-        chunk's are made; the chunk's own tensors are updated in place, and the gradients dy of the products y = x W^T
-        are written straight into the blocks of one [..., c, K] tensor dY for the GEMMs dx += dY W and dW = dY^T x."""
+    def _backward_chunk(ps, s, e, g_1, grads, dpred):
+        """The gradients of the inputs s:e, added into grads (and dpred). A function of its own so that the chunk's
+        intermediates are freed before the next chunk's are made; the chunk's own tensors are updated in place, and the
+        gradients dy of the products y = x W^T are written straight into the blocks of one [..., c, K] tensor dY for
+        the GEMMs dx += dY W and dW = dY^T x."""
         x, scale, p, t, n_out, per_input = ps.x, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
         n = x.shape[-2]
         names, sizes, W = ps.products                                             # names[0] == 'G'
@@ -529,7 +523,7 @@ class _StreamedPass(torch.autograd.Function):
         # the products y = x W^T of the chunk's GEMM: dx += dy W, dW += dy^T x
         if first == 0:
             with ps.gemm_threads():
-                _add_product(grads['x'][..., s:e, :], dY, W, accumulate=not first_pass)   # [..., c, d] += dy W
+                _add_product(grads['x'][..., s:e, :], dY, W)                       # [..., c, d] += dy W
         if len(names) > 1:
             with ps.gemm_threads():
                 dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
