@@ -15,7 +15,8 @@ the input (unless frozen) and to every parameter are computed.
 Each measurement runs in a fresh process, so nothing held from an earlier measurement masks its memory:
   time    wall time of one forward+backward pass (the last of --passes in the process), median over --rounds
           processes; the rounds interleave the implementations. CPU time: the process's CPU time (all threads) of
-          the same pass. Load: the share of the machine's CPU time that other processes used during the timed pass
+          the same pass, and in brackets its system part (the kernel's: mostly page faults on fresh allocations).
+          Load: the share of the machine's CPU time that other processes used during the timed pass
           (from /proc/stat less this process's own CPU time), the largest over the rounds.
   memory  before each pass the gradients of the input and of every parameter are set to None, freed memory is
           returned to the system (malloc_trim) and the peak is reset, so the pass starts with only the module and
@@ -156,18 +157,19 @@ def worker(impl, config, args, dtype, out_path, source):
         with open('/proc/self/status') as f:
             return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) * 1024
 
-    times, cpu_times, loads = [], [], []
+    times, cpu_times, sys_times, loads = [], [], [], []
     result = {}
     try:
         for _ in range(args.passes if dtype == torch.float32 else 1):
             base = start_pass()
             machine = machine_cpu_seconds()
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start, cpu_start, sys_start = time.perf_counter(), time.process_time(), os.times().system
             x_out = forward(module, x, mask)                                           # [batch, n_out, d_out]
             (x_out * w).sum().backward()
             sync()
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
+            sys_times.append(os.times().system - sys_start)
             busy, total = (b - a for a, b in zip(machine, machine_cpu_seconds()))
             loads.append(max(0.0, busy - cpu_times[-1]) / max(total, 1e-9))         # the others' share
     except (RuntimeError, MemoryError) as error:
@@ -176,7 +178,7 @@ def worker(impl, config, args, dtype, out_path, source):
                            if "can't allocate memory" in message or isinstance(error, MemoryError)
                            else message.splitlines()[0][:200])
     peak = peak_since_start()
-    result.update(times=times, cpu_times=cpu_times, loads=loads, peak=peak - base,
+    result.update(times=times, cpu_times=cpu_times, sys_times=sys_times, loads=loads, peak=peak - base,
                   grads=param_grad_bytes + input_grad_bytes, param_grads=param_grad_bytes,
                   extra=peak - base - param_grad_bytes - input_grad_bytes)
     if 'error' not in result:
@@ -230,9 +232,9 @@ def measure(impl, config, args, dtype, tmp, source):
 
 def measure_rounds(impls, config, args, tmp, sources):
     """--rounds measurements of each implementation, interleaved (A B C A B C ...) so that a change in
-    the machine's load affects all alike. -> {impl: {'times', 'cpu_times': of the timed pass of each round,
+    the machine's load affects all alike. -> {impl: {'times', 'cpu_times', 'sys_times': of the timed pass of each round,
     'peak', 'extra': the largest, 'grads', 'param_grads', 'tensors': of the first round, 'load': the largest}}"""
-    results = {impl: {'times': [], 'cpu_times': [], 'extra': 0, 'peak': 0, 'load': 0.0} for impl in impls}
+    results = {impl: {'times': [], 'cpu_times': [], 'sys_times': [], 'extra': 0, 'peak': 0, 'load': 0.0} for impl in impls}
     for _ in range(args.rounds):
         for impl in impls:
             r = results[impl]
@@ -245,6 +247,7 @@ def measure_rounds(impls, config, args, tmp, sources):
                 continue
             r['times'].append(m['times'][-1])
             r['cpu_times'].append(m['cpu_times'][-1])
+            r['sys_times'].append(m['sys_times'][-1])
             r['extra'], r['peak'] = max(r['extra'], m['extra']), max(r['peak'], m['peak'])
             r['grads'], r['param_grads'] = m['grads'], m['param_grads']
             r['load'] = max(r['load'], m['loads'][-1])
@@ -317,7 +320,7 @@ def main():
     with_before = 'before' in args.only
     print(f"| configuration | implementation | time (s, median of {args.rounds}) | time / straightforward's | "
           + ("time / before | " if with_before else '') +
-          "CPU time (s) | peak above module+input (MiB) | gradients returned (MiB: parameters + input) | "
+          "CPU time (s: all (system)) | peak above module+input (MiB) | gradients returned (MiB: parameters + input) | "
           "beyond gradients (MiB) | beyond / straightforward's | max rel diff float32 | max rel diff float64 | "
           "others' CPU share |")
     print("|---" * (12 + with_before) + "|")
@@ -359,10 +362,10 @@ def main():
                         diff64 = max_rel_diff(f64[impl]['tensors'], f64['straightforward']['tensors'])
                     elif batch * n > args.float64_max_rows:
                         diff64 = 'not run'
-                cpu = statistics.median(r['cpu_times'])
+                cpu, system = statistics.median(r['cpu_times']), statistics.median(r['sys_times'])
                 grads = f"{mib(r['grads'])} ({mib(r['param_grads'])} + {mib(r['grads'] - r['param_grads'])})"
                 print(f"| {label} | {impl} | {seconds:.2f} | {speed} | " + (f"{vs_before} | " if with_before else '') +
-                      f"{cpu:.2f} | {mib(r['peak'])} | {grads} | {mib(r['extra'])} | {ratio} | {diff32} | {diff64} | "
+                      f"{cpu:.2f} ({system:.2f}) | {mib(r['peak'])} | {grads} | {mib(r['extra'])} | {ratio} | {diff32} | {diff64} | "
                       f"{r['load']:.0%} |", flush=True)
 
 
