@@ -232,9 +232,10 @@ def measure(impl, config, args, dtype, tmp, source):
 
 def measure_rounds(impls, config, args, tmp, sources):
     """--rounds measurements of each implementation, interleaved (A B C A B C ...) so that a change in
-    the machine's load affects all alike. -> {impl: {'times', 'cpu_times', 'sys_times': of the timed pass of each round,
-    'peak', 'extra': the largest, 'grads', 'param_grads', 'tensors': of the first round, 'load': the largest}}"""
-    results = {impl: {'times': [], 'cpu_times': [], 'sys_times': [], 'extra': 0, 'peak': 0, 'load': 0.0} for impl in impls}
+    the machine's load affects all alike. -> {impl: {'times', 'cpu_times', 'sys_times': of the timed pass of each
+    round, 'peak', 'extra': the largest, 'grads', 'param_grads', 'tensors': of the first round, 'load': the largest}}"""
+    results = {impl: {'times': [], 'cpu_times': [], 'sys_times': [], 'extra': 0, 'peak': 0, 'load': 0.0}
+               for impl in impls}
     for _ in range(args.rounds):
         for impl in impls:
             r = results[impl]
@@ -365,8 +366,8 @@ def main():
                 cpu, system = statistics.median(r['cpu_times']), statistics.median(r['sys_times'])
                 grads = f"{mib(r['grads'])} ({mib(r['param_grads'])} + {mib(r['grads'] - r['param_grads'])})"
                 print(f"| {label} | {impl} | {seconds:.2f} | {speed} | " + (f"{vs_before} | " if with_before else '') +
-                      f"{cpu:.2f} ({system:.2f}) | {mib(r['peak'])} | {grads} | {mib(r['extra'])} | {ratio} | {diff32} | {diff64} | "
-                      f"{r['load']:.0%} |", flush=True)
+                      f"{cpu:.2f} ({system:.2f}) | {mib(r['peak'])} | {grads} | {mib(r['extra'])} | {ratio} | {diff32} | "
+                      f"{diff64} | {r['load']:.0%} |", flush=True)
 
 
 if __name__ == '__main__':
