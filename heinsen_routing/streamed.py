@@ -30,13 +30,17 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
     # shared by the passes of this forward: x . W_A (the same at every iteration, so computed once) and, in backward,
     # the gradient buffers
     shared = {'x_W_A': _x_W_A(x_inp, m.W_A, m.n_inp > 0, mask if masks_inputs else None)}
+    # n_inp = -1: the first pass keeps one of its beta blocks for the later passes and the backwards (_Pass.kept)
+    kept_beta = None
+    if m.n_inp < 0 and (m.n_iters > 1 or torch.is_grad_enabled()):
+        kept_beta = x_inp.new_empty(*x_inp.shape[:-1], m.n_out, dtype=m.W_A.dtype)   # [..., n, n_out]
     chunk_elements = m.chunk_elements or chunk_elements_for(x_inp.device, m.W_A.dtype)
     for t in range(m.n_iters):
         if t > 0:
             pred = predict(x_out, m.W_G1, m.W_G2, m.B_G2)                               # [..., n_out, d_inp]
         cfg = (t, m.n_iters, m.n_out, m.n_inp > 0, chunk_elements, uniform_R, masks_inputs)
         phi_x, phi_1 = _StreamedPass.apply(cfg, mask, scale, last if t == m.n_iters - 1 else None, shared,
-                                           x_inp, pred, *params)
+                                           kept_beta, x_inp, pred, *params)
         x_out = x_out_from_sums(phi_x, phi_1, scale, m.W_F1, m.W_F2, m.B_F2)           # [..., n_out, d_out]
     if diagnostics:
         last['pred_x_inp'] = None if pred is None else pred.detach()
@@ -117,20 +121,21 @@ def _add_product(out, a, b):
 _STREAMED_PARAMS = ('W_A', 'B_A', 'beta_use', 'beta_use_bias', 'beta_ign', 'beta_ign_bias', 'W_S', 'B_S')
 
 
-def _x_products(p, per_input, pred=None, G=None, uniform_R=False):
+def _x_products(p, per_input, pred=None, G=None, uniform_R=False, skip=()):
     """The [k, d_inp] blocks W that multiply every input, y = x W^T, stacked for one GEMM per chunk:
     G (backward: dphi = x G^T + g_1), pred (t > 0: L = x pred^T) and, when the parameters are shared
     by all inputs (n_inp = -1), the beta layers' weights (beta = x W^T + bias). (x . W_A is computed once per
     forward, _x_W_A.)
     With uniform_R (t = 0 and R = 1/n_out wherever f_a > 0) phi = f_a (beta_use R - beta_ign (1 - R))
     needs only beta_0 = (beta_use - (n_out - 1) beta_ign) / n_out, one block instead of two.
+    skip: names of blocks to leave out (those a pass reads from _Pass.kept instead of computing them).
     -> (names, sizes, W [..., K, d_inp]); x_c @ W^T split by sizes gives the products by name."""
     blocks = {'G': G, 'pred': pred}
     if not per_input and uniform_R:
         blocks.update(beta_0=_beta_0(p['beta_use'], p['beta_ign']))
     elif not per_input:
         blocks.update(beta_use=p['beta_use'], beta_ign=p['beta_ign'])
-    blocks = {name: w for name, w in blocks.items() if w is not None}
+    blocks = {name: w for name, w in blocks.items() if w is not None and name not in skip}
     if not blocks:
         return [], [], None
     batch = torch.broadcast_shapes(*(w.shape[:-2] for w in blocks.values()))
@@ -175,8 +180,14 @@ class _Pass(NamedTuple):
     """What every chunk of one pass reads: the input x [..., n, d_inp], the mask (None or bool broadcastable to
     [..., n, n_out]) and whether it masks some input for every output, the scale n^(-1/2) (float or [..., 1, 1]),
     the parameters p (by _STREAMED_PARAMS name), the iteration t, n_out, whether the parameters are per input
-    (n_inp > 0), the pass's GEMM blocks (_x_products), x . W_A [..., n] (_x_W_A) and the intra-op threads its matrix
-    products use."""
+    (n_inp > 0), the pass's blocks (_x_products: `products`, all of them, whose gradients backward computes, and
+    `gemm`, those the chunk's GEMM computes), the kept beta block, x . W_A [..., n] (_x_W_A) and the intra-op threads
+    its matrix products use.
+    kept (n_inp = -1): [..., n, n_out] rows of one beta block (with its bias) that the first pass's forward writes
+    and every later pass, and every backward, reads instead of computing it: kept_name 'beta_0' when the first
+    iteration's R is uniform (its only block; the later iterations recover beta_ign = (beta_use - n_out beta_0) /
+    (n_out - 1), well conditioned since |beta_0| is of the order of |beta_ign|), else 'beta_ign'. Each pass but
+    the first forward computes one [n_out, d_inp] block fewer, for one [..., n, n_out] tensor of memory."""
     x: torch.Tensor
     mask: Optional[torch.Tensor]
     masks_inputs: bool
@@ -186,6 +197,9 @@ class _Pass(NamedTuple):
     n_out: int
     per_input: bool
     products: tuple
+    gemm: tuple
+    kept: Optional[torch.Tensor]
+    kept_name: Optional[str]
     x_W_A: Optional[torch.Tensor] = None
     threads: int = 1
 
@@ -201,6 +215,19 @@ class _Pass(NamedTuple):
 
     def gemm_threads(self):
         return _cpu_threads(self.x.device, self.threads)
+
+
+def _make_pass(cfg, x, mask, scale, p, pred, x_W_A, kept, G=None):
+    """The _Pass of iteration cfg[0] for its forward (G None) or its backward (G: the gradient of phi_x). Only the
+    first iteration's forward computes (and writes) the kept block; the other passes leave it out of their GEMM."""
+    t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs = cfg
+    products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
+    writes_kept = t == 0 and G is None
+    gemm = products if kept is None or writes_kept else \
+        _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0, skip=('beta_0', 'beta_ign'))
+    kept_name = None if kept is None else 'beta_0' if uniform_R else 'beta_ign'
+    return _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, gemm, kept, kept_name, x_W_A,
+                 torch.get_num_threads())
 
 
 def machine_cpu_seconds():
@@ -275,7 +302,7 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
     x_c, mask_c = x[..., s:e, :], _rows(mask, s, e, n)                          # [..., c, d]
     if ps.masks_inputs:
         x_c = without_masked_inputs(x_c, mask_c)
-    names, sizes, W = ps.products
+    names, sizes, W = ps.gemm
     # [..., c, k] blocks, in the parameters' precision under autocast (the steps below update them in place)
     if W is None:
         Y = {}
@@ -288,15 +315,20 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
     a, f_a = activations(ps.x_W_A[..., s:e], scale, p['B_A'][s:e] if per_input else p['B_A'], None)  # [..., c], [.., c, 1]
     # 1. beta_use, beta_ign: rows of the parameters, or compute_beta_*(x) (or only beta_0, see _x_products); kept
     # as beta_sum = beta_use + beta_ign and beta_ign. The GEMM's blocks are this chunk's own, so they are updated in
-    # place (the biases added, beta_use's block turned into beta_sum)
+    # place (the biases added, beta_use's block turned into beta_sum); the kept block's rows (ps.kept) are read only
     beta_sum = beta_ign = beta_0 = None
+    kept = None if ps.kept is None else ps.kept[..., s:e, :]                     # [..., c, n_out]
     if per_input:
         beta_sum, beta_ign = p['beta_use'][s:e] + p['beta_ign'][s:e], p['beta_ign'][s:e]   # [c, n_out]
-    elif 'beta_0' in Y:
-        beta_0 = Y['beta_0'].add_(_beta_0(p['beta_use_bias'], p['beta_ign_bias']))  # [..., c, n_out]
+    elif 'beta_0' in ps.products[0]:
+        beta_0 = _beta_rows(Y, 'beta_0', _beta_0(p['beta_use_bias'], p['beta_ign_bias']), kept)  # [..., c, n_out]
     else:
-        beta_ign = Y['beta_ign'].add_(p['beta_ign_bias'])                         # [..., c, n_out]
-        beta_sum = Y['beta_use'].add_(p['beta_use_bias']).add_(beta_ign)
+        beta_use = Y['beta_use'].add_(p['beta_use_bias'])                         # [..., c, n_out]
+        if ps.kept_name == 'beta_0':                     # t > 0: beta_0 = (beta_use - (n_out - 1) beta_ign) / n_out
+            beta_ign = torch.sub(beta_use, kept, alpha=n_out).div_(n_out - 1)
+        else:
+            beta_ign = _beta_rows(Y, 'beta_ign', p['beta_ign_bias'], kept)
+        beta_sum = beta_use.add_(beta_ign)
     # E-step: R = 1/n_out (t = 0), or R = softmax_j(S), S = logsigma(L W_S + B_S), L = x pred^T
     L = S = None
     if t == 0:
@@ -307,9 +339,12 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
         R = _softmax_over_kept(S, keep, ps.masks_inputs)
     # D-step and credit: D_use = f_a R, D_ign = f_a - D_use, phi = f_a q with q = beta_use R - beta_ign (1 - R)
     # (= beta_0 when R = 1/n_out, t = 0), 0 for masked pairs; q is what the backward's d f_a needs
-    q = beta_0 if beta_0 is not None else credit_per_activation(R, beta_sum, beta_ign)   # [..., c, n_out]
-    if keep is not None:
-        q.mul_(keep)
+    if beta_0 is not None:
+        q = beta_0 if keep is None else beta_0 * keep                            # [..., c, n_out]
+    else:
+        q = credit_per_activation(R, beta_sum, beta_ign)                          # [..., c, n_out]
+        if keep is not None:
+            q.mul_(keep)
     phi = torch.mul(f_a, q, out=phi_out) if with_phi else None                    # [..., c, n_out]
     D_use = D_ign = None
     if diagnostics:
@@ -317,6 +352,17 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
         D_ign = (f_a if keep is None else f_a * keep) - D_use
     return dict(x=x_c, keep=keep, Y=Y, a=a, f_a=f_a, beta_sum=beta_sum, beta_ign=beta_ign,
                 beta_0=beta_0, L=L, S=S, R=R, q=q, D_use=D_use, D_ign=D_ign, phi=phi)
+
+
+def _beta_rows(Y, name, bias, kept):
+    """A chunk's rows of the beta block `name` with its bias: from the chunk's GEMM (Y), then also written into the
+    kept rows when there are any (the first iteration's forward), or else read from the kept rows."""
+    if name not in Y:
+        return kept
+    rows = Y[name].add_(bias)
+    if kept is not None:
+        kept.copy_(rows)
+    return rows
 
 
 def _softmax_over_kept(S, keep, rows_all_masked):
@@ -401,20 +447,19 @@ class _StreamedPass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cfg, mask, scale, diagnostics, shared, x, pred, *params):
+    def forward(ctx, cfg, mask, scale, diagnostics, shared, kept, x, pred, *params):
         # cfg: (t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs); mask: None or bool broadcastable to
         # [..., n, n_out]; scale: n^(-1/2), float or [..., 1, 1]; diagnostics: None or a dict to fill
         # with this pass's intermediates; shared: a dict shared by the passes of one forward (holds the
-        # gradient buffers of the input and parameters in backward); x [..., n, d_inp]; pred [..., n_out, d_inp] or None
+        # gradient buffers of the input and parameters in backward); kept: None or the [..., n, n_out] rows of the
+        # kept beta block (_Pass), written by the first pass; x [..., n, d_inp]; pred [..., n_out, d_inp] or None
         # (t = 0); params: _STREAMED_PARAMS
         p = dict(zip(_STREAMED_PARAMS, params))
         t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs = cfg
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
-        products = _x_products(p, per_input, pred=pred, uniform_R=uniform_R and t == 0)
         phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
         phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
-        ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, shared['x_W_A'],
-                   torch.get_num_threads())
+        ps = _make_pass(cfg, x, mask, scale, p, pred, shared['x_W_A'], kept)
         with ps.elementwise_threads():
             parts = [_StreamedPass._forward_chunk(ps, s, e, phi_x, phi_1, diagnostics is not None)
                      for s, e in _chunks(n, batch.numel(), d + n_out, chunk_elements)]
@@ -424,7 +469,7 @@ class _StreamedPass(torch.autograd.Function):
                 diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
         ctx.cfg, ctx.shared = cfg, shared
         ctx.scale = None if torch.is_tensor(scale) else scale
-        ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, *params)
+        ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, kept, *params)
         device_type = x.device.type
         autocast = autocast_enabled(device_type)
         ctx.autocast = (device_type, autocast, torch.get_autocast_dtype(device_type) if autocast else None)
@@ -443,7 +488,7 @@ class _StreamedPass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G, g_1):
         double_backward = torch.is_grad_enabled()                # create_graph=True
-        x, mask, scale, pred, *params = ctx.saved_tensors
+        x, mask, scale, pred, kept, *params = ctx.saved_tensors
         scale = ctx.scale if scale is None else scale
         p = dict(zip(_STREAMED_PARAMS, params))
         t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs = ctx.cfg
@@ -454,7 +499,7 @@ class _StreamedPass(torch.autograd.Function):
         # them, so autograd never holds a second [n_inp, *] or input-sized gradient to sum.
         # d(x . W_A) of every pass is summed into one [..., n] buffer and multiplied into the gradients of x and W_A
         # once, by the last backward (_add_W_A_grads).
-        needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[5:]))
+        needed = dict(zip(('x', 'pred', *_STREAMED_PARAMS), ctx.needs_input_grad[6:]))
         if t == n_iters - 1:
             ctx.shared['grads'] = {k: torch.zeros_like(v) for k, v in (('x', x), *p.items())
                                    if needed[k] and _used(k, n_iters)}
@@ -464,9 +509,7 @@ class _StreamedPass(torch.autograd.Function):
         dpred = None if pred is None else torch.zeros_like(pred)
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.no_grad(), (torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()):
-            products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
-            ps = _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, ctx.shared['x_W_A'],
-                       torch.get_num_threads())
+            ps = _make_pass(ctx.cfg, x, mask, scale, p, pred, ctx.shared['x_W_A'], kept, G=G)
             chunks = _chunks(n, batch.numel(), d + n_out, chunk_elements)
             with ps.elementwise_threads():
                 for s, e in chunks:
@@ -480,7 +523,7 @@ class _StreamedPass(torch.autograd.Function):
         if double_backward:
             anchor = next(v for v in (x, pred, *p.values()) if v is not None and v.requires_grad)
             grads = _NoDoubleBackward.apply(anchor, *grads)
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
     @staticmethod
     def _backward_chunk(ps, s, e, g_1, grads, dpred):
