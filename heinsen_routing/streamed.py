@@ -1,7 +1,8 @@
 """
 The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same equations as the readable forward
 (routing.py, with the functions of steps.py), computed over chunks of inputs so that no [..., n, *] intermediate
-(the votes V, the logits, R, D, phi) lives longer than one chunk, in forward or backward. One entry point,
+(the votes V, the logits, R, D, phi) lives longer than one chunk, in forward or backward, but one beta block with a
+variable length (n_inp = -1), which the first pass keeps for the others (_Pass.kept). One entry point,
 `streamed_routing`; one autograd function per routing iteration, `_StreamedPass`, whose backward is derived by
 hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
 """
@@ -52,17 +53,16 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 # per input over the whole batch. chunk_elements=None (the default) picks it per device from a memory budget for
 # one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
 # temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
-#   CPU   CPU_CHUNK_BYTES (32 MiB: 2^23 float32 elements). Every operator on a chunk is a parallel region whose
-#         threads must all be scheduled, so the time per pass grows with the number of chunks, most of all on cores
-#         shared with other processes; each chunk's intermediates are freed before the next chunk's are made, so
-#         this size keeps the memory beyond the gradients under 0.1x the straightforward implementation's at
-#         100,000 x 1024 inputs with a variable length and under 0.3x with a fixed one (benchmarks/routing.md);
+#   CPU   CPU_CHUNK_BYTES (16 MiB: 2^22 float32 elements). Each chunk's intermediates are freed before the next
+#         chunk's are made, so this size keeps the memory beyond the gradients under 0.1x the straightforward
+#         implementation's at 100,000 x 1024 inputs with a variable length, the kept beta block (_Pass) included,
+#         and under 0.3x with a fixed one; 2^21 to 2^23 elements took the same time within the noise on a 2-core
+#         CPU (benchmarks/routing.md);
 #   CUDA  CUDA_FREE_FRACTION of the memory free on the device: the whole sequence in one chunk when it fits, so
 #         that a pass is a few large kernels instead of hundreds of small launches.
-CPU_CHUNK_BYTES = 32 << 20
+CPU_CHUNK_BYTES = 16 << 20
 CUDA_FREE_FRACTION = 0.25
 WORKING_SET_FACTOR = 4
-CHUNK_ELEMENTS = CPU_CHUNK_BYTES // 4            # the CPU default in float32 (2^23)
 
 
 def chunk_elements_for(device, dtype, free_bytes=None):
@@ -418,7 +418,8 @@ class _StreamedPass(torch.autograd.Function):
 
     The small steps between passes (x_out from the sums, the next pred from x_out: [..., n_out, *]
     tensors) run on plain autograd outside, so autograd keeps their activations and backward never
-    recomputes them. Saved for backward: x, the mask, pred and the parameters. Backward gets
+    recomputes them. Saved for backward: x, the mask, pred, the kept beta block (n_inp = -1: _Pass) and the
+    parameters. Backward gets
     (G, g_1) = the gradient of (phi_x, phi_1) and makes one pass over chunks that recomputes the
     chunk and writes, in place into one buffer per input or parameter, the gradients (the buffers are
     shared by the passes of one forward, `shared`: autograd runs their backwards from the last
