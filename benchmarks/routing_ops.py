@@ -11,7 +11,7 @@ data, no memory), so the sizes whose straightforward step would need tens of GB 
 
 Chunk policies (EfficientVectorRouting(chunk_elements=...)):
     before        2^21 elements a chunk: before the chunk size per device, the only chunk size on every device
-    cpu default   streamed.chunk_elements_for('cpu') (2^22 elements)
+    cpu default   streamed.chunk_elements_for('cpu') (3 x 2^21 elements)
     gpu 24 GB     streamed.chunk_elements_for('cuda') with 20 GiB free (a 24 GB GPU running the frozen backbone)
 The backbone's operators are the same for all and are not counted; neither is the optimizer step. Padding masks are
 left out (on the meta device the streamed kernel cannot inspect a mask's values; a mask adds a few element-wise

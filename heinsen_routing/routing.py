@@ -103,7 +103,7 @@ class EfficientVectorRouting(nn.Module):
         chunk_elements: with memory_efficient, the inputs in a chunk are as many as make about this
             many elements of [d_inp + n_out] per input over the batch: smaller saves memory, larger saves
             per-chunk overhead. None (default) picks it per device from a memory budget
-            (streamed.chunk_elements_for): on a CPU 2^22 in float32 (16 MiB),
+            (streamed.chunk_elements_for): on a CPU 3 x 2^21 in float32 (24 MiB),
             on a GPU the whole sequence in one chunk when its working set fits a quarter of the free memory.
 
     Forward:

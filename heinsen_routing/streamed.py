@@ -53,14 +53,15 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 # per input over the whole batch. chunk_elements=None (the default) picks it per device from a memory budget for
 # one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
 # temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
-#   CPU   CPU_CHUNK_BYTES (16 MiB: 2^22 float32 elements). Each chunk's intermediates are freed before the next
-#         chunk's are made, so this size keeps the memory beyond the gradients under 0.1x the straightforward
-#         implementation's at 100,000 x 1024 inputs with a variable length, the kept beta block (_Pass) included,
-#         and under 0.3x with a fixed one; 2^21 to 2^23 elements took the same time within the noise on a 2-core
-#         CPU (benchmarks/routing.md);
+#   CPU   CPU_CHUNK_BYTES (24 MiB: 3 x 2^21 float32 elements). Every operator on a chunk is a parallel region
+#         whose threads must all be scheduled, so on cores shared with other processes the time per pass grows with
+#         the number of chunks (2^22 elements took about 1.2x the time of 3 x 2^21 there); each chunk's
+#         intermediates are freed before the next chunk's are made, so this size keeps the memory beyond the
+#         gradients under 0.1x the straightforward implementation's at 100,000 x 1024 inputs with a variable
+#         length, the kept beta block (_Pass) included, and under 0.3x with a fixed one (benchmarks/routing.md);
 #   CUDA  CUDA_FREE_FRACTION of the memory free on the device: the whole sequence in one chunk when it fits, so
 #         that a pass is a few large kernels instead of hundreds of small launches.
-CPU_CHUNK_BYTES = 16 << 20
+CPU_CHUNK_BYTES = 24 << 20
 CUDA_FREE_FRACTION = 0.25
 WORKING_SET_FACTOR = 4
 
@@ -558,7 +559,7 @@ class _StreamedPass(torch.autograd.Function):
             # E-step: R = softmax_j(S), S = logsigma(Z), Z = L W_S + B_S, L = x pred^T
             dR = f_a_dphi * c['beta_sum']                                          # [..., c, n_out]
             dS = dR.sub_(torch.linalg.vecdot(dR, R)[..., None]).mul_(R)
-            dZ = dS.mul_(torch.expm1(c['S']).neg_())                              # sigma(-Z) = 1 - exp(S)
+            dZ = dS.mul_(c['S'].expm1_().neg_())                                  # sigma(-Z) = 1 - exp(S)
             if 'W_S' in grads:
                 _add_grad(grads['W_S'], dZ * c['L'], p['W_S'], s, e, n)
             if 'B_S' in grads:

@@ -285,19 +285,19 @@ def test_single_iteration_leaves_the_unused_e_step_parameters_without_gradient()
 # -------------------------------------------------------------------------------------------------
 
 def test_chunk_policy_per_device():
-    """chunk_elements=None: a 16 MiB chunk on a CPU (2^22 float32, 2^21 float64 elements); on a GPU a
+    """chunk_elements=None: a 24 MiB chunk on a CPU (3 x 2^21 float32, 3 x 2^20 float64 elements); on a GPU a
     quarter of the free memory for a working set of about 4x chunk_elements, so the paper's largest head input
     (BEiT-large: 197 positions x 25 depths of 1024 at batch 50, routed to 64) is one chunk on a 24 GB GPU, and never
     less than the CPU's chunk when memory is short."""
     from heinsen_routing.streamed import _chunks, chunk_elements_for
-    assert chunk_elements_for('cpu', torch.float32) == 2 ** 22
-    assert chunk_elements_for('cpu', torch.float64) == 2 ** 21
-    assert chunk_elements_for('meta', torch.float32) == 2 ** 22
+    assert chunk_elements_for('cpu', torch.float32) == 3 * 2 ** 21
+    assert chunk_elements_for('cpu', torch.float64) == 3 * 2 ** 20
+    assert chunk_elements_for('meta', torch.float32) == 3 * 2 ** 21
     n, batch, row = 197 * 25, 50, 1024 + 64
-    assert len(_chunks(n, batch, row, chunk_elements_for('cpu', torch.float32))) == 64     # 77 inputs a chunk
+    assert len(_chunks(n, batch, row, chunk_elements_for('cpu', torch.float32))) == 43     # 115 inputs a chunk
     on_gpu = chunk_elements_for('cuda', torch.float32, free_bytes=20 * 2 ** 30)
     assert on_gpu == 20 * 2 ** 30 // 4 // 4 // 4 and len(_chunks(n, batch, row, on_gpu)) == 1
-    assert chunk_elements_for('cuda', torch.float16, free_bytes=2 ** 20) == 2 ** 24 // 2
+    assert chunk_elements_for('cuda', torch.float16, free_bytes=2 ** 20) == 3 * 2 ** 23 // 2
 
 
 def test_chunk_elements_none_picks_the_device_default(monkeypatch):
@@ -310,7 +310,7 @@ def test_chunk_elements_none_picks_the_device_default(monkeypatch):
     routing = EfficientVectorRouting(-1, 4, 16, 8, n_iters=2).to('meta')
     assert routing.chunk_elements is None
     routing(torch.empty(3, 1000, 16, device='meta', requires_grad=True)).sum().backward()
-    assert seen == [2 ** 22] * 4                                         # two passes forward, two backward
+    assert seen == [3 * 2 ** 21] * 4                                         # two passes forward, two backward
     seen.clear()
     routing.chunk_elements = 5000
     routing(torch.empty(3, 1000, 16, device='meta')).sum()
