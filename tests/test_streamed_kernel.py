@@ -151,7 +151,7 @@ def test_streamed_and_materialised_under_autocast_agree_with_float32(dtype, rtol
         return y, torch.autograd.grad((y * w).sum(), [x, *module.parameters()])
 
     y_ref, g_ref = run()
-    scales = [g.abs().max() for g in g_ref]
+    scales = [None] * len(g_ref)                             # assert_close_rel's default: the tensor's max|g|
     if n_inp < 0:
         module.return_dict = True
         out = module(x, mask=mask)
@@ -165,7 +165,7 @@ def test_streamed_and_materialised_under_autocast_agree_with_float32(dtype, rtol
         assert (y - y_ref).abs().max() < 0.1
         for g, g32, scale in zip(grads, g_ref, scales):
             assert g.dtype == g32.dtype and torch.isfinite(g).all()
-            assert (g - g32).abs().max() <= rtol * scale
+            assert_close_rel(g, g32, rtol=rtol, scale=scale)
 
 
 def test_streamed_return_dict_equals_materialised_across_chunks():

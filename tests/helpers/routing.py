@@ -17,9 +17,9 @@ def grads_of(y, tensors):
     return torch.autograd.grad(y.square().sum(), tensors, allow_unused=True)
 
 
-def assert_close_rel(a, b, rtol=1e-5):
-    """|a - b| <= rtol * max|b| (relative to the tensor's scale)."""
-    scale = b.abs().max().clamp(min=1e-30)
+def assert_close_rel(a, b, rtol=1e-5, scale=None):
+    """|a - b| <= rtol * scale, the scale by default max|b| (the tensor's)."""
+    scale = b.abs().max().clamp(min=1e-30) if scale is None else scale
     assert (a - b).abs().max() <= rtol * scale, f"max abs diff {(a - b).abs().max():.3g} vs scale {scale:.3g}"
 
 
