@@ -24,7 +24,8 @@ def assert_close_rel(a, b, rtol=1e-5, scale=None):
 
 
 def chunk_elements_for(rows, batch_numel, d_inp, n_out):
-    """EfficientVectorRouting(chunk_elements=...) that makes chunks of `rows` inputs."""
+    """EfficientVectorRouting(chunk_elements=...) that makes chunks of `rows` inputs of the whole batch (or, when one
+    batch element alone fills such a chunk, of rows * batch_numel inputs of each element: streamed._batch_items)."""
     return rows * batch_numel * (d_inp + n_out)
 
 
@@ -41,7 +42,8 @@ def definable_routing(n_out, d_inp, d_out):
 
 
 class ShapedTensors:
-    """A TorchDispatchMode recording the out-of-place ops that make a tensor of one of the given shapes."""
+    """A TorchDispatchMode recording the out-of-place ops that make a tensor of one of the given shapes (view ops,
+    such as one batch element's rows or the detach that stores .grad, allocate nothing and are not recorded)."""
 
     def __new__(cls, shapes):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,7 +51,8 @@ class ShapedTensors:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                if not func._schema.name.endswith('_') and torch.is_tensor(out) and tuple(out.shape) in shapes:
+                if (not func._schema.name.endswith('_') and not func.is_view and torch.is_tensor(out)
+                        and tuple(out.shape) in shapes):
                     self.created.append((tuple(out.shape), str(func)))
                 return out
 
