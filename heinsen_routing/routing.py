@@ -101,10 +101,11 @@ class EfficientVectorRouting(nn.Module):
             False materialises V and uses plain autograd; both agree.
         return_dict: return a dict of the intermediates instead of x_out.
         chunk_elements: with memory_efficient, the inputs in a chunk are as many as make about this
-            many elements of [d_inp + n_out] per input over the batch: smaller saves memory, larger saves
-            per-chunk overhead. None (default) picks it per device from a memory budget
-            (streamed.chunk_elements_for): on a CPU 3 x 2^21 in float32 (24 MiB),
-            on a GPU the whole sequence in one chunk when its working set fits a quarter of the free memory.
+            many elements of [d_inp + n_out] per input over the batch (over each batch element on its own when
+            one element alone fills a chunk): smaller saves memory, larger saves per-chunk overhead. None (default)
+            picks it per device from a memory budget (streamed.chunk_elements_for): on a CPU 3 x 2^21 in float32
+            (24 MiB), on a GPU the whole sequence in one chunk when its working set fits a quarter of the free
+            memory.
 
     Forward:
         x_inp [..., n, d_inp], mask (optional) bool broadcastable to [..., n, n_out]

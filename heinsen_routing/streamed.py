@@ -51,7 +51,8 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 
 
 # The chunk size: EfficientVectorRouting(chunk_elements=...) counts a chunk's inputs as elements of [d_inp + n_out]
-# per input over the whole batch. chunk_elements=None (the default) picks it per device from a memory budget for
+# per input over the whole batch (or over one batch element, when each alone fills a chunk: _batch_items).
+# chunk_elements=None (the default) picks it per device from a memory budget for
 # one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
 # temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
 #   CPU   CPU_CHUNK_BYTES (24 MiB: 3 x 2^21 float32 elements). Every operator on a chunk is a parallel region
@@ -90,9 +91,9 @@ def _chunks(n, batch_numel, row_width, chunk_elements):
 def _batch_items(batch, n, row_width, chunk_elements):
     """The indices of the leading dims `batch` whose inputs a pass streams one after the other: [()], the whole
     batch in every chunk, unless each batch element alone fills at least a chunk; then every element on its own,
-    in chunks of its rows (on a CPU, products of [rows, d_inp] by [d_inp, k] instead of a batch of matrices a
-    batch's times shorter, each a parallel region of its own: 1.4x the time per input on shared cores, in
-    benchmarks/routing.md's 8 x 10,000 inputs)."""
+    in chunks of its rows: on a CPU, products of [rows, d_inp] by [d_inp, k] instead of a batch of matrices as many
+    times shorter, each product a parallel region of its own (8 x 10,000 inputs on shared cores: 0.8x the time of
+    whole-batch chunks, benchmarks/routing.md)."""
     if batch.numel() <= 1 or n * row_width < chunk_elements:
         return [()]
     return list(itertools.product(*map(range, batch)))
@@ -239,10 +240,13 @@ class _Pass(NamedTuple):
         return _cpu_threads(self.x.device, self.threads)
 
 
-def _make_pass(cfg, x, mask, scale, p, pred, x_W_A, kept, G=None):
-    """The _Pass of iteration cfg[0] for its forward (G None) or its backward (G: the gradient of phi_x). Only the
-    first iteration's forward computes (and writes) the kept block; the other passes leave it out of their GEMM."""
+def _make_pass(cfg, x, mask, scale, p, pred, x_W_A, kept, G=None, index=()):
+    """The _Pass of iteration cfg[0] for its forward (G None) or its backward (G: the gradient of phi_x), over the
+    batch element `index` (_batch_items; () for the whole batch). Only the first iteration's forward computes (and
+    writes) the kept block; the other passes leave it out of their GEMM."""
     t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs = cfg
+    x, mask, scale, pred, kept, G = (_item(v, index) for v in (x, mask, scale, pred, kept, G))
+    x_W_A = _item(x_W_A, index, 1)
     products = _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0)
     writes_kept = t == 0 and G is None
     gemm = products if kept is None or writes_kept else \
@@ -484,8 +488,7 @@ class _StreamedPass(torch.autograd.Function):
         phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
         parts = []
         for i in _batch_items(batch, n, d + n_out, chunk_elements) if diagnostics is None else [()]:
-            ps = _make_pass(cfg, _item(x, i), _item(mask, i), _item(scale, i), p, _item(pred, i),
-                            _item(shared['x_W_A'], i, 1), _item(kept, i))
+            ps = _make_pass(cfg, x, mask, scale, p, pred, shared['x_W_A'], kept, index=i)
             with ps.elementwise_threads():
                 parts += [_StreamedPass._forward_chunk(ps, s, e, _item(phi_x, i), _item(phi_1, i, 1),
                                                        diagnostics is not None)
@@ -537,8 +540,7 @@ class _StreamedPass(torch.autograd.Function):
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.no_grad(), (torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()):
             for i in _batch_items(batch, n, d + n_out, chunk_elements):
-                ps = _make_pass(ctx.cfg, _item(x, i), _item(mask, i), _item(scale, i), p, _item(pred, i),
-                                _item(ctx.shared['x_W_A'], i, 1), _item(kept, i), G=_item(G, i))
+                ps = _make_pass(ctx.cfg, x, mask, scale, p, pred, ctx.shared['x_W_A'], kept, G=G, index=i)
                 grads_i = {k: _item(v, i, 1 if k == 'x_W_A' else 2) if k in ('x', 'x_W_A') else v
                            for k, v in grads.items()}                   # the input's gradients at i, all of W's
                 chunks = _chunks(n, ps.x.shape[:-2].numel(), d + n_out, chunk_elements)
