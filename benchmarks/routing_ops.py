@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
-from heinsen_routing.streamed import _chunks, chunk_elements_for
+from heinsen_routing.streamed import _pass_chunks, chunk_elements_for
 
 SHAPES = {'BEiT-large (batch 50, 197 x 25 x 1024)': (50, 197, 25, 1024, 1000),
           'SST (batch 50, 64 x 25 x 1024)': (50, 64, 25, 1024, 5),
@@ -73,7 +73,8 @@ def main(argv=None):
         base = step_operators(shape, False, None)
         print(f"| {label} | straightforward (memory_efficient=False) | | | {base:,} | 1.00 |")
         for policy, chunk_elements in policies.items():
-            n_chunks = len(_chunks(n_pos * d_depth, batch, d_emb + 64, chunk_elements))
+            n_chunks = sum(len(chunks) for _, chunks in
+                           _pass_chunks(torch.Size([batch]), n_pos * d_depth, d_emb + 64, chunk_elements))
             ops = step_operators(shape, True, chunk_elements)
             print(f"| {label} | ours, {policy} | {chunk_elements:,} | {n_chunks} | {ops:,} | {ops / base:.2f} |",
                   flush=True)

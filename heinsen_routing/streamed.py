@@ -51,7 +51,7 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 
 
 # The chunk size: EfficientVectorRouting(chunk_elements=...) counts a chunk's inputs as elements of [d_inp + n_out]
-# per input over the whole batch (or over one batch element, when each alone fills a chunk: _batch_items).
+# per input over the whole batch (or over one batch element, when each alone fills a chunk: _pass_chunks).
 # chunk_elements=None (the default) picks it per device from a memory budget for
 # one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
 # temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
@@ -88,15 +88,17 @@ def _chunks(n, batch_numel, row_width, chunk_elements):
     return [(start, min(n, start + rows)) for start in range(0, n, rows)]
 
 
-def _batch_items(batch, n, row_width, chunk_elements):
-    """The indices of the leading dims `batch` whose inputs a pass streams one after the other: [()], the whole
-    batch in every chunk, unless each batch element alone fills at least a chunk; then every element on its own,
-    in chunks of its rows: on a CPU, products of [rows, d_inp] by [d_inp, k] instead of a batch of matrices as many
-    times shorter, each product a parallel region of its own (8 x 10,000 inputs on shared cores: 0.8x the time of
-    whole-batch chunks, benchmarks/routing.md)."""
-    if batch.numel() <= 1 or n * row_width < chunk_elements:
-        return [()]
-    return list(itertools.product(*map(range, batch)))
+def _pass_chunks(batch, n, row_width, chunk_elements, whole_batch=False):
+    """What a pass streams, in order: [(index, [(start, end), ...])], the chunks of inputs start:end of the batch
+    element at `index` of the leading dims `batch`. One entry, index (), the whole batch in every chunk, unless each
+    batch element alone fills at least a chunk (and not whole_batch); then every element on its own, in chunks of its
+    rows: on a CPU, products of [rows, d_inp] by [d_inp, k] instead of a batch of matrices as many times shorter,
+    each product a parallel region of its own (8 x 10,000 inputs on shared cores: 0.8x the time of whole-batch
+    chunks, benchmarks/routing.md)."""
+    if whole_batch or batch.numel() <= 1 or n * row_width < chunk_elements:
+        return [((), _chunks(n, batch.numel(), row_width, chunk_elements))]
+    chunks = _chunks(n, 1, row_width, chunk_elements)
+    return [(index, chunks) for index in itertools.product(*map(range, batch))]
 
 
 def _item(t, index, trailing=2):
@@ -242,7 +244,7 @@ class _Pass(NamedTuple):
 
 def _make_pass(cfg, x, mask, scale, p, pred, x_W_A, kept, G=None, index=()):
     """The _Pass of iteration cfg[0] for its forward (G None) or its backward (G: the gradient of phi_x), over the
-    batch element `index` (_batch_items; () for the whole batch). Only the first iteration's forward computes (and
+    batch element `index` (_pass_chunks; () for the whole batch). Only the first iteration's forward computes (and
     writes) the kept block; the other passes leave it out of their GEMM."""
     t, n_iters, n_out, per_input, chunk_elements, uniform_R, masks_inputs = cfg
     x, mask, scale, pred, kept, G = (_item(v, index) for v in (x, mask, scale, pred, kept, G))
@@ -487,12 +489,11 @@ class _StreamedPass(torch.autograd.Function):
         phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
         phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
         parts = []
-        for i in _batch_items(batch, n, d + n_out, chunk_elements) if diagnostics is None else [()]:
+        for i, chunks in _pass_chunks(batch, n, d + n_out, chunk_elements, whole_batch=diagnostics is not None):
             ps = _make_pass(cfg, x, mask, scale, p, pred, shared['x_W_A'], kept, index=i)
             with ps.elementwise_threads():
                 parts += [_StreamedPass._forward_chunk(ps, s, e, _item(phi_x, i), _item(phi_1, i, 1),
-                                                       diagnostics is not None)
-                          for s, e in _chunks(n, ps.x.shape[:-2].numel(), d + n_out, chunk_elements)]
+                                                       diagnostics is not None) for s, e in chunks]
         if diagnostics is not None:
             for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
                 dim = -1 if k == 'a_inp' else -2
@@ -539,11 +540,10 @@ class _StreamedPass(torch.autograd.Function):
         dpred = None if pred is None else torch.zeros_like(pred)
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.no_grad(), (torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()):
-            for i in _batch_items(batch, n, d + n_out, chunk_elements):
+            for i, chunks in _pass_chunks(batch, n, d + n_out, chunk_elements):
                 ps = _make_pass(ctx.cfg, x, mask, scale, p, pred, ctx.shared['x_W_A'], kept, G=G, index=i)
                 grads_i = {k: _item(v, i, 1 if k == 'x_W_A' else 2) if k in ('x', 'x_W_A') else v
                            for k, v in grads.items()}                   # the input's gradients at i, all of W's
-                chunks = _chunks(n, ps.x.shape[:-2].numel(), d + n_out, chunk_elements)
                 with ps.elementwise_threads():
                     for s, e in chunks:
                         _StreamedPass._backward_chunk(ps, s, e, _item(g_1, i, 1), grads_i, _item(dpred, i))

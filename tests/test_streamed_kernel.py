@@ -81,9 +81,9 @@ def test_long_sequence_in_chunks_matches_single_chunk():
 @pytest.mark.parametrize('frozen_input', [False, True])
 def test_batch_elements_streamed_one_after_the_other_match_the_whole_batch(n_inp, mask_shape, frozen_input):
     """When each batch element alone fills a chunk, a pass streams the elements one after the other, each in chunks
-    of its own rows (_batch_items): values and gradients equal those of one chunk of the whole batch, with masks
+    of its own rows (_pass_chunks): values and gradients equal those of one chunk of the whole batch, with masks
     that broadcast over some batch dims and the input frozen or not."""
-    from heinsen_routing.streamed import _batch_items
+    from heinsen_routing.streamed import _pass_chunks
     batch, n, d, n_out = (2, 3), 9, 4, 4
     module = EfficientVectorRouting(n_inp, n_out, d, 5, n_iters=3).double()
     x = torch.randn(*batch, n, d, dtype=torch.double, requires_grad=not frozen_input)
@@ -92,8 +92,9 @@ def test_batch_elements_streamed_one_after_the_other_match_the_whole_batch(n_inp
     y_whole = module(x, mask=mask)                                  # one chunk of the whole batch
     g_whole = grads_of(y_whole, tensors)
     module.chunk_elements = 4 * (d + n_out)                          # chunks of 4, 4 and 1 inputs of one element
-    items = _batch_items(x.shape[:-2], n, d + n_out, module.chunk_elements)
-    assert items == [(i, j) for i in range(2) for j in range(3)]
+    chunks = [(0, 4), (4, 8), (8, 9)]
+    assert _pass_chunks(x.shape[:-2], n, d + n_out, module.chunk_elements) == \
+        [((i, j), chunks) for i in range(2) for j in range(3)]
     y = module(x, mask=mask)
     torch.testing.assert_close(y, y_whole, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_of(y, tensors), g_whole):
@@ -313,15 +314,17 @@ def test_chunk_policy_per_device():
     """chunk_elements=None: a 24 MiB chunk on a CPU (3 x 2^21 float32, 3 x 2^20 float64 elements); on a GPU a
     quarter of the free memory for a working set of about 4x chunk_elements, so the paper's largest head input
     (BEiT-large: 197 positions x 25 depths of 1024 at batch 50, routed to 64) is one chunk on a 24 GB GPU, and never
-    less than the CPU's chunk when memory is short."""
-    from heinsen_routing.streamed import _chunks, chunk_elements_for
+    less than the CPU's chunk when memory is short. Its batch elements (5,360,800 elements each) do not fill a CPU
+    chunk alone, so the chunks hold inputs of all 50."""
+    from heinsen_routing.streamed import _pass_chunks, chunk_elements_for
     assert chunk_elements_for('cpu', torch.float32) == 3 * 2 ** 21
     assert chunk_elements_for('cpu', torch.float64) == 3 * 2 ** 20
     assert chunk_elements_for('meta', torch.float32) == 3 * 2 ** 21
-    n, batch, row = 197 * 25, 50, 1024 + 64
-    assert len(_chunks(n, batch, row, chunk_elements_for('cpu', torch.float32))) == 43     # 115 inputs a chunk
+    n, batch, row = 197 * 25, torch.Size([50]), 1024 + 64
+    [(index, chunks)] = _pass_chunks(batch, n, row, chunk_elements_for('cpu', torch.float32))
+    assert index == () and len(chunks) == 43 and chunks[0] == (0, 115)                    # 115 inputs a chunk
     on_gpu = chunk_elements_for('cuda', torch.float32, free_bytes=20 * 2 ** 30)
-    assert on_gpu == 20 * 2 ** 30 // 4 // 4 // 4 and len(_chunks(n, batch, row, on_gpu)) == 1
+    assert on_gpu == 20 * 2 ** 30 // 4 // 4 // 4 and _pass_chunks(batch, n, row, on_gpu) == [((), [(0, n)])]
     assert chunk_elements_for('cuda', torch.float16, free_bytes=2 ** 20) == 3 * 2 ** 23 // 2
 
 
@@ -339,7 +342,7 @@ def test_chunk_elements_none_picks_the_device_default(monkeypatch):
     seen.clear()
     routing.chunk_elements = 5000
     routing(torch.empty(3, 1000, 16, device='meta')).sum()
-    assert seen == [5000] * 6                                    # two passes, each of the 3 batch elements on its own
+    assert seen == [5000] * 2
     assert 'chunk_elements=5000' in repr(routing)
 
 

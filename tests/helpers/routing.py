@@ -25,7 +25,7 @@ def assert_close_rel(a, b, rtol=1e-5, scale=None):
 
 def chunk_elements_for(rows, batch_numel, d_inp, n_out):
     """EfficientVectorRouting(chunk_elements=...) that makes chunks of `rows` inputs of the whole batch (or, when one
-    batch element alone fills such a chunk, of rows * batch_numel inputs of each element: streamed._batch_items)."""
+    batch element alone fills such a chunk, of rows * batch_numel inputs of each element: streamed._pass_chunks)."""
     return rows * batch_numel * (d_inp + n_out)
 
 
