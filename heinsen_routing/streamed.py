@@ -543,7 +543,7 @@ class _StreamedPass(torch.autograd.Function):
             for i, chunks in _pass_chunks(batch, n, d + n_out, chunk_elements):
                 ps = _make_pass(ctx.cfg, x, mask, scale, p, pred, ctx.shared['x_W_A'], kept, G=G, index=i)
                 grads_i = {k: _item(v, i, 1 if k == 'x_W_A' else 2) if k in ('x', 'x_W_A') else v
-                           for k, v in grads.items()}                   # the input's gradients at i, all of W's
+                           for k, v in grads.items()}         # the input's and x . W_A's at i; the parameters' whole
                 with ps.elementwise_threads():
                     for s, e in chunks:
                         _StreamedPass._backward_chunk(ps, s, e, _item(g_1, i, 1), grads_i, _item(dpred, i))
