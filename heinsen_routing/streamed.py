@@ -491,9 +491,10 @@ class _StreamedPass(torch.autograd.Function):
         parts = []
         for i, chunks in _pass_chunks(batch, n, d + n_out, chunk_elements, whole_batch=diagnostics is not None):
             ps = _make_pass(cfg, x, mask, scale, p, pred, shared['x_W_A'], kept, index=i)
+            phi_x_i, phi_1_i = _item(phi_x, i), _item(phi_1, i, 1)                     # the element's sums
             with ps.elementwise_threads():
-                parts += [_StreamedPass._forward_chunk(ps, s, e, _item(phi_x, i), _item(phi_1, i, 1),
-                                                       diagnostics is not None) for s, e in chunks]
+                parts += [_StreamedPass._forward_chunk(ps, s, e, phi_x_i, phi_1_i, diagnostics is not None)
+                          for s, e in chunks]
         if diagnostics is not None:
             for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
                 dim = -1 if k == 'a_inp' else -2
@@ -544,9 +545,10 @@ class _StreamedPass(torch.autograd.Function):
                 ps = _make_pass(ctx.cfg, x, mask, scale, p, pred, ctx.shared['x_W_A'], kept, G=G, index=i)
                 grads_i = {k: _item(v, i, 1 if k == 'x_W_A' else 2) if k in ('x', 'x_W_A') else v
                            for k, v in grads.items()}         # the input's and x . W_A's at i; the parameters' whole
+                g_1_i, dpred_i = _item(g_1, i, 1), _item(dpred, i)
                 with ps.elementwise_threads():
                     for s, e in chunks:
-                        _StreamedPass._backward_chunk(ps, s, e, _item(g_1, i, 1), grads_i, _item(dpred, i))
+                        _StreamedPass._backward_chunk(ps, s, e, g_1_i, grads_i, dpred_i)
                 if t == 0 and 'x_W_A' in grads_i:
                     _add_W_A_grads(ps, chunks, grads_i['x_W_A'], grads_i)
             if t == 0:
