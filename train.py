@@ -40,6 +40,7 @@ epochs and SST for 3 epochs on all subtrees, e.g.
 import argparse
 import dataclasses
 import errno
+import inspect
 import json
 import math
 import os
@@ -128,6 +129,16 @@ def parse_args(argv=None):
                         "per device, cache-sized on a CPU (2^21 float32 elements; larger is faster on busy cores), on CUDA the whole sequence in one "
                         "chunk when its working set fits a quarter of the free memory. Changes speed and memory, "
                         "never results")
+    p.add_argument('--n_hid', type=int, default=None,
+                   help="routing_head: the number of hidden vectors of its routings (default: 64, the paper's; with "
+                        "--pretrained_path, that head's)")
+    p.add_argument('--n_routings', type=int, default=None, choices=[2, 3],
+                   help="routing_head: 3 routings (the paper's, the default; with --pretrained_path, that head's), or 2 "
+                        "without the middle one")
+    p.add_argument('--d_hid', type=int, default=None,
+                   help="routing_head: project the hidden states from d_emb to d_hid features before routing, so that "
+                        "the routings work at width d_hid (default: none, the paper's; with --pretrained_path, that "
+                        "head's). benchmarks/routing_head_study.py measures these options")
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--overwrite', action='store_true',
@@ -161,7 +172,7 @@ def parse_args(argv=None):
         p.error(f"--pretrained_path {args.pretrained_path!r}: no such folder or file (a model folder written by train.py "
                 f"or save_pretrained, an older .safetensors head, a .pt state dict, or the authors' 2022 "
                 f"<dataset>_head_for_<backbone>.state_dict or ..._epoch<k>.checkpoint)")
-    for name in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch'):
+    for name in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch', 'n_hid', 'd_hid'):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be a positive integer, got {value}")
@@ -212,7 +223,10 @@ def run_files(out):
 # fingerprint (data.split_fingerprint), not by --data_root, which may move too.
 RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
                'lr', 'batch_sz', 'mixup_alpha', 'finetune', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch',
-               'mixed_precision', 'matmul_precision', 'feature_cache')
+               'mixed_precision', 'matmul_precision', 'feature_cache', 'n_hid', 'n_routings', 'd_hid')
+# The routing head's architecture options (--n_hid, --n_routings, --d_hid) and their defaults: the paper's head.
+HEAD_OPTIONS = {name: inspect.signature(models.RoutingHead).parameters[name].default
+                for name in ('n_hid', 'n_routings', 'd_hid')}
 
 
 def load_checkpoint(path):
@@ -300,6 +314,8 @@ def check_resume_args(checkpoint, args, path):
                          f"delete it to start over, or use a new --output_dir")
     current = vars(args)
     defaults = vars(parse_args(['--dataset_name', args.dataset_name]))   # for arguments newer than the checkpoint
+    if saved.get('model') == 'routing_head':
+        defaults.update(HEAD_OPTIONS)                     # a checkpoint older than --n_hid etc.: the paper's head
 
     def trained(name):
         return saved.get(name, defaults[name])
@@ -538,13 +554,32 @@ def model_name(model):
     return 'routing_head' if isinstance(model, models.RoutingHead) else frozen_heads.get(type(model), 'capsules2019')
 
 
+def resolve_head_options(args, pretrained=None):
+    """Sets --n_hid, --n_routings, --d_hid of --model routing_head: as given, else those of the --pretrained_path
+    routing head (fine-tuning keeps its architecture), else the paper's (HEAD_OPTIONS). Given ones must match the
+    pretrained head's; other models take none of them."""
+    given = {name: getattr(args, name) for name in HEAD_OPTIONS if getattr(args, name) is not None}
+    if args.model != 'routing_head':
+        if given:
+            raise ValueError(f"{', '.join('--' + name for name in given)} set the architecture of --model "
+                             f"routing_head, not of --model {args.model}")
+        return
+    for name, default in HEAD_OPTIONS.items():
+        have = default if pretrained is None else getattr(pretrained, name)
+        if name in given and pretrained is not None and given[name] != have:
+            raise ValueError(f"--{name} {given[name]}: --pretrained_path {args.pretrained_path!r} is a routing head "
+                             f"with {name} {have}; leave --{name} out to fine-tune it")
+        setattr(args, name, given.get(name, have))
+
+
 def build_model(args, splits, backbone):
     """-> (the trained module, its training metadata) for --model on this dataset (backbone None: end to end); the
     module's own config (its constructor's arguments) is saved with it by save_pretrained."""
     n_classes, modality = splits['n_classes'], splits['modality']
     metadata = {'model': args.model, 'dataset_name': args.dataset_name}
     if args.model == 'routing_head':
-        return models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes), metadata
+        return models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes, n_hid=args.n_hid,
+                                  n_routings=args.n_routings, d_hid=args.d_hid), metadata
     if args.model in models.FROZEN_HEADS:
         return models.FROZEN_HEADS[args.model](backbone.d_depth, backbone.d_emb, n_classes), metadata
     if modality == 'stereo':
@@ -663,6 +698,7 @@ def build_run(args):
         raise RuntimeError(f"--resume: {checkpoint_path} is not a checkpoint written by train.py (no head, "
                            f"optimizer, scheduler, history and metadata); delete it to start over")
     regime = resolve_model(args, pretrained_meta, checkpoint and checkpoint['metadata'])
+    resolve_head_options(args, pretrained)
     if not args.eval_only:
         check_output_dir(args)                            # before minutes of loading and encoding
     # the head trains in float32 (as the authors'): no autocast, no GradScaler; the backbone runs under autocast
