@@ -145,3 +145,47 @@ def test_train_py_refuses_bad_or_conflicting_head_options(tiny_sst, tiny_bert, t
     run(short_sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--d_hid', 8))
     with pytest.raises(ValueError, match=r"--d_hid 8 \(now None\)"):
         run(short_sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--resume'))
+
+
+def test_study_runs_what_the_records_lack_and_records_how(tiny_sst, tiny_bert, tmp_path, monkeypatch):
+    """benchmarks.routing_head_study --run: each configuration's SST-5 then SST-2 run (short ones here, on the tiny
+    backbone), one record each with its command and environment; a second --run trains nothing."""
+    from benchmarks import routing_head_study as study
+
+    def short_runs(config, seed, data_root, out, feature_cache):
+        where = tmp_path / 'runs' / config / f'seed{seed}'
+        sst5 = short_sst_args(tiny_sst, tiny_bert, where / 'sst5', '--n_epochs', 1, '--rng_seed', seed, '--run_test',
+                              '--resume', *study.head_argv(study.CONFIGS[config][1]))
+        sst2 = short_sst_args(tiny_sst, tiny_bert, where / 'sst2', '--n_epochs', 1, '--rng_seed', seed, '--run_test',
+                              '--resume', '--pretrained_path', where / 'sst5' / 'model')
+        sst2[1] = 'sst2'
+        return {'sst5': [str(a) for a in sst5], 'sst2': [str(a) for a in sst2]}
+
+    monkeypatch.setattr(study, 'study_runs', short_runs)
+    records = tmp_path / 'records'
+    argv = ['--run', '--configs', 'n_hid16,two_routings', '--seeds', '0', '--records', str(records)]
+    study.main(argv)
+    found = study.read_records(records)
+    assert sorted(found) == ['n_hid16', 'two_routings'] and sorted(found['n_hid16'][0]) == ['sst2', 'sst5']
+    r = found['two_routings'][0]['sst2']
+    assert r['head'] == {'n_hid': 64, 'n_routings': 2, 'd_hid': None} and 0 <= r['test_accuracy'] <= 1
+    assert r['command'].startswith('python train.py --dataset_name sst2') and r['torch_threads'] == 1
+    assert {'commit', 'cpu_model', 'torch', 'precision', 'load_average_at_start', 'load_average_at_end'} <= set(r)
+    monkeypatch.setattr(train, 'main', lambda argv: pytest.fail('a recorded run was trained again'))
+    study.main(argv)
+
+
+def test_study_verdict_compares_with_the_papers_head_within_one_std():
+    from benchmarks.routing_head_study import CONFIGS, verdict
+    acc = {c: {'sst5': [], 'sst2': []} for c in CONFIGS}
+    acc['paper'] = {'sst5': [0.45, 0.46, 0.47], 'sst2': [0.82, 0.83, 0.84]}          # floors 0.45, 0.82
+    acc['n_hid16'] = {'sst5': [0.451, 0.451, 0.451], 'sst2': [0.821, 0.821, 0.821]}  # held, light
+    acc['n_hid32'] = {'sst5': [0.46, 0.46, 0.46], 'sst2': [0.83, 0.83, 0.83]}        # held, heavy
+    acc['two_routings'] = {'sst5': [0.44, 0.44, 0.44], 'sst2': [0.9, 0.9, 0.9]}      # below on SST-5
+    flops = {c: 1.0 for c in CONFIGS}
+    flops.update({'paper': 9.0, 'n_hid16': 3.0, 'n_hid32': 4.5})
+    text = verdict(acc, flops)
+    assert 'at one third of its FLOPs or less: `n_hid16`.' in text and 'more than a third: `n_hid32`' in text
+    assert 'two_routings' not in text
+    acc['n_hid16']['sst2'] = [0.81] * 3
+    assert verdict(acc, flops).startswith('**No configuration tried is within one std')
