@@ -176,16 +176,21 @@ def test_study_runs_what_the_records_lack_and_records_how(tiny_sst, tiny_bert, t
 
 
 def test_study_verdict_compares_with_the_papers_head_within_one_std():
-    from benchmarks.routing_head_study import CONFIGS, verdict
+    from benchmarks.routing_head_study import CONFIGS, baseline, committed_baseline, verdict
     acc = {c: {'sst5': [], 'sst2': []} for c in CONFIGS}
+    committed = committed_baseline()                                          # docs/sst_results.md's row
+    assert set(committed) == {'sst5', 'sst2'} and all(0 < m < 1 and 0 < s < 0.1 for m, s in committed.values())
+    assert baseline(acc, committed)[0] == committed                           # no runs of the paper's head yet
     acc['paper'] = {'sst5': [0.45, 0.46, 0.47], 'sst2': [0.82, 0.83, 0.84]}          # floors 0.45, 0.82
+    base, source = baseline(acc, committed)
+    assert "this study's runs" in source and abs(base['sst5'][0] - 0.46) < 1e-9 and abs(base['sst5'][1] - 0.01) < 1e-9
     acc['n_hid16'] = {'sst5': [0.451, 0.451, 0.451], 'sst2': [0.821, 0.821, 0.821]}  # held, light
     acc['n_hid32'] = {'sst5': [0.46, 0.46, 0.46], 'sst2': [0.83, 0.83, 0.83]}        # held, heavy
     acc['two_routings'] = {'sst5': [0.44, 0.44, 0.44], 'sst2': [0.9, 0.9, 0.9]}      # below on SST-5
     flops = {c: 1.0 for c in CONFIGS}
     flops.update({'paper': 9.0, 'n_hid16': 3.0, 'n_hid32': 4.5})
-    text = verdict(acc, flops)
+    text = verdict(acc, flops, base)
     assert 'at one third of its FLOPs or less: `n_hid16`.' in text and 'more than a third: `n_hid32`' in text
     assert 'two_routings' not in text
     acc['n_hid16']['sst2'] = [0.81] * 3
-    assert verdict(acc, flops).startswith('**No configuration tried is within one std')
+    assert verdict(acc, flops, base).startswith('**No configuration tried is within one std')
