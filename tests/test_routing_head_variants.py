@@ -190,7 +190,7 @@ def test_study_verdict_compares_with_the_papers_head_within_one_std():
     flops = {c: 1.0 for c in CONFIGS}
     flops.update({'paper': 9.0, 'n_hid16': 3.0, 'n_hid32': 4.5})
     text = verdict(acc, flops, base)
-    assert 'at one third of its FLOPs or less: `n_hid16`.' in text and 'more than a third: `n_hid32`' in text
-    assert 'two_routings' not in text
+    assert 'at one third of its FLOPs or less: `n_hid16`.' in text and 'more than a third of its FLOPs: `n_hid32`' in text
+    assert 'two_routings' not in text and 'fewer than 3 seeds on record: `d_hid128`, `n_hid8`' in text
     acc['n_hid16']['sst2'] = [0.81] * 3
-    assert verdict(acc, flops, base).startswith('**No configuration tried is within one std')
+    assert verdict(acc, flops, base).startswith('**No configuration with 3 seeds on record is within one std')
