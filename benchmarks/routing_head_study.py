@@ -227,8 +227,8 @@ def report(args, found, cost, timing):
                    for r in runs.values()})
     lines += ['', 'The runs were made by `python -m benchmarks.routing_head_study --run` (each record in '
               f'{RECORDS}/<configuration>.jsonl holds its train.py command) with: '
-              + '; '.join(f"commit {m[0][:12]}, {m[1]}, torch {m[2]}, {m[3]} thread(s), head {m[4]}, matmul "
-                          f"precision {m[5]}" for m in made) + '.']
+              + ('; '.join(f"commit {m[0][:12]}, {m[1]}, torch {m[2]}, {m[3]} thread(s), head {m[4]}, matmul "
+                           f"precision {m[5]}" for m in made) or 'none recorded yet') + '.']
     command = shown_command('benchmarks.routing_head_study', sys.argv[1:] if args.argv is None else args.argv)
     lines += ['', f"Written by `{command}`."]
     return lines
