@@ -23,9 +23,7 @@ import time
 
 import torch
 
-import data
-import models
-import recipes
+from heinsen_replication import backbones, data, models, recipes
 
 HEADS = {'sst5': 'pretrained/sst5_minilm_routing_head', 'sst2': 'pretrained/sst2_minilm_routing_head'}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +61,7 @@ def main(argv=None):
     p.add_argument('--report', default=None, help='also write the tables to this markdown file')
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    backbone = models.load_backbone('minilm')
+    backbone = backbones.load_backbone('minilm')
     lines = [f"`python -m benchmarks.backbone_precision` on {os.cpu_count()} CPU cores (one thread used), torch "
              f"{torch.__version__}, load average at the start {os.getloadavg()[0]:.2f}.", '']
     # features and accuracy

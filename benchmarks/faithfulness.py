@@ -14,7 +14,7 @@ Heads and methods:
   - the committed SST-2 routing head (pretrained/sst2_minilm_routing_head): its end-to-end routing credit (summed
     over depths), Integrated Gradients and gradient x input (Captum) on its inputs, the hidden states of all depths,
     summed per token (over depths and features), and random tokens;
-  - the SST-2 head (b), models.ScalarMixAttentionHead (the run of best dev accuracy under --runs, or
+  - the SST-2 head (b), standard_heads.ScalarMixAttentionHead (the run of best dev accuracy under --runs, or
     --attention_head): its attention pooling weights, Integrated Gradients, gradient x input, random.
 Integrated Gradients: all-zero hidden states as the baseline, --ig_steps steps (Gauss-Legendre, Captum's default
 method), of the predicted class's probability; gradient x input of the same probability. Cost per sentence: the
@@ -33,10 +33,9 @@ import time
 import numpy as np
 import torch
 
-import data
-import models
-from benchmarks import PLACEHOLDERS, shown_command, shown_path
-from benchmarks.sst_results import PRETRAINED, removal_test, routing_credit, write_report
+from benchmarks.common import (PLACEHOLDERS, PRETRAINED, removal_test, routing_credit, shown_command, shown_path,
+                               write_report)
+from heinsen_replication import checkpoints, data, models, standard_heads
 
 MODES = {'delete': 'deletion: drop when the top-k tokens are deleted (higher = more faithful)',
          'insert': 'insertion: drop when only the top-k tokens are kept (lower = more faithful)'}
@@ -241,8 +240,8 @@ def main(argv=None):
                                         'gradient x input': gradient_x_input})}
     found = (args.attention_head, 'given') if args.attention_head else best_attention_head(args.runs)
     if found:
-        attention, _ = models.from_pretrained(found[0])
-        if not isinstance(attention, models.ScalarMixAttentionHead):
+        attention, _ = checkpoints.from_pretrained(found[0])
+        if not isinstance(attention, standard_heads.ScalarMixAttentionHead):
             raise ValueError(f"--attention_head {found[0]!r} holds a {type(attention).__name__}, not a "
                              f"ScalarMixAttentionHead")
         heads['head (b)'] = (attention.eval(), {'attention weights': attention_weights,
@@ -251,9 +250,9 @@ def main(argv=None):
         why = 'given by --attention_head' if found[1] == 'given' else \
             f'the best dev accuracy of the finished SST-2 runs, {found[1]}'
         shown = shown_path(found[0], os.path.join(PLACEHOLDERS['--runs'], os.path.relpath(found[0], args.runs)))
-        head_b = f"Head (b), models.ScalarMixAttentionHead: {shown} ({why})."
+        head_b = f"Head (b), standard_heads.ScalarMixAttentionHead: {shown} ({why})."
     else:
-        head_b = (f"Head (b) (models.ScalarMixAttentionHead) is not in this report: no finished SST-2 run of it under "
+        head_b = (f"Head (b) (standard_heads.ScalarMixAttentionHead) is not in this report: no finished SST-2 run of it under "
                   f"{shown_path(args.runs, PLACEHOLDERS['--runs'])} (and no --attention_head) when this ran.")
     test = data.get_dataset_splits('sst2', data_root=args.data_root)['test']
     order = np.random.default_rng(args.seed).permutation(len(test))[:args.n_sentences]

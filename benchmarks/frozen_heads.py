@@ -33,10 +33,9 @@ import sys
 import tempfile
 import time
 
-import models
-from train import read_metrics
-from benchmarks import PLACEHOLDERS, shown_command, shown_path
-from benchmarks.sst_results import mean_std, write_report
+from benchmarks.common import PLACEHOLDERS, mean_std, shown_command, shown_path, write_report
+from heinsen_replication import models, standard_heads
+from heinsen_replication.runs import read_metrics
 
 HEADS = {'routing_head': "routing head (2022), the paper's", 'scalar_mix_mean': '(a) ScalarMix, mean pooling, Linear',
          'scalar_mix_attention': '(b) ScalarMix, attention pooling (1 query), Linear',
@@ -46,13 +45,13 @@ D_DEPTH, D_EMB = 7, 384                                  # minilm: embeddings + 
 
 
 def n_parameters(name, n_classes):
-    cls = models.RoutingHead if name == 'routing_head' else models.FROZEN_HEADS[name]
+    cls = models.RoutingHead if name == 'routing_head' else standard_heads.FROZEN_HEADS[name]
     return sum(p.numel() for p in cls(D_DEPTH, D_EMB, n_classes).parameters())
 
 
 def n_finetuned(name):
     """Parameters the SST-2 fine-tuning trains: the last routing (routing head) or the final Linear `classify`."""
-    cls = models.RoutingHead if name == 'routing_head' else models.FROZEN_HEADS[name]
+    cls = models.RoutingHead if name == 'routing_head' else standard_heads.FROZEN_HEADS[name]
     prefix = 'route.2.' if name == 'routing_head' else cls.LAST_STAGE
     return sum(p.numel() for k, p in cls(D_DEPTH, D_EMB, 2).named_parameters() if k.startswith(prefix))
 
@@ -65,7 +64,7 @@ def collect(runs, records):
     unfinished = []
     for path in sorted(glob.glob(os.path.join(runs, '*', 'seed*', 'sst*', 'metrics.jsonl'))):
         head, seed, dataset = path.split(os.sep)[-4:-1]
-        if head not in models.FROZEN_HEADS or dataset not in DATASETS:
+        if head not in standard_heads.FROZEN_HEADS or dataset not in DATASETS:
             continue
         epochs, final = read_metrics(path)
         if final is None:
@@ -90,13 +89,13 @@ def time_steps(args, rounds=10):
     untimed round. -> the record of time_per_step.json"""
     import torch
 
-    import recipes
     import train
+    from heinsen_replication import recipes
     torch.manual_seed(0)
     argvs = {'routing_head': recipes.runs('paper-minilm', args.data_root, feature_cache=args.feature_cache)['sst5']}
     argvs.update({name: argv for stage, argv in recipes.runs('frozen-heads', args.data_root,
                                                              feature_cache=args.feature_cache).items()
-                  for name in models.FROZEN_HEADS if stage == f'{name}/sst5'})
+                  for name in standard_heads.FROZEN_HEADS if stage == f'{name}/sst5'})
     per_round = max(1, args.time_steps // rounds)
     seconds, loads = {name: 0.0 for name in HEADS}, []
     with tempfile.TemporaryDirectory() as tmp:

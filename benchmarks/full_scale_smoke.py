@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import recipes
-from benchmarks import shown_command
+from benchmarks.common import shown_command
+from heinsen_replication import recipes
 
 # The real sizes (the hub configs of FacebookAI/roberta-large and microsoft/beit-large-patch16-224); 'tiny': the same
 # classes at toy sizes, for the test of this script.
@@ -79,7 +79,7 @@ def build_beit(folder, scale):
 
 def write_cifar10(root, seed=0):
     """Random images in CIFAR-10's python batch format under root/cifar-10-batches-py/."""
-    from tests.helpers.files import write_cifar_batch
+    from heinsen_replication.data import write_cifar_batch
     folder = os.path.join(root, 'cifar-10-batches-py')
     if os.path.isdir(folder):
         return root
@@ -105,7 +105,7 @@ def write_sst_subset(sst_dir, root):
             lines = [line for _, line in zip(range(n), f)]
         with open(os.path.join(folder, name), 'w', encoding='utf-8') as f:
             f.writelines(lines)
-    import data
+    from heinsen_replication import data
     splits = data.get_dataset_splits('sst5', data_root=root)
     return [t for split in ('train', 'valid', 'test') for t in splits[split].texts]
 
@@ -129,6 +129,7 @@ def paper_argv(dataset, backbone, data_root, output_dir, steps, device, batch_sz
 def child(argv):
     """One train.py run in this process: -> {seconds per step, peak RSS, CUDA peak, ...} as a JSON line."""
     import train
+    from heinsen_replication import runs
     steps = int(argv[argv.index('--n_iters_per_train_epoch') + 1])
     started = time.time()
     step_times, step_cpu = [], []                        # wall seconds; CPU seconds of this process (all threads)
@@ -148,7 +149,7 @@ def child(argv):
     train.train_step = timed_step
     train.main(argv)
     out = os.path.join(argv[argv.index('--output_dir') + 1])
-    epochs, final = train.read_metrics(out)
+    epochs, final = runs.read_metrics(out)
     cuda = torch.cuda.is_available() and '--device' in argv and argv[argv.index('--device') + 1] == 'cuda'
     print('RESULT ' + json.dumps({
         'steps': steps, 'step_seconds': step_times, 'step_cpu_seconds': step_cpu, 'threads': torch.get_num_threads(),

@@ -22,8 +22,8 @@ import time
 
 import torch
 
+from heinsen_replication.runs import read_metrics
 from heinsen_routing.streamed import machine_cpu_seconds
-from train import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +110,7 @@ def main(argv=None):
     p.add_argument('--report', default=os.path.join(REPO_ROOT, 'docs', 'resources.md'))
     args = p.parse_args(argv)
     if args.run and not os.path.isdir(os.path.join(args.data_root, 'sst')):
-        subprocess.run([sys.executable, '-m', 'data', 'sst5', '--download', '--data_root', args.data_root], check=True)
+        subprocess.run([sys.executable, '-m', 'heinsen_replication.data', 'sst5', '--download', '--data_root', args.data_root], check=True)
 
     dists = installed_closure(requirement_names(os.path.join(REPO_ROOT, 'requirements.txt')))
     sizes = sorted(((installed_bytes(d), d.metadata['Name']) for d in dists.values()), reverse=True)

@@ -24,7 +24,7 @@ import argparse
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import models
+from heinsen_replication import models
 from heinsen_routing.streamed import _pass_chunks, chunk_elements_for
 
 SHAPES = {'BEiT-large (batch 50, 197 x 25 x 1024)': (50, 197, 25, 1024, 1000),

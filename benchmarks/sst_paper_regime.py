@@ -32,12 +32,11 @@ import sys
 
 import torch
 
-import data
-import models
-import recipes
 import train
-from benchmarks.sst_results import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, mean_std,
-                                    publish_pretrained, sst_feature_store, write_report)
+from benchmarks.common import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, mean_std,
+                               publish_pretrained, sst_feature_store, write_report)
+from heinsen_replication import checkpoints, data, recipes
+from heinsen_replication.runs import read_metrics
 
 DATASETS = {'sst5': 'SST-5', 'sst2': 'SST-2'}
 # name -> (what changes against the paper's SST-2 recipe, train.py arguments added to it)
@@ -56,7 +55,7 @@ def run_variant(args, name):
 
 def record_if_finished(metrics_path, record_path):
     """Copies a run's metrics.jsonl to record_path once the run has finished (its final record is written)."""
-    if os.path.exists(metrics_path) and train.read_metrics(metrics_path)[1] is not None:
+    if os.path.exists(metrics_path) and read_metrics(metrics_path)[1] is not None:
         shutil.copyfile(metrics_path, record_path)
 
 
@@ -71,7 +70,7 @@ def collect(runs, docs):
     seeds = {}
     for path in sorted(glob.glob(os.path.join(docs, 'seed*_sst*.jsonl'))):
         seed, dataset = re.fullmatch(r'seed(\d+)_(sst\d)\.jsonl', os.path.basename(path)).groups()
-        seeds.setdefault(int(seed), {})[dataset] = train.read_metrics(path)
+        seeds.setdefault(int(seed), {})[dataset] = read_metrics(path)
     return {seed: runs for seed, runs in sorted(seeds.items()) if set(runs) == set(DATASETS)}
 
 
@@ -165,7 +164,7 @@ def main(argv=None):
         recorded = os.path.join(args.records, f'variant_{name}.jsonl')
         record_if_finished(os.path.join(args.variants, name, 'metrics.jsonl'), recorded)
         if os.path.exists(recorded):
-            variants[name] = train.read_metrics(recorded)
+            variants[name] = read_metrics(recorded)
     if variants and 0 in seeds:
         lines += ["Diagnostic variants, **not the paper's recipe**: SST-2 from seed 0's final SST-5 head with one "
                   "change (`--run_variants`); dev accuracy after each of the 3 epochs, then the final head's test "
@@ -183,7 +182,7 @@ def main(argv=None):
     for dataset in DATASETS:
         dev_split = data.get_dataset_splits(dataset, data_root=args.data_root)['valid']
         dev = store.dataset(dev_split.texts, dev_split.labels)
-        shares = torch.stack([depth_credit(models.from_pretrained(os.path.join(args.runs, f'seed{seed}', dataset,
+        shares = torch.stack([depth_credit(checkpoints.from_pretrained(os.path.join(args.runs, f'seed{seed}', dataset,
                                                                              'model'))[0], dev)
                               for seed in seeds if os.path.isdir(os.path.join(args.runs, f'seed{seed}', dataset))])
         if len(shares):

@@ -21,75 +21,16 @@ Steps (wall-clock time of each is reported):
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-import data
-import models
-import recipes
 import train
-from benchmarks import shown_command
-
-PRETRAINED = {'sst5': 'pretrained/sst5_minilm_routing_head',
-              'sst2': 'pretrained/sst2_minilm_routing_head'}
-
-
-def mean_std(values, decimals=1):
-    """Accuracies (fractions) -> 'mean ± std' in %, sample std over seeds; one seed has no std: just its value."""
-    if len(values) == 1:
-        return f"{100 * values[0]:.{decimals}f}"
-    return f"{100 * statistics.mean(values):.{decimals}f} ± {100 * statistics.stdev(values):.{decimals}f}"
-
-
-def stated(accuracy):
-    """An accuracy as the pretrained configs state it (4 decimals)."""
-    return round(accuracy, 4)
-
-
-def publish_pretrained(run_model, folder, dataset, live, cached, valid):
-    """Copies a train.py run's model folder into pretrained/ with the accuracies it was chosen and checked by."""
-    model, config = models.from_pretrained(run_model)
-    model.save_pretrained(folder, backbone=config['backbone'], backbone_revision=config['backbone_revision'], training={
-        **config['training'], 'test_accuracy': stated(live), 'test_accuracy_from_float16_feature_cache': stated(cached),
-        'valid_accuracy': stated(valid),
-        'reproduce': f'python train.py --dataset_name {dataset} --backbone minilm --eval_only --pretrained_path {folder}'})
-
-
-def committed_valid_accuracy(dataset):
-    """The dev accuracy of the committed pretrained head for dataset, as its config states it."""
-    _, config = models.from_pretrained(PRETRAINED[dataset])
-    return config['training']['valid_accuracy']
-
-
-def better_on_dev(valid, committed):
-    """Whether a head of dev accuracy valid replaces the committed head: only if higher at the stated precision (the
-    committed head itself, rounded to 4 decimals in its config, is not better than itself)."""
-    return stated(valid) > committed
-
-
-def write_report(lines, path):
-    """Prints the report (markdown lines) and writes it to path."""
-    report = '\n'.join(lines) + '\n'
-    print(report)
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path, 'w') as f:
-        f.write(report)
-
-
-def sst_feature_store(data_root, feature_cache):
-    """The FeatureStore of minilm's frozen hidden states of every SST text (computed once, then reused)."""
-    store = data.FeatureStore(feature_cache, models.load_backbone('minilm'))
-    for dataset in ('sst5', 'sst2'):
-        splits = data.get_dataset_splits(dataset, data_root=data_root)
-        for split in ('train', 'valid', 'test'):
-            store.ensure(splits[split].texts, f'{dataset}/{split}')
-    return store
-
+from benchmarks.common import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, mean_std,
+                               publish_pretrained, shown_command, sst_feature_store, write_report)
+from heinsen_replication import data, recipes
+from heinsen_replication.runs import read_metrics
 
 def train_heads(args, seed):
     """-> {dataset: (valid acc, test acc, head path)} for the SST-5 head and the SST-2 head tuned from it: the offline
@@ -103,7 +44,7 @@ def train_heads(args, seed):
             argv += ['--n_iters_per_train_epoch', str(args.n_iters_per_train_epoch)]
         train.main(argv)                                 # --resume: a rerun continues (or re-evaluates) the same run
         out = train.parse_args(argv).output_dir
-        final = train.read_metrics(out)[1]
+        final = read_metrics(out)[1]
         results[dataset] = (final['valid_accuracy'], final['test_accuracy'], os.path.join(out, 'model'))
     return results
 
@@ -150,100 +91,6 @@ def baselines(args, store, dataset):
                 best = (valid, l2, test)
         results[name] = best
     return results
-
-
-def routing_credit(head, hidden, mask, pred):
-    """A RoutingHead's end-to-end credit of each token (summed over depths) for the predicted class -> [batch, n_pos]."""
-    credit, _ = head.credit(hidden, mask)                                        # [batch, n_pos, d_depth, n_classes]
-    return credit.sum(dim=2)[torch.arange(len(pred)), :, pred]
-
-
-def removal_test(heads, data_root, ks=(1, 3, 5), seed=0, modes=('delete',), batch_sz=64, sentences=None):
-    """Deletion (and insertion) tests on the SST-2 test sentences, re-encoding with the live minilm.
-
-    heads: {name: (head, {method: attribute})}: a head on minilm's hidden states (hidden [b, n_pos, d_depth, d_emb],
-    mask [b, n_pos] -> class scores [b, n_classes]) and its attribution methods, attribute(head, hidden, mask, pred)
-    -> [b, n_pos] token scores (higher = more for the predicted class pred [b]). 'random' is added to every head.
-    For each sentence with more than k content (non-special) tokens, its k highest-scored content tokens are deleted
-    ('delete') or are the only ones kept ('insert'; the special tokens stay), the result is re-encoded, and the drop
-    of the predicted class's probability is recorded. The random tokens are drawn once per sentence and k, for every
-    head and both tests. -> ({head: {method: {mode: {k: [drops]}}}}, {head: {method: attribution seconds}},
-    {'encode': seconds of the first encoding, 'n_sentences': n}). sentences: indices of the test sentences to use, in
-    this order (default: all, in file order)."""
-    backbone = models.load_backbone('minilm')
-    tokenizer, model = backbone.tokenizer, backbone.model
-    test = data.get_dataset_splits('sst2', data_root=data_root)['test']
-    texts = test.texts if sentences is None else [test.texts[i] for i in sentences]
-    special = set(tokenizer.all_special_ids)
-    rng = np.random.default_rng(seed)
-
-    @torch.no_grad()
-    def encode(id_lists):
-        """token id lists -> hidden [n, n_pos, d_depth, d_emb], mask [n, n_pos] (True = padding)"""
-        n_pos = max(len(ids) for ids in id_lists)
-        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (n_pos - len(ids)) for ids in id_lists])
-        attention = torch.tensor([[1] * len(ids) + [0] * (n_pos - len(ids)) for ids in id_lists])
-        out = model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True)
-        return torch.stack(out.hidden_states, dim=-2), attention == 0
-
-    @torch.no_grad()
-    def probabilities(head, id_lists, encoded=None):
-        hidden, mask = encoded or encode(id_lists)
-        return head(hidden, mask).softmax(-1)                                    # [n, n_classes]
-
-    drops = {h: {m: {mode: {k: [] for k in ks} for mode in modes} for m in [*methods, 'random']}
-             for h, (_, methods) in heads.items()}
-    seconds = {h: {m: 0.0 for m in methods} for h, (_, methods) in heads.items()}
-    encode_seconds = 0.0
-    for s in tqdm(range(0, len(texts), batch_sz), desc='deletion / insertion test', unit='batch'):
-        ids = [tokenizer(t)['input_ids'] for t in texts[s:s + batch_sz]]
-        t = time.perf_counter()
-        encoded = encode(ids)
-        encode_seconds += time.perf_counter() - t
-        ranked, probs, preds = {}, {}, {}                      # per head: {method: [b, n_pos] scores}, [b, n_cls], [b]
-        for h, (head, methods) in heads.items():
-            probs[h] = probabilities(head, ids, encoded)
-            preds[h] = probs[h].argmax(-1)
-            ranked[h] = {}
-            for m, attribute in methods.items():
-                t = time.perf_counter()
-                ranked[h][m] = attribute(head, *encoded, preds[h]).detach()
-                seconds[h][m] += time.perf_counter() - t
-        for k in ks:
-            jobs = []                                          # (head, method, mode, sentence, token ids after)
-            for b, seq in enumerate(ids):
-                content = [i for i, tok in enumerate(seq) if tok not in special]
-                if len(content) <= k:
-                    continue
-                rand = set(rng.choice(content, size=k, replace=False).tolist())
-                for h in heads:
-                    chosen = {m: set(sorted(content, key=lambda i: -scores[b, i].item())[:k])
-                              for m, scores in ranked[h].items()}
-                    for m, top in [*chosen.items(), ('random', rand)]:
-                        for mode in modes:
-                            kept = [tok for i, tok in enumerate(seq)
-                                    if (i not in top) == (mode == 'delete') or tok in special]
-                            jobs.append((h, m, mode, b, tuple(kept)))
-            unique = sorted({job[-1] for job in jobs}, key=len)  # each distinct variant encoded once, for every head
-            after = {h: {} for h in heads}
-            for u in range(0, len(unique), batch_sz):
-                chunk = unique[u:u + batch_sz]
-                encoded = encode([list(v) for v in chunk])
-                for h, (head, _) in heads.items():
-                    after[h].update(zip(chunk, probabilities(head, None, encoded)))
-            for h, m, mode, b, kept in jobs:
-                p = probs[h][b, preds[h][b]].item()
-                drops[h][m][mode][k].append(p - after[h][kept][preds[h][b]].item())
-    return drops, seconds, {'encode': encode_seconds, 'n_sentences': len(texts)}
-
-
-def deletion_test(args, head_path, ks=(1, 3, 5), seed=0):
-    """-> {k: (mean drop deleting top-credit tokens, mean drop deleting random tokens, n sentences)}"""
-    head = models.RoutingHead.from_pretrained(head_path).eval()
-    drops, _, _ = removal_test({'routing': (head, {'credit': routing_credit})}, args.data_root, ks, seed)
-    routing = drops['routing']
-    return {k: (float(np.mean(routing['credit']['delete'][k])), float(np.mean(routing['random']['delete'][k])),
-                len(routing['credit']['delete'][k])) for k in ks}
 
 
 def main(argv=None):

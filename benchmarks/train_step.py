@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import recipes
 import train
+from heinsen_replication import recipes
 
 
 def paper_minilm_run(args, output_dir):

@@ -1,11 +1,11 @@
 """
-GLOM beside routing and a plain CNN on real handwritten digits: the three models of glom.py, of
+GLOM beside routing and a plain CNN on real handwritten digits: the three models of studies/glom.py, of
 about the same parameter count, trained with the same budget (optimiser, learning rate schedule,
 batch size, epochs) on the same split for several seeds, on CPU.
 
-    python -m benchmarks.glom_digits                                   # the table in docs/glom_digits.md
-    python -m benchmarks.glom_digits --quick --out_dir /tmp/glom        # a few seconds, end to end
-    python -m benchmarks.glom_digits --dataset mnist --data_root .data --max_train 10000
+    python -m studies.glom_digits                                   # the table in docs/glom_digits.md
+    python -m studies.glom_digits --quick --out_dir /tmp/glom        # a few seconds, end to end
+    python -m studies.glom_digits --dataset mnist --data_root .data --max_train 10000
 
 Prints a markdown table (model | parameters | test accuracy mean ± std | train time per seed) and
 writes it to OUT_DIR/glom_digits.md (OUT_DIR/glom_mnist.md for MNIST), and saves GLOM's islands
@@ -28,8 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import data
-from glom import GLOM, CNNDigitClassifier, GLOMConfig, RoutingDigitClassifier, neighbour_similarity
+from heinsen_replication import data
+from studies.glom import CNNDigitClassifier, GLOM, GLOMConfig, RoutingDigitClassifier, neighbour_similarity
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,7 +221,7 @@ def main(argv=None):
         islands_figure(first_glom, x_test[i], y_test[i].item(), figure_path)
     wall = time.perf_counter() - wall_start
 
-    command = 'python -m benchmarks.glom_digits' + ''.join(' ' + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = 'python -m studies.glom_digits' + ''.join(' ' + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     glom_line = (f"GLOM: {args.glom_levels} levels of {n_classes} numbers, {args.glom_steps} steps, bottom-up/top-down "
                  f"nets of width {args.glom_hidden}, loss {'cross-entropy' if args.glom_loss == 'ce' else 'MSE to one-hot'} "
                  f"on the mean top-level vector. Routing and CNN: conv stem of {args.d_hidden} channels, "
@@ -229,7 +229,7 @@ def main(argv=None):
     doc = '\n'.join([
         f"# GLOM beside routing and a CNN on {'the digits' if args.dataset == 'digits' else 'MNIST'}",
         "",
-        f"Produced by `{command}` (glom.py, benchmarks/glom_digits.py).",
+        f"Produced by `{command}` (studies/glom.py, studies/glom_digits.py).",
         "",
         f"Data: {args.dataset}, {len(x_train)} train / {len(x_test)} test images of "
         f"{'x'.join(map(str, x_train.shape[2:]))} pixels"

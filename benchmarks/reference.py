@@ -1,5 +1,5 @@
 """
-The spec's reference for the tests (importable as tests.reference; not a test module):
+The spec's reference for the tests (importable as benchmarks.reference: the tests and benchmarks/routing.py use it):
 
 - straightforward_routing: EfficientVectorRouting's forward pass transcribed line by line from the
   spec's equations with plain autograd, reading the parameters of a heinsen_routing module. It is
