@@ -474,6 +474,12 @@ image has fewer than k, the rest are blank: no change):
 {deletion_verdict(results)}"""
 
 
+def render_page(path):
+    """The docs page from the record file at path."""
+    from benchmarks.common import load_record
+    return render(load_record(path)) + '\n'
+
+
 def credit_ratios(record, among='all'):
     """The summed credit's drop over random deletion's, per k, from report's record."""
     rows = record['deletion'][among]['rows']
