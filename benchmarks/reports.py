@@ -90,11 +90,12 @@ def render_log(record_path):
     record = load_record(record_path)
     lines = [f"# {record['title']}", '', record['intro'].strip(), '']
     for section in record['sections']:
-        lines += [f"## {section['heading']}", '', how_measured(section['meta']), '']
-        if section.get('output'):
-            lines += [section['output'].strip(), '']
-        if section.get('notes'):
-            lines += [section['notes'].strip(), '']
+        lines += [f"## {section['heading']}", '']
+        if section.get('meta'):
+            lines += [how_measured(section['meta']), '']
+        for part in ('text', 'output', 'notes'):
+            if section.get(part):
+                lines += [section[part].strip(), '']
     if record.get('closing'):
         lines += [record['closing'].strip(), '']
     return '\n'.join(lines).rstrip('\n') + '\n'

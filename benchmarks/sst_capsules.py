@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-import torch
 
 from benchmarks.common import (finish_meta, how_measured, load_record, mean_std, measurement_meta, publish_pretrained,
                                save_record, shown_command, sst_feature_store, write_report)

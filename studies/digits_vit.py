@@ -36,7 +36,6 @@ no model), and random (N_RANDOM draws per image); among all patches, and among t
 blank patch set to the background does not change).
 """
 import argparse
-import json
 import os
 import shlex
 import shutil
