@@ -1,5 +1,5 @@
 """
-The routing head against the standard heads on the same frozen features (issue 21): each head trained in the paper's
+The routing head against the standard heads on the same frozen features: each head trained in the paper's
 SST regime on frozen all-MiniLM-L6-v2 (RAdam, one cycle, mixup; SST-5 10 x 2000 x 50, then SST-2 3 x 2000 x 50
 fine-tuning the last stage of the SST-5 head), 3 seeds, every choice by dev only.
 

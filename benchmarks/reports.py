@@ -306,6 +306,21 @@ def block_readme_paths():
     return '\n'.join(lines)
 
 
+def block_replication_offline_costs():
+    idle, loaded, install = offline_costs()
+    acc = idle['accuracies']
+    return (f"What it costs, measured by `python -m benchmarks.resources --run` ([resources.md](resources.md): every "
+            f"measurement, how it was made, and how the costs scale): from scratch (the feature cache first, then the "
+            f"SST-5 and SST-2 heads) **{idle['wall_s'] / 60:.1f} min** of wall clock and {idle['cpu_s'] / 60:.1f} min "
+            f"of CPU time on an idle 2-core {idle['meta']['cpu_model'].split(' (')[0]}; {loaded['wall_s'] / 60:.0f} "
+            f"min and {loaded['cpu_s'] / 60:.0f} CPU-min on a 2-core CPU busy with other work. Peak resident memory "
+            f"{idle['peak_rss_bytes'] / GIB:.1f} GiB (mostly the memory-mapped cache, which the system can reclaim); "
+            f"disk: the install {install['bytes'] / GIB:.1f} GiB ({install['cuda_bytes'] / GIB:.1f} GiB of it CUDA "
+            f"libraries) and the feature cache {idle['cache_bytes'] / GIB:.1f} GiB. Its heads (seed 0): SST-5 dev "
+            f"{100 * acc['sst5']['valid']:.2f}%, test {100 * acc['sst5']['test']:.2f}%; SST-2 dev "
+            f"{100 * acc['sst2']['valid']:.2f}%, test {100 * acc['sst2']['test']:.2f}%.")
+
+
 def block_results_summary():
     paper, standard = paper_regime(), frozen_heads()
     short = load_record(path('docs/sst_results/record.json'))
@@ -572,6 +587,7 @@ BLOCKS = {
     ('README.md', 'results'): block_readme_results,
     ('README.md', 'vision'): block_readme_vision,
     ('README.md', 'paths'): block_readme_paths,
+    ('docs/replication.md', 'offline-costs'): block_replication_offline_costs,
     ('docs/results.md', 'summary'): block_results_summary,
     ('docs/results.md', 'selection'): block_results_selection,
     ('docs/results.md', 'paper-seeds'): block_results_paper_seeds,

@@ -166,8 +166,8 @@ def render(record_path):
              'Measured by `python -m benchmarks.resources` (the installed size, in seconds) and `python -m '
              'benchmarks.resources --run` (also `bash train_all_heads.sh offline` from scratch: an empty feature cache '
              'and run folder). Each measurement says on what machine and under what load it was made; one made while '
-             'other work shared the machine is listed, but is not the headline figure. The cost of every path, with '
-             'how it scales: [replication.md](replication.md#what-each-path-costs).', '',
+             'other work shared the machine is listed, but is not the headline figure. The cost of every path: the '
+             'README\'s "Pick your path".', '',
              '## The install', '',
              f"requirements.txt and what it pulls in: {install['n_distributions']} distributions, "
              f"**{install['bytes'] / GiB:.1f} GiB** on disk, of which {install['cuda_bytes'] / GiB:.1f} GiB are the CUDA "
@@ -200,6 +200,29 @@ def render(record_path):
     lines.append('')
     for run in record['offline']:
         lines += [f"- {run['meta'].get('when') or NOT_RECORDED}: " + how_measured(run['meta'])]
+    loaded = [r for r in record['offline'] if busy(r['meta'])]
+    if best and loaded:
+        other = loaded[-1]
+        lines += ['', '## How the costs scale', '',
+                  f"- **CPU time is the work; wall clock follows from it.** On the idle 2-core machine the profile "
+                  f"used {best['cpu_s'] / best['wall_s']:.1f} cores on average ({best['cpu_s'] / 60:.1f} CPU-min in "
+                  f"{best['wall_s'] / 60:.1f} min). With k cores free, expect about CPU-minutes / k of wall clock; a "
+                  f"faster CPU shortens both.",
+                  f"- **Other load costs more than its share.** On a 2-core CPU busy with other work the same job took "
+                  f"{other['wall_s'] / best['wall_s']:.1f}x the wall clock and also {other['cpu_s'] / best['cpu_s']:.1f}x "
+                  f"the CPU time: threads that wait for each other and for the cores, and caches shared with other "
+                  f"processes, waste CPU time (our reading; the split was not measured). On a shared machine, `OMP_NUM_THREADS=1` per run and fewer runs at a "
+                  f"time waste less.",
+                  f"- **Memory** does not scale with the CPU: the peak resident set ({best['peak_rss_bytes'] / GiB:.1f} "
+                  f"GiB idle, {other['peak_rss_bytes'] / GiB:.1f} GiB busy) is mostly the memory-mapped feature cache, "
+                  f"which the system reclaims under pressure; a machine with less free memory reads the cache from "
+                  f"disk more often (slower, not failing; expected, not measured).",
+                  f"- **Disk**: the install ({install['bytes'] / GiB:.1f} GiB, {install['cuda_bytes'] / GiB:.1f} GiB of "
+                  f"it CUDA libraries a CPU-only machine does not use) and the feature cache "
+                  f"({best['cache_bytes'] / GiB:.1f} GiB for all SST texts on minilm, float16; a bfloat16-encoded cache "
+                  f"is a second one of the same size). Run folders hold a few MiB per head.",
+                  "- **Not measured here**: the paper's runs on a GPU (time, GPU memory, the backbones' and datasets' "
+                  "disk), the notebooks, loading a pretrained head."]
     return '\n'.join(lines)
 
 
