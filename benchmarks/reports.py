@@ -26,7 +26,7 @@ Hand-written pages hold generated blocks between two markers (BLOCKS):
 """
 import argparse
 import importlib
-import json
+import math
 import os
 import re
 import statistics
@@ -123,6 +123,24 @@ def table_rows(markdown):
 def section(record_path, heading):
     """The section of a benchmark log whose heading starts with heading."""
     return next(s for s in load_record(path(record_path))['sections'] if s['heading'].startswith(heading))
+
+
+def render_card(config_path):
+    """A pretrained model's card (README.md) from its config.json; the parameters counted from the weights file's
+    header (no tensor is read)."""
+    from safetensors import safe_open
+
+    from heinsen_replication.pretrained import model_card
+    folder = os.path.dirname(config_path)
+    with safe_open(os.path.join(folder, 'model.safetensors'), 'pt') as f:
+        n_parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return model_card(load_record(config_path), n_parameters, os.path.relpath(folder, REPO_ROOT))
+
+
+CARDS = ['pretrained/sst5_minilm_routing_head', 'pretrained/sst2_minilm_routing_head',
+         'pretrained/sst5_minilm_capsules2019', 'pretrained/sst2_minilm_capsules2019', 'pretrained/digits_vit/routing_head']
+PAGES.update({f'{folder}/README.md': (f'{folder}/config.json', 'benchmarks.reports:render_card') for folder in CARDS})
+MEASURED_BY.update({f'{folder}/README.md': 'the model card, from its `config.json`' for folder in CARDS})
 
 
 # ---------------------------------------------------------------------------------------------- figures
