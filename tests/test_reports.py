@@ -122,3 +122,30 @@ def test_no_committed_text_outside_tests_speaks_of_issues_or_sessions():
         hits += [f"{name}:{n + 1}: {line.strip()[:100]}" for n, line in enumerate(text.splitlines())
                  if PROCESS_WORDS.search(line)]
     assert not hits, '\n'.join(hits)
+
+
+def test_a_saved_head_records_the_command_that_reproduces_it_and_a_card_that_links_to_nothing_false(tmp_path):
+    import train
+    from tests.test_capsules2019 import write_small_smallnorb
+    write_small_smallnorb(tmp_path, n_train=20, n_test=10)
+    out = tmp_path / 'run'
+    argv = ['--model', 'capsules2019', '--dataset_name', 'smallnorb', '--data_root', str(tmp_path), '--device', 'cpu',
+            '--batch_sz', '10', '--n_epochs', '1', '--output_dir', str(out), '--run_test']
+    train.main([*argv, '--overwrite'])
+    config = reports.load_record(out / 'model' / 'config.json')
+    assert config['training']['reproduce'] == 'python train.py ' + ' '.join(argv)      # --overwrite dropped
+    card = (out / 'model' / 'README.md').read_text()
+    assert 'python train.py' in card and '@misc{heinsen2022algorithm' in card and 'license: mit' in card
+    assert not re.search(r'pushed to the Hub|More Information Needed|github\.com/glassroom', card)
+
+
+def test_the_package_version_is_the_newest_changelog_entry():
+    import tomllib
+
+    import heinsen_routing
+    with open(os.path.join(REPO_ROOT, 'pyproject.toml'), 'rb') as f:
+        version = tomllib.load(f)['project']['version']
+    newest = re.search(r'^## (\d+\.\d+\.\d+) \(\d{4}-\d\d-\d\d\)', open(os.path.join(REPO_ROOT, 'CHANGELOG.md')).read(),
+                       re.M)
+    assert newest and newest.group(1) == version == heinsen_routing.__version__
+    assert 'Unreleased' not in open(os.path.join(REPO_ROOT, 'CHANGELOG.md')).read()
