@@ -32,7 +32,7 @@ import re
 import statistics
 import sys
 
-from benchmarks.common import (NOT_RECORDED, REPO_ROOT, busy, finish_meta, how_measured, load_record,
+from benchmarks.common import (REPO_ROOT, busy, finish_meta, how_measured, load_record,
                                measurement_meta, save_record)
 
 # page -> its record (file or folder) and the function 'module:name' that renders it (record path -> text)
