@@ -9,6 +9,7 @@ import torch
 import models
 import train
 from heinsen_routing import EfficientVectorRouting
+from benchmarks.common import save_record
 from tests.helpers.training import run, short_sst_args
 
 D_DEPTH, D_EMB, N_CLASSES = 3, 16, 5
@@ -169,10 +170,22 @@ def test_study_runs_what_the_records_lack_and_records_how(tiny_sst, tiny_bert, t
     assert sorted(found) == ['n_hid16', 'two_routings'] and sorted(found['n_hid16'][0]) == ['sst2', 'sst5']
     r = found['two_routings'][0]['sst2']
     assert r['head'] == {'n_hid': 64, 'n_routings': 2, 'd_hid': None} and 0 <= r['test_accuracy'] <= 1
-    assert r['command'].startswith('python train.py --dataset_name sst2') and r['torch_threads'] == 1
-    assert {'commit', 'cpu_model', 'torch', 'precision', 'load_average_at_start', 'load_average_at_end'} <= set(r)
+    meta = r['meta']
+    assert meta['command'].startswith('python train.py --dataset_name sst2') and meta['threads'] == 1
+    assert {'commit', 'when', 'cpu_model', 'torch', 'precision', 'load_start', 'load_end'} <= set(meta)
     monkeypatch.setattr(train, 'main', lambda argv: pytest.fail('a recorded run was trained again'))
     study.main(argv)
+    # the report, from these records and a costs record: nothing is measured
+    costs = {c: {'parameters': 1000, 'gflop_per_step': 12.0 if c == 'paper' else 3.0}
+             for c in [*study.CONFIGS, study.STANDARD_HEAD]}
+    save_record({'heads': costs, 'flop_steps': 10, 'meta': {'command': 'x'}}, str(records / 'costs.json'))
+    (tmp_path / 'sst_results').mkdir()
+    save_record({'routing_head': {'sst5': '45.3 ± 1.1', 'sst2': '82.4 ± 0.5'}},
+                str(tmp_path / 'sst_results' / 'record.json'))
+    text = study.render(str(records))
+    assert "| `n_hid16`: 16 hidden vectors (n_hid 16) | 1,000 | 3.00 | 0.25 |" in text
+    assert '`paper`' in text and 'not run' in text and 'SST-5 45.3 ± 1.1, SST-2 82.4 ± 0.5' in text
+    assert 'fewer than 3 seeds on record: `n_hid16`, `two_routings`' in text
 
 
 def test_study_verdict_compares_with_the_papers_head_within_one_std():
