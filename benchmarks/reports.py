@@ -603,8 +603,20 @@ def block_docs_reports():
     return '\n'.join(lines)
 
 
+def block_readme_routing_study():
+    from benchmarks.routing_head_study import summary
+    return summary(path('docs/routing_head_study'), 'docs/')
+
+
+def block_choosing_routing_study():
+    from benchmarks.routing_head_study import summary
+    return summary(path('docs/routing_head_study'), '')
+
+
 BLOCKS = {
     ('README.md', 'results'): block_readme_results,
+    ('README.md', 'routing-study'): block_readme_routing_study,
+    ('docs/choosing_a_head.md', 'routing-study'): block_choosing_routing_study,
     ('README.md', 'vision'): block_readme_vision,
     ('README.md', 'paths'): block_readme_paths,
     ('docs/replication.md', 'offline-costs'): block_replication_offline_costs,

@@ -222,6 +222,30 @@ def render(records):
     return '\n'.join(lines)
 
 
+def summary(records, docs='docs/'):
+    """The study's findings in a paragraph, from its records (the README's and docs/choosing_a_head.md's generated
+    block; docs: the docs folder as the page links it)."""
+    found, cost = read_records(records), load_record(os.path.join(records, 'costs.json'))
+    flops = {c: v['gflop_per_step'] for c, v in cost['heads'].items()}
+    complete = {c: [r for r in found.get(c, {}).values() if set(r) == set(DATASETS)] for c in CONFIGS}
+    acc = {c: {d: [r[d]['test_accuracy'] for r in runs] for d in DATASETS} for c, runs in complete.items()}
+    base, _ = baseline(acc, committed_baseline(os.path.join(os.path.dirname(os.path.abspath(records)), 'sst_results',
+                                                            'record.json')))
+    lighter = [c for c in CONFIGS if c != BASELINE]
+    shown = '; '.join(f"{CONFIGS[c][0]} {flops[c]:.2f} ({flops[c] / flops[BASELINE]:.2f}x)" for c in lighter)
+    ran = [c for c in lighter if complete[c]]
+    accuracy = ('; '.join(f"{CONFIGS[c][0]} {mean_std(acc[c]['sst5'])} / {mean_std(acc[c]['sst2'])} "
+                          f"({len(complete[c])} seed{'s' if len(complete[c]) > 1 else ''})" for c in ran)
+                if ran else 'none has finished both datasets yet')
+    return (f"**Is there a lighter routing head?** FLOPs of one SST-5 training step (batch 32, FlopCounterMode): the "
+            f"paper's head {flops[BASELINE]:.2f} GFLOP, head (c) {flops[STANDARD_HEAD]:.2f} "
+            f"({flops[STANDARD_HEAD] / flops[BASELINE]:.2f}x); lighter routing heads: {shown}. Test accuracy in the "
+            f"offline profile's budget (SST-5 / SST-2), against the paper's head's {100 * base['sst5'][0]:.1f} ± "
+            f"{100 * base['sst5'][1]:.1f} / {100 * base['sst2'][0]:.1f} ± {100 * base['sst2'][1]:.1f}: {accuracy}. "
+            + verdict(acc, flops, base) + f" `python -m benchmarks.routing_head_study`, "
+            f"[{docs}routing_head_study.md]({docs}routing_head_study.md).")
+
+
 def committed_baseline(path=SST_RESULTS):
     """The paper's head in this budget as docs/sst_results/record.json records it (benchmarks.sst_results, seeds
     0-2: the offline profile's regime) -> {dataset: (mean, std)} (fractions)."""
