@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import train
 from heinsen_replication import checkpoints, loaders, models
 from heinsen_replication.data import write_cifar_batch
+from heinsen_replication.errors import UsageError
 from tests.helpers.files import metrics_records as metrics
 from tests.helpers.training import run, sst_args
 
@@ -153,15 +154,15 @@ def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
     assert '--chunk_elements must be a positive int (elements per chunk), got 0' in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown backbone 'nope'"):
         run(sst_args(tiny_sst, 'nope', tmp_path / 'r'))
-    with pytest.raises(FileNotFoundError, match='sst'):
+    with pytest.raises(UsageError, match='sst'):
         run(sst_args(tmp_path / 'empty', tiny_bert, tmp_path / 'r'))
     out = tmp_path / 'corrupt'
     out.mkdir()
     (out / 'checkpoint.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(RuntimeError, match='corrupt'):
+    with pytest.raises(UsageError, match='corrupt'):
         run(sst_args(tiny_sst, tiny_bert, out, '--resume'))
     (out / 'head.safetensors').write_bytes(b'garbage')
-    with pytest.raises(RuntimeError, match='not a readable safetensors'):
+    with pytest.raises(UsageError, match='not a readable safetensors'):
         run(sst_args(tiny_sst, tiny_bert, tmp_path / 'r', '--eval_only', '--pretrained_path', out / 'head.safetensors'))
 
 
