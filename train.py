@@ -1,41 +1,27 @@
 """
-Trains a routing head on the hidden states of ALL depths of a frozen pretrained transformer
-(the 2022 paper's regime), on CPU, one GPU (AMP) or several (`accelerate launch train.py ...`);
-with --model capsules2019, the 2019 paper's capsule networks in its regime.
+Trains a routing head on the hidden states of ALL depths of a frozen pretrained transformer (the 2022 paper's
+regime), on CPU, one GPU or several (`accelerate launch train.py ...`); with --model capsules2019, the 2019 paper's
+capsule networks in theirs. Paths are relative to the folder it is started from.
 
     python train.py --dataset_name sst5 --backbone minilm --n_epochs 1 --feature_cache .data/features --run_test
     python train.py --dataset_name sst2 --backbone minilm --pretrained_path runs/sst5/model ...
     python train.py --dataset_name sst2 --backbone minilm --eval_only --pretrained_path pretrained/<file>
+    python train.py --model capsules2019 --dataset_name smallnorb --n_epochs 50 --run_test
 
 The frozen backbone runs under torch.autocast at --mixed_precision (fp16 by default on a GPU, as the paper's
-authors), the head in float32. A run on one of the papers' backbones stops when CUDA is not usable, unless
---device cpu is given. Every epoch is evaluated once: on the validation split, or on the test split where the dataset
-has none (metrics.jsonl names it: "eval_split").
+authors), the head in float32; a run on one of the papers' backbones stops when CUDA is not usable, unless --device
+cpu is given. Only the head trains, in its model's regime (heinsen_replication.recipes.REGIMES): RAdam, one cycle,
+mixup of hidden states and one-hot targets. --pretrained_path loads a model and fine-tunes only its last routing (the
+paper's SST-5 -> SST-2; --finetune all trains every parameter); tensors whose shapes differ (another number of
+classes) start from their initialisation. Every epoch is evaluated once: on the validation split, or on the test
+split where the dataset has none ("eval_split" in metrics.jsonl). capsules2019 trains models.SSTClassifier on a text
+backbone's hidden states and models.SmallNORBClassifier end to end on smallnorb.
 
-Only the head trains: RAdam, one-cycle schedule (30% warm-up, max lr 1e-3), mixup of hidden states
-and one-hot targets (Beta(0.65, 0.65) for text, Beta(0.2, 0.2) for images). --pretrained_path loads a
-head and fine-tunes only its last routing (the paper's SST-5 -> SST-2; --finetune all trains every parameter, a
-diagnostic variant); the last routing's tensors whose shapes differ (other number of classes) start from their
-initialisation.
-
-Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file, fsync,
-rename, fsync of the folder), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the
-checkpoint), and --resume continues after the last complete epoch; it refuses a checkpoint whose
-training-defining arguments (RESUME_ARGS) differ. The final model is output_dir/model/ (save_pretrained: config.json
-with the training metadata, model.safetensors; load it with models.from_pretrained), and every epoch's is kept as
-output_dir/epoch<k>/ (as the paper keeps every epoch's checkpoint).
-An output_dir that holds a run is never overwritten without --resume or --overwrite.
-Checkpoints and .pt heads load with torch.load(weights_only=True): a crafted file cannot run code.
-
---model capsules2019 (the 2019 paper, "An Algorithm for Routing Capsules in All Domains"): text datasets
-train models.SSTClassifier on the frozen backbone's hidden states; smallnorb trains
-models.SmallNORBClassifier end to end (no backbone; output_dir/model/ then holds the whole network).
-Its regime: RAdam, one cycle of max lr 5e-4 (10% warm-up, cosine down to 1e-5) also cycling Adam's
-beta1, mixup Beta(0.2, 0.2), batch 20, float32 (no AMP by default); the paper trains smallnorb for 50
-epochs and SST for 3 epochs on all subtrees, e.g.
-
-    python train.py --model capsules2019 --dataset_name smallnorb --n_epochs 50 --run_test
-    python train.py --model capsules2019 --dataset_name sst5 --n_epochs 3 --feature_cache .data/features --run_test
+Nothing is lost: after every epoch the model (output_dir/epoch<k>/), output_dir/checkpoint.pt and
+output_dir/metrics.jsonl are written atomically, and --resume continues after the last complete epoch (refusing
+other training-defining arguments, runs.RESUME_ARGS, or other data); the final model is output_dir/model/ (load it
+with models.from_pretrained). A run folder is never overwritten without --resume or --overwrite. A mistake of the
+user's is one line `error: ...` (exit status 2); anything else keeps its traceback.
 """
 import argparse
 import dataclasses
@@ -59,8 +45,9 @@ from heinsen_replication.errors import UsageError, relative_to_cwd
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
 from heinsen_replication.recipes import REGIMES
 from heinsen_replication.runs import (check_output_dir, data_fingerprint, release_output_dir, remove_old_run, restore,
-                                      resumed_checkpoint, save_checkpoint, save_model, write_metrics, written)
+                                      resumed_checkpoint, save_epoch, save_final)
 from heinsen_replication.settings import run_settings
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -339,38 +326,6 @@ def validate(run, split):
         raise UsageError(f"the {split} scores of {int(n_not_finite)} of {n_total} examples are not finite (NaN/Inf): "
                          f"refusing to report an accuracy; the head or its input features are damaged")
     return int(n_correct) / n_total
-
-
-def save_epoch(run, record):
-    """After an epoch: its model (epoch<k>/, as the paper keeps every epoch's), the checkpoint, the metrics."""
-    run.history.append(record)
-    if run.accelerator.is_main_process:
-        head = run.accelerator.unwrap_model(run.head)
-        epoch_dir = os.path.join(run.args.output_dir, f"epoch{record['epoch']}")
-        with written(epoch_dir, "The checkpoint of the epoch before, if any, is intact: run again with --resume to "
-                                "continue from it"):
-            save_model(head, epoch_dir, run.backbone, {**run.metadata, **record})
-        state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
-                 'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
-                 'metadata': run.metadata, 'backbone': run.backbone and run.backbone.name,
-                 'backbone_revision': run.backbone and run.backbone.revision,
-                 'data_fingerprint': run.data_fingerprint}
-        save_checkpoint(state, run.checkpoint_path)
-        with written(run.metrics_path, "The checkpoint of this epoch is intact and holds the metrics: run again "
-                                       "with --resume"):
-            write_metrics(run.metrics_path, run.history)
-    run.accelerator.wait_for_everyone()
-
-
-def save_final(run, final):
-    """The final model (output_dir/model/) and the final metrics record."""
-    model_dir = os.path.join(run.args.output_dir, 'model')
-    if run.accelerator.is_main_process:
-        with written(model_dir, "The checkpoint of the last epoch is intact: run again with --resume to write the "
-                                "model"):
-            save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final)
-            write_metrics(run.metrics_path, run.history + [{'final': final}])
-    run.accelerator.print(f"saved {model_dir}")
 
 
 def main(argv=None):

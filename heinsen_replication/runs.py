@@ -1,8 +1,9 @@
 """
 A run's folder (output_dir): its lock (one writer at a time), the checks before a run writes into it (overwrite,
-resume: the same arguments, the same data), and what it writes there, atomically (data.save_atomic: temp file,
-fsync, rename): checkpoint.pt, metrics.jsonl, model/ and epoch<k>/ (save_pretrained). A failed write (disk full,
-...) names its cause and leaves the previous checkpoint intact.
+resume: the same arguments, the same data), resuming from its checkpoint (restore), and what it writes there,
+atomically (data.save_atomic: temp file, fsync, rename): after each epoch its model (epoch<k>/, save_pretrained),
+checkpoint.pt and metrics.jsonl (save_epoch), at the end model/ (save_final). A failed write (disk full, ...) is a
+UsageError naming its cause, and leaves the previous checkpoint intact.
 """
 import contextlib
 import errno
@@ -308,3 +309,35 @@ def restore(run, checkpoint, defaults):
     run.scheduler.load_state_dict(checkpoint['scheduler'])
     run.history = checkpoint['history']
     run.accelerator.print(f"resumed from {path} after epoch {len(run.history)}")
+
+
+def save_epoch(run, record):
+    """After an epoch: its model (epoch<k>/, as the paper keeps every epoch's), the checkpoint, the metrics."""
+    run.history.append(record)
+    if run.accelerator.is_main_process:
+        head = run.accelerator.unwrap_model(run.head)
+        epoch_dir = os.path.join(run.args.output_dir, f"epoch{record['epoch']}")
+        with written(epoch_dir, "The checkpoint of the epoch before, if any, is intact: run again with --resume to "
+                                "continue from it"):
+            save_model(head, epoch_dir, run.backbone, {**run.metadata, **record})
+        state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
+                 'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
+                 'metadata': run.metadata, 'backbone': run.backbone and run.backbone.name,
+                 'backbone_revision': run.backbone and run.backbone.revision,
+                 'data_fingerprint': run.data_fingerprint}
+        save_checkpoint(state, run.checkpoint_path)
+        with written(run.metrics_path, "The checkpoint of this epoch is intact and holds the metrics: run again "
+                                       "with --resume"):
+            write_metrics(run.metrics_path, run.history)
+    run.accelerator.wait_for_everyone()
+
+
+def save_final(run, final):
+    """The final model (output_dir/model/) and the final metrics record."""
+    model_dir = os.path.join(run.args.output_dir, 'model')
+    if run.accelerator.is_main_process:
+        with written(model_dir, "The checkpoint of the last epoch is intact: run again with --resume to write the "
+                                "model"):
+            save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final)
+            write_metrics(run.metrics_path, run.history + [{'final': final}])
+    run.accelerator.print(f"saved {model_dir}")
