@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 from . import data
-from .errors import UsageError
+from .errors import UsageError, relative_to_cwd
 from .pretrained import check_finite, torch_load_safely
 
 RUN_FILES = ('checkpoint.pt', 'model', 'metrics.jsonl')   # what a run writes into output_dir, and epoch<k>/ folders
@@ -61,14 +61,16 @@ def check_output_dir(args):
     (or the --pretrained_path head) that this run would overwrite, unless --resume or --overwrite."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--output_dir {out!r} is a file, not a folder: choose another --output_dir")
+        raise UsageError(f"--output_dir {out!r}{relative_to_cwd(out)} is a file, not a folder: choose another "
+                         f"--output_dir")
     try:
         os.makedirs(out, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix='.write-test-')
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise UsageError(f"--output_dir {out!r} is not writable ({e.strerror or e}): choose another --output_dir")
+        raise UsageError(f"--output_dir {out!r}{relative_to_cwd(out)} is not writable ({e.strerror or e}): choose "
+                         f"another --output_dir")
     lock_output_dir(out)                                  # before looking at what it holds: one writer at a time
     try:
         check_run_files(args, out)
