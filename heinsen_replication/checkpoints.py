@@ -16,9 +16,6 @@ from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
 from .pretrained import STATE_FILE_SUFFIXES, check_finite, check_local_path, read_config, torch_load_safely
 from .standard_heads import FROZEN_HEADS
 
-# -------------------------------------------------------------------------------------------------
-# Loading any model of this repository, including older single-file heads and plain state dicts
-# -------------------------------------------------------------------------------------------------
 
 def from_pretrained(path_or_id, backbone=None, **kwargs):
     """Any model of this repository -> (model, config dict), config as save_pretrained writes it:
@@ -48,7 +45,6 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
         raise UsageError(f"{path!r}: config.json names model_type {config.get('model_type')!r}, not one of "
                          f"{sorted(MODEL_TYPES)}")
     return MODEL_TYPES[config['model_type']].from_pretrained(path, **kwargs), config
-
 
 
 # The authors' 2022 file names: pretrained_sst5_head_for_roberta-large.state_dict (a plain state dict of the head),

@@ -18,10 +18,6 @@ from safetensors.torch import save_model
 from . import data
 from .errors import UsageError, relative_to_cwd
 
-# -------------------------------------------------------------------------------------------------
-# Saving and loading: the Hugging Face convention, by huggingface_hub's PyTorchModelHubMixin
-# -------------------------------------------------------------------------------------------------
-
 
 class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['heinsen-routing'],
                  repo_url='https://github.com/glassroom/heinsen_routing'):
