@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from heinsen_routing.streamed import machine_cpu_seconds
+from benchmarks.machine_load import machine_cpu_seconds
 from train import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
