@@ -76,14 +76,13 @@ def _chunks(n, batch_numel, row_width, chunk_elements):
     return [(start, min(n, start + rows)) for start in range(0, n, rows)]
 
 
-def _pass_chunks(batch, n, row_width, chunk_elements, whole_batch=False):
+def _pass_chunks(batch, n, row_width, chunk_elements):
     """What a pass streams, in order: [(index, [(start, end), ...])], the chunks of inputs start:end of the batch
     element at `index` of the leading dims `batch`. One entry, index (), the whole batch in every chunk, unless each
-    batch element alone fills at least a chunk (and not whole_batch); then every element on its own, in chunks of its
-    rows: on a CPU, products of [rows, d_inp] by [d_inp, k] instead of a batch of matrices as many times shorter,
-    each product a parallel region of its own (8 x 10,000 inputs on shared cores: 0.8x the time of whole-batch
-    chunks, benchmarks/routing.md)."""
-    if whole_batch or batch.numel() <= 1 or n * row_width < chunk_elements:
+    batch element alone fills at least a chunk; then every element on its own, in chunks of its rows: products of
+    [rows, d_inp] by [d_inp, k] instead of a batch of matrices as many times shorter (benchmarks/routing.md measures
+    the difference)."""
+    if batch.numel() <= 1 or n * row_width < chunk_elements:
         return [((), _chunks(n, batch.numel(), row_width, chunk_elements))]
     chunks = _chunks(n, 1, row_width, chunk_elements)
     return [(index, chunks) for index in itertools.product(*map(range, batch))]
@@ -296,6 +295,22 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
                 beta_0=beta_0, L=L, S=S, R=R, q=q, D_use=D_use, D_ign=D_ign, phi=phi)
 
 
+def _diagnostics(parts, batch):
+    """The diagnostics of a pass from its chunks' parts {index: [[a, S, R, D_use, D_ign, phi] of each chunk]}
+    (_pass_chunks' order): each part's chunks concatenated over the inputs and, when the pass streamed the batch
+    elements one after the other, the elements stacked into the batch. -> {a_inp [..., n], S, R, D_use, D_ign,
+    phi [..., n, n_out]} (S None at t = 0)"""
+    out = {}
+    for k, name in enumerate(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi')):
+        if next(iter(parts.values()))[0][k] is None:
+            out[name] = None
+            continue
+        dim = -1 if name == 'a_inp' else -2
+        rows = [torch.cat([chunk[k] for chunk in chunks], dim=dim) for chunks in parts.values()]
+        out[name] = rows[0] if list(parts) == [()] else torch.stack(rows).reshape(*batch, *rows[0].shape)
+    return out
+
+
 def _beta_rows(Y, name, bias, kept):
     """A chunk's rows of the beta block `name` with its bias: from the chunk's GEMM (Y), then also written into the
     kept rows when there are any (the first iteration's forward), or else read from the kept rows."""
@@ -402,16 +417,14 @@ class _StreamedPass(torch.autograd.Function):
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
         phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
         phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
-        parts = []
-        for i, chunks in _pass_chunks(batch, n, d + n_out, chunk_elements, whole_batch=diagnostics is not None):
+        parts = {}                                              # diagnostics: {index: the chunks' parts}
+        for i, chunks in _pass_chunks(batch, n, d + n_out, chunk_elements):
             ps = _make_pass(cfg, x, mask, scale, p, pred, shared['x_W_A'], kept, index=i)
             phi_x_i, phi_1_i = _item(phi_x, i), _item(phi_1, i, 1)                     # the element's sums
-            parts += [_StreamedPass._forward_chunk(ps, s, e, phi_x_i, phi_1_i, diagnostics is not None)
-                      for s, e in chunks]
+            parts[i] = [_StreamedPass._forward_chunk(ps, s, e, phi_x_i, phi_1_i, diagnostics is not None)
+                        for s, e in chunks]
         if diagnostics is not None:
-            for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
-                dim = -1 if k == 'a_inp' else -2
-                diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
+            diagnostics.update(_diagnostics(parts, batch))
         ctx.cfg, ctx.shared = cfg, shared
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, kept, *params)
