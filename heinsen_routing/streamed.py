@@ -1,25 +1,42 @@
 """
 The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same equations as the readable forward
-(routing.py, with the functions of steps.py), computed over chunks of inputs so that no [..., n, *] intermediate
-(the votes V, the logits, R, D, phi) lives longer than one chunk, in forward or backward, but one beta block with a
-variable length (n_inp = -1), which the first pass keeps for the others (_Pass.kept). One entry point,
-`streamed_routing`; one autograd function per routing iteration, `_StreamedPass`, whose backward is derived by
-hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
+(routing.py, with the functions of steps.py), computed over chunks of inputs so that no [..., n, n_out, *] or
+[..., n, n_out] intermediate (the votes V, the logits, R, D, phi) lives longer than one chunk, in forward or
+backward, but one beta block with a variable length (n_inp = -1), which the first pass keeps for the others
+(_Pass.kept). One entry point, `streamed_routing`; one autograd function per routing iteration, `_StreamedPass`,
+whose backward is derived by hand (docs/equations.md has the forward equations; the backward's are in
+_StreamedPass's docstring).
+
+Memory that grows with the number of inputs n, beyond the input, the parameters and their gradients (one buffer
+each per forward, shared by its passes), per input of each batch element, in the parameters' dtype:
+  - x . W_A, the same at every iteration: 1 element, kept from the forward to the backward (_x_W_A);
+  - its gradient, summed over the passes: 1 element, during the backward;
+  - n_inp = -1: the kept beta block, n_out elements, from the forward to the backward;
+  - with a mask: a few [..., n] bool temporaries.
+So 2 + n_out elements per input with a variable length (float32, n_out = 100: 408 bytes per input), 2 with a fixed
+one. Everything else lives for one chunk at a time: a chunk's working set is a few times chunk_elements elements
+(docs/library.md gives the measured figures).
+The kernel reads nothing but its arguments: no file, no machine state, and it changes no process-global setting
+(threads, precision); the chunks, and so the order of every sum, depend only on the shapes, the dtype, the device
+type and chunk_elements.
 """
 import itertools
 from contextlib import nullcontext
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.nn as nn
 
 from .checks import autocast_enabled
 from .steps import activations, agreement, credit_per_activation, initial_R, predict, squeeze_last, \
     without_masked_inputs, x_out_from_sums
 
 
-def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
-    """EfficientVectorRouting's iterations streamed over chunks of inputs: each iteration's pass (_StreamedPass)
-    returns only the M-step's sums phi_x = sum_i phi x [..., n_out, d_inp] and phi_1 = sum_i phi [..., n_out];
+def streamed_routing(module: nn.Module, x_inp: torch.Tensor, mask: Optional[torch.Tensor],
+                     scale: Union[float, torch.Tensor], diagnostics: bool = False) -> tuple[torch.Tensor, dict]:
+    """EfficientVectorRouting's iterations streamed over chunks of inputs (module: an EfficientVectorRouting; x_inp
+    [..., n, d_inp]; mask None or bool broadcastable to [..., n, n_out]; scale n^(-1/2), a float or [..., 1, 1]; the
+    arguments already checked by its forward): each iteration's pass (_StreamedPass) returns only the M-step's sums phi_x = sum_i phi x [..., n_out, d_inp] and phi_1 = sum_i phi [..., n_out];
     x_out and the next pred ([..., n_out, *]) are computed from them on plain autograd.
     -> x_out [..., n_out, d_out] (before normalisation), and (diagnostics=True) a dict of the last iteration's
     intermediates {a_inp, S, R, D_use, D_ign, phi, pred_x_inp}, detached, else {}."""
@@ -52,13 +69,13 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 # per input over the whole batch (or over one batch element, when each alone fills a chunk: _pass_chunks).
 # chunk_elements=None (the default) is a fixed number of bytes per device type, whatever the memory free, so that the
 # same call chunks (and sums) the same way every time:
-#   CUDA  CUDA_CHUNK_BYTES (1 GiB: 2^28 float32 elements): a few large kernels per pass instead of many small
-#         launches; the paper's largest head input (BEiT-large, batch 50 x 197 positions x 25 depths of 1024, routed
-#         to 64) is one chunk;
+#   CUDA  CUDA_CHUNK_BYTES (1.5 GiB: 3 x 2^27 float32 elements): a few large kernels per pass instead of many small
+#         launches; the 2022 paper's head inputs (BEiT-large: batch 50 x 197 positions x 25 depths of 1024; IMDB:
+#         batch 5 x 2,048 positions x 25 depths; routed to 64) are one chunk each;
 #   else  CPU_CHUNK_BYTES (24 MiB: 3 x 2^21 float32 elements).
 # A chunk's working set is a few times chunk_elements elements (docs/library.md gives the measured figures).
 CPU_CHUNK_BYTES = 24 << 20
-CUDA_CHUNK_BYTES = 1 << 30
+CUDA_CHUNK_BYTES = 3 << 29
 
 
 def chunk_elements_for(device_type: str | torch.device, dtype: torch.dtype) -> int:
@@ -192,8 +209,7 @@ class _Pass(NamedTuple):
     [..., n, n_out]) and whether it masks some input for every output, the scale n^(-1/2) (float or [..., 1, 1]),
     the parameters p (by _STREAMED_PARAMS name), the iteration t, n_out, whether the parameters are per input
     (n_inp > 0), the pass's blocks (_x_products: `products`, all of them, whose gradients backward computes, and
-    `gemm`, those the chunk's GEMM computes), the kept beta block, x . W_A [..., n] (_x_W_A) and the intra-op threads
-    its matrix products use.
+    `gemm`, those the chunk's GEMM computes), the kept beta block and x . W_A [..., n] (_x_W_A).
     kept (n_inp = -1): [..., n, n_out] rows of one beta block (with its bias) that the first pass's forward writes
     and every later pass, and every backward, reads instead of computing it: kept_name 'beta_0' when the first
     iteration's R is uniform (its only block; the later iterations recover beta_ign = (beta_use - n_out beta_0) /
@@ -235,8 +251,8 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
     The products of x with [k, d_inp] blocks come from one GEMM (_x_products). D_use and D_ign only with
     diagnostics (phi needs neither). Inputs masked for every output are replaced by zeros (a copy of the chunk's
     rows) when the mask has any (ps.masks_inputs). The mask enters as a factor `keep` (1 where the (input, output)
-    pair counts, else 0) of q and of the backward's f_a dphi: on a CPU, multiplying by it is about ten times faster
-    than masked_fill. ps: the pass's _Pass; phi_out: None or a [..., c, n_out] tensor to write phi into; with_phi:
+    pair counts, else 0) of q and of the backward's f_a dphi: a multiplication instead of masked_fill
+    (benchmarks/routing.md). ps: the pass's _Pass; phi_out: None or a [..., c, n_out] tensor to write phi into; with_phi:
     False where phi is not needed (the backward without an input gradient), then returned as None.
     -> dict of [..., c, *] tensors (f_a [..., c, 1] before the mask)."""
     x, mask, scale, p, t, n_out, per_input = ps.x, ps.mask, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
@@ -324,7 +340,7 @@ def _beta_rows(Y, name, bias, kept):
 
 def _softmax_over_kept(S, keep, rows_all_masked):
     """masked_softmax(S, mask) with the mask as keep = 1 - mask (float): the masked entries are moved to
-    -finfo.max / 4 by an addition, several times faster than masked_fill on a CPU; they come out exactly 0 in every
+    -finfo.max / 4 by an addition (instead of masked_fill); they come out exactly 0 in every
     row with an unmasked entry. Rows with every entry masked come out 1/n_out and are then zeroed by keep (only
     needed when the mask masks some input for every output, rows_all_masked). S [..., c, n_out] -> R"""
     if keep is None:
@@ -365,11 +381,11 @@ def _mask_kinds(mask):
 
 
 class _StreamedPass(torch.autograd.Function):
-    """One iteration of EfficientVectorRouting (memory_efficient=True): a pass over
-    chunks of inputs whose memory above its input, parameters and their gradients does not grow with
-    n. From x, the iteration's pred (None at t = 0) and the parameters it recomputes chunk by chunk
-    everything of size [..., n, *] (_chunk: the betas, a_inp, f_a, the logits L = x pred^T, R, D,
-    phi) and returns only the two sums the M-step needs,
+    """One iteration of EfficientVectorRouting (memory_efficient=True): a pass over chunks of inputs whose memory
+    above its input, parameters and their gradients grows with n only by what the module docstring lists (x . W_A
+    and its gradient, the kept beta block). From x, the iteration's pred (None at t = 0) and the parameters it
+    recomputes chunk by chunk everything else of size [..., n, *] (_chunk: the betas, a_inp, f_a, the logits
+    L = x pred^T, R, D, phi) and returns only the two sums the M-step needs,
 
         phi_x[..., j, d] = sum_i phi[..., i, j] x[..., i, d]          phi_1[..., j] = sum_i phi[..., i, j]
 
