@@ -22,17 +22,19 @@ type and chunk_elements.
 """
 import itertools
 from contextlib import nullcontext
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
-import torch.nn as nn
 
 from .checks import autocast_enabled
 from .steps import activations, agreement, credit_per_activation, initial_R, predict, squeeze_last, \
     without_masked_inputs, x_out_from_sums
 
+if TYPE_CHECKING:
+    from .routing import EfficientVectorRouting
 
-def streamed_routing(module: nn.Module, x_inp: torch.Tensor, mask: Optional[torch.Tensor],
+
+def streamed_routing(module: 'EfficientVectorRouting', x_inp: torch.Tensor, mask: Optional[torch.Tensor],
                      scale: Union[float, torch.Tensor], diagnostics: bool = False) -> tuple[torch.Tensor, dict]:
     """EfficientVectorRouting's iterations streamed over chunks of inputs (module: an EfficientVectorRouting; x_inp
     [..., n, d_inp]; mask None or bool broadcastable to [..., n, n_out]; scale n^(-1/2), a float or [..., 1, 1]; the

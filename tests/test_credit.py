@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from heinsen_routing import (DefinableVectorRouting, EfficientVectorRouting, GenerativeMatrixRouting, Routing,
-                             end_to_end_credit, record_credit, residual_credit)
+from heinsen_routing import (EfficientVectorRouting, GenerativeMatrixRouting, Routing, end_to_end_credit,
+                             record_credit, residual_credit)
 
 
 def three_routings():
