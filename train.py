@@ -39,24 +39,29 @@ epochs and SST for 3 epochs on all subtrees, e.g.
 """
 import argparse
 import dataclasses
-import errno
 import json
 import math
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, skip_first_batches
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-import data
-import models
+from heinsen_replication import data
+from heinsen_replication.assembly import (AUTOCAST_DTYPES, PAPER_BACKBONES, build_model, check_device,
+                                          device_and_precision, init_from_pretrained, load_frozen_backbone,
+                                          model_name)
+from heinsen_replication.checkpoints import from_pretrained
+from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
+from heinsen_replication.models import RoutingHead
+from heinsen_replication.pretrained import check_finite
+from heinsen_replication.runs import (DISK_ERRORS, check_output_dir, check_resume_args, check_resume_data,
+                                      data_fingerprint, load_checkpoint, release_output_dir, remove_run_files,
+                                      reproduce_command, save_checkpoint, save_model, write_metrics)
+from heinsen_replication.standard_heads import FROZEN_HEADS
 
 # The papers' regimes (command-line options override): one-cycle max lr and warm-up fraction, final lr
 # (None: OneCycleLR's default, max_lr / 25 / 1e4), batch size, mixup alpha per modality, mixed precision on GPU.
@@ -66,14 +71,8 @@ REGIMES = {
     'capsules2019': dict(lr=5e-4, pct_start=0.1, final_lr=1e-5, batch_sz=20,
                          mixup_alpha={'text': 0.2, 'stereo': 0.2}, gpu_precision='no'),
 }
-# The standard heads on the same frozen features (models.FROZEN_HEADS; issue 21) train in the routing head's regime.
-REGIMES.update({name: REGIMES['routing_head'] for name in models.FROZEN_HEADS})
-
-
-# The papers' backbones (2022: roberta-large, BEiT-large; 2019: gpt2-large) and their hub ids: slow on a CPU
-# (benchmarks/full_scale_smoke.md), so a run with one of them never falls back to the CPU silently (check_device).
-PAPER_BACKBONES = ('roberta-large', 'FacebookAI/roberta-large', 'microsoft/beit-large-patch16-224', 'gpt2-large',
-                   'openai-community/gpt2-large')
+# The standard heads on the same frozen features (standard_heads.FROZEN_HEADS) train in the routing head's regime.
+REGIMES.update({name: REGIMES['routing_head'] for name in FROZEN_HEADS})
 
 
 def parse_args(argv=None):
@@ -96,7 +95,7 @@ def parse_args(argv=None):
                    help="routing_head: the 2022 paper's RoutingHead; capsules2019: the 2019 paper's SSTClassifier "
                         "(text) or SmallNORBClassifier (smallnorb, trained end to end), each in its paper's regime; "
                         "scalar_mix_mean, scalar_mix_attention, token_depth_attention: standard heads on the same "
-                        "features (models.FROZEN_HEADS), in the routing head's regime. "
+                        "features (standard_heads.FROZEN_HEADS), in the routing head's regime. "
                         "Default: the model of --pretrained_path (or of the checkpoint --resume continues), "
                         "else routing_head")
     p.add_argument('--backbone', default=None,
@@ -125,7 +124,7 @@ def parse_args(argv=None):
     p.add_argument('--chunk_elements', type=int, default=None,
                    help="routing_head: the streamed routings' chunk size (EfficientVectorRouting's chunk_elements: "
                         "about this many elements of [d_emb + n_out] per input over the batch in a chunk). Default: "
-                        "per device, cache-sized on a CPU (2^21 float32 elements; larger is faster on busy cores), on CUDA the whole sequence in one "
+                        "per device, cache-sized on a CPU (3 x 2^21 float32 elements, 24 MiB), on CUDA the whole sequence in one "
                         "chunk when its working set fits a quarter of the free memory. Changes speed and memory, "
                         "never results")
     p.add_argument('--output_dir', default='runs/default')
@@ -148,6 +147,7 @@ def parse_args(argv=None):
     p.add_argument('--image_size', type=int, default=224, help="images' side after preprocessing")
     p.add_argument('--num_workers', type=int, default=0)
     args = p.parse_args(argv)
+    args.reproduce = reproduce_command(sys.argv[1:] if argv is None else argv)         # saved with the head
     if args.dataset_name not in data.DATASETS:
         p.error(f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}")
     if args.data_source == 'hub' and args.dataset_name not in data.HUB_DATASETS:
@@ -194,366 +194,10 @@ def resolve_model(args, pretrained_meta=None, checkpoint_meta=None):
     return regime
 
 
-# -------------------------------------------------------------------------------------------------
-# Saving and loading, atomically (data.save_atomic: temp file + rename)
-# -------------------------------------------------------------------------------------------------
-
-RUN_FILES = ('checkpoint.pt', 'model', 'metrics.jsonl')   # what a run writes into output_dir, and epoch<k>/ folders
-
-
-def run_files(out):
-    """The names of the files and folders of a run that output_dir holds."""
-    epochs = sorted((n for n in os.listdir(out) if re.fullmatch(r'epoch\d+', n)), key=lambda n: int(n[5:])) \
-        if os.path.isdir(out) else []
-    return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + epochs
-# The arguments that define what a run trains: --resume refuses a checkpoint written with others.
-# --feature_cache is compared as on or off (the float16 cache's features, or the backbone's float32 ones); its
-# folder may move, since the cache's key guarantees the same features. The data themselves are compared by their
-# fingerprint (data.split_fingerprint), not by --data_root, which may move too.
-RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
-               'lr', 'batch_sz', 'mixup_alpha', 'finetune', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch',
-               'mixed_precision', 'matmul_precision', 'feature_cache')
-
-
-def load_checkpoint(path):
-    """A train.py checkpoint, loaded with weights_only=True (models.torch_load_safely): a crafted file cannot run
-    code (train.py stores its arguments and metrics as plain types)."""
-    return models.torch_load_safely(path)
-
-
-def check_output_dir(args):
-    """Before any data is read or encoded: output_dir must be a writable folder, and must not hold a run
-    (or the --pretrained_path head) that this run would overwrite, unless --resume or --overwrite."""
-    out = args.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--output_dir {out!r} is a file, not a folder: choose another --output_dir")
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix='.write-test-')
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--output_dir {out!r} is not writable ({e.strerror or e}): choose another --output_dir")
-    lock_output_dir(out)                                  # before looking at what it holds: one writer at a time
-    try:
-        check_run_files(args, out)
-    except BaseException:
-        release_output_dir(out)
-        raise
-
-
-# The locks of the output folders this process writes (one writer per run folder), by real path.
-_OUTPUT_LOCKS = {}
-
-
-def lock_output_dir(out):
-    """Take output_dir/.lock (a file lock, filelock: flock on POSIX) for the whole run, or stop at once: a second
-    run on the folder, or a second --resume of it, would mix its files with this one's. Under `accelerate launch`
-    the main process (RANK 0) holds it for all the run's processes. Released by release_output_dir (main does, at
-    the end of the run) or when the process ends."""
-    from filelock import FileLock, Timeout
-    if os.environ.get('RANK', '0') != '0':
-        return
-    key = os.path.realpath(out)
-    lock = FileLock(os.path.join(out, '.lock'), thread_local=False)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ValueError(f"--output_dir {out!r} is in use: another train.py run holds {os.path.join(out, '.lock')} "
-                         f"(two runs writing one folder would mix their checkpoints, models and metrics): wait for "
-                         f"it to finish, or choose another --output_dir") from None
-    _OUTPUT_LOCKS[key] = lock
-
-
-def release_output_dir(out):
-    lock = _OUTPUT_LOCKS.pop(os.path.realpath(out), None)
-    if lock is not None:
-        lock.release()
-
-
-def check_run_files(args, out):
-    """output_dir must not hold a run (or the --pretrained_path head) that this run would overwrite, unless
-    --resume or --overwrite."""
-    existing = run_files(out)
-    pretrained = os.path.normpath(args.pretrained_path or '')
-    if (args.pretrained_path and not args.overwrite
-            and os.path.realpath(os.path.dirname(pretrained)) == os.path.realpath(out)
-            and os.path.basename(pretrained) in [*RUN_FILES, *existing]):
-        raise ValueError(f"--pretrained_path {args.pretrained_path!r} is in --output_dir {out!r}, where this run "
-                         f"would overwrite it with its own {os.path.basename(pretrained)}: "
-                         f"choose a new --output_dir (or pass --overwrite to replace it)")
-    if existing and not args.overwrite:
-        if not args.resume:
-            raise ValueError(f"--output_dir {out!r} holds a run ({', '.join(existing)}): pass --resume to continue it, "
-                             f"--overwrite to replace it, or choose a new --output_dir")
-        if 'checkpoint.pt' not in existing:
-            raise ValueError(f"--resume: --output_dir {out!r} holds {', '.join(existing)} but no checkpoint.pt to "
-                             f"resume from; starting over would overwrite them: pass --overwrite to replace them, "
-                             f"or choose a new --output_dir")
-
-
-def check_resume_args(checkpoint, args, path):
-    """Refuse to resume a checkpoint written with other training-defining arguments (RESUME_ARGS), naming them."""
-    saved = checkpoint.get('args')
-    if not isinstance(saved, dict):
-        raise ValueError(f"--resume: {path} records no arguments, so it cannot be checked against this run's; "
-                         f"delete it to start over, or use a new --output_dir")
-    current = vars(args)
-    defaults = vars(parse_args(['--dataset_name', args.dataset_name]))   # for arguments newer than the checkpoint
-
-    def trained(name):
-        return saved.get(name, defaults[name])
-
-    def same(name):
-        a, b = trained(name), current.get(name)
-        if name == 'pretrained_path' and a and b:
-            return os.path.realpath(a) == os.path.realpath(b)
-        if name == 'feature_cache':
-            return bool(a) == bool(b)
-        return a == b
-
-    differ = [name for name in RESUME_ARGS if not same(name)]
-    if differ:
-        details = ', '.join(f"--{n} {trained(n)!r} (now {current.get(n)!r})" for n in differ)
-        raise ValueError(f"--resume: {path} was trained with {details}: resume with the same arguments, or start "
-                         f"a new run in another --output_dir")
-
-
-def check_resume_data(checkpoint, args, splits, path):
-    """Refuse to resume on other data than the checkpoint trained on: the fingerprints (data.split_fingerprint) of
-    the splits it recorded must match this run's, naming the splits that differ and the data arguments that
-    changed. A checkpoint of an older train.py records none: said, not refused."""
-    saved = checkpoint.get('data_fingerprint')
-    if not isinstance(saved, dict):
-        print(f"--resume: {path} records no fingerprint of its data (an older train.py); the data cannot be "
-              f"checked against it", file=sys.stderr)
-        return
-    now = data_fingerprint(splits)
-    differ = [split for split in sorted(set(saved) | set(now)) if saved.get(split) != now.get(split)]
-    if differ:
-        trained = checkpoint.get('args') or {}
-        moved = ', '.join(f"--{n} {trained.get(n)!r} (now {getattr(args, n)!r})" for n in ('data_root', 'data_source')
-                          if n in trained and trained[n] != getattr(args, n))
-        raise ValueError(f"--resume: {path} was trained on other data: the {', '.join(differ)} split"
-                         f"{'s differ' if len(differ) > 1 else ' differs'} from the one it recorded"
-                         f"{' (' + moved + ')' if moved else ''}: resume on the same data, or start a new run in "
-                         f"another --output_dir")
-
-
-def data_fingerprint(splits):
-    """{split: data.split_fingerprint} of the splits a run trains and evaluates on."""
-    return {k: data.split_fingerprint(splits[k]) for k in ('train', 'valid', 'test') if splits.get(k) is not None}
-
-
-DISK_ERRORS = {errno.ENOSPC: 'disk full: free some space', errno.EDQUOT: 'disk quota exceeded: free some space',
-               errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
-
-
-def disk_full(folder, needed_bytes=0):
-    """Whether folder's file system has no room for needed_bytes (torch.save reports a full disk as a RuntimeError
-    'unexpected pos' without an errno: the free space tells)."""
-    try:
-        return shutil.disk_usage(folder).free <= needed_bytes + (1 << 20)
-    except OSError:
-        return False
-
-
-def state_bytes(state):
-    """The bytes of the tensors in a (nested) state."""
-    if torch.is_tensor(state):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_bytes(v) for v in state)
-    return 0
-
-
-def save_checkpoint(state, path):
-    """The checkpoint, atomically; a failed write (disk full, ...) leaves the previous checkpoint intact."""
-    try:
-        data.save_atomic(lambda tmp: torch.save(state, tmp), path)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, OSError):
-            why = DISK_ERRORS.get(e.errno)
-        else:                                    # torch's writer: '[enforce fail at ...] unexpected pos'
-            why = 'disk full: free some space' if disk_full(os.path.dirname(os.path.abspath(path)),
-                                                            state_bytes(state)) else None
-        detail = f" ({why})" if why else ''
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"could not write checkpoint {path}{detail}: {message}. The previous checkpoint, if any, "
-                           f"is intact: run again with --resume to continue from it") from e
-
-
-def write_metrics(path, records):
-    """metrics.jsonl: one JSON line per record, rewritten atomically (it always matches the checkpoint)."""
-    data.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records).encode())
-
-
-def read_metrics(path):
-    """A run's metrics.jsonl (the file, or the run's folder) -> (per-epoch records, the final record or None while
-    the run is unfinished)."""
-    path = os.path.join(path, 'metrics.jsonl') if os.path.isdir(path) else path
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    finals = [r['final'] for r in records if 'final' in r]
-    return [r for r in records if 'epoch' in r], (finals[-1] if finals else None)
-
-
-def save_model(model, folder, backbone, training):
-    """model.save_pretrained(folder): config.json (the constructor's arguments, the backbone it trained on and the
-    training metadata) and model.safetensors, each written atomically."""
-    model.save_pretrained(folder, backbone=backbone and backbone.name, backbone_revision=backbone and backbone.revision,
-                          training=training)
-
-
-# -------------------------------------------------------------------------------------------------
-# Data: batches of (hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] or None, labels [batch])
-# -------------------------------------------------------------------------------------------------
-
-class PassSampler(torch.utils.data.Sampler):
-    """The training split's shuffled order (as RandomSampler(generator) draws it), each index paired with the pass
-    it belongs to: yields (n_pass, index); training_stream sets n_pass before each pass."""
-
-    def __init__(self, n, generator):
-        self.n, self.generator, self.n_pass = n, generator, 0
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        return ((self.n_pass, i) for i in torch.randperm(self.n, generator=self.generator).tolist())
-
-
-class SeededDraws(torch.utils.data.Dataset):
-    """A training split whose random transforms (the images' augmentations) draw from torch's RNG seeded with
-    (seed, pass, index) alone: another --rng_seed draws other augmentations, the same seed the same ones, in any
-    worker and after --resume (which starts mid-pass). The caller's RNG is left as it was (mixup's draws do not
-    depend on the loading). Indexed by PassSampler's (n_pass, index)."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        n_pass, i = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, n_pass, i)) & (2 ** 63 - 1))   # ints hash the same in every process
-            return self.dataset[i]
-
-
-def make_loaders(args, splits, backbone, accelerator, generator):
-    """-> ({split: DataLoader}, the training split's PassSampler or None); the training split is shuffled by
-    `generator` alone and its random transforms are seeded by (--rng_seed, pass, index) (SeededDraws); each loader
-    draws its workers' seeds from a generator of its own seeded with --rng_seed, never from torch's global RNG, so
-    that mixup's draws do not depend on when a pass starts. On CUDA, batches are pinned and workers persist. With
-    --feature_cache, text batches come straight from the cache."""
-    loaders, sampler = {}, None
-    cuda = accelerator.device.type == 'cuda'
-    workers = dict(num_workers=args.num_workers, pin_memory=cuda, persistent_workers=cuda and args.num_workers > 0)
-    store = None
-    if args.feature_cache:
-        if splits['modality'] != 'text':
-            raise ValueError(f"--feature_cache is for text datasets; {args.dataset_name} is {splits['modality']} "
-                             f"(its training images are augmented, so their features change every epoch)")
-        store = data.FeatureStore(args.feature_cache, backbone)
-        accelerator.print(f"feature cache of {backbone.name}: {os.path.abspath(store.folder)}")
-    for split in ('train', 'valid', 'test'):
-        dataset = splits[split]
-        if dataset is None:
-            continue
-        if store is None:
-            if split == 'train':
-                sampler, dataset = PassSampler(len(dataset), generator), SeededDraws(dataset, args.rng_seed)
-            loaders[split] = torch.utils.data.DataLoader(
-                dataset, batch_size=args.batch_sz, sampler=sampler if split == 'train' else None,
-                generator=torch.Generator().manual_seed(args.rng_seed), **workers)
-            continue
-        with accelerator.main_process_first():
-            dataset = store.dataset(dataset.texts, dataset.labels, desc=f"{args.dataset_name}/{split}")
-        batches = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_sz, shuffle=(split == 'train'),
-                                                 generator=generator if split == 'train' else None)
-        loaders[split] = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate_features,
-                                                     generator=torch.Generator().manual_seed(args.rng_seed), **workers)
-    return loaders, sampler
-
-
-def features(batch, backbone, cached):
-    """A loader's batch -> hidden [batch, n_pos, d_depth, d_emb], mask [batch, n_pos] | None, labels [batch];
-    without a backbone (end-to-end models), the loader's inputs (smallnorb: images [batch, 2, 96, 96])."""
-    if cached:
-        return batch
-    inputs, labels = batch
-    if backbone is None:
-        return inputs, None, labels
-    hidden, mask = backbone.encode(inputs)
-    return hidden.to(labels.device), None if mask is None else mask.to(labels.device), labels
-
-
-def mixup(hidden, mask, labels, n_classes, alpha):
-    """The authors' mixup: each sample (hidden states or images) is mixed with the next one in the batch (the
-    last with the first), x.lerp(x[[1, ..., B-1, 0]], r) with r ~ Beta(alpha, alpha) per sample, and so are the
-    one-hot targets; a position is padding in the mix only where it is padding in both. -> hidden, mask, targets."""
-    targets = F.one_hot(labels, n_classes).to(hidden.dtype)                       # [batch, n_classes]
-    if not alpha:
-        return hidden, mask, targets
-    r = torch.distributions.Beta(alpha, alpha).sample((len(labels),)).to(hidden.device, hidden.dtype)  # [batch]
-    nxt = torch.arange(1, len(labels) + 1, device=hidden.device) % len(labels)   # [1, ..., B-1, 0]
-    hidden = hidden.lerp(hidden[nxt], r.view(-1, *[1] * (hidden.dim() - 1)))
-    targets = targets.lerp(targets[nxt], r[:, None])
-    return hidden, (None if mask is None else mask & mask[nxt]), targets
-
-
-def soft_cross_entropy(scores, targets):
-    """The training loss: cross-entropy of class scores [batch, n_classes] against (mixed) target distributions
-    [batch, n_classes], in float32, averaged over the batch."""
-    return -(targets * F.log_softmax(scores.float(), dim=-1)).sum(-1).mean()
-
-
-def training_stream(loader, generator, seed, start_step, sampler=None):
-    """The paper's stream of training batches: passes over the training split, each shuffled anew (pass p by
-    `generator` seeded with seed * 1000 + p; its augmentations seeded by (seed, p, index) through `sampler`, a
-    PassSampler), cycled without end; it starts at global step start_step, so an epoch of n steps takes the next n
-    batches (epochs need not align with passes), also after --resume."""
-    n_pass, skip = divmod(start_step, len(loader))
-    while True:
-        generator.manual_seed(seed * 1000 + n_pass)
-        if sampler is not None:
-            sampler.n_pass = n_pass
-        yield from skip_first_batches(loader, skip) if skip else loader
-        n_pass, skip = n_pass + 1, 0
-
-
 def class_scores(head, inputs, mask):
     """-> [batch, n_classes]: the RoutingHead's output, or a_out of the 2019 capsule models' (a_out, mu_out, sig2_out)."""
     out = head(inputs) if mask is None else head(inputs, mask)
     return out[0] if isinstance(out, tuple) else out
-
-
-def model_name(model):
-    """The --model name of a loaded model."""
-    frozen_heads = {cls: name for name, cls in models.FROZEN_HEADS.items()}
-    return 'routing_head' if isinstance(model, models.RoutingHead) else frozen_heads.get(type(model), 'capsules2019')
-
-
-def build_model(args, splits, backbone):
-    """-> (the trained module, its training metadata) for --model on this dataset (backbone None: end to end); the
-    module's own config (its constructor's arguments) is saved with it by save_pretrained."""
-    n_classes, modality = splits['n_classes'], splits['modality']
-    metadata = {'model': args.model, 'dataset_name': args.dataset_name}
-    if args.model == 'routing_head':
-        return models.RoutingHead(backbone.d_depth, backbone.d_emb, n_classes), metadata
-    if args.model in models.FROZEN_HEADS:
-        return models.FROZEN_HEADS[args.model](backbone.d_depth, backbone.d_emb, n_classes), metadata
-    if modality == 'stereo':
-        return models.SmallNORBClassifier(n_objs=n_classes, n_parts=64, d_chns=64), metadata
-    if modality == 'text':
-        return models.SSTClassifier(backbone.d_depth, backbone.d_emb, d_inp=64, d_cap=2, n_parts=64,
-                                    n_classes=n_classes), metadata
-    raise ValueError(f"--model capsules2019 has the 2019 paper's models for text datasets (SSTClassifier) and "
-                     f"smallnorb (SmallNORBClassifier); --dataset_name {args.dataset_name!r} is {modality}")
 
 
 def one_cycle(optimizer, lr, regime, total_steps):
@@ -568,26 +212,6 @@ def one_cycle(optimizer, lr, regime, total_steps):
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, pct_start=regime['pct_start'],
                                                final_div_factor=final_div_factor, cycle_momentum=True,
                                                total_steps=total_steps)
-
-
-def depths_hint(state, backbone):
-    """Why a state dict may not fit: the depths x size of hidden states it was trained on, against the backbone's."""
-    for key in ('depth_emb', 'W'):                        # SSTClassifier, RoutingHead: [d_depth, d_emb]
-        shape = tuple(state[key].shape) if key in state else ()
-        if backbone is not None and len(shape) == 2 and shape != (backbone.d_depth, backbone.d_emb):
-            return (f" (it was trained on hidden states of {shape[0]} depths x {shape[1]}, e.g. gpt2-large's 37 x "
-                    f"1280 for the published 2019 SST models; --backbone {backbone.name} gives "
-                    f"{backbone.d_depth} x {backbone.d_emb})")
-    return ''
-
-
-def last_routing(head):
-    """The parameter-name prefix of the model's last routing (the one fine-tuned from a pretrained model); for the
-    standard heads (models.FROZEN_HEADS) its analogue, their final Linear (LAST_STAGE)."""
-    if hasattr(head, 'LAST_STAGE'):
-        return head.LAST_STAGE
-    name = 'route' if isinstance(head, models.RoutingHead) else 'routings'
-    return f"{name}.{len(getattr(head, name)) - 1}."
 
 
 @torch.no_grad()
@@ -625,7 +249,7 @@ class Run:
     regime: dict
     accelerator: Accelerator
     splits: dict
-    backbone: object                      # models.FrozenBackbone, or None (end-to-end models)
+    backbone: object                      # backbones.FrozenBackbone, or None (end-to-end models)
     head: torch.nn.Module
     metadata: dict                        # the model and dataset, saved with every model
     eval_loaders: dict                    # {'valid', 'test': prepared DataLoader} (those the dataset has)
@@ -650,7 +274,7 @@ def build_run(args):
     """Parsed arguments -> a Run: the device, the data, the frozen backbone, the head (initialised from
     --pretrained_path), and, unless --eval_only, the optimizer, the schedule and the training stream, restored
     from output_dir/checkpoint.pt with --resume."""
-    pretrained, pretrained_config = models.from_pretrained(args.pretrained_path) if args.pretrained_path else (None, None)
+    pretrained, pretrained_config = from_pretrained(args.pretrained_path) if args.pretrained_path else (None, None)
     backbone_given = args.backbone is not None
     args.backbone = args.backbone or (pretrained_config or {}).get('backbone') or 'minilm'
     use_cpu = check_device(args)
@@ -679,7 +303,7 @@ def build_run(args):
     backbone = load_frozen_backbone(args, splits, accelerator, AUTOCAST_DTYPES[precision])
     head, metadata = build_model(args, splits, backbone)
     if args.chunk_elements is not None:
-        if not isinstance(head, models.RoutingHead):
+        if not isinstance(head, RoutingHead):
             raise ValueError(f"--chunk_elements sets the streamed routings of --model routing_head; "
                              f"{type(head).__name__} has none")
         head.set_chunk_elements(args.chunk_elements)
@@ -716,88 +340,6 @@ def build_run(args):
     return run
 
 
-AUTOCAST_DTYPES = {'no': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}   # --mixed_precision -> the backbone's
-
-
-def check_device(args):
-    """-> whether the run is on the CPU. --device cuda needs CUDA; --device auto falls back to the CPU, except for a
-    backbone of the papers (PAPER_BACKBONES): that stops unless --device cpu is given."""
-    cuda = torch.cuda.is_available()
-    why = (f"torch.cuda.is_available() is False: no GPU, or its driver is older than this torch build (CUDA "
-           f"{torch.version.cuda or 'none: a CPU-only build'}) needs")
-    if args.device == 'cuda' and not cuda:
-        raise RuntimeError(f"--device cuda: no CUDA device is usable ({why})")
-    if args.device == 'auto' and not cuda and args.backbone in PAPER_BACKBONES:
-        raise RuntimeError(f"--backbone {args.backbone} is one of the papers' backbones, meant for a GPU, and no CUDA "
-                           f"device is usable ({why}); on a CPU its steps are slow (benchmarks/full_scale_smoke.md). "
-                           f"Pass --device cpu to run it on the CPU anyway")
-    return args.device == 'cpu' or not cuda
-
-
-def device_and_precision(accelerator, backbone, args):
-    """What the run computes on, for the log and the saved model's config.json (training metadata)."""
-    device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    autocast = backbone is not None and backbone.autocast_dtype
-    return {'device': f'{device.type} ({name})',
-            'backbone_precision': 'none' if backbone is None else
-            (f"{str(autocast).replace('torch.', '')} autocast" if autocast else 'float32'),
-            'head_precision': 'float32', 'matmul_precision': args.matmul_precision}
-
-
-def load_frozen_backbone(args, splits, accelerator, autocast_dtype=None):
-    """The frozen backbone --backbone on the accelerator's device, its forward under autocast at autocast_dtype
-    (None: float32), or None for end-to-end models (smallnorb)."""
-    if splits['modality'] == 'stereo':                    # smallnorb: the 2019 network learns from the pixels
-        if args.model != 'capsules2019':
-            raise ValueError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
-                             f"the 2019 paper's SmallNORBClassifier end to end: pass --model capsules2019")
-        return None
-    backbone = models.load_backbone(args.backbone, revision=args.revision, max_length=args.max_length,
-                                    autocast_dtype=autocast_dtype)
-    if backbone.modality != splits['modality']:
-        raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
-                         f"{args.dataset_name!r} is {splits['modality']}")
-    return backbone.to(accelerator.device)
-
-
-def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log, backbone_given=True):
-    """--pretrained_path: with --eval_only the head is the pretrained one (every tensor must fit); otherwise it is
-    fine-tuned: every tensor that fits is loaded and only the last routing trains (the paper's SST-5 -> SST-2
-    recipe; --finetune all trains every parameter). The backbone must be the one the file names; the authors' files
-    name theirs only in the file name, so a --backbone given explicitly (e.g. a local copy) is taken as theirs."""
-    state = pretrained.state_dict()
-    trained_on, using = pretrained_config.get('backbone'), backbone and backbone.name
-    authors = pretrained_config.get('training', {}).get('source') == 'authors_2022'
-    if authors and backbone_given and trained_on not in (None, using):
-        log(f"--pretrained_path {args.pretrained_path} is named for backbone {trained_on!r}; using --backbone {using!r}")
-    elif trained_on not in (None, using):
-        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
-                         f"{trained_on!r}, not --backbone {using!r}")
-    revision, now = pretrained_config.get('backbone_revision'), backbone and backbone.revision
-    if trained_on is not None and revision != now:
-        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone {trained_on!r} at "
-                         f"revision {revision!r}, not --revision {now!r}: pass --revision {revision}"
-                         if revision else f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
-                         f"{trained_on!r} at no pinned revision, not --revision {now!r}: leave --revision out")
-    if args.eval_only:
-        try:
-            head.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
-                               f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: {e}") from e
-        return
-    own = head.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    head.load_state_dict(fits, strict=False)
-    for name, p in head.named_parameters():
-        p.requires_grad_(args.finetune == 'all' or name.startswith(last_routing(head)))
-    trained = 'every parameter' if args.finetune == 'all' else f"only the last routing ({last_routing(head)[:-1]})"
-    log(f"fine-tuning {args.pretrained_path} on {args.dataset_name}, training {trained}: loaded {len(fits)} of the "
-        f"head's {len(own)} tensors; left at initialisation (other shapes, e.g. another number of classes): "
-        f"{', '.join(sorted(set(own) - set(fits))) or 'none'}")
-
-
 def remove_old_run(run):
     """--overwrite: the run replaced, none of its files stays beside ours. Nothing is removed until everything can
     be: the old run's entries are first moved aside, together, into one folder (output_dir/.overwritten-<pid>-*);
@@ -810,38 +352,12 @@ def remove_old_run(run):
     run.accelerator.wait_for_everyone()
 
 
-def remove_run_files(out):
-    """remove_old_run's work in output_dir `out` (see there)."""
-    data.remove_orphans(out, '.overwritten-')             # of --overwrite runs killed while deleting
-    names = run_files(out)
-    if not names:
-        return
-    aside = tempfile.mkdtemp(dir=out, prefix=f".overwritten-{os.getpid()}-")
-    moved = []
-    try:
-        for name in names:
-            os.rename(os.path.join(out, name), os.path.join(aside, name))         # a link moves as the link
-            moved.append(name)
-    except OSError as e:
-        failed = os.path.join(out, name)
-        for back in reversed(moved):
-            os.rename(os.path.join(aside, back), os.path.join(out, back))
-        os.rmdir(aside)
-        raise RuntimeError(f"--overwrite: cannot remove {failed} ({e.strerror or e}); nothing of the old run was "
-                           f"removed") from e
-    try:
-        shutil.rmtree(aside)                              # links inside are unlinked, never followed
-    except OSError as e:
-        print(f"--overwrite: the old run was moved aside into {aside} but could not all be deleted "
-              f"({e.strerror or e}): delete it by hand", file=sys.stderr)
-
-
 def restore(run, checkpoint):
     """--resume: the head, optimizer, schedule and metrics history of output_dir/checkpoint.pt."""
     args, path = run.args, run.checkpoint_path
-    check_resume_args(checkpoint, args, path)
+    check_resume_args(checkpoint, args, path, defaults=vars(parse_args(['--dataset_name', args.dataset_name])))
     check_resume_data(checkpoint, args, run.splits, path)
-    models.check_finite(checkpoint['head'], f"--resume: {path}")
+    check_finite(checkpoint['head'], f"--resume: {path}")
     if checkpoint['scheduler']['total_steps'] != run.scheduler.total_steps:
         raise ValueError(f"--resume: {path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
                          f"steps in all, this one has {run.scheduler.total_steps}: resume with the same --n_epochs "
@@ -967,7 +483,7 @@ def train_and_evaluate(args):
         log(json.dumps(record))
         save_epoch(run, record)
 
-    final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
+    final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed, 'reproduce': args.reproduce}
     if eval_split == 'valid':                             # the final head is the last epoch's: evaluated once
         final['valid_accuracy'] = run.history[-1]['valid_acc']
     if args.run_test:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the routing heads of "An Algorithm for Routing Vectors in Sequences" (Heinsen, 2022): the runs of a profile
-# of recipes.py (where every profile is defined, once), each as `$LAUNCH train.py ...`.
+# of heinsen_replication/recipes.py (where every profile is defined, once), each as `$LAUNCH train.py ...`.
 #
 #   bash train_all_heads.sh                 # paper: the paper's six runs with its settings on one 24 GB GPU
 #   bash train_all_heads.sh offline         # SST-5 then SST-2 on minilm (all-MiniLM-L6-v2), on a CPU
@@ -16,8 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PROFILE="${1:-paper}"
 LAUNCH="${LAUNCH:-python}"
-RUNS="$(python recipes.py "$PROFILE" --data_root "${DATA_ROOT:-.data}" --out "${OUT:-runs}" --seed "${SEED:-0}" \
+RUNS="$(python -m heinsen_replication.recipes "$PROFILE" --data_root "${DATA_ROOT:-.data}" --out "${OUT:-runs}" --seed "${SEED:-0}" \
         --feature_cache "${FEATURE_CACHE:-}" --heads "${HEADS:-}")"
 while IFS= read -r run; do
-  eval "$LAUNCH train.py $run" </dev/null     # $run is shell-quoted by recipes.py
+  eval "$LAUNCH train.py $run" </dev/null     # $run is shell-quoted by heinsen_replication.recipes
 done <<< "$RUNS"

@@ -13,8 +13,8 @@ import math
 import os
 import tempfile
 
-import data
 import train
+from heinsen_replication import data, runs
 
 
 def main(argv=None):
@@ -33,7 +33,7 @@ def main(argv=None):
             train.main(['--dataset_name', 'sst5', '--backbone', 'minilm', '--data_root', args.data_root, '--device', 'cpu',
                         '--n_epochs', '1', '--n_iters_per_train_epoch', str(args.steps), '--batch_sz', str(args.batch_sz),
                         '--output_dir', out, *extra])
-            seconds = train.read_metrics(out)[0][0]['epoch_seconds']
+            seconds = runs.read_metrics(out)[0][0]['epoch_seconds']
             rows.append((name, seconds / args.steps, seconds / args.steps * steps_per_epoch / 60))
     print(f"\n| SST-5 head on minilm, batch {args.batch_sz} | s / step ({args.steps} steps) "
           f"| full epoch ({n_train} phrases, {steps_per_epoch} steps), min |\n|---|---|---|")

@@ -4,7 +4,7 @@ reverse_graphics.png): runs each notebook headless (nbclient, the 'python3' kern
 with NOTEBOOK_SEED=<seed>, one thread and no network, has it write its figure into a temporary folder
 (NOTEBOOK_FIGURES_DIR), and copies the figure to --out. The notebooks themselves write only to notebooks/outputs/.
 
-credit_language draws real SST-2 test sentences from $SST_DIR or .data/sst (python -m data sst5 --download); without
+credit_language draws real SST-2 test sentences from $SST_DIR or .data/sst (python -m heinsen_replication.data sst5 --download); without
 the SST it falls back to hand-written sentences, a different figure. Given the seed (and the data), the figures are
 the same bytes on the same machine and library versions (one thread: no
 reduction order depends on scheduling; tests/test_notebooks.py checks this for one notebook).

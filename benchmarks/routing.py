@@ -1,6 +1,6 @@
 """
 Forward+backward time and peak memory of EfficientVectorRouting (memory_efficient=True, "ours") against the
-straightforward implementation of the spec (tests/reference.py: plain autograd, which keeps every iteration's
+straightforward implementation of the equations (benchmarks/reference.py: plain autograd, which keeps every iteration's
 [..., n, n_out] intermediates and the scaled copy of the input for backward) and, optionally, against our own
 implementation at an earlier commit (--only ... before, --before COMMIT, extracted with git archive), on the same
 parameters and inputs.
@@ -98,8 +98,8 @@ def worker(impl, config, args, dtype, out_path, source):
         sys.path.insert(0, source)                               # of the one this module imported at its start
         for name in [m for m in sys.modules if m == 'heinsen_routing' or m.startswith('heinsen_routing.')]:
             del sys.modules[name]
+    from benchmarks.reference import straightforward_routing
     from heinsen_routing import EfficientVectorRouting
-    from tests.reference import straightforward_routing
 
     kind, batch, n, flags = parse_config(config)
     frozen, n_iters = 'frozen' in flags, 3 if 'iters3' in flags else 2

@@ -1,9 +1,9 @@
 """
 Operators (aten calls, about one kernel launch each on a GPU) of one training step of the 2022 paper's routing head
 (models.RoutingHead: forward, cross-entropy loss, backward) at the paper's real shapes, for the streamed routing
-(memory_efficient=True) with the chunk size of each policy and for the straightforward implementation
-(memory_efficient=False: plain autograd over the materialised votes). By default counted on the meta device (shapes
-only, no data, no memory), so the sizes whose straightforward step would need tens of GB still count:
+(memory_efficient=True) with the chunk size of each policy and for plain autograd (memory_efficient=False, over the
+materialised votes). By default counted on the meta device (shapes only, no data, no memory), so the sizes whose
+plain-autograd step would need tens of GB still count:
 
     BEiT-large   batch 50, 197 positions x 25 depths of 1024 (ImageNet / CIFAR runs)
     SST          roberta-large, batch 50, 64 positions x 25 depths of 1024 (a batch of long SST sentences)
@@ -32,7 +32,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import models
+from heinsen_replication import models
 from heinsen_routing.streamed import _pass_chunks, chunk_elements_for
 
 SHAPES = {'BEiT-large (batch 50, 197 x 25 x 1024)': (50, 197, 25, 1024, 1000),
@@ -127,11 +127,11 @@ def main(argv=None):
         print(f"device: {args.device} ({name}), torch {torch.__version__}, float32, median of {args.repeats} steps "
               f"after one warm-up\n")
     print("| shape | implementation | chunk elements | chunks per pass (first routing) | operators per step | "
-          "/ straightforward's |" + (" ms per step | peak memory of a step (GiB) |" if timed else ''))
+          "/ plain autograd's |" + (" ms per step | peak memory of a step (GiB) |" if timed else ''))
     print("|---" * (6 + 2 * timed) + "|")
     for label, shape in shapes.items():
         batch, n_pos, d_depth, d_emb, _ = shape
-        rows = [('straightforward (memory_efficient=False)', False, None)]
+        rows = [('plain autograd (memory_efficient=False)', False, None)]
         rows += [(f'ours, {policy}', True, chunk_elements) for policy, chunk_elements in POLICIES.items()]
         base = step_operators(shape, False, None)
         for implementation, memory_efficient, chunk_elements in rows:

@@ -16,7 +16,7 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 def _tiny_text_backbone(folder, config_cls, model_cls, **extra):
     import transformers
-    from models import minilm_path
+    from heinsen_replication.backbones import minilm_path
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
     config = config_cls(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=37, pad_token_id=tokenizer.pad_token_id, **extra)

@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
-import models
 import train
+from heinsen_replication import checkpoints, data, models
 from tests.helpers.files import metrics_records as metrics, write_smallnorb
 
 
@@ -151,7 +150,7 @@ def test_smallnorb_trains_end_to_end_and_loss_falls(tmp_path, capsys):
     # the accuracy tells that it learns: chance (0.2) at first, then most of the training and test images
     assert len(losses) == 20 and max(losses[-3:]) < losses[0] - 0.05, losses
     assert accs[0] <= 0.3 and min(accs[-3:]) >= 0.7 and acc >= 0.8, (accs, acc)
-    net, config = models.from_pretrained(out / 'model')                       # the whole network is saved
+    net, config = checkpoints.from_pretrained(out / 'model')                       # the whole network is saved
     assert type(net) is models.SmallNORBClassifier and (config['n_objs'], config['n_parts'], config['d_chns']) == (5, 64, 64)
     assert config['training']['model'] == 'capsules2019' and config['backbone'] is None
     capsys.readouterr()
@@ -179,7 +178,7 @@ def test_sst_classifier_trains_through_train_py(tiny_sst, tiny_bert, tmp_path, c
     common = ['--model', 'capsules2019', '--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst,
               '--device', 'cpu', '--feature_cache', tmp_path / 'cache']
     acc = run([*common, '--n_epochs', 1, '--n_iters_per_train_epoch', 1, '--run_test', '--output_dir', out])
-    net, config = models.from_pretrained(out / 'model')
+    net, config = checkpoints.from_pretrained(out / 'model')
     after = net.state_dict()
     assert type(net) is models.SSTClassifier and (config['d_inp'], config['d_cap'], config['n_parts']) == (64, 2, 64)
     assert config['training']['model'] == 'capsules2019'

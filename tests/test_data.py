@@ -18,8 +18,9 @@ import torch
 import torchvision
 from PIL import Image
 
-import data
-from tests.helpers.files import SST_DIR, write_cifar_batch, write_smallnorb, write_sst
+from heinsen_replication import data
+from heinsen_replication.data import write_cifar_batch
+from tests.helpers.files import SST_DIR, write_smallnorb, write_sst
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -528,12 +529,12 @@ def test_download_and_extract_local_archives(tmp_path):
     assert sorted(os.listdir(tmp_path / 'out')) == ['folder', 'x.mat']  # no temporary leftovers
 
 
-@pytest.mark.slow                                  # subprocesses: python -m data, a full import each
+@pytest.mark.slow                                  # subprocesses: python -m heinsen_replication.data, a full import each
 def test_command_line(tmp_path):
-    """python -m data <name> [--data_root] [--download] [--data_source]: split sizes, or a clear error."""
+    """python -m heinsen_replication.data <name> [--data_root] [--download] [--data_source]: split sizes, or a clear error."""
     import subprocess
     write_sst(tmp_path / 'sst')
-    run = lambda *args: subprocess.run([sys.executable, '-m', 'data', *args], cwd=REPO_ROOT, capture_output=True,  # noqa: E731
+    run = lambda *args: subprocess.run([sys.executable, '-m', 'heinsen_replication.data', *args], cwd=REPO_ROOT, capture_output=True,  # noqa: E731
                                        text=True, timeout=300)
     out = run('sst5', '--data_root', str(tmp_path))
     assert out.returncode == 0 and out.stdout.splitlines()[:3] == ['train: 18', 'valid: 3', 'test: 2'], out.stderr
@@ -549,9 +550,9 @@ def test_the_data_layer_is_layered():
     import ast
     import subprocess
     order = ['fileio', 'downloads', 'text', 'images', 'smallnorb', 'features', 'splits', '__main__']
-    assert sorted(p.stem for p in (REPO_ROOT / 'data').glob('*.py')) == sorted(order + ['__init__'])
+    assert sorted(p.stem for p in (REPO_ROOT / 'heinsen_replication' / 'data').glob('*.py')) == sorted(order + ['__init__'])
     for k, name in enumerate(order):
-        tree = ast.parse((REPO_ROOT / 'data' / f'{name}.py').read_text())
+        tree = ast.parse((REPO_ROOT / 'heinsen_replication' / 'data' / f'{name}.py').read_text())
         imported = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
@@ -560,7 +561,7 @@ def test_the_data_layer_is_layered():
                 top = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or '']
                 assert not any(t.split('.')[0] in ('models', 'train', 'data') for t in top), (name, top)
         assert imported <= set(order[:k]), (name, imported - set(order[:k]))
-    out = subprocess.run([sys.executable, '-c', 'import sys, data; assert "models" not in sys.modules'], cwd=REPO_ROOT)
+    out = subprocess.run([sys.executable, '-c', 'import sys; from heinsen_replication import data; assert "heinsen_replication.models" not in sys.modules'], cwd=REPO_ROOT)
     assert out.returncode == 0
 
 

@@ -1,5 +1,5 @@
 """The documentation: every ```python snippet of README.md and docs/*.md runs as written, from a working directory
-laid out as the user has it (pretrained/, the repository's, and .data/heinsen2019/, what `python -m data heinsen2019
+laid out as the user has it (pretrained/, the repository's, and .data/heinsen2019/, what `python -m heinsen_replication.data heinsen2019
 --download` fetches); the README is the front door it promises to be; every relative link points at a file.
 
 Snippets that cannot run here (they need the Hugging Face hub or a file not in the repository) are fenced as

@@ -4,15 +4,15 @@ import os
 
 import pytest
 
-import data
-import models
+from heinsen_replication import backbones, checkpoints, data, models
+from heinsen_replication.pretrained import looks_local, read_config
 
 
 def test_a_known_hub_backbone_offline_says_it_could_not_be_fetched_and_how_to_pass_a_folder(monkeypatch, tmp_path):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'empty_cache'))          # nothing cached
     with pytest.raises(ValueError) as e:
-        models.load_backbone('gpt2-large')
+        backbones.load_backbone('gpt2-large')
     message = str(e.value)
     assert "backbone 'gpt2-large' is a known hub backbone" in message and 'could not be fetched' in message
     assert 'HF_HUB_OFFLINE' in message and '--backbone /path/to/folder' in message
@@ -22,7 +22,7 @@ def test_a_known_hub_backbone_offline_says_it_could_not_be_fetched_and_how_to_pa
 def test_an_unknown_backbone_is_still_called_unknown(monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(ValueError, match="unknown backbone 'no-such-model'"):
-        models.load_backbone('no-such-model')
+        backbones.load_backbone('no-such-model')
 
 
 @pytest.mark.parametrize('path', ['pretrained/sst2_minilm_routing_head', './my_run/model', '../elsewhere/model',
@@ -30,7 +30,7 @@ def test_an_unknown_backbone_is_still_called_unknown(monkeypatch):
 def test_a_local_looking_path_that_is_not_there_is_no_such_folder_not_a_hub_error(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                                               # outside the repository root
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    for load in (models.from_pretrained, models.RoutingHead.from_pretrained, models.read_config):
+    for load in (checkpoints.from_pretrained, models.RoutingHead.from_pretrained, read_config):
         with pytest.raises(FileNotFoundError) as e:
             load(path)
         message = str(e.value)
@@ -42,8 +42,8 @@ def test_an_existing_parent_folder_makes_a_path_local(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'runs').mkdir()
     with pytest.raises(FileNotFoundError, match='no such folder: .*runs.*model'):
-        models.from_pretrained('runs/model')
-    assert not models.looks_local('someone/some-model')                       # a hub id stays a hub id
+        checkpoints.from_pretrained('runs/model')
+    assert not looks_local('someone/some-model')                       # a hub id stays a hub id
 
 
 def test_heinsen2019_without_network_names_all_missing_files_and_says_download(tmp_path):

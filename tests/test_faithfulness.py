@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import models
 from benchmarks import faithfulness
-from benchmarks.sst_results import routing_credit
+from benchmarks.common import routing_credit
+from heinsen_replication import models, standard_heads
 from tests.helpers.files import SST_DIR
 
 
@@ -16,7 +16,7 @@ def padded_batch():
     return hidden, mask
 
 
-@pytest.mark.parametrize('cls', [models.ScalarMixMeanHead, models.ScalarMixAttentionHead])
+@pytest.mark.parametrize('cls', [standard_heads.ScalarMixMeanHead, standard_heads.ScalarMixAttentionHead])
 def test_integrated_gradients_are_complete_and_zero_at_padding(cls):
     """IG's token attributions sum to p(x) - p(0) for the predicted class (completeness), sample by sample, and give
     padding nothing: the mask and the target reach Captum's scaled copies; the gaps are recorded. (Not so for the
@@ -41,7 +41,7 @@ def test_integrated_gradients_are_complete_and_zero_at_padding(cls):
 
 def test_gradient_x_input_is_the_gradient_of_the_predicted_probability_times_the_input():
     hidden, mask = padded_batch()
-    head = models.ScalarMixMeanHead(3, 8, 4).double().eval()
+    head = standard_heads.ScalarMixMeanHead(3, 8, 4).double().eval()
     pred = torch.tensor([0, 3, 1])
     x = hidden.clone().requires_grad_()
     head(x, mask).softmax(-1)[torch.arange(3), pred].sum().backward()
@@ -54,7 +54,7 @@ def test_routing_credit_and_attention_weights_rank_tokens_per_sample():
     routing = models.RoutingHead(3, 8, 4).double().eval()
     credit = routing_credit(routing, hidden, mask, pred)
     torch.testing.assert_close(credit, routing.credit(hidden, mask)[0].sum(2)[torch.arange(3), :, pred])
-    attention = models.ScalarMixAttentionHead(3, 8, 4).double().eval()
+    attention = standard_heads.ScalarMixAttentionHead(3, 8, 4).double().eval()
     weights = faithfulness.attention_weights(attention, hidden, mask, pred)
     assert weights.shape == (3, 6) and torch.count_nonzero(weights[mask]) == 0
 
@@ -74,7 +74,7 @@ def test_verdict_names_the_best_method_and_whether_its_lead_is_clear():
 def test_faithfulness_report_on_a_few_real_sentences(tmp_path):
     (tmp_path / 'sst').symlink_to(SST_DIR.resolve(), target_is_directory=True)
     torch.manual_seed(0)
-    models.ScalarMixAttentionHead(7, 384, 2).save_pretrained(tmp_path / 'b', backbone='minilm')
+    standard_heads.ScalarMixAttentionHead(7, 384, 2).save_pretrained(tmp_path / 'b', backbone='minilm')
     report = tmp_path / 'faithfulness.md'
     drops, seconds, shared = faithfulness.main(['--data_root', str(tmp_path), '--attention_head', str(tmp_path / 'b'),
                                                 '--n_sentences', '6', '--ig_steps', '2', '--report', str(report)])

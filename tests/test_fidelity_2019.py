@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import models
+from heinsen_replication import backbones, models
 from heinsen_routing import GenerativeMatrixRouting, Routing
 from tests.helpers.files import PUBLISHED_2019
 
@@ -203,9 +203,9 @@ def test_published_sst_models_load_strict_and_reproduce_reference(name):
 # -------------------------------------------------------------------------------------------------
 
 def test_gpt2_backbone_pads_with_end_of_text_and_masks_it(tiny_gpt2):
-    backbone = models.load_backbone(tiny_gpt2)
+    backbone = backbones.load_backbone(tiny_gpt2)
     assert (backbone.d_depth, backbone.d_emb) == (3, 32) and backbone.tokenizer.pad_token == '<|endoftext|>'
-    assert models.BACKBONES['gpt2-large'] == ('openai-community/gpt2-large', 'text')
+    assert backbones.BACKBONES['gpt2-large'] == ('openai-community/gpt2-large', 'text')
     texts = ['the film is good and lovely and fine', 'the film is bad']
     hidden, mask = backbone.encode(texts)
     n_short = int((~mask[1]).sum())
@@ -237,8 +237,8 @@ def test_train_py_loads_the_published_smallnorb_file(tmp_path):
     """The authors' file itself (saved on CUDA, a legacy pickle) through train.py --eval_only, on smallNORB-format
     files (no real smallNORB here): it loads safely on this CPU and predicts what the published model predicts."""
     import numpy as np
-    import data
     import train
+    from heinsen_replication import data
     net = models.SmallNORBClassifier(n_objs=5, n_parts=64, d_chns=64)
     net.load_state_dict(published('smallNORB'), strict=True)
     images = (pattern(5, 2, 96, 96) * 255).to(torch.uint8)

@@ -7,13 +7,14 @@ import os
 import pytest
 import torch
 
-import models
+from heinsen_replication import checkpoints, models
+from heinsen_replication.classifier import MultiModalClassifier
 from tests.helpers.training import one_epoch_args as _sst, run as _run
 
 
 def _authors_head_state(d_depth, d_emb, n_classes, n_hid=64, seed=0):
     """A state dict with the published head's keys and shapes (the spec's table), random values."""
-    from tests.reference import spec_state_shapes
+    from benchmarks.reference import spec_state_shapes
     g = torch.Generator().manual_seed(seed)
     shapes = {'W': (d_depth, d_emb), 'B': (d_depth, d_emb)}
     for k, (n_inp, n_out, d_out) in enumerate([(-1, n_hid, d_emb), (n_hid, n_hid, d_emb), (n_hid, n_classes, 1)]):
@@ -30,8 +31,8 @@ def _authors_head_state(d_depth, d_emb, n_classes, n_hid=64, seed=0):
 def _authors_scores(state, hidden):
     """The authors' head on unpadded hidden [batch, n_pos, d_depth, d_emb], composed from the spec with the
     independent reference routing (tests.reference), reading the parameters from `state`."""
+    from benchmarks.reference import straightforward_routing
     from heinsen_routing import EfficientVectorRouting
-    from tests.reference import straightforward_routing
     d_emb = hidden.shape[-1]
     x = torch.nn.functional.layer_norm(hidden, (d_emb,)) * state['W'] + state['B']
     x = x.flatten(-3, -2)                                                    # [batch, n_pos * d_depth, d_emb]
@@ -58,13 +59,13 @@ def test_authors_2022_files_load_by_name_and_score_as_their_head(name, backbone,
         torch.save({'weights': state, 'optimizer': opt.state_dict(), 'epoch': 10}, path)
     else:
         torch.save(state, path)
-    head, config = models.from_pretrained(path)
+    head, config = checkpoints.from_pretrained(path)
     assert isinstance(head, models.RoutingHead) and (head.d_depth, head.d_emb, head.n_hid, head.n_classes) == (4, 12, 6, 5)
     assert config['backbone'] == backbone and config['training']['source'] == 'authors_2022'
     assert config['training']['dataset_name'] == name.split('_head_for_')[0].replace('pretrained_', '')
     hidden = torch.randn(3, 7, 4, 12, dtype=torch.double)                   # unpadded: no mask
     torch.testing.assert_close(head.double()(hidden), _authors_scores({k: v.double() for k, v in state.items()}, hidden))
-    assert models.from_pretrained(path, backbone='minilm')[1]['backbone'] == 'minilm'   # given: a local copy
+    assert checkpoints.from_pretrained(path, backbone='minilm')[1]['backbone'] == 'minilm'   # given: a local copy
 
 
 def test_authors_files_load_with_a_backbone_into_a_classifier_and_refuse_code(tmp_path, tiny_beit):
@@ -72,15 +73,15 @@ def test_authors_files_load_with_a_backbone_into_a_classifier_and_refuse_code(tm
     path = tmp_path / 'cifar10_head_for_some-model_epoch2.checkpoint'
     torch.save({'weights': state}, path)
     with pytest.raises(ValueError, match="names no backbone: pass backbone="):
-        models.MultiModalClassifier.from_pretrained(path)
-    clf = models.MultiModalClassifier.from_pretrained(path, backbone=tiny_beit)
+        MultiModalClassifier.from_pretrained(path)
+    clf = MultiModalClassifier.from_pretrained(path, backbone=tiny_beit)
     assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     torch.save({'optimizer': {}}, path)
     with pytest.raises(RuntimeError, match="holds no 'weights'"):
-        models.from_pretrained(path)
+        checkpoints.from_pretrained(path)
     torch.save({'weights': state, 'scheduler': {'anneal_func': _authors_head_state}}, path)   # a pickled function
     with pytest.raises(RuntimeError, match=r"(?s)refusing to load .*extract its head once"):
-        models.from_pretrained(path)
+        checkpoints.from_pretrained(path)
 
 
 def test_sst2_finetunes_from_the_authors_sst5_checkpoint(tiny_sst, tiny_roberta, tmp_path, capsys):
@@ -112,7 +113,7 @@ def test_credit_notebook_takes_an_authors_state_dict_by_name(tmp_path, monkeypat
     import nbclient
     import nbformat
     root = pathlib.Path(__file__).resolve().parent.parent
-    head, _ = models.from_pretrained(root / 'pretrained' / 'sst2_minilm_routing_head')
+    head, _ = checkpoints.from_pretrained(root / 'pretrained' / 'sst2_minilm_routing_head')
     path = tmp_path / 'pretrained_sst2_head_for_minilm.state_dict'
     torch.save(head.state_dict(), path)
     monkeypatch.setenv('HEAD_PATH', str(path))

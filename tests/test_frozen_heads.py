@@ -3,16 +3,16 @@ ScalarMixAttentionHead, TokenDepthAttentionHead: shapes, padding, saving and loa
 import pytest
 import torch
 
-import models
+from heinsen_replication import checkpoints, models, standard_heads
 
-HEADS = sorted(models.FROZEN_HEADS.items())
+HEADS = sorted(standard_heads.FROZEN_HEADS.items())
 D_DEPTH, D_EMB, N_CLASSES = 3, 8, 4
 
 
 def small(cls):
     """A small head of each kind (TokenDepthAttentionHead with fewer queries and a narrow feed-forward)."""
-    extra = {'n_queries': 2, 'd_ff': 16, 'n_heads': 2} if cls is models.TokenDepthAttentionHead else {}
-    extra = {'n_heads': 2} if cls is models.ScalarMixAttentionHead else extra
+    extra = {'n_queries': 2, 'd_ff': 16, 'n_heads': 2} if cls is standard_heads.TokenDepthAttentionHead else {}
+    extra = {'n_heads': 2} if cls is standard_heads.ScalarMixAttentionHead else extra
     torch.manual_seed(0)
     return cls(D_DEPTH, D_EMB, N_CLASSES, **extra).double().eval()
 
@@ -46,7 +46,7 @@ def test_padding_never_changes_scores(name, cls):
 
 
 def test_attention_weights_are_a_distribution_over_tokens_zero_at_padding():
-    head = small(models.ScalarMixAttentionHead)
+    head = small(standard_heads.ScalarMixAttentionHead)
     hidden = torch.randn(2, 6, D_DEPTH, D_EMB, dtype=torch.double)
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[1, 3:] = True
@@ -65,7 +65,7 @@ def test_save_load_round_trip(name, cls, tmp_path):
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.1)                                  # not the initialisation
     head.save_pretrained(tmp_path / name, backbone='minilm', training={'model': name})
-    loaded, config = models.from_pretrained(tmp_path / name)
+    loaded, config = checkpoints.from_pretrained(tmp_path / name)
     assert type(loaded) is cls and config['model_type'] == cls.__name__ and config['backbone'] == 'minilm'
     assert (config['d_depth'], config['d_emb'], config['n_classes']) == (D_DEPTH, D_EMB, N_CLASSES)
     hidden = torch.randn(2, 5, D_DEPTH, D_EMB, dtype=torch.double)
@@ -89,7 +89,7 @@ def test_token_depth_attention_head_has_about_the_routing_heads_parameter_count(
     count = lambda m: sum(p.numel() for p in m.parameters())
     for n_classes in (5, 2):                                                   # minilm SST-5 and SST-2
         routing = count(models.RoutingHead(7, 384, n_classes))
-        assert abs(count(models.TokenDepthAttentionHead(7, 384, n_classes)) / routing - 1) < 0.2
+        assert abs(count(standard_heads.TokenDepthAttentionHead(7, 384, n_classes)) / routing - 1) < 0.2
 
 
 @pytest.mark.parametrize('name, cls', HEADS)
@@ -101,20 +101,20 @@ def test_every_parameter_learns(name, cls):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', sorted(models.FROZEN_HEADS))
+@pytest.mark.parametrize('name', sorted(standard_heads.FROZEN_HEADS))
 def test_train_sst5_then_sst2_fine_tunes_only_the_final_linear(name, tiny_sst, tiny_bert, tmp_path):
     """train.py --model <head>: the routing head's regime; SST-2 from the SST-5 head trains only `classify` (the
     analogue of the last routing), every other tensor stays the SST-5 head's."""
-    import recipes
     import train
+    from heinsen_replication import recipes
     stages = recipes.runs('frozen-heads', data_root=str(tiny_sst), out=str(tmp_path), feature_cache=str(tmp_path / 'c'),
                           heads=(name,))
     small = ['--n_epochs', '2', '--n_iters_per_train_epoch', '3', '--batch_sz', '4', '--device', 'cpu']
     for dataset in ('sst5', 'sst2'):
         train.main([*stages[f'{name}/{dataset}'], *small])             # later options override the recipe's
-    sst5, config5 = models.from_pretrained(tmp_path / 'frozen-heads' / name / 'seed0' / 'sst5' / 'model')
-    sst2, config2 = models.from_pretrained(tmp_path / 'frozen-heads' / name / 'seed0' / 'sst2' / 'model')
-    assert type(sst5) is type(sst2) is models.FROZEN_HEADS[name]
+    sst5, config5 = checkpoints.from_pretrained(tmp_path / 'frozen-heads' / name / 'seed0' / 'sst5' / 'model')
+    sst2, config2 = checkpoints.from_pretrained(tmp_path / 'frozen-heads' / name / 'seed0' / 'sst2' / 'model')
+    assert type(sst5) is type(sst2) is standard_heads.FROZEN_HEADS[name]
     assert (config5['n_classes'], config2['n_classes']) == (5, 2) and config2['training']['model'] == name
     for key, tensor in sst2.state_dict().items():
         assert key.startswith('classify.') or torch.equal(tensor, sst5.state_dict()[key]), key
@@ -131,7 +131,7 @@ def test_pooling_by_queries_is_multihead_attention():
     keys = torch.randn(4, 6, 12, dtype=torch.double, requires_grad=True)
     mask = torch.zeros(4, 6, dtype=torch.bool)
     mask[1, 4:], mask[3, 1:] = True, True
-    ours = models._pool_by_queries(attention, queries, keys, mask)
+    ours = standard_heads._pool_by_queries(attention, queries, keys, mask)
     theirs = attention(queries.expand(4, 2, 12), keys, keys, key_padding_mask=mask)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)

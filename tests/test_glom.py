@@ -1,5 +1,5 @@
 """
-Tests for glom.py (GLOM and the two comparison models) and benchmarks/glom_digits.py: shapes,
+Tests for studies/glom.py (GLOM and the two comparison models) and studies/glom_digits.py: shapes,
 errors, gradients (every parameter; the first steps of GLOM through the residual path), a short
 training on a learnable synthetic task, matched parameter counts, and the comparison script end to
 end on a tiny budget (digits, and MNIST from IDX files written here). The IDX reader itself is
@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
-from glom import GLOM, CNNDigitClassifier, GLOMConfig, RoutingDigitClassifier, neighbour_similarity, neighbours
+from heinsen_replication import data
+from studies.glom import CNNDigitClassifier, GLOM, GLOMConfig, RoutingDigitClassifier, neighbour_similarity, neighbours
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,8 +180,8 @@ def test_short_training_on_a_synthetic_task_lowers_the_loss():
 # -------------------------------------------------------------------------------------------------
 
 def run_comparison(*argv):
-    """python -m benchmarks.glom_digits (the comparison script, as users run it) -> {model name: parameters}."""
-    done = subprocess.run([sys.executable, '-m', 'benchmarks.glom_digits', '--quick', '--threads', '1', *map(str, argv)],
+    """python -m studies.glom_digits (the comparison script, as users run it) -> {model name: parameters}."""
+    done = subprocess.run([sys.executable, '-m', 'studies.glom_digits', '--quick', '--threads', '1', *map(str, argv)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-import models
+from heinsen_replication import backbones, checkpoints
+from heinsen_replication.pretrained import read_config
 from tests.helpers.training import one_epoch_args as _sst, run as _run
 
 
@@ -27,11 +28,11 @@ def _count_autocast_forwards(backbone, batch):
 def test_backbone_runs_under_autocast_when_asked_and_hands_on_float32(fixture, dtype, request):
     torch.manual_seed(0)
     batch = ["a lovely film", "a dull one"] if fixture == 'tiny_roberta' else torch.randn(2, 3, 32, 32)
-    plain = models.load_backbone(request.getfixturevalue(fixture))
+    plain = backbones.load_backbone(request.getfixturevalue(fixture))
     assert plain.autocast_dtype is None
     n, n_autocast, hidden32 = _count_autocast_forwards(plain, batch)
     assert (n, n_autocast) == (1, 0) and hidden32.dtype == torch.float32
-    mixed = models.load_backbone(request.getfixturevalue(fixture), autocast_dtype=dtype)
+    mixed = backbones.load_backbone(request.getfixturevalue(fixture), autocast_dtype=dtype)
     n, n_autocast, hidden16 = _count_autocast_forwards(mixed, batch)
     assert (n, n_autocast) == (1, 1)
     assert hidden16.dtype == torch.float32 and hidden16.shape == hidden32.shape   # the head's precision
@@ -41,12 +42,12 @@ def test_backbone_runs_under_autocast_when_asked_and_hands_on_float32(fixture, d
 
 def test_autocast_dtype_is_checked():
     with pytest.raises(ValueError, match='autocast_dtype must be None, torch.float16 or torch.bfloat16'):
-        models.load_backbone('minilm', autocast_dtype=torch.float64)
+        backbones.load_backbone('minilm', autocast_dtype=torch.float64)
 
 
 def test_stack_depths_writes_float32_once():
     states = [torch.randn(2, 5, 4, dtype=torch.bfloat16), torch.randn(2, 5, 4)]   # mixed, as under autocast
-    out = models.stack_depths(states)
+    out = backbones.stack_depths(states)
     assert out.dtype == torch.float32 and out.shape == (2, 5, 2, 4)
     torch.testing.assert_close(out, torch.stack([s.float() for s in states], dim=-2))
 
@@ -58,8 +59,8 @@ def test_stack_depths_writes_float32_once():
 
 def test_feature_cache_key_includes_the_backbone_precision(tiny_bert, tmp_path):
     import json
-    import data
-    backbone = models.load_backbone(tiny_bert)
+    from heinsen_replication import data
+    backbone = backbones.load_backbone(tiny_bert)
     plain = data.FeatureStore(str(tmp_path), backbone)
     assert plain.meta['autocast_dtype'] is None                              # float32
     backbone.autocast_dtype = torch.bfloat16
@@ -75,7 +76,7 @@ def test_feature_cache_key_includes_the_backbone_precision(tiny_bert, tmp_path):
 
 def test_hub_repository_with_a_loading_script_falls_back_to_its_parquet_conversion(monkeypatch):
     datasets = pytest.importorskip('datasets')
-    import data
+    from heinsen_replication import data
     calls = []
     trees = {'train': ['(3 (3 good) (2 .))'], 'validation': ['(2 (2 ok) (2 .))'], 'test': ['(1 (1 bad) (2 .))']}
 
@@ -113,15 +114,15 @@ def test_the_parquet_conversion_layout_loads_one_config_with_data_dir(tmp_path):
 def _count_backbone_forwards(monkeypatch, device_type='cpu'):
     """Every backbone train.py loads gets a forward hook: -> the list of torch.is_autocast_enabled(device_type), one
     per forward of the backbone's model."""
-    import train
-    seen, load = [], models.load_backbone
+    from heinsen_replication import assembly
+    seen, load = [], backbones.load_backbone
 
     def load_and_hook(*args, **kwargs):
         backbone = load(*args, **kwargs)
         backbone.model.register_forward_hook(lambda m, a, out: seen.append(torch.is_autocast_enabled(device_type)))
         return backbone
 
-    monkeypatch.setattr(train.models, 'load_backbone', load_and_hook)
+    monkeypatch.setattr(assembly, 'load_backbone', load_and_hook)
     return seen
 
 
@@ -131,22 +132,22 @@ def test_train_runs_the_backbone_under_autocast_in_training_evaluation_and_cache
     _run(_sst(tiny_sst, tiny_bert, tmp_path / 'live', '--mixed_precision', 'bf16', '--run_test'))   # train + valid + test
     n_live = len(seen)
     assert n_live > 3 and all(seen)
-    config = models.read_config(tmp_path / 'live' / 'model')['training']
+    config = read_config(tmp_path / 'live' / 'model')['training']
     assert (config['backbone_precision'], config['head_precision'], config['device']) == \
         ('bfloat16 autocast', 'float32', 'cpu (cpu)')
-    head = models.from_pretrained(tmp_path / 'live' / 'model')[0]
+    head = checkpoints.from_pretrained(tmp_path / 'live' / 'model')[0]
     assert all(p.dtype == torch.float32 for p in head.parameters())
     _run(_sst(tiny_sst, tiny_bert, tmp_path / 'cached', '--mixed_precision', 'bf16', '--feature_cache', tmp_path / 'c'))
     assert len(seen) > n_live and all(seen)                                  # the cache was built under autocast
     seen.clear()
     _run(_sst(tiny_sst, tiny_bert, tmp_path / 'fp32', '--feature_cache', tmp_path / 'c'))
     assert seen and not any(seen)                                            # float32: its own features, no autocast
-    assert models.read_config(tmp_path / 'fp32' / 'model')['training']['backbone_precision'] == 'float32'
+    assert read_config(tmp_path / 'fp32' / 'model')['training']['backbone_precision'] == 'float32'
 
 
 def test_papers_backbones_refuse_a_silent_cpu_run(tmp_path, monkeypatch, capsys):
-    import recipes
     import train
+    from heinsen_replication import recipes
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     for stage in ('imdb', 'sst5', 'cifar10'):
         argv = recipes.runs('paper', str(tmp_path / 'data'), str(tmp_path / 'runs'), 0)[stage]
@@ -165,7 +166,7 @@ def test_papers_backbones_refuse_a_silent_cpu_run(tmp_path, monkeypatch, capsys)
 
 def _cifar(root, n_train=4, n_test=4):
     import numpy as np
-    from tests.helpers.files import write_cifar_batch
+    from heinsen_replication.data import write_cifar_batch
     folder = root / 'cifar-10-batches-py'
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -209,8 +210,8 @@ def test_augmentations_follow_the_seed_with_workers_and_resume_continues_them():
     RNG: two seeds draw different augmentations, one seed the same ones, and a stream resumed at step k (mid-pass)
     draws what the uninterrupted one drew from step k on."""
     import argparse
-    import train
     from accelerate import Accelerator
+    from heinsen_replication.loaders import make_loaders, training_stream
 
     class Augmented(torch.utils.data.Dataset):
         def __len__(self):
@@ -223,9 +224,9 @@ def test_augmentations_follow_the_seed_with_workers_and_resume_continues_them():
         args = argparse.Namespace(feature_cache=None, batch_sz=3, num_workers=2, rng_seed=seed, dataset_name='x')
         splits = {'train': Augmented(), 'valid': None, 'test': None, 'modality': 'image'}
         shuffle = torch.Generator()
-        loaders, sampler = train.make_loaders(args, splits, None, Accelerator(cpu=True), shuffle)
+        loaders, sampler = make_loaders(args, splits, None, Accelerator(cpu=True), shuffle)
         assert loaders['train'].num_workers == 2
-        stream = train.training_stream(loaders['train'], shuffle, seed, start_step, sampler=sampler)
+        stream = training_stream(loaders['train'], shuffle, seed, start_step, sampler=sampler)
         return [next(stream)[0].tolist() for _ in range(n - start_step)]
 
     seed0, again, seed1 = draws(0), draws(0), draws(1)
@@ -269,6 +270,6 @@ def test_on_cuda_the_backbone_runs_in_float16_autocast_and_the_head_in_float32(t
           '--image_size', 32, '--output_dir', out, '--batch_sz', 8, '--n_epochs', 1, '--n_iters_per_train_epoch', 2,
           '--num_workers', 2, '--device', 'cuda'])
     assert seen and all(seen)
-    config = models.read_config(out / 'model')['training']
+    config = read_config(out / 'model')['training']
     assert config['backbone_precision'] == 'float16 autocast' and config['head_precision'] == 'float32'
     assert config['device'].startswith('cuda (')

@@ -8,7 +8,7 @@ import torch.nn as nn
 from heinsen_routing import DefinableVectorRouting, EfficientVectorRouting, GenerativeMatrixRouting
 from tests.helpers.routing import seed  # noqa: F401 (an autouse fixture)
 from tests.helpers.routing import assert_close_rel, chunk_elements_for, definable_routing, grads_of
-from tests.reference import spec_state_shapes, straightforward_routing
+from benchmarks.reference import spec_state_shapes, straightforward_routing
 
 
 # -------------------------------------------------------------------------------------------------

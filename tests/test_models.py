@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-import models
-from tests.reference import spec_state_shapes
+from benchmarks.reference import spec_state_shapes
+from heinsen_replication import backbones, models
+from heinsen_replication.classifier import MultiModalClassifier
 
 
 def test_routing_head_state_dict_is_the_published_layout_and_loads_strict():
@@ -56,7 +57,7 @@ def test_routing_head_bad_input():
 @pytest.mark.parametrize('fixture', ['tiny_bert', 'tiny_roberta'])
 def test_text_backbone_scores_do_not_depend_on_the_batch(fixture, request):
     torch.manual_seed(0)
-    clf = models.MultiModalClassifier(request.getfixturevalue(fixture), n_classes=3).double()
+    clf = MultiModalClassifier(request.getfixturevalue(fixture), n_classes=3).double()
     short, long = "a lovely film", "a long and winding story about a film that never ends, told twice over and again"
     alone = clf([short])
     batched = clf([long, short, "bad"])
@@ -67,7 +68,7 @@ def test_text_backbone_scores_do_not_depend_on_the_batch(fixture, request):
 
 
 def test_long_text_is_split_into_chunks_and_every_token_is_routed(tiny_bert):
-    backbone = models.load_backbone(tiny_bert, max_length=16)
+    backbone = backbones.load_backbone(tiny_bert, max_length=16)
     assert backbone.max_length == 16 and backbone.d_depth == 3 and backbone.d_emb == 32
     text = ' '.join(f'word{k}' for k in range(40))
     n_tokens = len(backbone.tokenizer(text, add_special_tokens=False)['input_ids'])
@@ -83,19 +84,19 @@ def test_long_text_is_split_into_chunks_and_every_token_is_routed(tiny_bert):
 
 
 def test_image_backbones_yield_all_depths(tiny_beit):
-    beit = models.load_backbone(tiny_beit)
+    beit = backbones.load_backbone(tiny_beit)
     assert beit.modality == 'image' and beit.d_depth == 3
     hidden, mask = beit.encode(torch.randn(2, 3, 32, 32))
     assert hidden.shape == (2, 1 + 4, 3, 32) and mask is None
-    vit = models.load_backbone('timm/vit_tiny_patch16_224', pretrained=False)
+    vit = backbones.load_backbone('timm/vit_tiny_patch16_224', pretrained=False)
     hidden, mask = vit.encode(torch.randn(1, 3, 224, 224))
     assert hidden.shape == (1, 1 + 196, 13, 192)
-    clf = models.MultiModalClassifier(beit, n_classes=4)
+    clf = MultiModalClassifier(beit, n_classes=4)
     assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 
 
 def test_minilm_is_the_offline_default():
-    backbone = models.load_backbone('minilm')
+    backbone = backbones.load_backbone('minilm')
     assert (backbone.modality, backbone.d_depth, backbone.d_emb) == ('text', 7, 384)
     hidden, mask = backbone.encode(["it 's a lovely film ."])
     assert hidden.shape[2:] == (7, 384) and not mask.any()
@@ -103,11 +104,11 @@ def test_minilm_is_the_offline_default():
 
 def test_unknown_backbone_and_bad_batches(tiny_bert, tiny_beit):
     with pytest.raises(ValueError, match="unknown backbone 'no-such-model'"):
-        models.load_backbone('no-such-model')
+        backbones.load_backbone('no-such-model')
     with pytest.raises(ValueError, match='list of strings'):
-        models.load_backbone(tiny_bert).encode('one string')
+        backbones.load_backbone(tiny_bert).encode('one string')
     with pytest.raises(ValueError, match=r'tensor \[batch, channels, height, width\]'):
-        models.load_backbone(tiny_beit).encode(torch.randn(3, 32, 32))
+        backbones.load_backbone(tiny_beit).encode(torch.randn(3, 32, 32))
 
 
 def test_routing_head_learns_a_synthetic_task():
@@ -137,7 +138,7 @@ def test_routing_head_learns_a_synthetic_task():
 def test_encode_rows_runs_equal_length_batches_without_padding(tiny_bert):
     """The feature store's encoder: each chunk's states are those of the chunk run alone; the model only ever sees
     batches of chunks of one length, with no padding and no attention mask; lengths count every chunk's tokens."""
-    backbone = models.load_backbone(tiny_bert, max_length=16)
+    backbone = backbones.load_backbone(tiny_bert, max_length=16)
     texts = ['a good film', 'bad', ' '.join(f'word{k}' for k in range(30)), 'a bad film', 'fine']
     seen = []
     hook = backbone.model.register_forward_pre_hook(

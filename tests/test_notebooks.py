@@ -97,7 +97,7 @@ def test_reverse_graphics_real_mode_uses_the_published_model(tmp_path, monkeypat
     """With smallNORB test files present (here: 18 views of one object written in the real 96 x 96 format), the
     notebook trains nothing and runs the authors' published smallNORB network."""
     import numpy as np
-    import data
+    from heinsen_replication import data
     folder = tmp_path / 'data' / 'smallnorb'
     folder.mkdir(parents=True)
     prefix = str(folder / data.SMALLNORB_PREFIX['test'])

@@ -42,7 +42,7 @@ def test_collect_counts_seeds_whose_two_runs_finished_and_keeps_earlier_records(
 
 
 def test_a_run_replaces_the_committed_head_only_if_better_at_the_stated_precision():
-    from benchmarks.sst_results import better_on_dev, stated
+    from benchmarks.common import better_on_dev, stated
     committed = stated(0.49682107175295187)                       # the config states 0.4968
     assert not better_on_dev(0.49682107175295187, committed)      # the committed head's own run is not better
     assert not better_on_dev(0.4968, committed)
@@ -53,7 +53,7 @@ def test_a_run_replaces_the_committed_head_only_if_better_at_the_stated_precisio
 def test_reports_show_folders_outside_the_repository_as_placeholders(tmp_path):
     """A report's command and paths name a folder outside the repository by its placeholder ($DATA_ROOT, ...), not by
     the measuring machine's path; folders inside the repository stay as relative paths."""
-    from benchmarks import REPO_ROOT, shown_command, shown_path
+    from benchmarks.common import REPO_ROOT, shown_command, shown_path
     argv = ['--data_root', str(tmp_path / 'data'), '--runs', str(tmp_path / 'runs'), '--n_sentences', '250',
             f'--feature_cache={tmp_path}/features', '--report', os.path.join(REPO_ROOT, 'docs', 'x.md')]
     assert shown_command('benchmarks.faithfulness', argv) == (

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 import train
+from heinsen_replication import loaders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS_TABLE = os.path.join(ROOT, 'docs', 'paper_settings.md')
@@ -46,7 +47,7 @@ def table_of(text):
 
 def test_the_docs_table_is_the_codes_table(tmp_path):
     """docs/paper_settings.md == the paper profile of recipes.py (parsed by train.py's parser) == PAPER_RUNS here."""
-    import recipes
+    from heinsen_replication import recipes
     with open(DOCS_TABLE) as f:
         runs, order, revisions = table_of(f.read())
     assert runs == PAPER_RUNS and order == list(PAPER_RUNS) and revisions == REVISIONS
@@ -96,7 +97,7 @@ def _steps(transform):
 
 def test_the_authors_image_preprocessing():
     import torchvision.transforms as T
-    import data
+    from heinsen_replication import data
     bicubic = T.InterpolationMode.BICUBIC
     # ImageNet-1K: resize to 248 x 248 (224 / 0.9, bicubic), random crop 224 + RandAugment; test: center crop 224
     assert _steps(data.image_transforms(224, train=True)) == [
@@ -116,7 +117,7 @@ def test_the_authors_mixup_pairs_each_sample_with_the_next():
     torch.manual_seed(0)
     hidden = torch.arange(4.0)[:, None, None, None].expand(4, 2, 1, 3).clone()      # sample b is all b
     labels = torch.tensor([0, 1, 2, 0])
-    mixed, _, targets = train.mixup(hidden, None, labels, 3, alpha=0.65)
+    mixed, _, targets = loaders.mixup(hidden, None, labels, 3, alpha=0.65)
     r = (mixed[:, 0, 0, 0] - hidden[:, 0, 0, 0]) / (hidden[[1, 2, 3, 0], 0, 0, 0] - hidden[:, 0, 0, 0])
     torch.testing.assert_close(mixed, hidden.lerp(hidden[[1, 2, 3, 0]], r.view(4, 1, 1, 1)))
     one_hot = torch.nn.functional.one_hot(labels, 3).float()
@@ -138,7 +139,7 @@ def test_offline_profile_uses_bfloat16_only_where_it_measures_faster(monkeypatch
     """Having AVX512-BF16 is not enough: the offline profile encodes in bfloat16 autocast (and uses matmul precision
     'medium') only where cpu_bfloat16_is_faster times bfloat16 products faster than float32 ones on this CPU. The
     choice is recorded on the first start: a resumed run keeps it whatever a new timing says."""
-    import recipes
+    from heinsen_replication import recipes
     measured = recipes.cpu_bfloat16_is_faster
 
     def precisions(out):

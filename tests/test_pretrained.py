@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-import models
 import train
+from heinsen_replication import checkpoints, models
 from tests.helpers.files import SST_DIR
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -30,7 +30,7 @@ def test_pretrained_holds_exactly_these_models():
 @pytest.mark.parametrize('path', PRETRAINED)
 def test_pretrained_model_loads_with_one_call(path):
     cls, model, dataset = PRETRAINED[path]
-    loaded, config = models.from_pretrained(os.path.join(ROOT, path))
+    loaded, config = checkpoints.from_pretrained(os.path.join(ROOT, path))
     assert type(loaded) is cls and config['backbone'] == 'minilm' and (config['d_depth'], config['d_emb']) == (7, 384)
     assert config['training']['dataset_name'] == dataset and config['training']['model'] == model
     assert config['n_classes'] == (5 if dataset == 'sst5' else 2)
@@ -44,7 +44,7 @@ def test_pretrained_model_loads_with_one_call(path):
 def test_eval_only_reproduces_stated_accuracy(path, tmp_path, capsys):
     _, _, dataset = PRETRAINED[path]
     path = os.path.join(ROOT, path)
-    stated = models.from_pretrained(path)[1]['training']['test_accuracy']
+    stated = checkpoints.from_pretrained(path)[1]['training']['test_accuracy']
     torch.set_num_threads(os.cpu_count())
     try:
         acc = train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--eval_only', '--pretrained_path', path,

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-import data
+from heinsen_replication import data
 
 
 def sha256(path):

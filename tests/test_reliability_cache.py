@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import models
+from heinsen_replication import backbones, data
 
 TEXTS = ['a good film', 'a bad film', 'the film is long and good', 'the film is long and bad',
          'bad', 'good', 'it is what it is', 'a film']
@@ -22,7 +21,7 @@ TEXTS = ['a good film', 'a bad film', 'the film is long and good', 'the film is 
 
 @pytest.fixture(scope='module')
 def bert(tiny_bert):
-    return models.load_backbone(tiny_bert)
+    return backbones.load_backbone(tiny_bert)
 
 
 @pytest.fixture
@@ -183,7 +182,7 @@ def test_a_left_padding_tokenizer_is_switched_to_right_padding(tiny_bert, bert, 
     import transformers
     assert transformers.AutoTokenizer.from_pretrained(folder).padding_side == 'left'
     with pytest.warns(UserWarning, match="pads on the left; padding on the right instead"):
-        left = models.load_backbone(folder)
+        left = backbones.load_backbone(folder)
     assert left.tokenizer.padding_side == 'right'
     short, long = 'good', 'the film is long and good and long and good'
     alone, alone_mask = left.encode([short])
@@ -210,7 +209,7 @@ def test_encode_pads_on_the_right_even_if_the_tokenizer_is_switched_later(bert):
 @pytest.mark.parametrize('settings', [{'truncation_side': 'left'}, {'do_lower_case': False},
                                       {'cls_token': '[MASK]'}])
 def test_cache_key_covers_the_tokenizer_settings(tiny_bert, bert, tmp_path, settings):
-    other = models.load_backbone(left_padding_copy(tiny_bert, tmp_path, **settings))
+    other = backbones.load_backbone(left_padding_copy(tiny_bert, tmp_path, **settings))
     changed = {k for k, v in data.backbone_fingerprint(other).items() if data.backbone_fingerprint(bert)[k] != v}
     assert 'tokenizer_settings' in changed and 'weights' not in changed
 

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from tests.helpers.files import PUBLISHED_2019, SST_DIR, write_cifar_batch, write_smallnorb, write_sst
+from heinsen_replication import data
+from heinsen_replication.data import write_cifar_batch
+from tests.helpers.files import PUBLISHED_2019, SST_DIR, write_smallnorb, write_sst
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +134,7 @@ def test_fetch_heinsen2019_weights_verified(tmp_path):
         data.fetch_heinsen2019_weights(str(dest), base_url=base_url)
 
     # the command line (never the network: a file:// mirror)
-    cli = [sys.executable, '-m', 'data', 'heinsen2019', '--data_root', str(tmp_path / 'cli')]
+    cli = [sys.executable, '-m', 'heinsen_replication.data', 'heinsen2019', '--data_root', str(tmp_path / 'cli')]
     out = subprocess.run(cli, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and 'pass --download' in out.stderr and 'Traceback' not in out.stderr
     out = subprocess.run(cli + ['--download', '--base_url', base_url], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -364,8 +365,8 @@ def test_save_atomic_failure_keeps_the_old_file(tmp_path):
 
 @pytest.fixture(scope='module')
 def bert(tiny_bert):
-    import models
-    return models.load_backbone(tiny_bert)
+    from heinsen_replication import backbones
+    return backbones.load_backbone(tiny_bert)
 
 
 TEXTS = [f"the film is {w} number {k}" for k in range(12) for w in ('good', 'bad')]
@@ -406,25 +407,25 @@ def test_feature_cache_corrupt_index_is_refused(bert, tmp_path, content):
 
 def test_feature_cache_keyed_on_weights(tiny_bert, tmp_path):
     """A local folder with new weights (same path, same name) gets new features, not the old ones."""
-    import models
+    from heinsen_replication import backbones
     import transformers
     folder = tmp_path / 'model'
     shutil.copytree(tiny_bert, folder)
-    old = models.load_backbone(str(folder))
+    old = backbones.load_backbone(str(folder))
     store = data.FeatureStore(str(tmp_path / 'cache'), old)
     before = store.dataset(TEXTS[:2], [0, 1])[0][0]
     model = transformers.BertModel.from_pretrained(str(folder))
     with torch.no_grad():
         model.encoder.layer[0].output.dense.weight.mul_(2.0)
     model.save_pretrained(str(folder))
-    new = models.load_backbone(str(folder))
+    new = backbones.load_backbone(str(folder))
     store2 = data.FeatureStore(str(tmp_path / 'cache'), new)
     assert store2.folder != store.folder
     after = store2.dataset(TEXTS[:2], [0, 1])[0][0]
     torch.testing.assert_close(after, direct_features(new, TEXTS[:1])[0])
     assert not torch.allclose(after, before)
     # ... and another window (max_length) too
-    short = models.load_backbone(str(folder), max_length=8)
+    short = backbones.load_backbone(str(folder), max_length=8)
     assert data.FeatureStore(str(tmp_path / 'cache'), short).folder not in (store.folder, store2.folder)
     assert data.backbone_fingerprint(new)['weights'] != data.backbone_fingerprint(old)['weights']
     assert set(data.backbone_fingerprint(new)) >= {'config', 'tokenizer', 'revision', 'transformers', 'tokenizers'}
@@ -434,8 +435,8 @@ WRITER = textwrap.dedent('''
     import os, sys, time
     import torch
     torch.set_num_threads(1)
-    import data, models
-    backbone = models.load_backbone({model!r})
+    from heinsen_replication import backbones, data
+    backbone = backbones.load_backbone({model!r})
     store = data.FeatureStore({cache!r}, backbone)
     open({ready!r} + str(os.getpid()), 'w').close()
     while not os.path.exists({go!r}):          # both writers start together, on a fresh cache

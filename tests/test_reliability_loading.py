@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 
-import models
+from heinsen_replication import checkpoints, models
+from heinsen_replication.classifier import MultiModalClassifier
+from heinsen_replication.pretrained import MAX_SIZE
 
 
 @pytest.fixture(scope='module')
@@ -29,10 +31,10 @@ def damaged_copy(saved, tmp_path, config=None, truncate_to=None):
     return str(folder)
 
 
-LOADERS = [models.from_pretrained, models.RoutingHead.from_pretrained, models.MultiModalClassifier.from_pretrained]
+LOADERS = [checkpoints.from_pretrained, models.RoutingHead.from_pretrained, MultiModalClassifier.from_pretrained]
 
 
-@pytest.mark.parametrize('load', LOADERS, ids=['models.from_pretrained', 'RoutingHead', 'MultiModalClassifier'])
+@pytest.mark.parametrize('load', LOADERS, ids=['checkpoints.from_pretrained', 'RoutingHead', 'MultiModalClassifier'])
 def test_config_that_is_a_list_is_refused(saved, tmp_path, load):
     folder = damaged_copy(saved, tmp_path, config=[3, 8, 2])
     with pytest.raises(ValueError, match=rf"'{folder}/config.json' holds a JSON list, not an object"):
@@ -44,21 +46,21 @@ def test_config_that_is_a_list_is_refused(saved, tmp_path, load):
 def test_config_sizes_of_the_wrong_type_or_out_of_bounds_are_refused(saved, tmp_path, name, value):
     config = json.loads((saved / 'config.json').read_text())
     folder = damaged_copy(saved, tmp_path, config={**config, name: value})
-    with pytest.raises(ValueError, match=rf"{folder}/config.json: {name} must be an integer in 1\.\.{models.MAX_SIZE}, "
+    with pytest.raises(ValueError, match=rf"{folder}/config.json: {name} must be an integer in 1\.\.{MAX_SIZE}, "
                                          rf"got {value!r}"):
-        models.from_pretrained(folder)
+        checkpoints.from_pretrained(folder)
 
 
 def test_large_config_sizes_allocate_nothing_before_the_weights_are_checked(saved, tmp_path):
     """Sizes within bounds whose model would need 2^60 parameters: refused at once (the model is built on the
     meta device and compared with the weights file's header), not by running out of memory."""
     config = json.loads((saved / 'config.json').read_text())
-    folder = damaged_copy(saved, tmp_path, config={**config, 'd_emb': models.MAX_SIZE, 'n_hid': models.MAX_SIZE})
+    folder = damaged_copy(saved, tmp_path, config={**config, 'd_emb': MAX_SIZE, 'n_hid': MAX_SIZE})
     start = time.perf_counter()
     with pytest.raises(ValueError, match=rf"'{folder}/model.safetensors' does not hold the RoutingHead that "
                                          rf"{folder}/config.json describes: "
                                          rf"shapes B \(3, 8\) \(expected \(3, 1048576\)\)"):
-        models.from_pretrained(folder)
+        checkpoints.from_pretrained(folder)
     assert time.perf_counter() - start < 10
 
 
@@ -67,7 +69,7 @@ def test_config_and_weights_that_disagree_are_refused(saved, tmp_path):
     folder = damaged_copy(saved, tmp_path, config={**config, 'n_hid': 5})
     with pytest.raises(ValueError, match=r"does not hold the RoutingHead .*route.0.B_F2 \(4, 8\) "
                                          r"\(expected \(5, 8\)\)"):
-        models.from_pretrained(folder)
+        checkpoints.from_pretrained(folder)
 
 
 @pytest.mark.parametrize('cut', [5, 100, -10])
@@ -81,6 +83,6 @@ def test_truncated_weights_file_is_refused(saved, tmp_path, cut):
 
 
 def test_intact_folder_still_loads(saved):
-    model, config = models.from_pretrained(str(saved))
+    model, config = checkpoints.from_pretrained(str(saved))
     reference = models.RoutingHead.from_pretrained(str(saved))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

@@ -16,8 +16,8 @@ import pytest
 import torch
 from filelock import FileLock
 
-import data
 import train
+from heinsen_replication import data, runs
 from tests.helpers.training import run, short_sst_args as sst_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_two_processes_on_one_run_folder(tiny_sst, tiny_bert, tmp_path):
     finally:
         first.kill() if first.poll() is None else None
     assert first.returncode == 0, stderr
-    checkpoint = train.load_checkpoint(str(out / 'checkpoint.pt'))
+    checkpoint = runs.load_checkpoint(str(out / 'checkpoint.pt'))
     assert checkpoint['args']['rng_seed'] == 1
     assert json.loads((out / 'epoch1' / 'config.json').read_text())['training']['epoch'] == 1
     assert sorted(os.listdir(out)) == ['.lock', 'checkpoint.pt', 'epoch1', 'metrics.jsonl', 'model']
@@ -127,7 +127,7 @@ def test_checkpoint_as_pretrained_path_checks_its_backbone(trained, tiny_sst, ti
     """The checkpoint's backbone (or, in older checkpoints, its --backbone argument) is compared, as model/'s is."""
     path = trained / 'checkpoint.pt'
     if older:
-        checkpoint = train.load_checkpoint(str(path))
+        checkpoint = runs.load_checkpoint(str(path))
         del checkpoint['backbone'], checkpoint['backbone_revision']
         path = tmp_path / 'older.pt'
         torch.save(checkpoint, path)
@@ -146,7 +146,7 @@ def test_pretrained_path_checks_the_backbone_revision(trained, tiny_sst, tiny_be
     with pytest.raises(ValueError, match=r"at revision 'v1', not --revision None: pass --revision v1"):
         run(['--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst, '--device', 'cpu',
              '--eval_only', '--pretrained_path', model])
-    checkpoint = train.load_checkpoint(str(trained / 'checkpoint.pt'))
+    checkpoint = runs.load_checkpoint(str(trained / 'checkpoint.pt'))
     checkpoint['backbone_revision'] = 'v1'
     torch.save(checkpoint, tmp_path / 'pinned.pt')
     with pytest.raises(ValueError, match=r"at revision 'v1', not --revision None"):
@@ -190,11 +190,12 @@ def test_data_fingerprint_sees_texts_and_labels(tiny_sst):
 def test_resume_compares_feature_cache_and_matmul_precision(name, before, after, refused):
     args = train.parse_args(['--dataset_name', 'sst5', f'--{name}', after] if after else ['--dataset_name', 'sst5'])
     checkpoint = {'args': {**vars(args), name: before}}
+    defaults = vars(train.parse_args(['--dataset_name', 'sst5']))
     if refused is None:
-        train.check_resume_args(checkpoint, args, 'checkpoint.pt')
+        runs.check_resume_args(checkpoint, args, 'checkpoint.pt', defaults)
     else:
         with pytest.raises(ValueError, match=rf"--resume: checkpoint.pt was trained with {refused}"):
-            train.check_resume_args(checkpoint, args, 'checkpoint.pt')
+            runs.check_resume_args(checkpoint, args, 'checkpoint.pt', defaults)
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_torch_unexpected_pos_on_a_full_disk_is_the_disk_full_error(tiny_sst, ti
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache'))
     assert 'frame #0' not in str(e.value)
     monkeypatch.undo()
-    assert len(train.load_checkpoint(str(out / 'checkpoint.pt'))['history']) == 1
+    assert len(runs.load_checkpoint(str(out / 'checkpoint.pt'))['history']) == 1
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache', '--resume'))
 
 
@@ -280,7 +281,7 @@ def test_full_or_read_only_disk_during_the_epoch_model_write(tiny_sst, tiny_bert
                                            rf"if any, is intact: run again with --resume"):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache'))
     monkeypatch.undo()
-    assert len(train.load_checkpoint(str(out / 'checkpoint.pt'))['history']) == 1
+    assert len(runs.load_checkpoint(str(out / 'checkpoint.pt'))['history']) == 1
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache', '--resume'))
     assert (out / 'model' / 'model.safetensors').exists()
 
@@ -310,7 +311,7 @@ def test_overwrite_removes_a_symlinked_epoch_as_a_link(trained, tiny_sst, tiny_b
     run(sst_args(tiny_sst, tiny_bert, trained, '--n_epochs', 1, '--overwrite', '--rng_seed', 3))
     assert sorted(os.listdir(elsewhere)) == kept                                  # what the link pointed at: kept
     assert not os.path.islink(trained / 'epoch1') and (trained / 'epoch1' / 'model.safetensors').exists()
-    assert train.load_checkpoint(str(trained / 'checkpoint.pt'))['args']['rng_seed'] == 3
+    assert runs.load_checkpoint(str(trained / 'checkpoint.pt'))['args']['rng_seed'] == 3
     assert sorted(os.listdir(trained)) == ['.lock', 'checkpoint.pt', 'epoch1', 'metrics.jsonl', 'model']
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models
 import train
-from tests.helpers.training import run, short_sst_args as sst_args
+from heinsen_replication import checkpoints, runs
 from tests.helpers.files import tree
+from tests.helpers.training import run, short_sst_args as sst_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,8 @@ def test_real_checkpoint_loads_weights_only(tiny_sst, tiny_bert, tmp_path):
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
     checkpoint = torch.load(out / 'checkpoint.pt', weights_only=True)               # plain types only
     assert checkpoint['args']['dataset_name'] == 'sst5' and checkpoint['history'][0]['epoch'] == 1
-    from_checkpoint, _ = models.from_pretrained(out / 'checkpoint.pt')
-    saved, _ = models.from_pretrained(out / 'model')
+    from_checkpoint, _ = checkpoints.from_pretrained(out / 'checkpoint.pt')
+    saved, _ = checkpoints.from_pretrained(out / 'model')
     assert all(torch.equal(a, b) for a, b in zip(from_checkpoint.state_dict().values(), saved.state_dict().values()))
 
 # -----------------------------------------------------------------------------
@@ -71,8 +71,8 @@ def test_rerun_into_a_run_folder_is_refused(tiny_sst, tiny_bert, tmp_path):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--resume'))
     (out / 'epoch7').mkdir()                                                        # of an older, longer run
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--rng_seed', 5, '--overwrite'))
-    assert train.load_checkpoint(str(out / 'checkpoint.pt'))['args']['rng_seed'] == 5
-    assert train.run_files(str(out)) == ['checkpoint.pt', 'model', 'metrics.jsonl', 'epoch1']
+    assert runs.load_checkpoint(str(out / 'checkpoint.pt'))['args']['rng_seed'] == 5
+    assert runs.run_files(str(out)) == ['checkpoint.pt', 'model', 'metrics.jsonl', 'epoch1']
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--rng_seed', 5, '--resume'))   # a finished run resumes
 
 
@@ -112,7 +112,7 @@ def test_read_only_output_dir_is_refused(tmp_path):
     args = argparse.Namespace(output_dir=str(ro), pretrained_path=None, overwrite=False, resume=False)
     if os.geteuid() != 0:
         with pytest.raises(ValueError, match=r'is not writable \(Permission denied\)'):
-            train.check_output_dir(args)
+            runs.check_output_dir(args)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -121,7 +121,7 @@ def test_read_only_output_dir_is_refused(tmp_path):
             os.setgid(65534)
             os.setuid(65534)
             try:
-                train.check_output_dir(args)
+                runs.check_output_dir(args)
                 message = 'no error'
             except ValueError as e:
                 message = str(e)
@@ -185,7 +185,7 @@ def test_resume_state_mismatch_is_a_clear_error(tiny_sst, tiny_bert, tmp_path):
     """A checkpoint whose arguments agree but whose tensors do not fit (edited, or from another version)."""
     out = tmp_path / 'run'
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
-    checkpoint = train.load_checkpoint(str(out / 'checkpoint.pt'))
+    checkpoint = runs.load_checkpoint(str(out / 'checkpoint.pt'))
     checkpoint['head'] = {k: v[..., :1] if v.dim() else v for k, v in checkpoint['head'].items()}
     torch.save(checkpoint, out / 'checkpoint.pt')
     with pytest.raises(RuntimeError, match=r"--resume: .*checkpoint.pt does not fit this run's routing_head for sst5"):
@@ -264,7 +264,7 @@ def test_disk_full_during_checkpoint_write(tiny_sst, tiny_bert, tmp_path, monkey
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache'))
     monkeypatch.setattr(torch, 'save', real_save)
     assert sorted(os.listdir(out)) == ['.lock', 'checkpoint.pt', 'epoch1', 'epoch2', 'metrics.jsonl']   # nothing else
-    assert len(train.load_checkpoint(str(out / 'checkpoint.pt'))['history']) == 1
+    assert len(runs.load_checkpoint(str(out / 'checkpoint.pt'))['history']) == 1
     run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache', '--resume'))
     assert os.path.exists(out / 'model' / 'model.safetensors')
 

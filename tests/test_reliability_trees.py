@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-import data
+from heinsen_replication import data
 from tests.helpers.files import SST_DEV, SST_TEST, SST_TRAIN, write_sst
 
 

@@ -351,7 +351,7 @@ def test_chunk_elements_none_picks_the_device_default(monkeypatch):
 
 
 def test_routing_head_exposes_the_chunk_size():
-    import models
+    from heinsen_replication import models
     head = models.RoutingHead(3, 8, 2, n_hid=4, chunk_elements=300)
     assert [r.chunk_elements for r in head.route] == [300] * 3
     hidden = torch.randn(2, 5, 3, 8)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
 import train
+from heinsen_replication import checkpoints, loaders, models
+from heinsen_replication.data import write_cifar_batch
+from tests.helpers.files import metrics_records as metrics
 from tests.helpers.training import run, sst_args
-from tests.helpers.files import metrics_records as metrics, write_cifar_batch
 
 
 
@@ -21,9 +22,9 @@ def test_train_checkpoint_eval_with_feature_cache(tiny_sst, tiny_bert, tmp_path,
     records = metrics(out)
     assert [r['epoch'] for r in records[:2]] == [1, 2] and 'valid_acc' in records[0]
     for epoch in (1, 2):                                                   # every epoch's model is kept
-        config = models.from_pretrained(out / f'epoch{epoch}')[1]
+        config = checkpoints.from_pretrained(out / f'epoch{epoch}')[1]
         assert config['training']['epoch'] == epoch and config['training']['valid_acc'] == records[epoch - 1]['valid_acc']
-    (last, _), (final, config) = models.from_pretrained(out / 'epoch2'), models.from_pretrained(out / 'model')
+    (last, _), (final, config) = checkpoints.from_pretrained(out / 'epoch2'), checkpoints.from_pretrained(out / 'model')
     assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), final.state_dict().values()))
     assert records[2]['final']['test_accuracy'] == acc
     # the final model: config.json (typed) and model.safetensors, with what it was trained on
@@ -50,12 +51,12 @@ def test_training_stream_cycles_reshuffled_passes_and_resumes_mid_pass():
     generator = torch.Generator()
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=torch.utils.data.RandomSampler(dataset, generator=generator),
                                          generator=torch.Generator())                                # 4 batches a pass
-    stream = train.training_stream(loader, generator, seed=5, start_step=0)
+    stream = loaders.training_stream(loader, generator, seed=5, start_step=0)
     batches = [next(stream)[0].tolist() for _ in range(12)]                       # 3 passes
     passes = [sum(batches[k:k + 4], []) for k in (0, 4, 8)]
     assert all(sorted(p) == list(range(10)) for p in passes) and passes[0] != passes[1]
     for start in (3, 4, 6):
-        resumed = train.training_stream(loader, generator, seed=5, start_step=start)
+        resumed = loaders.training_stream(loader, generator, seed=5, start_step=start)
         assert [next(resumed)[0].tolist() for _ in range(12 - start)] == batches[start:]
 
 
@@ -128,7 +129,7 @@ def test_image_dataset_with_tiny_beit(tiny_beit, tmp_path, capsys):
     out = tmp_path / 'run'
     acc = run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', tmp_path, '--image_size', 32,
                '--output_dir', out, '--batch_sz', 8, '--n_epochs', 1, '--run_test', '--device', 'cpu'])
-    assert models.from_pretrained(out / 'model')[1]['training']['test_accuracy'] == acc
+    assert checkpoints.from_pretrained(out / 'model')[1]['training']['test_accuracy'] == acc
     with pytest.raises(ValueError, match='--feature_cache is for text'):
         run(['--dataset_name', 'cifar10', '--backbone', tiny_beit, '--data_root', tmp_path, '--image_size', 32,
              '--output_dir', tmp_path / 'r2', '--feature_cache', tmp_path / 'c', '--device', 'cpu'])
@@ -165,7 +166,7 @@ def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
 
 
 def test_length_grouped_batches_cover_every_sample_once():
-    import data
+    from heinsen_replication import data
     lengths = torch.randint(1, 50, (1000,)).tolist()
     for shuffle in (True, False):
         batches = list(data.LengthGroupedBatchSampler(lengths, 32, group_batches=16, shuffle=shuffle))

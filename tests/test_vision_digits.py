@@ -1,4 +1,4 @@
-"""The trained vision model offline (benchmarks/digits_vit.py, pretrained/digits_vit/): the digits split it is trained
+"""The trained vision model offline (studies/digits_vit.py, pretrained/digits_vit/): the digits split it is trained
 and tested on, the committed ViT as a frozen backbone of all depths, the committed routing head's test accuracy
 reproduced, patch deletion, and the build + report commands end to end (quick)."""
 import json
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import models
+from heinsen_replication import backbones, data
+from heinsen_replication.pretrained import read_config
 
 pytest.importorskip('sklearn')
-from benchmarks import digits_vit  # noqa: E402  (needs scikit-learn)
+from studies import digits_vit  # noqa: E402  (needs scikit-learn)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / 'pretrained' / 'digits_vit'
@@ -47,9 +47,9 @@ def test_digits_tensors_are_the_split_scaled_to_unit_range():
 
 
 def test_committed_vit_loads_as_a_frozen_image_backbone_of_all_depths():
-    backbone = models.load_backbone(str(MODEL / 'backbone'))
+    backbone = backbones.load_backbone(str(MODEL / 'backbone'))
     config = backbone.model.config
-    assert isinstance(backbone, models.ImageBackbone) and backbone.modality == 'image'
+    assert isinstance(backbone, backbones.ImageBackbone) and backbone.modality == 'image'
     assert (backbone.d_depth, backbone.d_emb) == (config.num_hidden_layers + 1, config.hidden_size) == (5, 64)
     assert not any(p.requires_grad for p in backbone.parameters()) and not backbone.train().training
     x, _ = digits_vit.digits_tensors('test')
@@ -63,7 +63,7 @@ def test_committed_head_reproduces_its_recorded_test_accuracy():
     """The routing head's accuracy on the digits test split, measured now, is the one train.py recorded when it
     trained it; and the ViT's own classifier reproduces the accuracy recorded beside it."""
     backbone, head = digits_vit.load_model(str(MODEL))
-    config = models.read_config(MODEL / 'routing_head')
+    config = read_config(MODEL / 'routing_head')
     assert config['backbone'] == 'pretrained/digits_vit/backbone' and config['training']['dataset_name'] == 'digits'
     x, y = digits_vit.digits_tensors('test')
     n_correct = int((digits_vit.predict(backbone, head, x).argmax(-1) == y).sum())
@@ -117,10 +117,10 @@ def test_deletion_test_on_the_committed_model():
 
 @pytest.mark.slow
 def test_build_and_report_run_end_to_end_and_never_overwrite_a_model(tmp_path):
-    """python -m benchmarks.digits_vit build --quick, then report: the files, the docs page; a second build into the
+    """python -m studies.digits_vit build --quick, then report: the files, the docs page; a second build into the
     same folder is refused without --overwrite."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
-    run = lambda *argv: subprocess.run([sys.executable, '-m', 'benchmarks.digits_vit', *argv], cwd=ROOT, env=env,
+    run = lambda *argv: subprocess.run([sys.executable, '-m', 'studies.digits_vit', *argv], cwd=ROOT, env=env,
                                        capture_output=True, text=True, timeout=600)
     out = tmp_path / 'dv'
     done = run('build', '--out', str(out), '--quick')
@@ -135,7 +135,7 @@ def test_build_and_report_run_end_to_end_and_never_overwrite_a_model(tmp_path):
     done = run('report', '--out', str(out), '--docs', str(docs), '--max_deletion', '20', '--n_random', '2')
     assert done.returncode == 0, done.stderr[-2000:]
     text = docs.read_text()
-    assert f'python -m benchmarks.digits_vit report --out {out} --docs {docs} --max_deletion 20 --n_random 2' in text
+    assert f'python -m studies.digits_vit report --out {out} --docs {docs} --max_deletion 20 --n_random 2' in text
     assert 'For each of the 20 test digits' in text and '2 draws per image' in text
     assert '| random |' in text and (docs.parent / 'vision_digits.png').stat().st_size > 10_000
 

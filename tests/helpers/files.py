@@ -1,12 +1,11 @@
 """Files the tests write or find: the real SST where the README puts it, and tiny files in the real formats of SST
 (PTB trees), CIFAR (pickled batches) and smallNORB (.mat). Shared by the test modules (none imports another)."""
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 
-import data
+from heinsen_replication import data
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +22,7 @@ SST_DIR = find_sst()
 
 
 def find_published_2019():
-    """The authors' published 2019 state dicts: $HEINSEN2019_DIR, where `python -m data heinsen2019 --download`
+    """The authors' published 2019 state dicts: $HEINSEN2019_DIR, where `python -m heinsen_replication.data heinsen2019 --download`
     puts them (.data/heinsen2019), or the byte-for-byte copies beside the clone (CI); None if absent."""
     for folder in (os.environ.get('HEINSEN2019_DIR'), REPO_ROOT / '.data' / 'heinsen2019',
                    REPO_ROOT.parent / 'shared' / 'weights' / 'heinsen2019'):
@@ -54,16 +53,6 @@ def write_sst(folder, train=SST_TRAIN, dev=SST_DEV, test=SST_TEST):
         (folder / name).write_text('\n'.join(lines) + '\n', encoding='utf-8')
 
 
-def write_cifar_batch(path, images, labels, label_key):
-    """images uint8 [N, 32, 32, 3] -> the official pickle: b'data' uint8 [N, 3072] as RGB planes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    batch = {b'batch_label': b'test', label_key: list(labels),
-             b'data': images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
-             b'filenames': [b'x.png'] * len(images)}
-    with open(path, 'wb') as f:
-        pickle.dump(batch, f)
-
-
 def write_smallnorb(root, n=3):
     """Tiny smallNORB train and test files: left image of example i = 10 * i, right = 200 + i."""
     for split in ('train', 'test'):
@@ -91,7 +80,7 @@ def tree(label, words):
 
 
 def metrics_records(out):
-    """A run's metrics.jsonl as its records (train.read_metrics): one per epoch, then {'final': ...} once finished."""
-    import train
-    epochs, final = train.read_metrics(out)
+    """A run's metrics.jsonl as its records (runs.read_metrics): one per epoch, then {'final': ...} once finished."""
+    from heinsen_replication.runs import read_metrics
+    epochs, final = read_metrics(out)
     return epochs + ([] if final is None else [{'final': final}])

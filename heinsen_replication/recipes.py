@@ -2,7 +2,7 @@
 The training recipes, each defined once: the train.py runs of every profile of train_all_heads.sh, which the
 benchmarks and tests read from here too.
 
-    python recipes.py PROFILE [--data_root .data] [--out runs] [--seed 0] [--feature_cache DIR]
+    python -m heinsen_replication.recipes PROFILE [--data_root .data] [--out runs] [--seed 0] [--feature_cache DIR]
 
 prints the profile's train.py runs, one shell-quoted argument list per line, in the order they must run
 (train_all_heads.sh runs each line with $LAUNCH train.py). Profiles:
@@ -19,11 +19,11 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
                    'medium'. The choice is made on the first start and kept in OUT/offline/seed<k>/precision.txt,
                    so that a resumed run (and its feature cache) keeps it on a CPU near the threshold.
     paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
-    frozen-heads   the standard heads on the same frozen features (issue 21; train.py --model scalar_mix_mean,
+    frozen-heads   the standard heads on the same frozen features (train.py --model scalar_mix_mean,
                    scalar_mix_attention, token_depth_attention), each in the paper-minilm recipe (SST-2 fine-tunes
                    their final Linear); outputs OUT/frozen-heads/<head>/seed<k>/<dataset>/. --heads picks some.
     digits-vit     the routing head on the small ViT pretrained on scikit-learn's 8x8 digits (the committed
-                   pretrained/digits_vit/backbone, which `python -m benchmarks.digits_vit build` trains first and then
+                   pretrained/digits_vit/backbone, which `python -m studies.digits_vit build` trains first and then
                    runs this recipe with): HEAD_EPOCHS epochs over the digits' training split on a CPU.
     capsules2019   the 2019 paper's capsule networks in its regime (train.py --model capsules2019): smallNORB end
                    to end for 50 epochs (GPU), SST-5 and SST-2 for 3 epochs over all subtrees on minilm (the paper
@@ -42,7 +42,7 @@ FROZEN_HEADS = ('scalar_mix_mean', 'scalar_mix_attention', 'token_depth_attentio
 # The paper's backbones at the revisions it used.
 ROBERTA = ['--backbone', 'roberta-large', '--revision', '5069d8a']
 BEIT = ['--backbone', 'microsoft/beit-large-patch16-224', '--revision', '0bd443c', '--num_workers', '8']
-# The small ViT trained on the digits (benchmarks/digits_vit.py), and its routing head's epochs.
+# The small ViT trained on the digits (studies/digits_vit.py), and its routing head's epochs.
 DIGITS_VIT = os.path.join('pretrained', 'digits_vit', 'backbone')
 HEAD_EPOCHS = 60
 

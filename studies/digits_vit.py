@@ -3,9 +3,9 @@ A trained vision model offline: a small ViT pretrained on scikit-learn's real 8x
 a routing head trained (by train.py) on the hidden states of all its depths; then the routing head's per-depth
 patch credit and a patch-deletion test against random deletion.
 
-    python -m benchmarks.digits_vit build --out pretrained/digits_vit      # the committed model (minutes, 1 thread)
-    python -m benchmarks.digits_vit report                                 # docs/vision_digits.md (+ .png)
-    python -m benchmarks.digits_vit build --out /tmp/dv --quick            # seconds, end to end (not a result)
+    python -m studies.digits_vit build --out pretrained/digits_vit      # the committed model (minutes, 1 thread)
+    python -m studies.digits_vit report                                 # docs/vision_digits.md (+ .png)
+    python -m studies.digits_vit build --out /tmp/dv --quick            # seconds, end to end (not a result)
 
 build:
   1. pretrains a transformers ViTModel (VIT_CONFIG: 8 x 8 single-channel images at their native size, 2 x 2 pixel
@@ -13,10 +13,10 @@ build:
      token, on the digits training split only (data.get_dataset_splits('digits'): the fixed stratified 75/25 split
      of data.DIGITS_SEED, 1347 train / 450 test), with the PRETRAIN recipe;
   2. saves the ViT as OUT/backbone/ (save_pretrained: config.json + model.safetensors; it loads through
-     models.load_backbone(OUT/backbone) as a frozen ImageBackbone of 5 depths, and `train.py --backbone OUT/backbone`)
+     backbones.load_backbone(OUT/backbone) as a frozen ImageBackbone of 5 depths, and `train.py --backbone OUT/backbone`)
      and its classifier as OUT/vit_classifier.safetensors;
   3. trains a routing head on the frozen ViT's hidden states of all depths with train.py itself, by the recipe
-     `python recipes.py digits-vit` prints (the paper's routing-head regime: RAdam, one cycle, mixup Beta(0.2, 0.2),
+     `python -m heinsen_replication.recipes digits-vit` prints (the paper's routing-head regime: RAdam, one cycle, mixup Beta(0.2, 0.2),
      batch 50; recipes.HEAD_EPOCHS epochs on the training split, no model selection: digits has no validation
      split), its --backbone set to OUT/backbone, and keeps its final model as OUT/routing_head/
      (config.json names the backbone folder and records the test accuracy train.py measured).
@@ -36,9 +36,7 @@ no model), and random (N_RANDOM draws per image); among all patches, and among t
 blank patch set to the background does not change).
 """
 import argparse
-import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -50,8 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-import models
+from heinsen_replication import backbones, data, models
+from heinsen_replication.pretrained import read_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,8 +125,8 @@ def load_vit_classifier(out):
 
 
 def load_model(out):
-    """-> (models.ImageBackbone, models.RoutingHead) of a build in OUT (the frozen ViT, the trained head)."""
-    backbone = models.load_backbone(os.path.join(out, 'backbone'))
+    """-> (backbones.ImageBackbone, models.RoutingHead) of a build in OUT (the frozen ViT, the trained head)."""
+    backbone = backbones.load_backbone(os.path.join(out, 'backbone'))
     head = models.RoutingHead.from_pretrained(os.path.join(out, 'routing_head')).eval()
     return backbone, head
 
@@ -136,7 +134,7 @@ def load_model(out):
 def head_recipe(backbone_dir, output_dir, quick=False):
     """-> the train.py arguments of the routing head: recipes.runs('digits-vit'), on the backbone in backbone_dir,
     into output_dir (--quick: 1 epoch)."""
-    import recipes
+    from heinsen_replication import recipes
     (argv,) = recipes.runs('digits-vit', out=output_dir, seed=HEAD_SEED).values()
     argv = list(argv)
     argv[argv.index('--backbone') + 1] = backbone_dir
@@ -361,12 +359,14 @@ def credit_figure(backbone, head, images, labels, path=None, title=None):
 
 
 def report(out, docs, figure, command, max_deletion=None, n_random=N_RANDOM, log=print):
-    """Measure the model in OUT (accuracies, deletion test) and write the docs page and figure. max_deletion: run
-    the deletion test on the first test digits only (a quick check; default all), n_random: its random draws."""
+    """Measure the model in OUT (accuracies, deletion test), keep the figures in the record (RECORD beside docs: its
+    folder of the same name) and write the docs page (render) and the figure. max_deletion: run the deletion test on
+    the first test digits only (a quick check; default all), n_random: its random draws."""
     import matplotlib
-    import recipes
+    from benchmarks.common import finish_meta, measurement_meta, save_record, write_report
     matplotlib.use('Agg')
     torch.set_num_threads(1)
+    meta = measurement_meta(command, 'float32', threads=1)
     started = time.time()
     for folder in {os.path.dirname(os.path.abspath(docs)), os.path.dirname(os.path.abspath(figure))}:
         os.makedirs(folder, exist_ok=True)
@@ -375,25 +375,43 @@ def report(out, docs, figure, command, max_deletion=None, n_random=N_RANDOM, log
     vit_acc = vit_accuracy(vit, classifier, x_test, y_test)
     backbone, head = load_model(out)
     head_acc = (predict(backbone, head, x_test).argmax(-1) == y_test).float().mean().item()
-    recorded = models.read_config(os.path.join(out, 'routing_head'))['training'].get('test_accuracy')
+    recorded = read_config(os.path.join(out, 'routing_head'))['training'].get('test_accuracy')
     results = {among: deletion_test(backbone, head, x_test[:max_deletion], n_random=n_random, among=among)
                for among in ('all', 'ink')}
-    n_images, p_pred, n_random = (results['all'][key] for key in ('n_images', 'p_pred', 'n_random'))
     idx = figure_indices(y_test)
     credit_figure(backbone, head, x_test[idx], y_test[idx], path=figure,
                   title='routing-head credit for the predicted class, per depth (red = for, blue = against)')
-    seconds = time.time() - started
-    log(json.dumps({'vit_test_accuracy': vit_acc, 'head_test_accuracy': head_acc, 'deletion': results}, indent=1))
     side, size = patch_grid(backbone)
-    n_params_vit = sum(p.numel() for p in vit.parameters())
-    n_params_head = sum(p.numel() for p in head.parameters())
-    rel_figure = os.path.relpath(figure, os.path.dirname(os.path.abspath(docs)))
-    text = f"""# A trained vision model offline: a small ViT on real digits, its routing head, and its credit
+    record = {'meta': {**finish_meta(meta), 'seconds': round(time.time() - started, 1)}, 'out': out,
+              'figure': os.path.relpath(figure, os.path.dirname(os.path.abspath(docs))),
+              'vit_test_accuracy': vit_acc, 'head_test_accuracy': head_acc, 'recorded_test_accuracy': recorded,
+              'n_params_vit': sum(p.numel() for p in vit.parameters()),
+              'n_params_head': sum(p.numel() for p in head.parameters()),
+              'side': side, 'size': size, 'd_depth': backbone.d_depth, 'deletion': results}
+    save_record(record, record_path(docs))
+    write_report([render(record)], docs)
+    log(f"wrote {docs}, {record_path(docs)} and {figure} ({record['meta']['seconds']:.0f} s)")
+    return record
 
-Produced by `{command}` (benchmarks/digits_vit.py) from the model committed in `{out}/`, which
-`python -m benchmarks.digits_vit build --out {out}` trains (1 CPU thread; the routing head by `train.py` itself).
-Machine: {platform.machine()} CPU, torch {torch.__version__}, torch.set_num_threads(1), shared with other jobs;
-the report took {seconds:.0f} s.
+
+def record_path(docs):
+    """The record of the docs page docs (docs/vision_digits.md -> docs/vision_digits/record.json)."""
+    return os.path.join(os.path.splitext(docs)[0], 'record.json')
+
+
+def render(record):
+    """The docs page from report's record (nothing measured)."""
+    from benchmarks.common import how_measured
+    from heinsen_replication import recipes
+    out, side, size, d_depth = record['out'], record['side'], record['size'], record['d_depth']
+    vit_acc, head_acc, results = record['vit_test_accuracy'], record['head_test_accuracy'], record['deletion']
+    n_images, p_pred, n_random = (results['all'][key] for key in ('n_images', 'p_pred', 'n_random'))
+    recorded = record['recorded_test_accuracy']
+    return f"""# A trained vision model offline: a small ViT on real digits, its routing head, and its credit
+
+Produced by `python -m studies.digits_vit report` (studies/digits_vit.py) from the model committed in `{out}/`, which
+`python -m studies.digits_vit build --out {out}` trains (1 CPU thread; the routing head by `train.py` itself).
+{how_measured(record['meta'])} The report took {record['meta']['seconds']:.0f} s.
 
 ## The model
 
@@ -403,16 +421,16 @@ values 0..16 scaled to [0, 1], background 0; the fixed stratified 75/25 split of
 fifth of it); the test split only evaluates.
 
 * **Backbone**: a transformers `ViTModel` ({VIT_CONFIG['num_hidden_layers']} layers, width
-  {VIT_CONFIG['hidden_size']}, {VIT_CONFIG['num_attention_heads']} heads, {n_params_vit:,} parameters) on the
+  {VIT_CONFIG['hidden_size']}, {VIT_CONFIG['num_attention_heads']} heads, {record['n_params_vit']:,} parameters) on the
   8 x 8 image at its native size in {size} x {size} patches: {side} x {side} = {side * side} patches + the class
-  token, {backbone.d_depth} depths (embeddings + one per layer). Pretrained with a linear classifier on its pooled
+  token, {d_depth} depths (embeddings + one per layer). Pretrained with a linear classifier on its pooled
   class token ({PRETRAIN['epochs']} epochs, AdamW, one cycle to lr {PRETRAIN['lr']}, batch {PRETRAIN['batch_size']},
   label smoothing {PRETRAIN['label_smoothing']}), then frozen. Saved as `{out}/backbone/`: it loads with
-  `models.load_backbone('{out}/backbone')` (or `train.py --backbone {out}/backbone`).
-* **Routing head**: `RoutingHead` on the frozen ViT's hidden states of all {backbone.d_depth} depths
-  ({n_params_head:,} parameters), trained by
+  `backbones.load_backbone('{out}/backbone')` (or `train.py --backbone {out}/backbone`).
+* **Routing head**: `RoutingHead` on the frozen ViT's hidden states of all {d_depth} depths
+  ({record['n_params_head']:,} parameters), trained by
   `python train.py {shlex.join(head_recipe(f'{out}/backbone', 'OUTPUT_DIR'))}`
-  (`python recipes.py digits-vit`: the paper's routing-head regime for {recipes.HEAD_EPOCHS} epochs; no model selection:
+  (`python -m heinsen_replication.recipes digits-vit`: the paper's routing-head regime for {recipes.HEAD_EPOCHS} epochs; no model selection:
   digits has no validation split). Saved as `{out}/routing_head/`.
 
 | model | test accuracy (450 digits) |
@@ -426,9 +444,9 @@ classifier on the last depth, by {abs(head_acc - vit_acc) * 100:.2f} points.
 
 ## Credit per depth
 
-![credit per depth]({rel_figure})
+![credit per depth]({record['figure']})
 
-`{os.path.basename(figure)}`: the first test digit of each class 0-{FIGURE_DIGITS - 1}; for each, the routing head's
+`{os.path.basename(record['figure'])}`: the first test digit of each class 0-{FIGURE_DIGITS - 1}; for each, the routing head's
 end-to-end credit (`RoutingHead.credit`) for the predicted class of each {size} x {size}-pixel patch at each depth
 (one symmetric colour scale per row; red = credit for the class, blue = against; the black contour outlines the
 digit's strokes), and the sum over depths (the ranking the deletion test uses).
@@ -452,11 +470,19 @@ image has fewer than k, the rest are blank: no change):
 
 {deletion_table(results['ink'])}
 
-{deletion_verdict(results)}
-"""
-    data.write_atomic(docs, text.encode())
-    log(f"wrote {docs} and {figure} ({seconds:.0f} s)")
-    return {'vit_test_accuracy': vit_acc, 'head_test_accuracy': head_acc, 'deletion': results}
+{deletion_verdict(results)}"""
+
+
+def render_page(path):
+    """The docs page from the record file at path."""
+    from benchmarks.common import load_record
+    return render(load_record(path)) + '\n'
+
+
+def credit_ratios(record, among='all'):
+    """The summed credit's drop over random deletion's, per k, from report's record."""
+    rows = record['deletion'][among]['rows']
+    return [c / r for c, r in zip(rows['credit (sum over depths)']['drop'], rows['random']['drop'])]
 
 
 def parse_args(argv=None):
@@ -485,7 +511,7 @@ def parse_args(argv=None):
         for name in ('backbone', 'vit_classifier.safetensors', 'routing_head'):
             if not os.path.exists(os.path.join(args.out, name)):
                 p.error(f"--out {args.out!r} has no {name}: build the model first "
-                        f"(python -m benchmarks.digits_vit build --out {args.out})")
+                        f"(python -m studies.digits_vit build --out {args.out})")
     return args
 
 
@@ -493,7 +519,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == 'build':
         return build(args.out, overwrite=args.overwrite, quick=args.quick)
-    command = 'python -m benchmarks.digits_vit ' + ' '.join(shlex.quote(a) for a in
+    command = 'python -m studies.digits_vit ' + ' '.join(shlex.quote(a) for a in
                                                             (argv if argv is not None else sys.argv[1:]))
     return report(args.out, args.docs, args.figure, command, args.max_deletion, args.n_random)
 

@@ -1,5 +1,5 @@
-"""python -m data <name> [--data_root .data] [--download] [--data_source files|hub]: check (and optionally
-download) a dataset, printing its split sizes; python -m data heinsen2019 --download: the 2019 paper's weights."""
+"""python -m heinsen_replication.data <name> [--data_root .data] [--download] [--data_source files|hub]: check (and optionally
+download) a dataset, printing its split sizes; python -m heinsen_replication.data heinsen2019 --download: the 2019 paper's weights."""
 
 import argparse
 import os
@@ -11,7 +11,7 @@ from .splits import DATA_SOURCES, DATASETS, get_dataset_splits
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog='python -m data',
+        prog='python -m heinsen_replication.data',
         description="Check (and optionally download) a dataset: prints split sizes. 'heinsen2019': the 2019 "
                     "paper's published weights, into <data_root>/heinsen2019 (sha256-verified).")
     parser.add_argument('name', choices=DATASETS + ('heinsen2019',))

