@@ -88,29 +88,31 @@ def time_steps(args, rounds=10):
 
 
 def time_runs(argvs, n_steps, rounds=10):
-    """Seconds per training step of several train.py runs on the same batches' kind and the same load, in one
-    process: each run is built by train.py's own stages (train.build_run) from its arguments ({name: argv}), then
-    `rounds` rounds, each timing n_steps / rounds steps (train.train_step: the next batch of the training stream
-    from the feature cache, mixup, forward, loss, backward, optimizer step) of every run in turn, after one untimed
-    round. -> {'seconds_per_step': {name: s}, 'steps', 'rounds', 'load_average_1min': [one per round], 'cpu_count',
+    """Seconds per training step of several train.py runs ({name: arguments}) on the same batches' kind and the
+    same load, in one process: each run is built by train.py's own stages (train.build_run), then `rounds` rounds,
+    each timing n_steps / rounds steps (train.train_step: the next batch of the training stream from the feature
+    cache, mixup, forward, loss, backward, optimizer step) of every run in turn, after one untimed round; each run
+    built and timed in its own process-global settings (run_settings: matmul precision, threads, seeds).
+    -> {'seconds_per_step': {name: s}, 'steps', 'rounds', 'load_average_1min': [one per round], 'cpu_count',
     'cpu_model', 'omp_num_threads'}"""
-    import torch
-
     import train
     from heinsen_replication import recipes
-    torch.manual_seed(0)
+    from heinsen_replication.settings import run_settings
     per_round = max(1, n_steps // rounds)
-    seconds, loads = {name: 0.0 for name in argvs}, []
-    runs = {name: train.build_run(train.parse_args(argv)) for name, argv in argvs.items()}
-    for name, run in runs.items():
-        run.head.train()
+    seconds, loads, runs = {name: 0.0 for name in argvs}, [], {}
+    for name, argv in argvs.items():
+        args_of_run = train.parse_args(argv)
+        with run_settings(args_of_run):
+            runs[name] = train.build_run(args_of_run)
+        runs[name].head.train()
     for r in range(rounds + 1):
         loads.append(os.getloadavg()[0])
         for name, run in runs.items():
-            started = time.perf_counter()
-            for _ in range(per_round):
-                loss, _ = train.train_step(run, next(run.batches))
-                loss.item()
+            with run_settings(run.args, seed=False):
+                started = time.perf_counter()
+                for _ in range(per_round):
+                    loss, _ = train.train_step(run, next(run.batches))
+                    loss.item()
             if r > 0:                                                            # round 0 warms up
                 seconds[name] += time.perf_counter() - started
     for run in runs.values():

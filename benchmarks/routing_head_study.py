@@ -38,6 +38,7 @@ from benchmarks.frozen_heads import time_runs
 from heinsen_replication import recipes
 from heinsen_replication.checkpoints import from_pretrained
 from heinsen_replication.runs import read_metrics
+from heinsen_replication.settings import run_settings
 
 # The configurations, in the order --run trains them: {name: (what it is, RoutingHead / train.py options)}.
 CONFIGS = {
@@ -131,17 +132,17 @@ def costs(args):
     the offline recipe built by train.py's stages (train.build_run), and the FLOPs FlopCounterMode counts in
     train.train_step over the first --flop_steps batches of its training stream (the same batches for all: the
     same seed)."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, argv in step_argvs(args, tmp).items():
-            run = train.build_run(train.parse_args(argv))
-            run.head.train()
-            torch.manual_seed(0)
-            with FlopCounterMode(display=False) as counter:
-                for _ in range(args.flop_steps):
-                    train.train_step(run, next(run.batches))
+            args_of_run = train.parse_args(argv)
+            with run_settings(args_of_run):                 # the run's matmul precision, threads and seeds
+                run = train.build_run(args_of_run)
+                run.head.train()
+                with FlopCounterMode(display=False) as counter:
+                    for _ in range(args.flop_steps):
+                        train.train_step(run, next(run.batches))
             result[name] = {'parameters': sum(p.numel() for p in run.head.parameters()),
                             'gflop_per_step': counter.get_total_flops() / args.flop_steps / 1e9}
             train.release_output_dir(run.args.output_dir)
