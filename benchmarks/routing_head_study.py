@@ -234,10 +234,13 @@ def summary(records, docs='docs/'):
                                                             'record.json')))
     lighter = [c for c in CONFIGS if c != BASELINE]
     shown = '; '.join(f"{CONFIGS[c][0]} {flops[c]:.2f} ({flops[c] / flops[BASELINE]:.2f}x)" for c in lighter)
-    ran = [c for c in lighter if complete[c]]
-    accuracy = ('; '.join(f"{CONFIGS[c][0]} {mean_std(acc[c]['sst5'])} / {mean_std(acc[c]['sst2'])} "
-                          f"({len(complete[c])} seed{'s' if len(complete[c]) > 1 else ''})" for c in ran)
-                if ran else 'none has finished both datasets yet')
+    def so_far(c, d):
+        values = [r[d]['test_accuracy'] for r in found.get(c, {}).values() if d in r]
+        return f"{mean_std(values)} ({len(values)} seed{'s' if len(values) > 1 else ''})" if values else 'not run yet'
+
+    ran = [c for c in lighter if found.get(c)]
+    accuracy = ('; '.join(f"{CONFIGS[c][0]} {so_far(c, 'sst5')} / {so_far(c, 'sst2')}" for c in ran)
+                if ran else 'none recorded yet')
     return (f"**Is there a lighter routing head?** FLOPs of one SST-5 training step (batch 32, FlopCounterMode): the "
             f"paper's head {flops[BASELINE]:.2f} GFLOP, head (c) {flops[STANDARD_HEAD]:.2f} "
             f"({flops[STANDARD_HEAD] / flops[BASELINE]:.2f}x); lighter routing heads: {shown}. Test accuracy in the "
@@ -278,6 +281,9 @@ def verdict(acc, flops, base, max_flops_ratio=1 / 3, min_seeds=3):
         if all(statistics.mean(acc[c][d]) >= floors[d] for d in DATASETS):
             (light if flops[c] <= max_flops_ratio * flops[BASELINE] else held).append(c)
     floor = ' and '.join(f"{100 * floors[d]:.1f}% on {DATASETS[d]}" for d in DATASETS)
+    if len(pending) == len(CONFIGS) - 1:
+        return (f"**Not answered yet: no lighter configuration has {min_seeds} seeds on record** (the bar: a mean test "
+                f"accuracy of at least {floor}, within one std of the paper's head, at one third of its FLOPs or less).")
     if light:
         answer = (f"**Within one std of the paper's head (mean test accuracy at least {floor}) at one third of its "
                   f"FLOPs or less: {', '.join(f'`{c}`' for c in light)}.**")
@@ -288,7 +294,7 @@ def verdict(acc, flops, base, max_flops_ratio=1 / 3, min_seeds=3):
         answer += f" Within one std at more than a third of its FLOPs: {', '.join(f'`{c}`' for c in held)}."
     if pending:
         answer += (f" Not counted, fewer than {min_seeds} seeds on record: {', '.join(f'`{c}`' for c in pending)} "
-                   f"(their figures below are preliminary).")
+                   f"(preliminary).")
     return answer
 
 

@@ -50,7 +50,7 @@ class RoutingHead(nn.Module, Pretrained):
     Lighter variants (benchmarks/routing_head_study.py measures them; the defaults are the paper's head, unchanged):
     n_routings=2 drops the middle routing, (-1 -> n_hid), (n_hid -> n_classes); d_hid projects each vector from
     d_emb to d_hid features (`project`, a Linear without bias, after x * W + B), so that the routings work at width
-    d_hid. RoutingHead.preset(name, ...) builds the named configurations (PRESETS).
+    d_hid.
     chunk_elements: the routings' chunk size (EfficientVectorRouting's; None = a fixed size per device type, never
     the memory free). It changes speed and memory, and results only in their last bits (sums in another order:
     docs/library.md); it can be changed on a loaded head with set_chunk_elements.
@@ -58,8 +58,6 @@ class RoutingHead(nn.Module, Pretrained):
 
     CONFIG_CHOICES = {'n_routings': (2, 3)}                 # what config.json may hold (check_config)
     OPTIONAL_SIZES = ('d_hid', 'chunk_elements')            # sizes whose default, None, is no size
-    # The named configurations: constructor arguments beyond (d_depth, d_emb, n_classes). 'paper' is the default.
-    PRESETS = {'paper': {}}
 
     def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None, n_routings=3, d_hid=None):
         super().__init__()
@@ -82,13 +80,6 @@ class RoutingHead(nn.Module, Pretrained):
             self.route.append(EfficientVectorRouting(n_inp=n_hid, n_out=n_hid, d_inp=d_route, d_out=d_route))
         self.route.append(EfficientVectorRouting(n_inp=n_hid, n_out=n_classes, d_inp=d_route, d_out=1))
         self.set_chunk_elements(chunk_elements)
-
-    @classmethod
-    def preset(cls, name, d_depth, d_emb, n_classes, **kwargs):
-        """The named configuration `name` of PRESETS (its arguments, then kwargs, e.g. chunk_elements)."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown RoutingHead preset {name!r}: choose one of {', '.join(cls.PRESETS)}")
-        return cls(d_depth, d_emb, n_classes, **{**cls.PRESETS[name], **kwargs})
 
     def set_chunk_elements(self, chunk_elements):
         """The chunk size of the streamed routings (None = per device, see the class docstring)."""
