@@ -58,9 +58,10 @@ from heinsen_replication.checkpoints import from_pretrained
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
 from heinsen_replication.models import RoutingHead
 from heinsen_replication.pretrained import check_finite
-from heinsen_replication.runs import (DISK_ERRORS, check_output_dir, check_resume_args, check_resume_data,
-                                      data_fingerprint, load_checkpoint, release_output_dir, remove_run_files,
-                                      save_checkpoint, save_model, write_metrics)
+from heinsen_replication.runs import (backbone_provenance, check_checkpoint, check_output_dir, check_provenance,
+                                      check_resume_args, check_resume_data, data_fingerprint, load_checkpoint,
+                                      release_output_dir, remove_run_files, save_checkpoint, save_model, write_errors,
+                                      write_metrics)
 from heinsen_replication.standard_heads import FROZEN_HEADS
 
 # The papers' regimes (command-line options override): one-cycle max lr and warm-up fraction, final lr
@@ -138,6 +139,10 @@ def parse_args(argv=None):
                         '(float16, memory-mapped) and read back, instead of running the backbone each step')
     p.add_argument('--lr', type=float, default=None, help='one-cycle max learning rate (default: 1e-3 routing_head, '
                                                             '5e-4 capsules2019)')
+    p.add_argument('--pretrained_subset', action='store_true',
+                   help="with --pretrained_path: load a head trained on hidden states of another shape (depths x "
+                        "width) than --backbone gives, only the tensors whose shapes fit; the others start at their "
+                        "initialisation (without it such a head is refused)")
     p.add_argument('--finetune', default='last_routing', choices=['last_routing', 'all'],
                    help="with --pretrained_path: train only the last routing (the paper's SST-2 recipe) or every "
                         "parameter (a diagnostic variant)")
@@ -173,6 +178,10 @@ def parse_args(argv=None):
                 f"got {args.max_length}")
     if args.image_size < 1:
         p.error(f"--image_size must be a positive integer, got {args.image_size}")
+    if not 0 <= args.rng_seed < 2 ** 32:
+        p.error(f"--rng_seed must be an integer in 0..2**32 - 1, got {args.rng_seed}")
+    if args.pretrained_subset and (not args.pretrained_path or args.eval_only):
+        p.error("--pretrained_subset loads part of a --pretrained_path head to fine-tune it (not with --eval_only)")
     if args.finetune != 'last_routing' and not args.pretrained_path:
         p.error(f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too")
     if args.resume and args.overwrite:
@@ -281,10 +290,8 @@ def build_run(args):
         'model': model_name(pretrained)}
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.exists(checkpoint_path) else None
-    if checkpoint is not None and (not isinstance(checkpoint, dict)
-                                   or not {'head', 'optimizer', 'scheduler', 'history', 'metadata'} <= set(checkpoint)):
-        raise RuntimeError(f"--resume: {checkpoint_path} is not a checkpoint written by train.py (no head, "
-                           f"optimizer, scheduler, history and metadata); delete it to start over")
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, checkpoint_path)
     regime = resolve_model(args, pretrained_meta, checkpoint and checkpoint['metadata'])
     if not args.eval_only:
         check_output_dir(args)                            # before minutes of loading and encoding
@@ -356,6 +363,7 @@ def restore(run, checkpoint):
     args, path = run.args, run.checkpoint_path
     check_resume_args(checkpoint, args, path, defaults=vars(parse_args(['--dataset_name', args.dataset_name])))
     check_resume_data(checkpoint, args, run.splits, path)
+    check_provenance(checkpoint.get('backbone_fingerprint'), run.backbone, f"--resume: {path}")
     check_finite(checkpoint['head'], f"--resume: {path}")
     if checkpoint['scheduler']['total_steps'] != run.scheduler.total_steps:
         raise ValueError(f"--resume: {path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
@@ -366,10 +374,15 @@ def restore(run, checkpoint):
         run.optimizer.load_state_dict(checkpoint['optimizer'])
     except (RuntimeError, ValueError, KeyError) as e:
         raise RuntimeError(f"--resume: {path} does not fit this run's {args.model} for "
-                           f"{args.dataset_name} on {args.backbone}: {e}") from e
+                           f"{args.dataset_name} on {args.backbone}: {one_line(e)}") from e
     run.scheduler.load_state_dict(checkpoint['scheduler'])
     run.history = checkpoint['history']
     run.accelerator.print(f"resumed from {path} after epoch {len(run.history)}")
+
+
+def one_line(e):
+    """A library's error (torch's multi-line load_state_dict mismatch, ...) on one line."""
+    return ' '.join(str(e).split())
 
 
 def train_step(run, batch):
@@ -419,24 +432,18 @@ def save_epoch(run, record):
     if run.accelerator.is_main_process:
         head = run.accelerator.unwrap_model(run.head)
         epoch_dir = os.path.join(run.args.output_dir, f"epoch{record['epoch']}")
-        try:
-            save_model(head, epoch_dir, run.backbone, {**run.metadata, **record})
-        except OSError as e:
-            raise RuntimeError(f"could not write {epoch_dir} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). The "
-                               f"checkpoint of the epoch before, if any, is intact: run again with --resume to "
-                               f"continue from it") from e
+        save_model(head, epoch_dir, run.backbone, {**run.metadata, **record},
+                   then="The checkpoint of the epoch before, if any, is intact: run again with --resume to continue "
+                        "from it")
         state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
                  'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
                  'metadata': run.metadata, 'backbone': run.backbone and run.backbone.name,
                  'backbone_revision': run.backbone and run.backbone.revision,
-                 'data_fingerprint': run.data_fingerprint}
+                 'backbone_fingerprint': backbone_provenance(run.backbone), 'data_fingerprint': run.data_fingerprint}
         save_checkpoint(state, run.checkpoint_path)
-        try:
+        with write_errors(run.metrics_path, "The checkpoint of this epoch is intact and holds the metrics: run again "
+                                            "with --resume"):
             write_metrics(run.metrics_path, run.history)
-        except OSError as e:
-            raise RuntimeError(f"could not write {run.metrics_path} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). "
-                               f"The checkpoint of this epoch is intact and holds the metrics: run again with "
-                               f"--resume") from e
     run.accelerator.wait_for_everyone()
 
 
@@ -444,12 +451,10 @@ def save_final(run, final):
     """The final model (output_dir/model/) and the final metrics record."""
     model_dir = os.path.join(run.args.output_dir, 'model')
     if run.accelerator.is_main_process:
-        try:
-            save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final)
+        then = "The checkpoint of the last epoch is intact: run again with --resume to write the model"
+        save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final, then=then)
+        with write_errors(run.metrics_path, then):
             write_metrics(run.metrics_path, run.history + [{'final': final}])
-        except OSError as e:
-            raise RuntimeError(f"could not write the model into {run.args.output_dir}: {e}. The checkpoint of the "
-                               f"last epoch is intact: run again with --resume to write the model") from e
     run.accelerator.print(f"saved {model_dir}")
 
 

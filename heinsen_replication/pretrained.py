@@ -33,9 +33,12 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
     weights strictly (a missing or unexpected tensor is an error), refusing NaN/Inf. models.from_pretrained loads
     any model of this repository without naming its class."""
 
-    def save_pretrained(self, save_directory, *, backbone=None, backbone_revision=None, training=None, **kwargs):
+    def save_pretrained(self, save_directory, *, backbone=None, backbone_revision=None, backbone_fingerprint=None,
+                        training=None, **kwargs):
         self._config_to_save = {**self._hub_mixin_config, 'model_type': type(self).__name__, 'backbone': backbone,
                                 'backbone_revision': backbone_revision, 'training': training or {}}
+        if backbone_fingerprint is not None:              # what the backbone computes with (runs.backbone_provenance)
+            self._config_to_save['backbone_fingerprint'] = backbone_fingerprint
         try:
             return super().save_pretrained(save_directory, config=self._config_to_save, **kwargs)
         finally:

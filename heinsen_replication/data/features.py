@@ -51,7 +51,7 @@ def backbone_fingerprint(backbone) -> dict:
     its config (less its path), its tokenizer (the full tokenizers JSON, or the vocabulary) and the tokenizer's
     settings (tokenizer_settings: padding and truncation side, special tokens, init arguments), the window
     (max_length), the hub revision it resolved to (and the one asked for), and the versions of the libraries
-    that tokenise. -> {'weights', 'config', 'tokenizer', 'tokenizer_settings': sha256 hex, 'max_length',
+    that tokenise. The weights are hashed once per backbone object (kept as backbone._weights_sha256). -> {'weights', 'config', 'tokenizer', 'tokenizer_settings': sha256 hex, 'max_length',
     'revision', 'requested_revision', 'transformers', 'tokenizers'}"""
     import transformers
     try:
@@ -60,11 +60,14 @@ def backbone_fingerprint(backbone) -> dict:
     except ImportError:
         tokenizers_version = None
     model = backbone.model
-    weights = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        weights.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-        weights.update(t.reshape(-1).view(torch.uint8).numpy())
+    weights = getattr(backbone, '_weights_sha256', None)      # hashed once per loaded backbone (frozen: it never changes)
+    if weights is None:
+        digest = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        weights = backbone._weights_sha256 = digest.hexdigest()
     config = getattr(model, 'config', None)
     config_dict = {} if config is None else {k: v for k, v in config.to_dict().items()
                                                if k not in ('_name_or_path', 'transformers_version')}
@@ -78,7 +81,7 @@ def backbone_fingerprint(backbone) -> dict:
     else:
         tokenizer_text = type(tokenizer).__name__ + json.dumps(tokenizer.get_vocab(), sort_keys=True)
     sha = lambda text: hashlib.sha256(text.encode()).hexdigest()                    # noqa: E731
-    return {'weights': weights.hexdigest(), 'config': sha(json.dumps(config_dict, sort_keys=True, default=str)),
+    return {'weights': weights, 'config': sha(json.dumps(config_dict, sort_keys=True, default=str)),
             'tokenizer': sha(tokenizer_text),
             'tokenizer_settings': sha(json.dumps(tokenizer_settings(tokenizer), sort_keys=True)),
             'max_length': getattr(backbone, 'max_length', None),
