@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shlex
+import sys
 import time
 
 import numpy as np
@@ -159,14 +160,56 @@ class FeatureStore:
             with self._locked():
                 self._load()
 
+    WAIT_SECONDS = 3 * 3600    # the longest wait for another process writing the store (it encodes, say, IMDB)
+    STOPPED_SECONDS = 30       # the longest wait for a writer that is stopped (SIGSTOP, Ctrl-Z): it may never go on
+
     def _locked(self):
+        """Take the store's lock (one writer at a time), and record who holds it (.lock.holder: the process id and
+        command, for the error below). A writer that holds it already is waited for, said once with its process,
+        at most WAIT_SECONDS, and at most STOPPED_SECONDS while it is stopped (a suspended process would block
+        every run forever): then TimeoutError naming the process and what to do."""
         from filelock import Timeout
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
-            print(f"feature cache {self.folder}: another process is writing it; waiting for it to finish")
-            self.lock.acquire()
+            pid, command = self._holder()
+            print(f"feature cache {self.folder}: process {pid} ({command}) is writing it; waiting for it to finish "
+                  f"(at most {self.WAIT_SECONDS // 60} min, {self.STOPPED_SECONDS} s if it is stopped)")
+            started, stopped_since = time.monotonic(), None
+            while True:
+                try:
+                    self.lock.acquire(timeout=1)
+                    break
+                except Timeout:
+                    pid, command = self._holder()
+                    stopped = _process_state(pid) in ('T', 't')
+                    stopped_since = (stopped_since or time.monotonic()) if stopped else None
+                    waited = time.monotonic() - started
+                    if stopped_since is not None and time.monotonic() - stopped_since > self.STOPPED_SECONDS:
+                        raise TimeoutError(f"feature cache {self.folder}: process {pid} ({command}) holds its lock "
+                                           f"and has been stopped (suspended: SIGSTOP or Ctrl-Z) for "
+                                           f"{self.STOPPED_SECONDS} s: resume it (kill -CONT {pid}) or end it "
+                                           f"(kill {pid}), then run again; or pass another --feature_cache")
+                    if waited > self.WAIT_SECONDS:
+                        raise TimeoutError(f"feature cache {self.folder}: process {pid} ({command}) has held its "
+                                           f"lock for all the {waited / 60:.0f} min this run waited: let it finish "
+                                           f"and run again, or pass another --feature_cache")
+        try:
+            write_atomic(os.path.join(self.folder, '.lock.holder'),
+                         json.dumps({'pid': os.getpid(), 'command': ' '.join(sys.argv)[:200]}).encode())
+        except BaseException:
+            self.lock.release()
+            raise
         return _Release(self.lock)
+
+    def _holder(self):
+        """-> (process id, command) of the process that took the store's lock last ('?' where unknown)."""
+        try:
+            with open(os.path.join(self.folder, '.lock.holder'), encoding='utf-8') as f:
+                holder = json.load(f)
+            return int(holder['pid']), str(holder['command'])
+        except (OSError, ValueError, KeyError, TypeError):
+            return '?', 'unknown command'
 
     def _damaged(self, why):
         return damaged(self.folder, why)
@@ -209,33 +252,41 @@ class FeatureStore:
     BLOCK_BYTES = 256 << 20
 
     def ensure(self, texts, desc='', batch_texts=4096):
-        """Encodes (with the backbone) the texts not stored yet, in blocks of at most batch_texts texts and
-        BLOCK_BYTES of rows, the texts ordered by their number of tokens (so that the backbone's equal-length
-        batches are full, see TextBackbone.encode_rows)."""
+        """Encodes (with the backbone) the texts not stored yet. The texts asked for are cut into blocks of at most
+        batch_texts texts and BLOCK_BYTES of rows, ordered by their number of tokens (so that the backbone's
+        equal-length batches are full, see TextBackbone.encode_rows), and the blocks are the same whatever is stored
+        already: every block that holds a text not stored yet is encoded whole, and its missing texts' rows are
+        appended. So each text's rows are computed in the same batch, beside the same texts, whether the build ran
+        at once or was interrupted (kill -9) and resumed any number of times: bit-identical features (kernels whose
+        rounding depends on the batch's size, as GPU matrix products may, cannot make them differ)."""
         if not set(texts) - set(self.index['texts']):
             return
         with _disk_errors(self.folder), self._locked():
             self._load()                                             # another process may have added some
-            self._append(sorted(set(texts) - set(self.index['texts'])), desc, batch_texts)
+            self._append(self._blocks(sorted(set(texts)), batch_texts), desc)
 
-    def _append(self, missing, desc, batch_texts):
-        from tqdm import tqdm
-        if not missing:
-            return
-        counts = self.backbone.token_counts(missing)                 # rows of each text
-        order = sorted(range(len(missing)), key=counts.__getitem__)
+    def _blocks(self, texts, batch_texts):
+        """The blocks of ensure(texts), ordered by rows, then text: a function of the texts alone."""
+        counts = self.backbone.token_counts(texts)                   # rows of each text
+        order = sorted(range(len(texts)), key=counts.__getitem__)   # stable: equal counts keep the texts' order
         max_rows = max(1, self.BLOCK_BYTES // self.row_bytes)
         blocks, block, rows = [], [], 0
         for k in order:
             if block and (len(block) == batch_texts or rows + counts[k] > max_rows):
                 blocks.append(block)
                 block, rows = [], 0
-            block.append(missing[k])
+            block.append(texts[k])
             rows += counts[k]
-        blocks.append(block)
-        last_save = time.time()
-        progress = tqdm(total=len(missing), desc=f"encoding {desc} ({self.backbone.name})", unit='text')
+        return blocks + [block]
+
+    def _append(self, blocks, desc):
+        from tqdm import tqdm
         texts = self.index['texts']
+        blocks = [block for block in blocks if any(t not in texts for t in block)]
+        if not blocks:
+            return
+        last_save = time.time()
+        progress = tqdm(total=sum(map(len, blocks)), desc=f"encoding {desc} ({self.backbone.name})", unit='text')
         with open(self.hidden_path, 'ab') as f, progress:
             try:
                 for b, block in enumerate(blocks):
@@ -248,12 +299,16 @@ class FeatureStore:
                             f"(NaN, or beyond +-65504) for the text {block[first_text][:60]!r}: they cannot be "
                             f"cached; run without --feature_cache")
                     hidden = hidden.cpu().numpy()
-                    start = self.index['n_rows']
+                    start, first = self.index['n_rows'], 0
+                    keep = np.zeros(len(hidden), dtype=bool)                         # the rows of missing texts
                     for text, length in zip(block, lengths):
-                        rows = hidden[start - self.index['n_rows']:][:length]           # this text's rows
-                        texts[text] = [start, length, rows_checksum(text, rows)]
-                        start += length
-                    f.write(hidden.data)                             # one write per block, the texts' rows in order
+                        if text not in texts:
+                            rows = hidden[first:first + length]                   # this text's rows
+                            texts[text] = [start, length, rows_checksum(text, rows)]
+                            keep[first:first + length] = True
+                            start += length
+                        first += length
+                    f.write((hidden if keep.all() else hidden[keep]).data)   # one write per block, in text order
                     self.index['n_rows'] = start
                     progress.update(len(block))
                     if time.time() - last_save > self.SAVE_EVERY_SECONDS or b == len(blocks) - 1:
@@ -274,6 +329,16 @@ class FeatureStore:
         spans = [self.index['texts'][t] for t in texts]
         return CachedFeatures(self.hidden_path, self.index['n_rows'], (self.meta['d_depth'], self.meta['d_emb']),
                               spans, labels, texts=texts)
+
+
+def _process_state(pid):
+    """A process's state letter from /proc (Linux: 'R' running, 'S' sleeping, 'T' stopped, ...); None where
+    unknown (no such process, or no /proc)."""
+    try:
+        with open(f'/proc/{int(pid)}/stat', encoding='utf-8') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _disk_errors:
