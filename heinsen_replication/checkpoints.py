@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from .backbones import BACKBONES
 from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
 from .errors import UsageError
-from .pretrained import (check_config, check_finite, check_local_path, check_state_shapes, inspect_torch_file,
-                         read_config, safetensors_tensors, torch_load_safely)
+from .pretrained import (check_config, check_finite, check_local_path, check_path_or_id, check_state_shapes,
+                         inspect_torch_file, read_config, safetensors_tensors, torch_load_safely)
 from .standard_heads import FROZEN_HEADS
 
 # -------------------------------------------------------------------------------------------------
@@ -32,6 +32,7 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
     backbone: the backbone of a single file, given (e.g. a local copy of the one it names), else the one the file
     names (the authors' files: the name after `_for_`, when it is one of BACKBONES), else None. The weights load
     strictly and must be finite."""
+    check_path_or_id(path_or_id)
     path = str(path_or_id)
     check_local_path(path)
     if path.endswith(STATE_FILE_SUFFIXES):
@@ -51,8 +52,6 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
                   'backbone': backbone or named, 'backbone_revision': training.pop('revision', None),
                   'backbone_fingerprint': training.pop('backbone_fingerprint', None)}
         return model, config
-    if path.endswith('config.json') and os.path.isfile(path):
-        raise UsageError(f"{path!r} is a model folder's config.json: pass the folder, {os.path.dirname(path) or '.'!r}")
     config = read_config(path, revision=kwargs.get('revision'))
     if config.get('model_type') not in MODEL_TYPES:
         raise ValueError(f"{path!r}: config.json names model_type {config.get('model_type')!r}, not one of "

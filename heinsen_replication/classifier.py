@@ -6,7 +6,7 @@ import torch.nn as nn
 from .backbones import FrozenBackbone, load_backbone
 from .checkpoints import STATE_FILE_SUFFIXES, from_pretrained
 from .models import RoutingHead
-from .pretrained import read_config
+from .pretrained import check_path_or_id, read_config
 
 # -------------------------------------------------------------------------------------------------
 # Frozen backbone + routing head
@@ -46,6 +46,7 @@ class MultiModalClassifier(nn.Module):
         """A folder or hub id (save_pretrained), or a single head file that models.from_pretrained reads (the
         authors' 2022 .state_dict / .checkpoint files by their names). backbone: a name for load_backbone or a
         FrozenBackbone, for a file that names none (default: the one the file names)."""
+        check_path_or_id(pretrained_model_name_or_path)
         path = str(pretrained_model_name_or_path)
         if path.endswith(STATE_FILE_SUFFIXES):
             head, config = from_pretrained(path, backbone=getattr(backbone, 'name', backbone))

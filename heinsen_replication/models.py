@@ -36,9 +36,11 @@ def _check_hidden(hidden, mask, d_depth, d_emb):
     if not torch.is_tensor(hidden) or hidden.dim() < 3 or tuple(hidden.shape[-2:]) != (d_depth, d_emb):
         got = tuple(hidden.shape) if torch.is_tensor(hidden) else type(hidden).__name__
         raise ValueError(f"hidden must have shape [..., n_pos, d_depth={d_depth}, d_emb={d_emb}], got {got}")
-    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(hidden.shape[:-2])):
+    if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.bool
+                             or tuple(mask.shape) != tuple(hidden.shape[:-2])):
+        got = f"{mask.dtype} {list(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
         raise ValueError(f"mask must be a bool tensor [..., n_pos] = {list(hidden.shape[:-2])} "
-                         f"(True = padding), got {mask.dtype} {list(mask.shape)}")
+                         f"(True = padding), got {got}")
 
 
 class RoutingHead(nn.Module, Pretrained):
@@ -53,6 +55,7 @@ class RoutingHead(nn.Module, Pretrained):
     """
 
     def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None):
+        check_dims(d_depth=d_depth, d_emb=d_emb, n_classes=n_classes, n_hid=n_hid)
         super().__init__()
         self.d_depth, self.d_emb, self.n_classes, self.n_hid = d_depth, d_emb, n_classes, n_hid
         self.normalize = nn.LayerNorm(d_emb, elementwise_affine=False)

@@ -126,8 +126,12 @@ def check_state_shapes(cls, args, stored, where, what):
 def read_config(path_or_id, revision=None):
     """config.json of a save_pretrained folder or hub repository -> dict (ValueError naming the file if it is
     not a JSON object)."""
+    check_path_or_id(path_or_id)
     folder = Path(path_or_id)
     check_local_path(path_or_id)
+    if folder.is_file() and folder.name == 'config.json':
+        raise UsageError(f"{str(path_or_id)!r} is a model folder's config.json: pass the folder, "
+                         f"{str(folder.parent)!r}")
     if folder.is_dir():
         path = folder / 'config.json'
         if not path.is_file():
@@ -143,6 +147,14 @@ def read_config(path_or_id, revision=None):
         raise ValueError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
                          f"arguments: the model folder is damaged or was not written by this repository")
     return config
+
+
+def check_path_or_id(path_or_id):
+    """from_pretrained's argument must be a folder, a file or a hub id (a str or a path), not None: a None would
+    become the hub id 'None' (and a minute of retries)."""
+    if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id).strip():
+        raise UsageError(f"from_pretrained needs a model folder, a head file or a hub id (a str or a path), got "
+                         f"{path_or_id!r}")
 
 
 def looks_local(path):

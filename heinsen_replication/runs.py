@@ -47,6 +47,9 @@ def check_output_dir(args):
     """Before any data is read or encoded: output_dir must be a writable folder, and must not hold a run
     (or the --pretrained_path head) that this run would overwrite, unless --resume or --overwrite."""
     out = args.output_dir
+    if os.path.islink(out) and not os.path.exists(out):
+        raise ValueError(f"--output_dir {out!r} is a link to {os.path.realpath(out)}, which does not exist: create "
+                         f"that folder, or choose another --output_dir")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--output_dir {out!r} is a file, not a folder: choose another --output_dir")
     try:
@@ -78,6 +81,10 @@ def lock_output_dir(out):
         return
     key = os.path.realpath(out)
     lock = FileLock(os.path.join(out, '.lock'), thread_local=False)
+    lock_path = os.path.join(out, '.lock')
+    if os.path.lexists(lock_path) and not os.path.isfile(lock_path):
+        raise ValueError(f"--output_dir {out!r}: its lock file {lock_path} is not a file (a folder or a link train.py "
+                         f"did not make): remove it, or choose another --output_dir")
     try:
         lock.acquire(timeout=0)
     except Timeout:

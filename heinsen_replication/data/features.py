@@ -356,9 +356,16 @@ class _disk_errors:
             raise OSError(e.errno, f"feature cache {self.folder}: cannot write it ({DISK_ERRNOS[e.errno]}: "
                                    f"{e.strerror}). What was stored before is kept; free some space, or pass "
                                    f"another --feature_cache (or none)") from None
+        if isinstance(e, OSError) and e.errno in PATH_ERRNOS:
+            raise OSError(e.errno, f"feature cache {self.folder}: cannot write it ({PATH_ERRNOS[e.errno]}: "
+                                   f"{e.filename or self.folder}): pass another --feature_cache (or none)") from None
         return False
 
 
+# a path that cannot be made: a file where a folder is needed (ENOTDIR, EEXIST), a folder where a file is (EISDIR)
+PATH_ERRNOS = {errno.ENOTDIR: 'a file stands where a folder is needed on its path',
+               errno.EEXIST: 'a file stands where a folder is needed', errno.EISDIR: 'a folder stands where a file is needed',
+               errno.ENAMETOOLONG: 'a name on its path is too long for the file system', errno.ELOOP: 'a loop of links'}
 DISK_ERRNOS = {errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded', errno.EROFS: 'read-only file system',
                errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
 
