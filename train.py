@@ -60,8 +60,8 @@ from heinsen_replication.models import RoutingHead
 from heinsen_replication.pretrained import check_finite
 from heinsen_replication.runs import (backbone_provenance, check_checkpoint, check_output_dir, check_provenance,
                                       check_resume_args, check_resume_data, data_fingerprint, load_checkpoint,
-                                      release_output_dir, remove_run_files, save_checkpoint, save_model, write_errors,
-                                      write_metrics)
+                                      release_output_dir, remove_run_files, reproduce_command, save_checkpoint,
+                                      save_model, write_errors, write_metrics)
 from heinsen_replication.standard_heads import FROZEN_HEADS
 
 # The papers' regimes (command-line options override): one-cycle max lr and warm-up fraction, final lr
@@ -125,7 +125,7 @@ def parse_args(argv=None):
     p.add_argument('--chunk_elements', type=int, default=None,
                    help="routing_head: the streamed routings' chunk size (EfficientVectorRouting's chunk_elements: "
                         "about this many elements of [d_emb + n_out] per input over the batch in a chunk). Default: "
-                        "per device, cache-sized on a CPU (2^21 float32 elements; larger is faster on busy cores), on CUDA the whole sequence in one "
+                        "per device, cache-sized on a CPU (3 x 2^21 float32 elements, 24 MiB), on CUDA the whole sequence in one "
                         "chunk when its working set fits a quarter of the free memory. Changes speed and memory, "
                         "never results")
     p.add_argument('--output_dir', default='runs/default')
@@ -152,6 +152,7 @@ def parse_args(argv=None):
     p.add_argument('--image_size', type=int, default=224, help="images' side after preprocessing")
     p.add_argument('--num_workers', type=int, default=0)
     args = p.parse_args(argv)
+    args.reproduce = reproduce_command(sys.argv[1:] if argv is None else argv)         # saved with the head
     if args.dataset_name not in data.DATASETS:
         p.error(f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}")
     if args.data_source == 'hub' and args.dataset_name not in data.HUB_DATASETS:
@@ -487,7 +488,7 @@ def train_and_evaluate(args):
         log(json.dumps(record))
         save_epoch(run, record)
 
-    final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
+    final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed, 'reproduce': args.reproduce}
     if eval_split == 'valid':                             # the final head is the last epoch's: evaluated once
         final['valid_accuracy'] = run.history[-1]['valid_acc']
     if args.run_test:

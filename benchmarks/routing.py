@@ -1,6 +1,6 @@
 """
 Forward+backward time and peak memory of EfficientVectorRouting (memory_efficient=True, "ours") against the
-straightforward implementation of the spec (benchmarks/reference.py: plain autograd, which keeps every iteration's
+straightforward implementation of the equations (benchmarks/reference.py: plain autograd, which keeps every iteration's
 [..., n, n_out] intermediates and the scaled copy of the input for backward) and, optionally, against our own
 implementation at an earlier commit (--only ... before, --before COMMIT, extracted with git archive), on the same
 parameters and inputs.

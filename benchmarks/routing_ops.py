@@ -1,9 +1,9 @@
 """
 Operators (aten calls, about one kernel launch each on a GPU) of one training step of the 2022 paper's routing head
 (models.RoutingHead: forward, cross-entropy loss, backward) at the paper's real shapes, for the streamed routing
-(memory_efficient=True) with the chunk size of each policy and for the straightforward implementation
-(memory_efficient=False: plain autograd over the materialised votes). Counted on the meta device (shapes only, no
-data, no memory), so the sizes whose straightforward step would need tens of GB still count:
+(memory_efficient=True) with the chunk size of each policy and for plain autograd (memory_efficient=False, over the
+materialised votes). Counted on the meta device (shapes only, no data, no memory), so the sizes whose plain-autograd
+step would need tens of GB still count:
 
     BEiT-large   batch 50, 197 positions x 25 depths of 1024 (ImageNet / CIFAR runs)
     SST          roberta-large, batch 50, 64 positions x 25 depths of 1024 (a batch of long SST sentences)
@@ -66,12 +66,12 @@ def main(argv=None):
     policies = {'before': 2 ** 21, 'cpu default': chunk_elements_for('cpu', torch.float32),
                 'gpu 24 GB': chunk_elements_for('cuda', torch.float32, free_bytes=GPU_FREE_BYTES)}
     print("| shape | implementation | chunk elements | chunks per pass (first routing) | operators per step | "
-          "/ straightforward's |")
+          "/ plain autograd's |")
     print("|---|---|---|---|---|---|")
     for label, shape in SHAPES.items():
         batch, n_pos, d_depth, d_emb, _ = shape
         base = step_operators(shape, False, None)
-        print(f"| {label} | straightforward (memory_efficient=False) | | | {base:,} | 1.00 |")
+        print(f"| {label} | plain autograd (memory_efficient=False) | | | {base:,} | 1.00 |")
         for policy, chunk_elements in policies.items():
             n_chunks = sum(len(chunks) for _, chunks in
                            _pass_chunks(torch.Size([batch]), n_pos * d_depth, d_emb + 64, chunk_elements))

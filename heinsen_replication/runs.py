@@ -333,6 +333,13 @@ def read_metrics(path):
     return [r for r in records if 'epoch' in r], (finals[-1] if finals else None)
 
 
+def reproduce_command(argv):
+    """The command that trains a run again: `python train.py` and its arguments, less those about the run folder's
+    state (--resume, --overwrite)."""
+    import shlex
+    return shlex.join(['python', 'train.py', *(a for a in argv if a not in ('--resume', '--overwrite'))])
+
+
 def save_model(model, folder, backbone, training, then):
     """model.save_pretrained(folder): config.json (the constructor's arguments, the backbone it trained on and its
     fingerprint, the training metadata) and model.safetensors, each written atomically. A folder that is a link

@@ -9,7 +9,7 @@ from .models import _check_hidden, _over_depths
 from .pretrained import Pretrained
 
 # -------------------------------------------------------------------------------------------------
-# Standard heads on the same frozen features (issue 21): the baselines a reviewer of an "all depths"
+# Standard heads on the same frozen features: the baselines a reviewer of an "all depths"
 # head asks for first. Same input as RoutingHead: hidden [..., n_pos, d_depth, d_emb] + mask [..., n_pos].
 #   ScalarMixMeanHead        (a) learned softmax mix of the depths (ELMo's ScalarMix / SUPERB's weighted
 #                                sum), masked mean over tokens, Linear

@@ -36,9 +36,7 @@ no model), and random (N_RANDOM draws per image); among all patches, and among t
 blank patch set to the background does not change).
 """
 import argparse
-import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -361,12 +359,14 @@ def credit_figure(backbone, head, images, labels, path=None, title=None):
 
 
 def report(out, docs, figure, command, max_deletion=None, n_random=N_RANDOM, log=print):
-    """Measure the model in OUT (accuracies, deletion test) and write the docs page and figure. max_deletion: run
-    the deletion test on the first test digits only (a quick check; default all), n_random: its random draws."""
+    """Measure the model in OUT (accuracies, deletion test), keep the figures in the record (RECORD beside docs: its
+    folder of the same name) and write the docs page (render) and the figure. max_deletion: run the deletion test on
+    the first test digits only (a quick check; default all), n_random: its random draws."""
     import matplotlib
-    from heinsen_replication import recipes
+    from benchmarks.common import finish_meta, measurement_meta, save_record, write_report
     matplotlib.use('Agg')
     torch.set_num_threads(1)
+    meta = measurement_meta(command, 'float32', threads=1)
     started = time.time()
     for folder in {os.path.dirname(os.path.abspath(docs)), os.path.dirname(os.path.abspath(figure))}:
         os.makedirs(folder, exist_ok=True)
@@ -378,22 +378,40 @@ def report(out, docs, figure, command, max_deletion=None, n_random=N_RANDOM, log
     recorded = read_config(os.path.join(out, 'routing_head'))['training'].get('test_accuracy')
     results = {among: deletion_test(backbone, head, x_test[:max_deletion], n_random=n_random, among=among)
                for among in ('all', 'ink')}
-    n_images, p_pred, n_random = (results['all'][key] for key in ('n_images', 'p_pred', 'n_random'))
     idx = figure_indices(y_test)
     credit_figure(backbone, head, x_test[idx], y_test[idx], path=figure,
                   title='routing-head credit for the predicted class, per depth (red = for, blue = against)')
-    seconds = time.time() - started
-    log(json.dumps({'vit_test_accuracy': vit_acc, 'head_test_accuracy': head_acc, 'deletion': results}, indent=1))
     side, size = patch_grid(backbone)
-    n_params_vit = sum(p.numel() for p in vit.parameters())
-    n_params_head = sum(p.numel() for p in head.parameters())
-    rel_figure = os.path.relpath(figure, os.path.dirname(os.path.abspath(docs)))
-    text = f"""# A trained vision model offline: a small ViT on real digits, its routing head, and its credit
+    record = {'meta': {**finish_meta(meta), 'seconds': round(time.time() - started, 1)}, 'out': out,
+              'figure': os.path.relpath(figure, os.path.dirname(os.path.abspath(docs))),
+              'vit_test_accuracy': vit_acc, 'head_test_accuracy': head_acc, 'recorded_test_accuracy': recorded,
+              'n_params_vit': sum(p.numel() for p in vit.parameters()),
+              'n_params_head': sum(p.numel() for p in head.parameters()),
+              'side': side, 'size': size, 'd_depth': backbone.d_depth, 'deletion': results}
+    save_record(record, record_path(docs))
+    write_report([render(record)], docs)
+    log(f"wrote {docs}, {record_path(docs)} and {figure} ({record['meta']['seconds']:.0f} s)")
+    return record
 
-Produced by `{command}` (studies/digits_vit.py) from the model committed in `{out}/`, which
+
+def record_path(docs):
+    """The record of the docs page docs (docs/vision_digits.md -> docs/vision_digits/record.json)."""
+    return os.path.join(os.path.splitext(docs)[0], 'record.json')
+
+
+def render(record):
+    """The docs page from report's record (nothing measured)."""
+    from benchmarks.common import how_measured
+    from heinsen_replication import recipes
+    out, side, size, d_depth = record['out'], record['side'], record['size'], record['d_depth']
+    vit_acc, head_acc, results = record['vit_test_accuracy'], record['head_test_accuracy'], record['deletion']
+    n_images, p_pred, n_random = (results['all'][key] for key in ('n_images', 'p_pred', 'n_random'))
+    recorded = record['recorded_test_accuracy']
+    return f"""# A trained vision model offline: a small ViT on real digits, its routing head, and its credit
+
+Produced by `python -m studies.digits_vit report` (studies/digits_vit.py) from the model committed in `{out}/`, which
 `python -m studies.digits_vit build --out {out}` trains (1 CPU thread; the routing head by `train.py` itself).
-Machine: {platform.machine()} CPU, torch {torch.__version__}, torch.set_num_threads(1), shared with other jobs;
-the report took {seconds:.0f} s.
+{how_measured(record['meta'])} The report took {record['meta']['seconds']:.0f} s.
 
 ## The model
 
@@ -403,14 +421,14 @@ values 0..16 scaled to [0, 1], background 0; the fixed stratified 75/25 split of
 fifth of it); the test split only evaluates.
 
 * **Backbone**: a transformers `ViTModel` ({VIT_CONFIG['num_hidden_layers']} layers, width
-  {VIT_CONFIG['hidden_size']}, {VIT_CONFIG['num_attention_heads']} heads, {n_params_vit:,} parameters) on the
+  {VIT_CONFIG['hidden_size']}, {VIT_CONFIG['num_attention_heads']} heads, {record['n_params_vit']:,} parameters) on the
   8 x 8 image at its native size in {size} x {size} patches: {side} x {side} = {side * side} patches + the class
-  token, {backbone.d_depth} depths (embeddings + one per layer). Pretrained with a linear classifier on its pooled
+  token, {d_depth} depths (embeddings + one per layer). Pretrained with a linear classifier on its pooled
   class token ({PRETRAIN['epochs']} epochs, AdamW, one cycle to lr {PRETRAIN['lr']}, batch {PRETRAIN['batch_size']},
   label smoothing {PRETRAIN['label_smoothing']}), then frozen. Saved as `{out}/backbone/`: it loads with
   `backbones.load_backbone('{out}/backbone')` (or `train.py --backbone {out}/backbone`).
-* **Routing head**: `RoutingHead` on the frozen ViT's hidden states of all {backbone.d_depth} depths
-  ({n_params_head:,} parameters), trained by
+* **Routing head**: `RoutingHead` on the frozen ViT's hidden states of all {d_depth} depths
+  ({record['n_params_head']:,} parameters), trained by
   `python train.py {shlex.join(head_recipe(f'{out}/backbone', 'OUTPUT_DIR'))}`
   (`python -m heinsen_replication.recipes digits-vit`: the paper's routing-head regime for {recipes.HEAD_EPOCHS} epochs; no model selection:
   digits has no validation split). Saved as `{out}/routing_head/`.
@@ -426,9 +444,9 @@ classifier on the last depth, by {abs(head_acc - vit_acc) * 100:.2f} points.
 
 ## Credit per depth
 
-![credit per depth]({rel_figure})
+![credit per depth]({record['figure']})
 
-`{os.path.basename(figure)}`: the first test digit of each class 0-{FIGURE_DIGITS - 1}; for each, the routing head's
+`{os.path.basename(record['figure'])}`: the first test digit of each class 0-{FIGURE_DIGITS - 1}; for each, the routing head's
 end-to-end credit (`RoutingHead.credit`) for the predicted class of each {size} x {size}-pixel patch at each depth
 (one symmetric colour scale per row; red = credit for the class, blue = against; the black contour outlines the
 digit's strokes), and the sum over depths (the ranking the deletion test uses).
@@ -452,11 +470,19 @@ image has fewer than k, the rest are blank: no change):
 
 {deletion_table(results['ink'])}
 
-{deletion_verdict(results)}
-"""
-    data.write_atomic(docs, text.encode())
-    log(f"wrote {docs} and {figure} ({seconds:.0f} s)")
-    return {'vit_test_accuracy': vit_acc, 'head_test_accuracy': head_acc, 'deletion': results}
+{deletion_verdict(results)}"""
+
+
+def render_page(path):
+    """The docs page from the record file at path."""
+    from benchmarks.common import load_record
+    return render(load_record(path)) + '\n'
+
+
+def credit_ratios(record, among='all'):
+    """The summed credit's drop over random deletion's, per k, from report's record."""
+    rows = record['deletion'][among]['rows']
+    return [c / r for c, r in zip(rows['credit (sum over depths)']['drop'], rows['random']['drop'])]
 
 
 def parse_args(argv=None):
