@@ -130,15 +130,16 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
                          f"revision {revision!r}, not --revision {now!r}: pass --revision {revision}"
                          if revision else f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
                          f"{trained_on!r} at no pinned revision, not --revision {now!r}: leave --revision out")
-    check_provenance(pretrained_config.get('backbone_fingerprint'), backbone, f"--pretrained_path {args.pretrained_path}")
+    check_provenance(pretrained_config.get('backbone_fingerprint'), backbone,
+                     f"--pretrained_path {args.pretrained_path}")
     own = head.state_dict()
     trained_shape = (getattr(pretrained, 'd_depth', None), getattr(pretrained, 'd_emb', None))
     contradicts = backbone is not None and None not in trained_shape and trained_shape != (backbone.d_depth,
                                                                                             backbone.d_emb)
     if args.eval_only:
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        wrong = [f"{k} {tuple(state[k].shape)} (this run's {tuple(own[k].shape)})" for k in sorted(set(own) & set(state))
-                 if state[k].shape != own[k].shape]
+        wrong = [f"{k} {tuple(state[k].shape)} (this run's {tuple(own[k].shape)})"
+                 for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
         if missing or unexpected or wrong:
             raise UsageError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
                              f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: " + '; '.join(
@@ -150,7 +151,8 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
     if contradicts and not args.pretrained_subset:
         raise UsageError(f"--pretrained_path {args.pretrained_path!r} routes hidden states of {trained_shape[0]} "
                          f"depths x {trained_shape[1]}, but --backbone {backbone.name} gives {backbone.d_depth} x "
-                         f"{backbone.d_emb}: it was trained on another backbone{' (' + repr(trained_on) + ')' if trained_on else ''}; "
+                         f"{backbone.d_emb}: it was trained on another backbone"
+                         f"{' (' + repr(trained_on) + ')' if trained_on else ''}; "
                          f"pass that backbone, or --pretrained_subset to load only the tensors whose shapes fit (the "
                          f"others start at their initialisation)")
     fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}

@@ -112,8 +112,9 @@ def _read_state_file(path, declared_only=False):
         loaded = loaded['head']
     elif path.endswith('.checkpoint'):                                                  # the authors' checkpoint
         if not isinstance(loaded, dict) or not isinstance(loaded.get('weights'), dict):
+            keys = sorted(map(str, loaded)) if isinstance(loaded, dict) else '-'
             raise RuntimeError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
-                               f"head's state dict); its keys: {sorted(map(str, loaded)) if isinstance(loaded, dict) else '-'}")
+                               f"head's state dict); its keys: {keys}")
         loaded = loaded['weights']
     authors = authors_2022_file(path)
     if authors is not None:

@@ -2,7 +2,6 @@
 and legacy formats) has what it declares checked before any tensor is materialised or any model built. Crafted
 files of a few KB (stride-0 views, large declared shapes, deflate bombs inside torch's zip, storages longer than
 the file) are refused, and the process's peak memory stays near that of loading a real head."""
-import io
 import os
 import subprocess
 import sys

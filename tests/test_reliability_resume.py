@@ -5,7 +5,6 @@ finishes the run, and --resume never writes through a link into another run."""
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -54,11 +53,12 @@ def test_resume_after_the_backbones_weights_or_tokenizer_changed_is_refused(tiny
     with pytest.raises(ValueError) as e:
         run(sst_args(tiny_sst, backbone, out, '--n_epochs', 1, '--resume'))
     message = str(e.value)
-    assert message.startswith('--resume: ') and named in message.split(' whose ')[1] and 'differ from those of --backbone' \
-        in message and '\n' not in message
+    assert message.startswith('--resume: ') and named in message.split(' whose ')[1]
+    assert 'differ from those of --backbone' in message and '\n' not in message
     assert (out / 'checkpoint.pt').read_bytes() == checkpoint
     for extra in (['--eval_only'], ['--n_epochs', 1]):                                   # the same for its head
-        with pytest.raises(ValueError, match=rf"--pretrained_path .*model was trained on a backbone .* whose .*{named}"):
+        with pytest.raises(ValueError, match=rf"--pretrained_path .*model was trained on a backbone .* whose "
+                                             rf".*{named}"):
             run(sst_args(tiny_sst, backbone, tmp_path / 'next', '--pretrained_path', out / 'model', *extra))
 
 

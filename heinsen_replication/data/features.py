@@ -52,7 +52,8 @@ def backbone_fingerprint(backbone) -> dict:
     its config (less its path), its tokenizer (the full tokenizers JSON, or the vocabulary) and the tokenizer's
     settings (tokenizer_settings: padding and truncation side, special tokens, init arguments), the window
     (max_length), the hub revision it resolved to (and the one asked for), and the versions of the libraries
-    that tokenise. The weights are hashed once per backbone object (kept as backbone._weights_sha256). -> {'weights', 'config', 'tokenizer', 'tokenizer_settings': sha256 hex, 'max_length',
+    that tokenise. The weights are hashed once per backbone object (kept as backbone._weights_sha256).
+    -> {'weights', 'config', 'tokenizer', 'tokenizer_settings': sha256 hex, 'max_length',
     'revision', 'requested_revision', 'transformers', 'tokenizers'}"""
     import transformers
     try:
@@ -61,7 +62,7 @@ def backbone_fingerprint(backbone) -> dict:
     except ImportError:
         tokenizers_version = None
     model = backbone.model
-    weights = getattr(backbone, '_weights_sha256', None)      # hashed once per loaded backbone (frozen: it never changes)
+    weights = getattr(backbone, '_weights_sha256', None)      # hashed once per loaded backbone (frozen: never changes)
     if weights is None:
         digest = hashlib.sha256()
         for name, t in sorted(model.state_dict().items()):
@@ -364,7 +365,8 @@ class _disk_errors:
 
 # a path that cannot be made: a file where a folder is needed (ENOTDIR, EEXIST), a folder where a file is (EISDIR)
 PATH_ERRNOS = {errno.ENOTDIR: 'a file stands where a folder is needed on its path',
-               errno.EEXIST: 'a file stands where a folder is needed', errno.EISDIR: 'a folder stands where a file is needed',
+               errno.EEXIST: 'a file stands where a folder is needed',
+               errno.EISDIR: 'a folder stands where a file is needed',
                errno.ENAMETOOLONG: 'a name on its path is too long for the file system', errno.ELOOP: 'a loop of links'}
 DISK_ERRNOS = {errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded', errno.EROFS: 'read-only file system',
                errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
