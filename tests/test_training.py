@@ -161,7 +161,7 @@ def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
     with pytest.raises(RuntimeError, match='corrupt'):
         run(sst_args(tiny_sst, tiny_bert, out, '--resume'))
     (out / 'head.safetensors').write_bytes(b'garbage')
-    with pytest.raises(RuntimeError, match='not a readable safetensors'):
+    with pytest.raises(ValueError, match='is not a complete safetensors file'):
         run(sst_args(tiny_sst, tiny_bert, tmp_path / 'r', '--eval_only', '--pretrained_path', out / 'head.safetensors'))
 
 
