@@ -79,12 +79,11 @@ def time_steps(args, rounds=10):
     load: each head's SST-5 run of its recipe (recipes.py) is built by train.py's own stages (train.build_run), then
     `rounds` rounds, each timing --time_steps / rounds steps (train.train_step: the next batch of the training
     stream from the feature cache, mixup, forward, loss, backward, RAdam step) of every head in turn, after one
-    untimed round. -> the record of time_per_step.json"""
-    import torch
-
+    untimed round; each head built and timed in its recipe's process-global settings (run_settings: matmul precision,
+    threads, seeds). -> the record of time_per_step.json"""
     import train
     from heinsen_replication import recipes
-    torch.manual_seed(0)
+    from heinsen_replication.settings import run_settings
     argvs = {'routing_head': recipes.runs('paper-minilm', args.data_root, feature_cache=args.feature_cache)['sst5']}
     argvs.update({name: argv for stage, argv in recipes.runs('frozen-heads', args.data_root,
                                                              feature_cache=args.feature_cache).items()
@@ -92,18 +91,20 @@ def time_steps(args, rounds=10):
     per_round = max(1, args.time_steps // rounds)
     seconds, loads = {name: 0.0 for name in HEADS}, []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: train.build_run(train.parse_args([*argvs[name], '--output_dir', os.path.join(tmp, name),
-                                                        '--device', 'cpu']))
-                for name in HEADS}
-        for name, run in runs.items():
-            run.head.train()
+        runs = {}
+        for name in HEADS:                                # each built and timed in its recipe's settings (run_settings)
+            args_of_run = train.parse_args([*argvs[name], '--output_dir', os.path.join(tmp, name), '--device', 'cpu'])
+            with run_settings(args_of_run):
+                runs[name] = train.build_run(args_of_run)
+            runs[name].head.train()
         for r in range(rounds + 1):
             loads.append(os.getloadavg()[0])
             for name, run in runs.items():
-                started = time.perf_counter()
-                for _ in range(per_round):
-                    loss, _ = train.train_step(run, next(run.batches))
-                    loss.item()
+                with run_settings(run.args, seed=False):
+                    started = time.perf_counter()
+                    for _ in range(per_round):
+                        loss, _ = train.train_step(run, next(run.batches))
+                        loss.item()
                 if r > 0:                                                        # round 0 warms up
                     seconds[name] += time.perf_counter() - started
     return {'seconds_per_step': {name: t / (rounds * per_round) for name, t in seconds.items()},

@@ -309,7 +309,7 @@ def block_readme_paths():
              f"| the paper's regime on the same CPU | `bash train_all_heads.sh paper-minilm` | {sum(alone):.0f} min "
              f"wall per seed alone on 2 cores | as above | as above | [docs/results.md](docs/results.md) |",
              f"| load pretrained heads: ours, the authors' 2019 files, the authors' 2022 heads | "
-             f"`models.from_pretrained(path)` | not measured | not measured | the install ({base / GIB:.1f} GiB without "
+             f"`from_pretrained(path)` | not measured | not measured | the install ({base / GIB:.1f} GiB without "
              f"the CUDA libraries) | [docs/pretrained.md](docs/pretrained.md) |",
              "| port code written for the 2019 or 2022 library | `from heinsen_routing import Routing` | | | | "
              "[docs/coming_from_2019_2022.md](docs/coming_from_2019_2022.md) |",

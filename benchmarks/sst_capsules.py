@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 
-
 from benchmarks.common import (finish_meta, how_measured, load_record, mean_std, measurement_meta, publish_pretrained,
                                save_record, shown_command, sst_feature_store, write_report)
-from heinsen_replication import recipes, runs
+from heinsen_replication import recipes
+from heinsen_replication.runs import read_metrics
 
 PRETRAINED = {'sst5': 'pretrained/sst5_minilm_capsules2019',
               'sst2': 'pretrained/sst2_minilm_capsules2019'}
@@ -29,7 +29,7 @@ PRETRAINED = {'sst5': 'pretrained/sst5_minilm_capsules2019',
 
 def final_metrics(out):
     """-> (dev accuracy, test accuracy, [(epoch seconds, dev accuracy) per epoch]) of a finished train.py run in out."""
-    epochs, final = runs.read_metrics(out)
+    epochs, final = read_metrics(out)
     return final['valid_accuracy'], final['test_accuracy'], [(r['epoch_seconds'], r['valid_acc']) for r in epochs]
 
 

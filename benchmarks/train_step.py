@@ -28,13 +28,15 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from benchmarks.common import REPO_ROOT
 from heinsen_replication import recipes
+from heinsen_replication.settings import run_settings
 
 
-def paper_minilm_run(args, output_dir):
-    """The paper-minilm SST-5 run (recipes.py) as train.py builds it (train.build_run), on the CPU, in output_dir."""
+def paper_minilm_args(args, output_dir):
+    """train.py's arguments of the paper-minilm SST-5 run (recipes.py), on the CPU, in output_dir, at this command's
+    matmul precision and threads."""
     argv = recipes.runs('paper-minilm', data_root=args.data_root, feature_cache=args.feature_cache)['sst5']
-    return train.build_run(train.parse_args([*argv, '--output_dir', output_dir, '--device', 'cpu',
-                                             '--matmul_precision', args.matmul_precision]))
+    return train.parse_args([*argv, '--output_dir', output_dir, '--device', 'cpu', '--matmul_precision',
+                             args.matmul_precision, *(['--threads', str(args.threads)] if args.threads else [])])
 
 
 def main(argv=None):
@@ -53,13 +55,10 @@ def main(argv=None):
     from benchmarks.common import finish_meta, measurement_meta, shown_command
     meta = measurement_meta(shown_command('benchmarks.train_step', argv if argv is not None else sys.argv[1:]),
                             f"float32, matmul precision {args.matmul_precision}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as output_dir:
-        run = paper_minilm_run(args, output_dir)
-        report = measure(run, args)
+        run_args = paper_minilm_args(args, output_dir)
+        with run_settings(run_args):                     # the run's matmul precision, threads and seeds, as train.py's
+            report = measure(train.build_run(run_args), args)
     print('\n' + report)
     if args.report:
         from benchmarks.reports import add_section

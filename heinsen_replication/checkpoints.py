@@ -11,15 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from .backbones import BACKBONES
-from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
 from .errors import UsageError
-from .pretrained import (check_config, check_finite, check_local_path, check_path_or_id, check_state_shapes,
-                         inspect_torch_file, read_config, safetensors_tensors, torch_load_safely)
+from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
+from .pretrained import (STATE_FILE_SUFFIXES, check_config, check_finite, check_local_path, check_path_or_id,
+                         check_state_shapes, inspect_torch_file, no_such_path, read_config, safetensors_tensors,
+                         torch_load_safely)
 from .standard_heads import FROZEN_HEADS
 
-# -------------------------------------------------------------------------------------------------
-# Loading any model of this repository, including older single-file heads and plain state dicts
-# -------------------------------------------------------------------------------------------------
 
 def from_pretrained(path_or_id, backbone=None, **kwargs):
     """Any model of this repository -> (model, config dict), config as save_pretrained writes it:
@@ -37,7 +35,7 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
     check_local_path(path)
     if path.endswith(STATE_FILE_SUFFIXES):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such file: {os.path.abspath(path)}" + (
+            raise UsageError(no_such_path(path) + (
                 "; the authors' 2022 heads are their published files, downloaded by hand" if authors_2022_file(path)
                 else ''))
         declared, _ = _read_state_file(path, declared_only=True)   # meta tensors: nothing allocated yet
@@ -54,12 +52,10 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
         return model, config
     config = read_config(path, revision=kwargs.get('revision'))
     if config.get('model_type') not in MODEL_TYPES:
-        raise ValueError(f"{path!r}: config.json names model_type {config.get('model_type')!r}, not one of "
+        raise UsageError(f"{path!r}: config.json names model_type {config.get('model_type')!r}, not one of "
                          f"{sorted(MODEL_TYPES)}")
     return MODEL_TYPES[config['model_type']].from_pretrained(path, **kwargs), config
 
-
-STATE_FILE_SUFFIXES = ('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')
 
 # The authors' 2022 file names: pretrained_sst5_head_for_roberta-large.state_dict (a plain state dict of the head),
 # sst5_head_for_roberta-large_epoch10.checkpoint (a dict whose 'weights' is the head's state dict).
@@ -94,9 +90,9 @@ def _read_state_file(path, declared_only=False):
             raise UsageError(f"{path!r} is not a readable safetensors file: {e}") from None
     try:
         loaded = inspect_torch_file(path) if declared_only else torch_load_safely(path)
-    except RuntimeError as e:
+    except UsageError as e:
         if path.endswith('.checkpoint') and 'refusing to load' in str(e):
-            raise RuntimeError(
+            raise UsageError(
                 f"{e} If {path!r} is the authors' training checkpoint and you trust it, extract its head once: "
                 f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)['weights'], "
                 f"'{path[:-len('.checkpoint')]}.state_dict')\" and load the .state_dict file") from None
@@ -113,15 +109,15 @@ def _read_state_file(path, declared_only=False):
     elif path.endswith('.checkpoint'):                                                  # the authors' checkpoint
         if not isinstance(loaded, dict) or not isinstance(loaded.get('weights'), dict):
             keys = sorted(map(str, loaded)) if isinstance(loaded, dict) else '-'
-            raise RuntimeError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
-                               f"head's state dict); its keys: {keys}")
+            raise UsageError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
+                             f"head's state dict); its keys: {keys}")
         loaded = loaded['weights']
     authors = authors_2022_file(path)
     if authors is not None:
         metadata = {k: v for k, v in {'backbone': authors['backbone'], 'dataset_name': authors['dataset_name'],
                                       'epoch': authors['epoch'], 'source': 'authors_2022'}.items() if v is not None}
     if not isinstance(loaded, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in loaded.items()):
-        raise RuntimeError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
+        raise UsageError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
     return loaded, metadata
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from accelerate import skip_first_batches
 
 from . import data
+from .errors import UsageError
 
 class PassSampler(torch.utils.data.Sampler):
     """The training split's shuffled order (as RandomSampler(generator) draws it), each index paired with the pass
@@ -57,7 +58,7 @@ def make_loaders(args, splits, backbone, accelerator, generator):
     store = None
     if args.feature_cache:
         if splits['modality'] != 'text':
-            raise ValueError(f"--feature_cache is for text datasets; {args.dataset_name} is {splits['modality']} "
+            raise UsageError(f"--feature_cache is for text datasets; {args.dataset_name} is {splits['modality']} "
                              f"(its training images are augmented, so their features change every epoch)")
         store = data.FeatureStore(args.feature_cache, backbone)
         accelerator.print(f"feature cache of {backbone.name}: {os.path.abspath(store.folder)}")

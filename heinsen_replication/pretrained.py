@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_model
 
 from . import data
-from .errors import UsageError
+from .errors import UsageError, relative_to_cwd
 
 # -------------------------------------------------------------------------------------------------
 # Model cards: README.md beside config.json, written by save_pretrained and regenerated for the committed heads
@@ -101,8 +101,10 @@ def model_card(config, n_parameters, folder):
         "A model saved by the `heinsen_routing` repository (Heinsen's routing algorithms and a paper-replication "
         "harness). It was trained with the repository's `train.py`, not taken from the authors, and is not on the "
         "Hugging Face Hub.", '', '| | |', '|---|---|', *(f"| {k} | {v} |" for k, v in rows), '',
-        '## Load it', '', 'From the root of a clone of the repository (`pip install -r requirements.txt`):', '',
-        '```python', 'import models', '', f"head, config = models.from_pretrained('{folder}')", '```', '',
+        '## Load it', '', 'After the repository\'s install (`pip install -r requirements.txt`, `pip install -e .`), from '
+        'any folder (the path is this folder\'s):', '',
+        '```python', 'from heinsen_replication import from_pretrained', '',
+        f"head, config = from_pretrained('{folder}')", '```', '',
         'The head expects the backbone\'s hidden states of all depths, `[batch, n_pos, d_depth, d_emb]`, with a '
         'padding mask `[batch, n_pos]`; `python train.py --eval_only --pretrained_path <this folder>` runs it on a '
         'dataset through the backbone.', '',
@@ -149,7 +151,7 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
         allocated; each failure is one ValueError naming the file."""
         config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
         if config.get('model_type') != cls.__name__:
-            raise ValueError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
+            raise UsageError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
                              f"{cls.__name__}: load it with models.from_pretrained, which reads the model type")
         check_config(cls, config, config_path(pretrained_model_name_or_path))
         check_weights_file(cls, config, pretrained_model_name_or_path, revision=kwargs.get('revision'))
@@ -159,6 +161,7 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
 
 
 MAX_SIZE = 1 << 20      # the largest size (of a dimension, or a count of capsules or classes) a config may give
+STATE_FILE_SUFFIXES = ('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')   # single-file models
 
 
 def config_path(path_or_id):
@@ -174,7 +177,7 @@ def check_config(cls, config, where):
             continue                                                # (every argument of these models is a size)
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
-            raise ValueError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
+            raise UsageError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
                              f"({type(value).__name__}): the model folder is damaged or was not written by this "
                              f"repository")
 
@@ -187,9 +190,9 @@ def check_weights_file(cls, config, path_or_id, revision=None):
     if folder.is_dir():
         path = folder / 'model.safetensors'
         if not path.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is missing: the model folder is incomplete")
+            raise UsageError(f"{str(path)!r} is missing: the model folder is incomplete")
     else:
-        path = hf_hub_download(str(path_or_id), 'model.safetensors', revision=revision)
+        path = hub_file(path_or_id, 'model.safetensors', revision)
     stored, _ = safetensors_tensors(str(path), damaged='the model folder is damaged (a truncated copy?)')
     args = {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters and k != 'self'}
     check_state_shapes(cls, args, stored, repr(str(path)), f"the {cls.__name__} that {config_path(path_or_id)} "
@@ -228,16 +231,16 @@ def read_config(path_or_id, revision=None):
     if folder.is_dir():
         path = folder / 'config.json'
         if not path.is_file():
-            raise FileNotFoundError(f"{str(path_or_id)!r} has no config.json: not a folder written by save_pretrained "
+            raise UsageError(f"{str(path_or_id)!r} has no config.json: not a folder written by save_pretrained "
                                     f"(or by train.py); older single-file heads are .safetensors files")
     else:
-        path = hf_hub_download(str(path_or_id), 'config.json', revision=revision)
+        path = hub_file(path_or_id, 'config.json', revision)
     try:
         config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
+        raise UsageError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
+        raise UsageError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
                          f"arguments: the model folder is damaged or was not written by this repository")
     return config
 
@@ -251,22 +254,40 @@ def check_path_or_id(path_or_id):
 
 
 def looks_local(path):
-    """Whether a path names a local file or folder rather than a hub id: it starts with ./ ../ / or ~, starts
-    with pretrained/ (this repository's heads), or its parent folder exists."""
+    """Whether a path names a local file or folder rather than a hub id ('owner/name'): it starts with ./ ../ / or ~,
+    names a file (a state-dict suffix), or its parent folder exists. (Any other path is tried on the hub, and
+    hub_file's error names both.)"""
     path = str(path)
-    if path.startswith(('./', '../', '/', '~', '.' + os.sep, '..' + os.sep, os.sep, 'pretrained/')):
+    if path.startswith(('./', '../', '/', '~', '.' + os.sep, '..' + os.sep, os.sep)) \
+            or path.endswith(STATE_FILE_SUFFIXES):
         return True
     parent = os.path.dirname(path)
     return bool(parent) and os.path.isdir(os.path.expanduser(parent))
 
 
+def no_such_path(path):
+    """The words of an error about a local path that is not there: its absolute path, and what a relative path was
+    relative to."""
+    kind = 'file' if str(path).endswith(STATE_FILE_SUFFIXES) else 'folder'
+    return f"no such {kind}: {os.path.abspath(os.path.expanduser(str(path)))}{relative_to_cwd(path)}"
+
+
 def check_local_path(path):
-    """A path that looks local (looks_local) but does not exist: FileNotFoundError naming its absolute path,
-    instead of the hub's connection error for what it would then take as a hub id."""
+    """A path that looks local (looks_local) but does not exist: UsageError naming its absolute path, instead of
+    the hub's error for what it would then take as a hub id."""
     if looks_local(path) and not os.path.exists(os.path.expanduser(str(path))):
-        kind = 'file' if str(path).endswith(('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')) else 'folder'
-        raise FileNotFoundError(f"no such {kind}: {os.path.abspath(os.path.expanduser(str(path)))}; run from the "
-                                f"repository root or pass an absolute path")
+        raise UsageError(f"{no_such_path(path)}; pass the path of a model folder or file")
+
+
+def hub_file(path_or_id, filename, revision=None):
+    """filename of a hub repository, by huggingface_hub (downloaded once, then its cache). Where the hub gives none
+    (no such repository or file, offline, not an id): UsageError naming both what path_or_id is not."""
+    try:
+        return hf_hub_download(str(path_or_id), filename, revision=revision)
+    except Exception as e:                       # RepositoryNotFoundError, LocalEntryNotFoundError, HFValidationError
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise UsageError(f"{no_such_path(path_or_id)}, and the Hugging Face hub gives no {filename} of "
+                         f"{str(path_or_id)!r} ({type(e).__name__}: {why})") from e
 
 
 def check_finite(state, what):
@@ -274,7 +295,7 @@ def check_finite(state, what):
     for name, tensor in state.items():
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             n_bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{what}: tensor {name!r} {tuple(tensor.shape)} holds {n_bad} NaN/Inf values; "
+            raise UsageError(f"{what}: tensor {name!r} {tuple(tensor.shape)} holds {n_bad} NaN/Inf values; "
                              f"refusing to load a model that is not finite")
 
 
@@ -394,11 +415,11 @@ def inspect_torch_file(path):
     except UsageError:
         raise
     except pickle.UnpicklingError as e:
-        raise RuntimeError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
+        raise UsageError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
                            f"types, which could run code when loaded (train.py never writes such files). Only load "
                            f"it with weights_only=False if you trust its source. ({e})") from None
     except Exception as e:
-        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from None
+        raise UsageError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from None
     check_declared_tensors(loaded, path)
     return loaded
 
@@ -429,17 +450,17 @@ def safetensors_tensors(path, damaged='the file is damaged (a truncated copy?)')
 def torch_load_safely(path):
     """torch.load with weights_only=True (tensors and plain types only: a crafted file cannot run code), onto the
     CPU (files saved on CUDA load on a CPU-only machine), after inspect_torch_file has checked what it declares:
-    the load allocates no more than the file holds. A file that is not there is FileNotFoundError."""
+    the load allocates no more than the file holds. A file that is not there is a UsageError naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {os.path.abspath(path)}")
+        raise UsageError(no_such_path(path))
     inspect_torch_file(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'weights_only' in str(e) or 'Unsupported global' in str(e):
-            raise RuntimeError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
-                               f"types, which could run code when loaded (train.py never writes such files). "
-                               f"Only load it with weights_only=False if you trust its source. ({e})") from None
-        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file (UnpicklingError: {e})") from e
+            raise UsageError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
+                             f"types, which could run code when loaded (train.py never writes such files). "
+                             f"Only load it with weights_only=False if you trust its source. ({e})") from None
+        raise UsageError(f"{path!r} is corrupt or not a PyTorch file (UnpicklingError: {e})") from e
     except Exception as e:
-        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from e
+        raise UsageError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from e

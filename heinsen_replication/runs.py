@@ -1,8 +1,9 @@
 """
 A run's folder (output_dir): its lock (one writer at a time), the checks before a run writes into it (overwrite,
-resume: the same arguments, the same data), and what it writes there, atomically (data.save_atomic: temp file,
-fsync, rename): checkpoint.pt, metrics.jsonl, model/ and epoch<k>/ (save_pretrained). A failed write (disk full,
-...) names its cause and leaves the previous checkpoint intact.
+resume: the same arguments, the same data), resuming from its checkpoint (restore), and what it writes there,
+atomically (data.save_atomic: temp file, fsync, rename): after each epoch its model (epoch<k>/, save_pretrained),
+checkpoint.pt and metrics.jsonl (save_epoch), at the end model/ (save_final). A failed write (disk full, ...) is a
+UsageError naming its cause, and leaves the previous checkpoint intact.
 """
 import errno
 import json
@@ -16,8 +17,8 @@ import torch
 from safetensors import SafetensorError
 
 from . import data
-from .errors import UsageError
-from .pretrained import torch_load_safely
+from .errors import UsageError, relative_to_cwd
+from .pretrained import check_finite, torch_load_safely
 
 RUN_FILES = ('checkpoint.pt', 'model', 'metrics.jsonl')   # what a run writes into output_dir, and epoch<k>/ folders
 EPOCH_NAME = r'epoch[1-9]\d*'                              # as train.py names them: epoch1, epoch2, ... (not epoch007)
@@ -43,22 +44,34 @@ def load_checkpoint(path):
     return torch_load_safely(path)
 
 
+def resumed_checkpoint(path):
+    """--resume: the checkpoint at path, checked to be train.py's (head, optimizer, scheduler, history and metadata),
+    or None where there is none yet."""
+    if not os.path.exists(path):
+        return None
+    checkpoint = load_checkpoint(path)
+    check_checkpoint(checkpoint, path)
+    return checkpoint
+
+
 def check_output_dir(args):
     """Before any data is read or encoded: output_dir must be a writable folder, and must not hold a run
     (or the --pretrained_path head) that this run would overwrite, unless --resume or --overwrite."""
     out = args.output_dir
     if os.path.islink(out) and not os.path.exists(out):
-        raise ValueError(f"--output_dir {out!r} is a link to {os.path.realpath(out)}, which does not exist: create "
+        raise UsageError(f"--output_dir {out!r} is a link to {os.path.realpath(out)}, which does not exist: create "
                          f"that folder, or choose another --output_dir")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--output_dir {out!r} is a file, not a folder: choose another --output_dir")
+        raise UsageError(f"--output_dir {out!r}{relative_to_cwd(out)} is a file, not a folder: choose another "
+                         f"--output_dir")
     try:
         os.makedirs(out, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix='.write-test-')
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"--output_dir {out!r} is not writable ({e.strerror or e}): choose another --output_dir")
+        raise UsageError(f"--output_dir {out!r}{relative_to_cwd(out)} is not writable ({e.strerror or e}): choose "
+                         f"another --output_dir")
     lock_output_dir(out)                                  # before looking at what it holds: one writer at a time
     try:
         check_run_files(args, out)
@@ -83,12 +96,12 @@ def lock_output_dir(out):
     lock = FileLock(os.path.join(out, '.lock'), thread_local=False)
     lock_path = os.path.join(out, '.lock')
     if os.path.lexists(lock_path) and not os.path.isfile(lock_path):
-        raise ValueError(f"--output_dir {out!r}: its lock file {lock_path} is not a file (a folder or a link train.py "
+        raise UsageError(f"--output_dir {out!r}: its lock file {lock_path} is not a file (a folder or a link train.py "
                          f"did not make): remove it, or choose another --output_dir")
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise ValueError(f"--output_dir {out!r} is in use: another train.py run holds {os.path.join(out, '.lock')} "
+        raise UsageError(f"--output_dir {out!r} is in use: another train.py run holds {os.path.join(out, '.lock')} "
                          f"(two runs writing one folder would mix their checkpoints, models and metrics): wait for "
                          f"it to finish, or choose another --output_dir") from None
     _OUTPUT_LOCKS[key] = lock
@@ -108,15 +121,15 @@ def check_run_files(args, out):
     if (args.pretrained_path and not args.overwrite
             and os.path.realpath(os.path.dirname(pretrained)) == os.path.realpath(out)
             and os.path.basename(pretrained) in [*RUN_FILES, *existing]):
-        raise ValueError(f"--pretrained_path {args.pretrained_path!r} is in --output_dir {out!r}, where this run "
+        raise UsageError(f"--pretrained_path {args.pretrained_path!r} is in --output_dir {out!r}, where this run "
                          f"would overwrite it with its own {os.path.basename(pretrained)}: "
                          f"choose a new --output_dir (or pass --overwrite to replace it)")
     if existing and not args.overwrite:
         if not args.resume:
-            raise ValueError(f"--output_dir {out!r} holds a run ({', '.join(existing)}): pass --resume to continue it, "
+            raise UsageError(f"--output_dir {out!r} holds a run ({', '.join(existing)}): pass --resume to continue it, "
                              f"--overwrite to replace it, or choose a new --output_dir")
         if 'checkpoint.pt' not in existing and any(not re.fullmatch(EPOCH_NAME, n) for n in existing):
-            raise ValueError(f"--resume: --output_dir {out!r} holds {', '.join(existing)} but no checkpoint.pt to "
+            raise UsageError(f"--resume: --output_dir {out!r} holds {', '.join(existing)} but no checkpoint.pt to "
                              f"resume from; starting over would overwrite them: pass --overwrite to replace them, "
                              f"or choose a new --output_dir")
         # epoch<k>/ folders without a checkpoint are those of a first epoch that never completed (a write failed,
@@ -131,7 +144,7 @@ def check_resume_args(checkpoint, args, path, defaults):
     defaults: {name: train.py's default}, for arguments newer than the checkpoint."""
     saved = checkpoint.get('args')
     if not isinstance(saved, dict):
-        raise ValueError(f"--resume: {path} records no arguments, so it cannot be checked against this run's; "
+        raise UsageError(f"--resume: {path} records no arguments, so it cannot be checked against this run's; "
                          f"delete it to start over, or use a new --output_dir")
     current = vars(args)
 
@@ -149,7 +162,7 @@ def check_resume_args(checkpoint, args, path, defaults):
     differ = [name for name in RESUME_ARGS if not same(name)]
     if differ:
         details = ', '.join(f"--{n} {trained(n)!r} (now {current.get(n)!r})" for n in differ)
-        raise ValueError(f"--resume: {path} was trained with {details}: resume with the same arguments, or start "
+        raise UsageError(f"--resume: {path} was trained with {details}: resume with the same arguments, or start "
                          f"a new run in another --output_dir")
 
 
@@ -168,7 +181,7 @@ def check_resume_data(checkpoint, args, splits, path):
         trained = checkpoint.get('args') or {}
         moved = ', '.join(f"--{n} {trained.get(n)!r} (now {getattr(args, n)!r})" for n in ('data_root', 'data_source')
                           if n in trained and trained[n] != getattr(args, n))
-        raise ValueError(f"--resume: {path} was trained on other data: the {', '.join(differ)} split"
+        raise UsageError(f"--resume: {path} was trained on other data: the {', '.join(differ)} split"
                          f"{'s differ' if len(differ) > 1 else ' differs'} from the one it recorded"
                          f"{' (' + moved + ')' if moved else ''}: resume on the same data, or start a new run in "
                          f"another --output_dir")
@@ -272,9 +285,9 @@ def state_bytes(state):
     return 0
 
 
-class write_errors:
+class written:
     """Any failure of the write of `path` inside the block, whichever library raises it (WRITE_ERRORS), becomes one
-    line (RuntimeError): what could not be written, the cause (disk full, quota, read-only, permission: from the
+    line (UsageError): what could not be written, the cause (disk full, quota, read-only, permission: from the
     errno, the library's message or the free space left), how much room the write needs and how much is free, and
     `then`: what is intact and how to go on (run again with --resume). Our bugs (other exceptions) pass through."""
 
@@ -308,12 +321,12 @@ class write_errors:
                 free = None
             message += (f" (free at least {max(self.needed, 1 << 20) / 2**20:.0f} MiB in {folder}"
                         + (f"; {free / 2**20:.0f} MiB are free now)" if free is not None else ')'))
-        raise RuntimeError(message) from e
+        raise UsageError(message) from e
 
 
 def save_checkpoint(state, path):
     """The checkpoint, atomically; a failed write (disk full, ...) leaves the previous checkpoint intact."""
-    with write_errors(path, "The previous checkpoint, if any, is intact: run again with --resume to continue from it",
+    with written(path, "The previous checkpoint, if any, is intact: run again with --resume to continue from it",
                       state_bytes(state), what='checkpoint '):
         data.save_atomic(lambda tmp: torch.save(state, tmp), path)
 
@@ -343,10 +356,10 @@ def reproduce_command(argv):
 def save_model(model, folder, backbone, training, then):
     """model.save_pretrained(folder): config.json (the constructor's arguments, the backbone it trained on and its
     fingerprint, the training metadata) and model.safetensors, each written atomically. A folder that is a link
-    leaving the run's folder is never written through (check_inside); a failed write is one line (write_errors)
+    leaving the run's folder is never written through (check_inside); a failed write is one line (written)
     ending with `then`."""
     check_inside(os.path.dirname(os.path.abspath(folder)), os.path.basename(folder))
-    with write_errors(folder, then, state_bytes(model.state_dict())):
+    with written(folder, then, state_bytes(model.state_dict())):
         model.save_pretrained(folder, backbone=backbone and backbone.name,
                               backbone_revision=backbone and backbone.revision,
                               backbone_fingerprint=backbone and backbone_provenance(backbone), training=training)
@@ -381,10 +394,75 @@ def remove_run_files(out):
         for back in reversed(moved):
             os.rename(os.path.join(aside, back), os.path.join(out, back))
         os.rmdir(aside)
-        raise RuntimeError(f"--overwrite: cannot remove {failed} ({e.strerror or e}); nothing of the old run was "
+        raise UsageError(f"--overwrite: cannot remove {failed} ({e.strerror or e}); nothing of the old run was "
                            f"removed") from e
     try:
         shutil.rmtree(aside)                              # links inside are unlinked, never followed
     except OSError as e:
         print(f"--overwrite: the old run was moved aside into {aside} but could not all be deleted "
               f"({e.strerror or e}): delete it by hand", file=sys.stderr)
+
+
+def remove_old_run(accelerator, out):
+    """--overwrite: the run in output_dir `out` replaced, none of its files stays beside ours (remove_run_files, by
+    the main process while the others wait)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_run_files(out)
+    accelerator.wait_for_everyone()
+
+
+def restore(run, checkpoint, defaults):
+    """--resume: run's head, optimizer, schedule and metrics history from its checkpoint, once the checkpoint is
+    checked against the run: its arguments (check_resume_args; defaults: train.py's), its data, finite values and
+    the schedule's length."""
+    args, path = run.args, run.checkpoint_path
+    check_resume_args(checkpoint, args, path, defaults)
+    check_resume_data(checkpoint, args, run.splits, path)
+    check_provenance(checkpoint.get('backbone_fingerprint'), run.backbone, f"--resume: {path}")
+    check_finite(checkpoint['head'], f"--resume: {path}")
+    if checkpoint['scheduler']['total_steps'] != run.scheduler.total_steps:
+        raise UsageError(f"--resume: {path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
+                         f"steps in all, this one has {run.scheduler.total_steps}: resume with the same --n_epochs "
+                         f"and --n_iters_per_train_epoch (the one-cycle schedule spans the whole run)")
+    try:
+        run.accelerator.unwrap_model(run.head).load_state_dict(checkpoint['head'])
+        run.optimizer.load_state_dict(checkpoint['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"--resume: {path} does not fit this run's {args.model} for {args.dataset_name} on "
+                         f"{args.backbone}: {' '.join(str(e).split())}") from e
+    run.scheduler.load_state_dict(checkpoint['scheduler'])
+    run.history = checkpoint['history']
+    run.accelerator.print(f"resumed from {path} after epoch {len(run.history)}")
+
+
+def save_epoch(run, record):
+    """After an epoch: its model (epoch<k>/, as the paper keeps every epoch's), the checkpoint, the metrics."""
+    run.history.append(record)
+    if run.accelerator.is_main_process:
+        head = run.accelerator.unwrap_model(run.head)
+        epoch_dir = os.path.join(run.args.output_dir, f"epoch{record['epoch']}")
+        save_model(head, epoch_dir, run.backbone, {**run.metadata, **record},
+                   then="The checkpoint of the epoch before, if any, is intact: run again with --resume to continue "
+                        "from it")
+        state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
+                 'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
+                 'metadata': run.metadata, 'backbone': run.backbone and run.backbone.name,
+                 'backbone_revision': run.backbone and run.backbone.revision,
+                 'backbone_fingerprint': backbone_provenance(run.backbone), 'data_fingerprint': run.data_fingerprint}
+        save_checkpoint(state, run.checkpoint_path)
+        with written(run.metrics_path, "The checkpoint of this epoch is intact and holds the metrics: run again "
+                                       "with --resume"):
+            write_metrics(run.metrics_path, run.history)
+    run.accelerator.wait_for_everyone()
+
+
+def save_final(run, final):
+    """The final model (output_dir/model/) and the final metrics record."""
+    model_dir = os.path.join(run.args.output_dir, 'model')
+    if run.accelerator.is_main_process:
+        then = "The checkpoint of the last epoch is intact: run again with --resume to write the model"
+        save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final, then=then)
+        with written(run.metrics_path, then):
+            write_metrics(run.metrics_path, run.history + [{'final': final}])
+    run.accelerator.print(f"saved {model_dir}")

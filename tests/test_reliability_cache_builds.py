@@ -15,6 +15,7 @@ import torch.nn as nn
 from filelock import FileLock
 
 from heinsen_replication import backbones, data
+from heinsen_replication.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = 'the film is good bad fine awful great dull long short funny sad a it was not very'.split()
@@ -89,6 +90,7 @@ def test_an_interrupted_build_gives_the_rows_of_an_uninterrupted_one(batch_depen
 KILLED_BUILD = """
 import sys, time, torch
 from heinsen_replication import backbones, data
+from heinsen_replication.errors import UsageError
 data.FeatureStore.SAVE_EVERY_SECONDS = 0
 backbone = backbones.load_backbone(sys.argv[2])
 real = backbone.encode_rows
@@ -143,14 +145,14 @@ def test_a_stopped_writer_is_waited_for_a_bounded_time_naming_its_process(tiny_b
     monkeypatch.setattr(data.features, '_process_state', lambda pid: 'T' if pid == 4242 else None)
     monkeypatch.setattr(data.FeatureStore, 'STOPPED_SECONDS', 1)
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"process 4242 \(train.py --dataset_name imdb\) holds its lock and has "
+    with pytest.raises(UsageError, match=r"process 4242 \(train.py --dataset_name imdb\) holds its lock and has "
                                            r"been stopped .* resume it \(kill -CONT 4242\) or end it"):
         store.ensure(['a new text'])
     assert time.monotonic() - started < 10
     assert 'process 4242 (train.py --dataset_name imdb) is writing it; waiting' in capsys.readouterr().out
     monkeypatch.setattr(data.FeatureStore, 'WAIT_SECONDS', 1)          # one that runs: bounded too
     monkeypatch.setattr(data.features, '_process_state', lambda pid: 'R')
-    with pytest.raises(TimeoutError, match=r"process 4242 .* has held its lock for all the"):
+    with pytest.raises(UsageError, match=r"process 4242 .* has held its lock for all the"):
         store.ensure(['a new text'])
     held.release()
     store.ensure(['a new text'])                                       # released: the store goes on
@@ -159,6 +161,7 @@ def test_a_stopped_writer_is_waited_for_a_bounded_time_naming_its_process(tiny_b
 HOLDS_THE_LOCK = """
 import sys, time
 from heinsen_replication import backbones, data
+from heinsen_replication.errors import UsageError
 store = data.FeatureStore(sys.argv[1], backbones.load_backbone(sys.argv[2]))
 with store._locked():
     print('holding', flush=True)
@@ -175,7 +178,7 @@ def test_a_writer_suspended_with_sigstop_is_named_and_not_waited_for_forever(tin
         os.kill(writer.pid, signal.SIGSTOP)
         monkeypatch.setattr(data.FeatureStore, 'STOPPED_SECONDS', 2)
         started = time.monotonic()
-        with pytest.raises(TimeoutError, match=rf"process {writer.pid} \(.*\) holds its lock and has been stopped"):
+        with pytest.raises(UsageError, match=rf"process {writer.pid} \(.*\) holds its lock and has been stopped"):
             data.FeatureStore(str(tmp_path / 'cache'), backbones.load_backbone(tiny_bert))
         assert time.monotonic() - started < 20
     finally:

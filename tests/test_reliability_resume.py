@@ -11,8 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import train
 from heinsen_replication import models, pretrained, runs
+from heinsen_replication.errors import UsageError
 from tests.helpers.training import run, short_sst_args as sst_args
 
 
@@ -50,14 +50,14 @@ def test_resume_after_the_backbones_weights_or_tokenizer_changed_is_refused(tiny
     run(sst_args(tiny_sst, backbone, out, '--n_epochs', 1, '--resume'))                  # unchanged: resumes
     change(backbone)
     checkpoint = (out / 'checkpoint.pt').read_bytes()
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UsageError) as e:
         run(sst_args(tiny_sst, backbone, out, '--n_epochs', 1, '--resume'))
     message = str(e.value)
     assert message.startswith('--resume: ') and named in message.split(' whose ')[1]
     assert 'differ from those of --backbone' in message and '\n' not in message
     assert (out / 'checkpoint.pt').read_bytes() == checkpoint
     for extra in (['--eval_only'], ['--n_epochs', 1]):                                   # the same for its head
-        with pytest.raises(ValueError, match=rf"--pretrained_path .*model was trained on a backbone .* whose "
+        with pytest.raises(UsageError, match=rf"--pretrained_path .*model was trained on a backbone .* whose "
                                              rf".*{named}"):
             run(sst_args(tiny_sst, backbone, tmp_path / 'next', '--pretrained_path', out / 'model', *extra))
 
@@ -80,7 +80,7 @@ def test_a_head_for_another_backbone_is_refused_unless_a_subset_is_asked_for(tin
     path = tmp_path / 'pretrained_sst5_head_for_roberta-large.state_dict'
     torch.save(models.RoutingHead(5, 48, 5, n_hid=4).state_dict(), path)            # tiny_bert gives 3 x 32
     for extra in ([], ['--eval_only']):
-        with pytest.raises(ValueError, match=r"routes hidden states of 5 depths x 48, but --backbone .* gives 3 x 32"
+        with pytest.raises(UsageError, match=r"routes hidden states of 5 depths x 48, but --backbone .* gives 3 x 32"
                                              if not extra else r"does not fit a routing_head .* hidden states of 5 "
                                                                r"depths x 48"):
             run(sst_args(tiny_sst, tiny_bert, tmp_path / 'run', '--n_epochs', 1, '--pretrained_path', path, *extra))
@@ -103,7 +103,7 @@ def test_disk_full_during_a_model_write_is_one_line_and_resume_finishes(tiny_sst
                               '"No space left on device" })')
 
     monkeypatch.setattr(pretrained, 'save_model', full)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UsageError) as e:
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2))
     message = str(e.value)
     assert f"could not write {out / 'epoch1'} (disk full: free some space)" in message, message
@@ -122,7 +122,7 @@ def test_a_kill_between_the_epoch_folder_and_the_first_checkpoint_does_not_block
     def killed(state, path):
         raise KeyboardInterrupt                                        # as a kill: nothing after epoch1/ is written
 
-    monkeypatch.setattr(train, 'save_checkpoint', killed)
+    monkeypatch.setattr(runs, 'save_checkpoint', killed)
     with pytest.raises(KeyboardInterrupt):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
     monkeypatch.undo()
@@ -136,7 +136,7 @@ def test_a_failed_final_model_write_is_one_line_and_resume_writes_it(tiny_sst, t
     monkeypatch.setattr(pretrained, 'save_model', lambda model, path, *a, **k: (
         real_save(model, path, *a, **k) if f'{os.sep}epoch' in path else (_ for _ in ()).throw(
             SafetensorError('Error while serializing: I/O error: Disk quota exceeded (os error 122)'))))
-    with pytest.raises(RuntimeError, match=r"could not write .*model \(disk quota exceeded: free some space\).* "
+    with pytest.raises(UsageError, match=r"could not write .*model \(disk quota exceeded: free some space\).* "
                                            r"run again with --resume to write the model"):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1))
     monkeypatch.undo()
@@ -167,7 +167,7 @@ def test_resume_never_writes_through_a_link_into_another_run(tiny_sst, tiny_bert
     monkeypatch.undo()
     shutil.rmtree(out / 'epoch2')
     os.symlink(other / ('epoch1' if linked == 'epoch2' else 'model'), out / linked)
-    with pytest.raises(ValueError, match=rf"{out / linked} is a link to .*other.*, outside the run's folder .*: this "
+    with pytest.raises(UsageError, match=rf"{out / linked} is a link to .*other.*, outside the run's folder .*: this "
                                          rf"run never writes through it .* remove the link \(rm {out / linked}\)"):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--resume'))
     assert {p: p.read_bytes() for p in other.rglob('*') if p.is_file()} == before
@@ -182,6 +182,6 @@ def test_a_link_made_during_the_run_is_not_written_through(tmp_path):
     out, other = tmp_path / 'run', tmp_path / 'other'
     out.mkdir(), other.mkdir()
     os.symlink(other, out / 'epoch3')
-    with pytest.raises(ValueError, match='is a link to .*other'):
+    with pytest.raises(UsageError, match='is a link to .*other'):
         runs.save_model(models.RoutingHead(3, 8, 2, n_hid=4), str(out / 'epoch3'), None, {}, then='')
     assert os.listdir(other) == []

@@ -25,6 +25,7 @@ import zlib
 
 from torchvision.datasets import CIFAR10 as _TorchvisionCIFAR10, CIFAR100 as _TorchvisionCIFAR100
 
+from ..errors import UsageError
 from .fileio import current_umask, fsync_dir, pid_prefix, publish, remove_orphans
 
 # -----------------------------------------------------------------------------
@@ -104,7 +105,7 @@ HEINSEN2019_WEIGHTS = {
 # downloading: every file is verified against a pinned checksum before it is used
 
 
-class ChecksumMismatchError(RuntimeError):
+class ChecksumMismatchError(UsageError):
     """A downloaded (or already present) file does not have its pinned checksum."""
 
 
@@ -165,7 +166,7 @@ def download_and_extract(url: str, dest_dir: str, checksum: str = None, members:
             os.remove(tmp_path)
             if created and not os.listdir(dest_dir):
                 os.rmdir(dest_dir)                               # a later attempt finds nothing half-made
-            raise RuntimeError(
+            raise UsageError(
                 f"Could not download {url} ({e}). Is the network available? You can also download it by hand "
                 f"and " + (by_hand or (f"unpack it into {os.path.abspath(dest_dir)}." if _is_archive(filename)
                                        else f"put it into {os.path.abspath(dest_dir)}."))) from e
@@ -205,7 +206,7 @@ def _work_dir(dest_dir):
     return dest
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(UsageError):
     """An archive member that would be written outside the destination, or is not a plain file or folder."""
 
 
@@ -285,7 +286,7 @@ def extract_archive(archive_path, dest_dir, members=None, what=None):
     try:
         listed = _zip_members(archive_path, what) if is_zip else _tar_members(archive_path, what)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"archive {what} is not a readable {'zip' if is_zip else 'tar'} archive ({e})") from e
+        raise UsageError(f"archive {what} is not a readable {'zip' if is_zip else 'tar'} archive ({e})") from e
     if members:                               # only the expected members are unpacked, once all are listed
         names = {'/'.join(p for p in name.replace('\\', '/').split('/') if p not in ('', '.')): (name, is_dir, ref)
                  for name, is_dir, ref in listed}
@@ -340,8 +341,8 @@ def extract_archive(archive_path, dest_dir, members=None, what=None):
 
 class _extraction_errors:
     """A member that cannot be read (bad CRC, truncated or corrupt data) or written (disk full, name too long, ...)
-    while an archive is unpacked: one error naming the archive, the member and the destination (ValueError for a
-    damaged archive, OSError with the errno for the disk). .name: the member being unpacked."""
+    while an archive is unpacked: one UsageError naming the archive, the member and the destination. .name: the
+    member being unpacked."""
 
     def __init__(self, what, dest):
         self.what, self.dest, self.name = what, dest, None
@@ -351,13 +352,13 @@ class _extraction_errors:
 
     def __exit__(self, kind, e, tb):
         if isinstance(e, (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error)):
-            raise ValueError(f"archive {self.what} is damaged: its member {self.name!r} cannot be read ({e}); "
+            raise UsageError(f"archive {self.what} is damaged: its member {self.name!r} cannot be read ({e}); "
                              f"nothing of it was unpacked. Download it again") from None
         if isinstance(e, OSError) and e.errno is not None:
-            raise OSError(e.errno, f"could not unpack {self.name!r} of {self.what} into {self.dest} "
-                                   f"({e.strerror}); nothing of it was unpacked"
-                                   + ('. Free some space and try again' if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                                      else '')) from None
+            raise UsageError(f"could not unpack {self.name!r} of {self.what} into {self.dest} ({e.strerror}); "
+                             f"nothing of it was unpacked"
+                             + ('. Free some space and try again' if e.errno in (errno.ENOSPC, errno.EDQUOT) else '')
+                             ) from e
         return False
 
 
@@ -396,8 +397,8 @@ def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str
                 download_and_extract(base_url + name, dest_dir, checksum=checksum)
             except ChecksumMismatchError:
                 raise
-            except RuntimeError as e:                    # no network: name every file still missing, to download
-                raise RuntimeError(
+            except UsageError as e:                      # no network: name every file still missing, to download
+                raise UsageError(
                     f"Could not download {base_url + name} ({e.__cause__ or e}). Download the missing files "
                     f"{', '.join(absent)} by hand ({', '.join(base_url + n for n in absent)}) into "
                     f"{os.path.abspath(dest_dir)}; they are used as they are (nothing to unpack).") from e
@@ -414,8 +415,8 @@ def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str
 
 
 def missing(what, path, how):
-    """The FileNotFoundError raised for a dataset that is not on disk."""
-    return FileNotFoundError(f"{what} not found: expected {os.path.abspath(path)}. {how}")
+    """The UsageError raised for a dataset that is not on disk."""
+    return UsageError(f"{what} not found: expected {os.path.abspath(path)}. {how}")
 
 
 def how_to_get(url, dest):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UsageError
 from .fileio import write_atomic
 
 # -----------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def rows_checksum(text: str, rows) -> str:
 
 def damaged(folder, why):
     """The error of a damaged feature cache: what is wrong, and the command that rebuilds it."""
-    return ValueError(f"feature cache {folder} is damaged: {why}. Rebuild it: rm -r {shlex.quote(folder)} and run "
+    return UsageError(f"feature cache {folder} is damaged: {why}. Rebuild it: rm -r {shlex.quote(folder)} and run "
                       f"the same command again (the features are encoded anew; or pass another --feature_cache)")
 
 
@@ -168,7 +169,7 @@ class FeatureStore:
         """Take the store's lock (one writer at a time), and record who holds it (.lock.holder: the process id and
         command, for the error below). A writer that holds it already is waited for, said once with its process,
         at most WAIT_SECONDS, and at most STOPPED_SECONDS while it is stopped (a suspended process would block
-        every run forever): then TimeoutError naming the process and what to do."""
+        every run forever): then UsageError naming the process and what to do."""
         from filelock import Timeout
         try:
             self.lock.acquire(timeout=0)
@@ -187,12 +188,12 @@ class FeatureStore:
                     stopped_since = (stopped_since or time.monotonic()) if stopped else None
                     waited = time.monotonic() - started
                     if stopped_since is not None and time.monotonic() - stopped_since > self.STOPPED_SECONDS:
-                        raise TimeoutError(f"feature cache {self.folder}: process {pid} ({command}) holds its lock "
+                        raise UsageError(f"feature cache {self.folder}: process {pid} ({command}) holds its lock "
                                            f"and has been stopped (suspended: SIGSTOP or Ctrl-Z) for "
                                            f"{self.STOPPED_SECONDS} s: resume it (kill -CONT {pid}) or end it "
                                            f"(kill {pid}), then run again; or pass another --feature_cache")
                     if waited > self.WAIT_SECONDS:
-                        raise TimeoutError(f"feature cache {self.folder}: process {pid} ({command}) has held its "
+                        raise UsageError(f"feature cache {self.folder}: process {pid} ({command}) has held its "
                                            f"lock for all the {waited / 60:.0f} min this run waited: let it finish "
                                            f"and run again, or pass another --feature_cache")
         try:
@@ -229,7 +230,7 @@ class FeatureStore:
                 raise self._damaged(f"{self.index_path} is not a valid index ({e})") from None
             stored = {k: index.get(k) for k in self.meta}
             if stored != self.meta:
-                raise ValueError(f"feature cache {self.folder} holds features of {stored}, not of {self.meta}: "
+                raise UsageError(f"feature cache {self.folder} holds features of {stored}, not of {self.meta}: "
                                  f"use another --feature_cache folder")
             n_rows = index['n_rows']
             for text, span in index['texts'].items():
@@ -295,7 +296,7 @@ class FeatureStore:
                     finite = hidden.isfinite().flatten(1).all(dim=1)                           # [rows], one pass
                     if not finite.all():
                         first_text = bisect.bisect_right(np.cumsum(lengths), int((~finite).nonzero()[0, 0]))
-                        raise ValueError(
+                        raise UsageError(
                             f"backbone {self.backbone.name!r} gives hidden states that are not finite in float16 "
                             f"(NaN, or beyond +-65504) for the text {block[first_text][:60]!r}: they cannot be "
                             f"cached; run without --feature_cache")
@@ -354,12 +355,12 @@ class _disk_errors:
 
     def __exit__(self, kind, e, tb):
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            raise OSError(e.errno, f"feature cache {self.folder}: cannot write it ({DISK_ERRNOS[e.errno]}: "
-                                   f"{e.strerror}). What was stored before is kept; free some space, or pass "
-                                   f"another --feature_cache (or none)") from None
+            raise UsageError(f"feature cache {self.folder}: cannot write it ({DISK_ERRNOS[e.errno]}: {e.strerror}). "
+                             f"What was stored before is kept; free some space, or pass another --feature_cache "
+                             f"(or none)") from e
         if isinstance(e, OSError) and e.errno in PATH_ERRNOS:
-            raise OSError(e.errno, f"feature cache {self.folder}: cannot write it ({PATH_ERRNOS[e.errno]}: "
-                                   f"{e.filename or self.folder}): pass another --feature_cache (or none)") from None
+            raise UsageError(f"feature cache {self.folder}: cannot write it ({PATH_ERRNOS[e.errno]}: "
+                             f"{e.filename or self.folder}): pass another --feature_cache (or none)") from e
         return False
 
 

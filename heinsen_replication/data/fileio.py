@@ -7,13 +7,14 @@ File I/O helpers of the data layer (standard library only; the bottom layer: imp
     check_labels(labels, n_classes, path): labels read from a file, validated with an error naming the file
 """
 
-import errno
 import gzip
 import os
 import shutil
 import tempfile
 
 import numpy as np
+
+from ..errors import UsageError
 
 
 def pid_prefix(prefix):
@@ -89,13 +90,13 @@ def save_atomic(save_fn, path):
     seen half-written, nor empty after a power cut (used for datasets, feature-store indexes, checkpoints
     and heads). Temporary files of killed writers (<name's first 64 characters>.tmp-<dead pid>-*) are removed
     first; if save_fn fails (e.g. disk full), its temporary file is removed and `path` is left as it was. A name
-    longer than file systems allow is an OSError (ENAMETOOLONG) naming `path`, not the temporary file."""
+    longer than file systems allow is a UsageError naming `path`, not the temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     name = os.path.basename(path)
     if len(os.fsencode(name)) > 255:                     # NAME_MAX of the usual file systems
-        raise OSError(errno.ENAMETOOLONG, f"cannot write {path}: its name is {len(os.fsencode(name))} bytes long, "
-                                          f"more than a file system allows (255): choose a shorter name", path)
+        raise UsageError(f"cannot write {path}: its name is {len(os.fsencode(name))} bytes long, more than a file "
+                         f"system allows (255): choose a shorter name")
     prefix = name[:64] + '.tmp-'                         # temporary names stay short whatever the file's
     remove_orphans(folder, prefix)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=pid_prefix(prefix))
@@ -131,7 +132,7 @@ def check_labels(labels, n_classes, path):
     out = []
     for i, y in enumerate(labels.tolist() if isinstance(labels, np.ndarray) else labels):
         if isinstance(y, bool) or not isinstance(y, (int, np.integer)) or not 0 <= y < n_classes:
-            raise ValueError(f"{path}: label {y!r} at index {i} is out of range (expected an integer in "
+            raise UsageError(f"{path}: label {y!r} at index {i} is out of range (expected an integer in "
                              f"0..{n_classes - 1})")
         out.append(int(y))
     return out
