@@ -98,9 +98,9 @@ def parse_args(argv=None):
     p.add_argument('--chunk_elements', type=int, default=None,
                    help="routing_head: the streamed routings' chunk size (EfficientVectorRouting's chunk_elements: "
                         "about this many elements of [d_emb + n_out] per input over the batch in a chunk). Default: "
-                        "per device, cache-sized on a CPU (2^21 float32 elements; larger is faster on busy cores), on CUDA the whole sequence in one "
-                        "chunk when its working set fits a quarter of the free memory. Changes speed and memory, "
-                        "never results")
+                        "a fixed size per device type (3 x 2^21 float32 elements on a CPU, 3 x 2^27 on CUDA), never the "
+                        "memory free. Changes speed and memory; results only in their last bits (sums in another "
+                        "order: docs/library.md)")
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--overwrite', action='store_true',

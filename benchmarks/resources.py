@@ -25,7 +25,7 @@ import time
 from benchmarks.common import (NOT_RECORDED, busy, finish_meta, how_measured, load_record, measurement_meta,
                                save_record, shown_command, write_report)
 from heinsen_replication.runs import read_metrics
-from heinsen_routing.streamed import machine_cpu_seconds
+from benchmarks.machine_load import machine_cpu_seconds
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -49,9 +49,9 @@ class RoutingHead(nn.Module, Pretrained):
     Layer norm over d_emb (no affine), then x * W + B per depth, flatten to n_pos * d_depth input
     vectors, and three routings: (-1 -> n_hid), (n_hid -> n_hid), (n_hid -> n_classes, d_out 1).
     State dict keys: W, B, route.0.*, route.1.*, route.2.* (the authors' published heads load strict).
-    chunk_elements: the routings' chunk size (EfficientVectorRouting's; None = per device: cache-sized on a CPU,
-    the whole sequence in one chunk on a GPU where it fits a quarter of the free memory). It changes speed and
-    memory, never results, and can be changed on a loaded head with set_chunk_elements.
+    chunk_elements: the routings' chunk size (EfficientVectorRouting's; None = a fixed size per device type, never
+    the memory free). It changes speed and memory, and results only in their last bits (sums in another order:
+    docs/library.md); it can be changed on a loaded head with set_chunk_elements.
     """
 
     def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None):
