@@ -148,7 +148,7 @@ def test_a_failed_final_model_write_is_one_line_and_resume_writes_it(tiny_sst, t
 # --resume never writes through a link into another run
 
 
-@pytest.mark.parametrize('linked', ['model', 'epoch2'])
+@pytest.mark.parametrize('linked', ['model', pytest.param('epoch2', marks=pytest.mark.slow)])   # 3 runs each
 def test_resume_never_writes_through_a_link_into_another_run(tiny_sst, tiny_bert, tmp_path, monkeypatch, linked):
     other, out = tmp_path / 'other', tmp_path / 'run'
     run(sst_args(tiny_sst, tiny_bert, other, '--n_epochs', 2, '--rng_seed', 7))
