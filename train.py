@@ -122,6 +122,10 @@ def parse_args(argv=None):
                         '(float16, memory-mapped) and read back, instead of running the backbone each step')
     p.add_argument('--lr', type=float, default=None, help='one-cycle max learning rate (default: 1e-3 routing_head, '
                                                             '5e-4 capsules2019)')
+    p.add_argument('--pretrained_subset', action='store_true',
+                   help="with --pretrained_path: load a head trained on hidden states of another shape (depths x "
+                        "width) than --backbone gives, only the tensors whose shapes fit; the others start at their "
+                        "initialisation (without it such a head is refused)")
     p.add_argument('--finetune', default='last_routing', choices=['last_routing', 'all'],
                    help="with --pretrained_path: train only the last routing (the paper's SST-2 recipe) or every "
                         "parameter (a diagnostic variant)")
@@ -155,6 +159,9 @@ def parse_args(argv=None):
             (args.lr is not None and not 0 < args.lr < math.inf, f"--lr must be a positive number, got {args.lr}"),
             (args.max_length is not None and args.max_length < 3, f"--max_length must be at least 3 (the backbone's "
              f"special tokens and at least one token of text), got {args.max_length}"),
+            (not 0 <= args.rng_seed < 2 ** 32, f"--rng_seed must be an integer in 0..2**32 - 1, got {args.rng_seed}"),
+            (args.pretrained_subset and (not args.pretrained_path or args.eval_only),
+             "--pretrained_subset loads part of a --pretrained_path head to fine-tune it (not with --eval_only)"),
             (args.finetune != 'last_routing' and not args.pretrained_path,
              f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too"),
             (args.resume and args.overwrite,

@@ -4,12 +4,14 @@ A run's model: the device (check_device), the frozen backbone on it (load_frozen
 fine-tuned: its last routing, last_routing).
 """
 import inspect
+import os
 
 import torch
 
 from .backbones import load_backbone
 from .errors import UsageError
 from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
+from .runs import check_provenance
 from .standard_heads import FROZEN_HEADS
 
 # The papers' backbones (2022: roberta-large, BEiT-large; 2019: gpt2-large) and their hub ids: slow on a CPU
@@ -133,6 +135,9 @@ def load_frozen_backbone(args, splits, accelerator, autocast_dtype=None):
             raise UsageError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
                              f"the 2019 paper's SmallNORBClassifier end to end: pass --model capsules2019")
         return None
+    if args.revision and os.path.isdir(os.path.expanduser(args.backbone)):
+        raise UsageError(f"--revision {args.revision} pins a hub revision, but --backbone {args.backbone!r} is a local "
+                         f"folder, which has none: leave --revision out")
     backbone = load_backbone(args.backbone, revision=args.revision, max_length=args.max_length,
                                     autocast_dtype=autocast_dtype)
     if backbone.modality != splits['modality']:
@@ -160,14 +165,31 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
                          f"revision {revision!r}, not --revision {now!r}: pass --revision {revision}"
                          if revision else f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
                          f"{trained_on!r} at no pinned revision, not --revision {now!r}: leave --revision out")
-    if args.eval_only:
-        try:
-            head.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise UsageError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
-                               f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: {e}") from e
-        return
+    check_provenance(pretrained_config.get('backbone_fingerprint'), backbone,
+                     f"--pretrained_path {args.pretrained_path}")
     own = head.state_dict()
+    trained_shape = (getattr(pretrained, 'd_depth', None), getattr(pretrained, 'd_emb', None))
+    contradicts = backbone is not None and None not in trained_shape and trained_shape != (backbone.d_depth,
+                                                                                            backbone.d_emb)
+    if args.eval_only:
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = [f"{k} {tuple(state[k].shape)} (this run's {tuple(own[k].shape)})"
+                 for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            raise UsageError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
+                             f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: " + '; '.join(
+                                 filter(None, [missing and f"missing {', '.join(missing[:3])}",
+                                               unexpected and f"unexpected {', '.join(unexpected[:3])}",
+                                               wrong and f"shapes {', '.join(wrong[:3])}"])))
+        head.load_state_dict(state, strict=True)
+        return
+    if contradicts and not args.pretrained_subset:
+        raise UsageError(f"--pretrained_path {args.pretrained_path!r} routes hidden states of {trained_shape[0]} "
+                         f"depths x {trained_shape[1]}, but --backbone {backbone.name} gives {backbone.d_depth} x "
+                         f"{backbone.d_emb}: it was trained on another backbone"
+                         f"{' (' + repr(trained_on) + ')' if trained_on else ''}; "
+                         f"pass that backbone, or --pretrained_subset to load only the tensors whose shapes fit (the "
+                         f"others start at their initialisation)")
     fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     head.load_state_dict(fits, strict=False)
     for name, p in head.named_parameters():
@@ -175,7 +197,10 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
     trained = 'every parameter' if args.finetune == 'all' else f"only the last routing ({last_routing(head)[:-1]})"
     log(f"fine-tuning {args.pretrained_path} on {args.dataset_name}, training {trained}: loaded {len(fits)} of the "
         f"head's {len(own)} tensors; left at initialisation (other shapes, e.g. another number of classes): "
-        f"{', '.join(sorted(set(own) - set(fits))) or 'none'}")
+        f"{', '.join(sorted(set(own) - set(fits))) or 'none'}"
+        + (f" (--pretrained_subset: the head was trained on {trained_shape[0]} depths x {trained_shape[1]}, this "
+           f"backbone gives {backbone.d_depth} x {backbone.d_emb}: only a subset loaded)" if contradicts else ''))
+
 
 
 def one_cycle(optimizer, lr, regime, total_steps):

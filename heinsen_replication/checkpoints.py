@@ -3,17 +3,19 @@ Loading any model of this repository without naming its class (from_pretrained):
 train.py), older single-file heads, plain state dicts (the authors' published 2019 files), and the authors' 2022
 files by their names.
 """
+import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .backbones import BACKBONES
 from .errors import UsageError
 from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
-from .pretrained import STATE_FILE_SUFFIXES, check_finite, check_local_path, read_config, torch_load_safely
+from .pretrained import (STATE_FILE_SUFFIXES, check_config, check_finite, check_local_path, check_path_or_id,
+                         check_state_shapes, inspect_torch_file, no_such_path, read_config, safetensors_tensors,
+                         torch_load_safely)
 from .standard_heads import FROZEN_HEADS
 
 
@@ -28,17 +30,25 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
     backbone: the backbone of a single file, given (e.g. a local copy of the one it names), else the one the file
     names (the authors' files: the name after `_for_`, when it is one of BACKBONES), else None. The weights load
     strictly and must be finite."""
+    check_path_or_id(path_or_id)
     path = str(path_or_id)
     check_local_path(path)
     if path.endswith(STATE_FILE_SUFFIXES):
+        if not os.path.isfile(path):
+            raise UsageError(no_such_path(path) + (
+                "; the authors' 2022 heads are their published files, downloaded by hand" if authors_2022_file(path)
+                else ''))
+        declared, _ = _read_state_file(path, declared_only=True)   # meta tensors: nothing allocated yet
+        cls, args = _model_of_state_dict(declared, path)
         state, training = _read_state_file(path)
-        model = _model_of_state_dict(state, path)
+        model = cls(**args)
         check_finite(state, repr(path))
         model.load_state_dict(state, strict=True)
         named = training.pop('backbone', None)
         named = None if named == 'none' or isinstance(model, SmallNORBClassifier) else named   # end to end: none
         config = {**model._hub_mixin_config, 'model_type': type(model).__name__, 'training': training,
-                  'backbone': backbone or named, 'backbone_revision': training.pop('revision', None)}
+                  'backbone': backbone or named, 'backbone_revision': training.pop('revision', None),
+                  'backbone_fingerprint': training.pop('backbone_fingerprint', None)}
         return model, config
     config = read_config(path, revision=kwargs.get('revision'))
     if config.get('model_type') not in MODEL_TYPES:
@@ -65,65 +75,81 @@ def authors_2022_file(path):
             'epoch': None if match['epoch'] is None else int(match['epoch'])}
 
 
-def _read_state_file(path):
+def _read_state_file(path, declared_only=False):
     """-> (state dict, metadata dict) of a .safetensors file, of a .pt/.pth/.state_dict state dict (or a train.py
-    checkpoint), or of the authors' .checkpoint (its 'weights')."""
+    checkpoint), or of the authors' .checkpoint (its 'weights'). declared_only: the tensors on the meta device, as
+    the file declares them, from its header or its pickle alone (pretrained.safetensors_tensors,
+    inspect_torch_file): nothing is allocated."""
     if path.endswith('.safetensors'):
+        declared, metadata = safetensors_tensors(path)
+        if declared_only:
+            return declared, metadata
         try:
-            with safe_open(path, 'pt') as f:
-                metadata = dict(f.metadata() or {})
             return load_file(path), metadata
         except Exception as e:
-            raise UsageError(f"{path!r} is not a readable safetensors file: {e}") from e
+            raise UsageError(f"{path!r} is not a readable safetensors file: {e}") from None
     try:
-        loaded = torch_load_safely(path)
+        loaded = inspect_torch_file(path) if declared_only else torch_load_safely(path)
     except UsageError as e:
         if path.endswith('.checkpoint') and 'refusing to load' in str(e):
             raise UsageError(
-                f"{e}\nIf {path!r} is the authors' training checkpoint and you trust it, extract its head once: "
+                f"{e} If {path!r} is the authors' training checkpoint and you trust it, extract its head once: "
                 f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)['weights'], "
                 f"'{path[:-len('.checkpoint')]}.state_dict')\" and load the .state_dict file") from None
         raise
     metadata = {}
     if isinstance(loaded, dict) and isinstance(loaded.get('head'), dict):               # a train.py checkpoint
-        metadata = dict(loaded.get('metadata', {}))
+        metadata = dict(loaded['metadata']) if isinstance(loaded.get('metadata'), dict) else {}
         # the backbone it trained on: recorded by train.py since it checkpoints it, else its --backbone, --revision
         args = loaded.get('args') if isinstance(loaded.get('args'), dict) else {}
         metadata['backbone'] = loaded.get('backbone', args.get('backbone'))
         metadata['revision'] = loaded.get('backbone_revision', args.get('revision'))
+        metadata['backbone_fingerprint'] = loaded.get('backbone_fingerprint')
         loaded = loaded['head']
     elif path.endswith('.checkpoint'):                                                  # the authors' checkpoint
         if not isinstance(loaded, dict) or not isinstance(loaded.get('weights'), dict):
+            keys = sorted(map(str, loaded)) if isinstance(loaded, dict) else '-'
             raise UsageError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
-                               f"head's state dict); its keys: {sorted(loaded) if isinstance(loaded, dict) else '-'}")
+                             f"head's state dict); its keys: {keys}")
         loaded = loaded['weights']
     authors = authors_2022_file(path)
     if authors is not None:
         metadata = {k: v for k, v in {'backbone': authors['backbone'], 'dataset_name': authors['dataset_name'],
                                       'epoch': authors['epoch'], 'source': 'authors_2022'}.items() if v is not None}
-    if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in loaded.items()):
         raise UsageError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
     return loaded, metadata
 
 
 def _model_of_state_dict(state, path):
-    """The model whose state dict this is, built from its tensors' shapes (RoutingHead: route.*; SSTClassifier:
-    depth_emb; SmallNORBClassifier: convolve.*)."""
+    """The model whose state dict this is -> (class, constructor arguments), from its tensors' declared shapes
+    (RoutingHead: route.*; SSTClassifier: depth_emb; SmallNORBClassifier: convolve.*), checked before anything is
+    built: the arguments are sizes in 1..MAX_SIZE, and the state dict holds exactly the tensors, of the shapes, of
+    that model (built on the meta device), in floating-point dtypes where the model's are."""
     shape = lambda key: tuple(state[key].shape)
     try:
         if 'route.0.W_F1' in state:
-            return RoutingHead(*shape('W'), n_classes=shape('route.2.W_F1')[0], n_hid=shape('route.0.W_F1')[0])
-        if 'depth_emb' in state:
+            cls, args = RoutingHead, dict(zip(('d_depth', 'd_emb'), shape('W')), n_classes=shape('route.2.W_F1')[0],
+                                          n_hid=shape('route.0.W_F1')[0])
+        elif 'depth_emb' in state:
             n_parts, n_classes, d_cap, _ = shape('routings.1.W')
-            return SSTClassifier(*shape('depth_emb'), d_inp=shape('detect_parts.0.weight')[0], d_cap=d_cap,
-                                 n_parts=n_parts, n_classes=n_classes)
-        if 'convolve.1.weight' in state:
+            cls, args = SSTClassifier, dict(zip(('d_depth', 'd_emb'), shape('depth_emb')),
+                                            d_inp=shape('detect_parts.0.weight')[0], d_cap=d_cap, n_parts=n_parts,
+                                            n_classes=n_classes)
+        elif 'convolve.1.weight' in state:
             n_parts, n_objs = shape('routings.1.W')[:2]
-            return SmallNORBClassifier(n_objs=n_objs, n_parts=n_parts, d_chns=shape('convolve.1.weight')[0])
-    except KeyError as e:
-        raise UsageError(f"{path!r}: its state dict lacks {e}, which its model needs") from None
-    raise UsageError(f"{path!r}: its keys ({', '.join(list(state)[:4])}, ...) are not those of a RoutingHead "
-                       f"(route.*), an SSTClassifier (depth_emb, ...) or a SmallNORBClassifier (convolve.*)")
+            cls, args = SmallNORBClassifier, dict(n_objs=n_objs, n_parts=n_parts, d_chns=shape('convolve.1.weight')[0])
+        else:
+            raise UsageError(f"{path!r}: its keys ({', '.join(list(state)[:4])}, ...) are not those of a RoutingHead "
+                             f"(route.*), an SSTClassifier (depth_emb, ...) or a SmallNORBClassifier (convolve.*)")
+    except (KeyError, ValueError, TypeError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{path!r}: its state dict lacks {e} or has it in another shape, which its model "
+                         f"needs") from None
+    check_config(cls, args, repr(path))
+    check_state_shapes(cls, args, state, repr(path), f"the {cls.__name__} its tensors' shapes describe")
+    return cls, args
 
 
 # config.json's model_type -> class

@@ -7,7 +7,7 @@ from .backbones import FrozenBackbone, load_backbone
 from .checkpoints import from_pretrained
 from .errors import UsageError
 from .models import RoutingHead
-from .pretrained import STATE_FILE_SUFFIXES, read_config
+from .pretrained import STATE_FILE_SUFFIXES, check_path_or_id, read_config
 
 # -------------------------------------------------------------------------------------------------
 # Frozen backbone + routing head
@@ -47,6 +47,7 @@ class MultiModalClassifier(nn.Module):
         """A folder or hub id (save_pretrained), or a single head file that models.from_pretrained reads (the
         authors' 2022 .state_dict / .checkpoint files by their names). backbone: a name for load_backbone or a
         FrozenBackbone, for a file that names none (default: the one the file names)."""
+        check_path_or_id(pretrained_model_name_or_path)
         path = str(pretrained_model_name_or_path)
         if path.endswith(STATE_FILE_SUFFIXES):
             head, config = from_pretrained(path, backbone=getattr(backbone, 'name', backbone))

@@ -36,9 +36,11 @@ def check_hidden(hidden, mask, d_depth, d_emb):
     if not torch.is_tensor(hidden) or hidden.dim() < 3 or tuple(hidden.shape[-2:]) != (d_depth, d_emb):
         got = tuple(hidden.shape) if torch.is_tensor(hidden) else type(hidden).__name__
         raise ValueError(f"hidden must have shape [..., n_pos, d_depth={d_depth}, d_emb={d_emb}], got {got}")
-    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(hidden.shape[:-2])):
+    if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.bool
+                             or tuple(mask.shape) != tuple(hidden.shape[:-2])):
+        got = f"{mask.dtype} {list(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
         raise ValueError(f"mask must be a bool tensor [..., n_pos] = {list(hidden.shape[:-2])} "
-                         f"(True = padding), got {mask.dtype} {list(mask.shape)}")
+                         f"(True = padding), got {got}")
 
 
 class RoutingHead(nn.Module, Pretrained):
@@ -60,6 +62,7 @@ class RoutingHead(nn.Module, Pretrained):
     OPTIONAL_SIZES = ('d_hid', 'chunk_elements')            # sizes whose default, None, is no size
 
     def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None, n_routings=3, d_hid=None):
+        check_dims(d_depth=d_depth, d_emb=d_emb, n_classes=n_classes, n_hid=n_hid)
         super().__init__()
         if isinstance(n_routings, bool) or n_routings not in self.CONFIG_CHOICES['n_routings']:
             raise ValueError(f"n_routings must be 3 (the paper's head) or 2 (without the middle routing), "

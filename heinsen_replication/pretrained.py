@@ -5,9 +5,11 @@ config's types and sizes, the weights file's tensors and shapes, finite values, 
 torch.load with weights_only=True.
 """
 import inspect
+import io
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -123,9 +125,12 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
     weights strictly (a missing or unexpected tensor is an error), refusing NaN/Inf. models.from_pretrained loads
     any model of this repository without naming its class."""
 
-    def save_pretrained(self, save_directory, *, backbone=None, backbone_revision=None, training=None, **kwargs):
+    def save_pretrained(self, save_directory, *, backbone=None, backbone_revision=None, backbone_fingerprint=None,
+                        training=None, **kwargs):
         self._config_to_save = {**self._hub_mixin_config, 'model_type': type(self).__name__, 'backbone': backbone,
                                 'backbone_revision': backbone_revision, 'training': training or {}}
+        if backbone_fingerprint is not None:              # what the backbone computes with (runs.backbone_provenance)
+            self._config_to_save['backbone_fingerprint'] = backbone_fingerprint
         try:
             return super().save_pretrained(save_directory, config=self._config_to_save, **kwargs)
         finally:
@@ -194,30 +199,41 @@ def check_weights_file(cls, config, path_or_id, revision=None):
             raise UsageError(f"{str(path)!r} is missing: the model folder is incomplete")
     else:
         path = hub_file(path_or_id, 'model.safetensors', revision)
-    try:
-        with safe_open(str(path), 'pt') as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:                       # safetensors' SafetensorError: truncated, empty, not safetensors
-        raise UsageError(f"{str(path)!r} is not a complete safetensors file ({e}): the model folder is damaged "
-                         f"(a truncated copy?)") from None
+    stored, _ = safetensors_tensors(str(path), damaged='the model folder is damaged (a truncated copy?)')
     args = {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters and k != 'self'}
+    check_state_shapes(cls, args, stored, repr(str(path)), f"the {cls.__name__} that {config_path(path_or_id)} "
+                                                           f"describes")
+
+
+def check_state_shapes(cls, args, stored, where, what):
+    """A state dict (its tensors may be meta tensors: only shapes and dtypes are read) must hold exactly the
+    tensors of cls(**args), built on the meta device (nothing is allocated), of the same shapes, and floating-point
+    where the model's are. UsageError naming the file (where) and the differences otherwise (the first three of
+    each kind, on one line)."""
     with torch.device('meta'):
-        expected = {k: tuple(v.shape) for k, v in cls(**args).state_dict().items()}
-    if stored != expected:
-        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-        wrong = [f"{k} {stored[k]} (expected {expected[k]})" for k in sorted(set(stored) & set(expected))
-                 if stored[k] != expected[k]]
-        raise UsageError(f"{str(path)!r} does not hold the {cls.__name__} that {config_path(path_or_id)} describes: "
-                         + '; '.join(filter(None, [missing and f"missing {', '.join(missing[:3])}",
-                                                   unexpected and f"unexpected {', '.join(unexpected[:3])}",
-                                                   wrong and f"shapes {', '.join(wrong[:3])}"])))
+        expected = cls(**args).state_dict()
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    common = sorted(set(stored) & set(expected))
+    wrong = [f"{k} {tuple(stored[k].shape)} (expected {tuple(expected[k].shape)})" for k in common
+             if stored[k].shape != expected[k].shape]
+    dtypes = [f"{k} {stored[k].dtype} (expected {expected[k].dtype})" for k in common
+              if stored[k].is_floating_point() != expected[k].is_floating_point() or stored[k].is_complex()]
+    if missing or unexpected or wrong or dtypes:
+        more = lambda items: ', '.join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else '')
+        raise UsageError(f"{where} does not hold {what}: " + '; '.join(filter(None, [
+            missing and f"missing {more(missing)}", unexpected and f"unexpected {more(unexpected)}",
+            wrong and f"shapes {more(wrong)}", dtypes and f"dtypes {more(dtypes)}"])))
 
 
 def read_config(path_or_id, revision=None):
     """config.json of a save_pretrained folder or hub repository -> dict (ValueError naming the file if it is
     not a JSON object)."""
+    check_path_or_id(path_or_id)
     folder = Path(path_or_id)
     check_local_path(path_or_id)
+    if folder.is_file() and folder.name == 'config.json':
+        raise UsageError(f"{str(path_or_id)!r} is a model folder's config.json: pass the folder, "
+                         f"{str(folder.parent)!r}")
     if folder.is_dir():
         path = folder / 'config.json'
         if not path.is_file():
@@ -233,6 +249,14 @@ def read_config(path_or_id, revision=None):
         raise UsageError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
                          f"arguments: the model folder is damaged or was not written by this repository")
     return config
+
+
+def check_path_or_id(path_or_id):
+    """from_pretrained's argument must be a folder, a file or a hub id (a str or a path), not None: a None would
+    become the hub id 'None' (and a minute of retries)."""
+    if not isinstance(path_or_id, (str, os.PathLike)) or not str(path_or_id).strip():
+        raise UsageError(f"from_pretrained needs a model folder, a head file or a hub id (a str or a path), got "
+                         f"{path_or_id!r}")
 
 
 def looks_local(path):
@@ -281,16 +305,168 @@ def check_finite(state, what):
                              f"refusing to load a model that is not finite")
 
 
+MAX_FILE_BYTES = 1 << 30  # the largest model or checkpoint file we load, and the most bytes its tensors may declare
+
+
+def check_file_size(path):
+    """A model file larger than MAX_FILE_BYTES is refused before it is read (no head of this repository, nor its
+    checkpoint, comes near: roberta-large's RoutingHead and its optimizer state are about 110 MB)."""
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise UsageError(f"{path!r} is {size / 2**20:.0f} MiB, more than any head or checkpoint of this repository "
+                         f"(at most {MAX_FILE_BYTES >> 20} MiB): refusing to load it")
+    return size
+
+
+def check_declared_tensors(loaded, path):
+    """The meta tensors of a file's structure (inspect_torch_file, safetensors_tensors): each one views no more
+    elements than its storage holds, within it (no stride-0 or overlapping views that inflate a few bytes into
+    gigabytes once materialised), and all of them together declare at most MAX_FILE_BYTES."""
+    total = 0
+    for name, t in _tensors(loaded):
+        n_storage = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+        extent = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+        if t.numel() > n_storage or extent > n_storage or min(t.stride(), default=0) < 0:
+            raise UsageError(f"{path!r}: tensor {name!r} declares shape {tuple(t.shape)} with strides {t.stride()} "
+                             f"over a storage of {n_storage} elements (a crafted view that would inflate when "
+                             f"loaded): refusing to load it")
+        total += t.numel() * t.element_size()
+    if total > MAX_FILE_BYTES:
+        raise UsageError(f"{path!r}: its tensors declare {total / 2**20:.0f} MiB, more than any head or checkpoint "
+                         f"of this repository (at most {MAX_FILE_BYTES >> 20} MiB): refusing to load it")
+
+
+def _tensors(obj, prefix=''):
+    """(dotted name, tensor) of every tensor in a nested structure of dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for k, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def inspect_torch_file(path):
+    """What torch.load(path, weights_only=True) would return, with every tensor on the meta device (its dtype,
+    shape and strides as declared), without materialising any storage: a file of torch's zip format is read from
+    its central directory (every record stored uncompressed, as torch writes them: no deflate bomb is ever
+    decompressed; each storage's record exactly as long as its declared bytes) and its data.pkl; a file of the
+    legacy format (the authors' 2019 files) from its pickles, each storage's length checked in place without
+    reading it. The pickles are read by torch's weights_only unpickler (tensors and plain types: nothing runs).
+    Then check_declared_tensors. UsageError naming the file otherwise."""
+    from torch import _weights_only_unpickler as restricted
+    size = check_file_size(path)
+    storages, records = {}, {}                                    # key -> meta storage; key -> (dtype, numel)
+
+    def persistent_load(pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ('storage', b'storage')
+                and isinstance(pid[4], int) and pid[4] >= 0):
+            raise UsageError(f"{path!r}: unexpected record {str(pid)[:80]} in its pickle: not a file torch.save wrote")
+        storage_type, key, numel = pid[1], str(pid[2]), pid[4]
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        if key not in storages:
+            records[key] = (dtype, numel)
+            nbytes = numel * torch._utils._element_size(dtype)
+            storages[key] = torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(nbytes, device='meta'),
+                                                       dtype=dtype, _internal=True)
+        view = pid[5] if len(pid) > 5 else None                   # legacy views: (view key, offset, numel)
+        if view is not None:
+            return torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(
+                view[2] * torch._utils._element_size(dtype), device='meta'), dtype=dtype, _internal=True)
+        return storages[key]
+
+    def unpickle(f):
+        unpickler = restricted.Unpickler(f, encoding='utf-8')
+        unpickler.persistent_load = persistent_load
+        return unpickler.load()
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                infos = z.infolist()
+                compressed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+                if compressed:
+                    raise UsageError(f"{path!r} holds compressed records ({', '.join(compressed[:3])}), which "
+                                     f"torch.save never writes: refusing to decompress them")
+                pickles = [i for i in infos if i.filename.endswith('/data.pkl') and i.filename.count('/') == 1]
+                if len(pickles) != 1 or sum(i.file_size for i in infos) > size:
+                    raise UsageError(f"{path!r} is a zip archive but not one torch.save wrote (its records: "
+                                     f"{', '.join(i.filename for i in infos[:4])})")
+                prefix = pickles[0].filename[:-len('data.pkl')]
+                loaded = unpickle(io.BytesIO(z.read(pickles[0])))
+                lengths = {i.filename: i.file_size for i in infos}
+                for key, (dtype, numel) in records.items():
+                    if lengths.get(f"{prefix}data/{key}") != numel * torch._utils._element_size(dtype):
+                        raise UsageError(f"{path!r}: storage {key} declares {numel} elements of {dtype} but its "
+                                         f"record holds {lengths.get(prefix + 'data/' + key, 'no')} bytes: the file "
+                                         f"is damaged or crafted")
+        else:
+            with open(path, 'rb') as f:
+                for _ in range(3):                               # magic number, protocol version, system info
+                    restricted.load(f, encoding='utf-8')
+                loaded = unpickle(f)
+                for key in restricted.load(f, encoding='utf-8'):
+                    key = str(key)
+                    head = f.read(8)
+                    numel = int.from_bytes(head, 'little', signed=True) if len(head) == 8 else -1
+                    dtype, declared = records.get(key, (None, None))
+                    if numel != declared:
+                        raise UsageError(f"{path!r}: storage {key} declares {declared} elements but the file holds "
+                                         f"{numel if numel >= 0 else 'none'}: the file is damaged or crafted")
+                    f.seek(numel * torch._utils._element_size(dtype), os.SEEK_CUR)
+                    if f.tell() > size:
+                        raise UsageError(f"{path!r} ends inside storage {key} (truncated or crafted)")
+    except UsageError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
+                           f"types, which could run code when loaded (train.py never writes such files). Only load "
+                           f"it with weights_only=False if you trust its source. ({e})") from None
+    except Exception as e:
+        raise UsageError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from None
+    check_declared_tensors(loaded, path)
+    return loaded
+
+
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+                      'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def safetensors_tensors(path, damaged='the file is damaged (a truncated copy?)'):
+    """A .safetensors file's tensors as meta tensors of their declared dtypes and shapes, and its metadata, from its
+    header alone (safetensors checks that the header's offsets cover the file exactly); nothing is allocated."""
+    check_file_size(path)
+    try:
+        with safe_open(path, 'pt') as f:
+            metadata = dict(f.metadata() or {})
+            declared = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:                       # safetensors' SafetensorError: truncated, empty, not safetensors
+        raise UsageError(f"{path!r} is not a complete safetensors file ({e}): {damaged}") from None
+    unknown = {k: d for k, (d, _) in declared.items() if d not in SAFETENSORS_DTYPES}
+    if unknown:
+        raise UsageError(f"{path!r}: tensors of dtypes no model of this repository has: {unknown}")
+    state = {k: torch.empty(shape, dtype=SAFETENSORS_DTYPES[d], device='meta') for k, (d, shape) in declared.items()}
+    check_declared_tensors(state, path)
+    return state, metadata
+
+
 def torch_load_safely(path):
     """torch.load with weights_only=True (tensors and plain types only: a crafted file cannot run code), onto the
-    CPU (files saved on CUDA load on a CPU-only machine)."""
+    CPU (files saved on CUDA load on a CPU-only machine), after inspect_torch_file has checked what it declares:
+    the load allocates no more than the file holds. A file that is not there is a UsageError naming it."""
+    if not os.path.isfile(path):
+        raise UsageError(no_such_path(path))
+    inspect_torch_file(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'weights_only' in str(e) or 'Unsupported global' in str(e):
             raise UsageError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
-                               f"types, which could run code when loaded (train.py never writes such files). "
-                               f"Only load it with weights_only=False if you trust its source. ({e})") from None
+                             f"types, which could run code when loaded (train.py never writes such files). "
+                             f"Only load it with weights_only=False if you trust its source. ({e})") from None
         raise UsageError(f"{path!r} is corrupt or not a PyTorch file (UnpicklingError: {e})") from e
     except Exception as e:
         raise UsageError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from e

@@ -221,9 +221,12 @@ class DefinableVectorRouting(nn.Module):
         check_n_iters(n_iters)
         if d_inp is not None:
             check_dims(d_inp=d_inp)
+        for name, module in (('A', A), ('F', F), ('G', G), ('S', S)):
+            if not callable(module):
+                raise ValueError(f"{name} must be a module or a function of tensors, got {type(module).__name__}")
         self.A, self.F, self.G, self.S = A, F, G, S
         self.n_inp, self.n_out, self.n_iters, self.return_dict = n_inp, n_out, n_iters, return_dict
-        if n_inp == -1 and d_inp is None:
+        if n_inp == -1 and d_inp is None and isinstance(A, nn.Module):
             first_linear = next((m for m in A.modules() if isinstance(m, nn.Linear)
                                  and not isinstance(m, nn.modules.lazy.LazyModuleMixin)), None)
             d_inp = None if first_linear is None else first_linear.in_features
@@ -240,8 +243,15 @@ class DefinableVectorRouting(nn.Module):
 
         x_inp = without_masked_inputs(x_inp, mask)                                 # [..., n, d_inp]
         beta_use, beta_ign = betas(self, x_inp)                                    # [..., n, n_out]
-        a_inp = self.A(x_inp).reshape(*batch_shape, n)                              # [..., n]
+        a_inp = self.A(x_inp)                                                       # [..., n] or [..., n, 1]
+        if not torch.is_tensor(a_inp) or tuple(a_inp.shape) not in ((*batch_shape, n), (*batch_shape, n, 1)):
+            raise ValueError(f"A(x_inp) must have shape [..., n] or [..., n, 1] with [..., n] = {[*batch_shape, n]}, "
+                             f"got {_shape_of(a_inp)}")
+        a_inp = a_inp.reshape(*batch_shape, n)                                      # [..., n]
         V = self.F(x_inp)                                       # [..., n, n_out * d_out] or [..., n, n_out, d_out]
+        if not torch.is_tensor(V) or V.dim() < 2:
+            raise ValueError(f"F(x_inp) must be a tensor [..., n, n_out * d_out] or [..., n, n_out, d_out], got "
+                             f"{_shape_of(V)}")
         if tuple(V.shape[:-1]) == (*batch_shape, n) and V.shape[-1] % self.n_out == 0:
             V = V.unflatten(-1, (self.n_out, V.shape[-1] // self.n_out))           # (unambiguous for a batch of 0)
         elif tuple(V.shape[:-1]) != (*batch_shape, n, self.n_out):
@@ -256,6 +266,9 @@ class DefinableVectorRouting(nn.Module):
             if t > 0:
                 pred = self.G(x_out)                                                # [..., n_out, d_pred]
                 S = self.S(x_inp, pred)                                             # [..., n, n_out]
+                if not torch.is_tensor(S) or tuple(S.shape) != (*batch_shape, n, self.n_out):
+                    raise ValueError(f"S(x_inp, G(x_out)) must have shape [..., n, n_out] = "
+                                     f"{[*batch_shape, n, self.n_out]}, got {_shape_of(S)}")
             R = initial_R(f_a, mask, self.n_out) if S is None else masked_softmax(S, mask)
             D_use, D_ign, phi = credit(R, f_a, beta_use, beta_ign)                 # [..., n, n_out]
             x_out = torch.einsum('...ij,...ijh->...jh', phi, V)                    # [..., n_out, d_out]
@@ -264,6 +277,11 @@ class DefinableVectorRouting(nn.Module):
             return x_out
         return {'a_inp': a_inp, 'V': V, 'pred_x_inp': pred, 'S': S, 'R': R, 'D_use': D_use,
                 'D_ign': D_ign, 'phi': phi, 'x_out': x_out}
+
+
+def _shape_of(output):
+    """How an error names what a user's module returned: its shape, or its type."""
+    return tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -120,3 +120,44 @@ def test_shared_checks_for_other_constructors():
 def test_gmr_rejects_unknown_p_model():
     with pytest.raises(ValueError, match='p_model'):
         GenerativeMatrixRouting(-1, 3, 2, 2, 2, p_model='laplace')
+
+
+class Outer(nn.Module):
+    """S of the docs' example: the dot products of the inputs with the outputs' predictions."""
+
+    def forward(self, x_inp, pred):
+        return x_inp @ pred.transpose(-2, -1)
+
+
+class OneScorePerInput(nn.Module):
+    """An S of the wrong shape: one score per input [..., n], not one per input and output [..., n, n_out]."""
+
+    def forward(self, x_inp, pred):
+        return x_inp[..., 0]
+
+
+@pytest.mark.parametrize('which', ['A', 'F', 'G', 'S'])
+def test_definable_given_plain_functions_works_or_names_what_is_not_callable(which):
+    """Plain functions (no parameters) are accepted wherever a module is; a d_inp not inferable from a function A
+    is learned lazily. Something that cannot be called is named."""
+    modules = dict(A=nn.Linear(4, 1), F=nn.Linear(4, 6), G=nn.Linear(2, 4), S=Outer())
+    functions = dict(A=lambda x: x.sum(-1), F=lambda x: torch.cat([x, x[..., :2]], -1),
+                     G=lambda x: torch.cat([x, x], -1), S=lambda x, pred: x @ pred.transpose(-2, -1))
+    routing = DefinableVectorRouting(**{**modules, which: functions[which]}, n_inp=-1, n_out=3)
+    assert routing(torch.randn(2, 5, 4)).shape == (2, 3, 2)
+    with pytest.raises(ValueError, match=rf"^{which} must be a module or a function of tensors, got int$"):
+        DefinableVectorRouting(**{**modules, which: 7}, n_inp=-1, n_out=3)
+
+
+@pytest.mark.parametrize('which, module, said', [
+    ('A', nn.Linear(4, 2), r"A\(x_inp\) must have shape \[\.\.\., n\] or \[\.\.\., n, 1\] with \[\.\.\., n\] = "
+                           r"\[2, 5\], got \(2, 5, 2\)"),
+    ('F', nn.Linear(4, 7), r"F\(x_inp\) must have shape .* n_out = 3, got \(2, 5, 7\)"),
+    ('S', OneScorePerInput(), r"S\(x_inp, G\(x_out\)\) must have shape \[\.\.\., n, n_out\] = \[2, 5, 3\], "
+                              r"got \(2, 5\)"),
+])
+def test_definable_given_a_module_of_the_wrong_output_shape_names_it(which, module, said):
+    modules = dict(A=nn.Linear(4, 1), F=nn.Linear(4, 6), G=nn.Linear(2, 4), S=Outer())
+    modules[which] = module
+    with pytest.raises(ValueError, match=said):
+        DefinableVectorRouting(**modules, n_inp=-1, n_out=3)(torch.randn(2, 5, 4))

@@ -162,7 +162,7 @@ def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
     with pytest.raises(UsageError, match='corrupt'):
         run(sst_args(tiny_sst, tiny_bert, out, '--resume'))
     (out / 'head.safetensors').write_bytes(b'garbage')
-    with pytest.raises(UsageError, match='not a readable safetensors'):
+    with pytest.raises(UsageError, match='is not a complete safetensors file'):
         run(sst_args(tiny_sst, tiny_bert, tmp_path / 'r', '--eval_only', '--pretrained_path', out / 'head.safetensors'))
 
 

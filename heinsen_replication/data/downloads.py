@@ -10,6 +10,7 @@ Where every dataset comes from, and verified downloads: nothing unverified is ke
 Imports only data.fileio (and torchvision's pinned CIFAR URLs and md5s).
 """
 
+import errno
 import gzip
 import hashlib
 import os
@@ -20,6 +21,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 
 from torchvision.datasets import CIFAR10 as _TorchvisionCIFAR10, CIFAR100 as _TorchvisionCIFAR100
 
@@ -285,13 +287,22 @@ def extract_archive(archive_path, dest_dir, members=None, what=None):
         listed = _zip_members(archive_path, what) if is_zip else _tar_members(archive_path, what)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
         raise UsageError(f"archive {what} is not a readable {'zip' if is_zip else 'tar'} archive ({e})") from e
+    if members:                               # only the expected members are unpacked, once all are listed
+        names = {'/'.join(p for p in name.replace('\\', '/').split('/') if p not in ('', '.')): (name, is_dir, ref)
+                 for name, is_dir, ref in listed}
+        absent = [m for m in members if m not in names or names[m][1]]
+        if absent:
+            raise ChecksumMismatchError(f"{what} does not hold {', '.join(absent)}: not the expected archive; "
+                                        f"nothing of it was unpacked")
+        listed = [names[m] for m in members]
     umask = current_umask()
     tmp_dir = os.path.realpath(tempfile.mkdtemp(dir=_work_dir(dest_real), prefix=pid_prefix('.extract-')))
     try:
         targets = [(_member_path(name, what, dest_real, tmp_dir), is_dir, ref) for name, is_dir, ref in listed]
         opener = zipfile.ZipFile(archive_path) if is_zip else tarfile.open(archive_path)
-        with opener as archive:
+        with opener as archive, _extraction_errors(what, dest_real) as member:
             for path, is_dir, ref in targets:
+                member.name = os.path.relpath(path, tmp_dir)
                 if path == tmp_dir:
                     continue                                     # './', the archive's root folder
                 if is_dir:
@@ -326,6 +337,29 @@ def extract_archive(archive_path, dest_dir, members=None, what=None):
         fsync_dir(dest_real)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class _extraction_errors:
+    """A member that cannot be read (bad CRC, truncated or corrupt data) or written (disk full, name too long, ...)
+    while an archive is unpacked: one UsageError naming the archive, the member and the destination. .name: the
+    member being unpacked."""
+
+    def __init__(self, what, dest):
+        self.what, self.dest, self.name = what, dest, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error)):
+            raise UsageError(f"archive {self.what} is damaged: its member {self.name!r} cannot be read ({e}); "
+                             f"nothing of it was unpacked. Download it again") from None
+        if isinstance(e, OSError) and e.errno is not None:
+            raise UsageError(f"could not unpack {self.name!r} of {self.what} into {self.dest} ({e.strerror}); "
+                             f"nothing of it was unpacked"
+                             + ('. Free some space and try again' if e.errno in (errno.ENOSPC, errno.EDQUOT) else '')
+                             ) from e
+        return False
 
 
 def _makedirs_inside(path, root, what):

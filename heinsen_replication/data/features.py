@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shlex
+import sys
 import time
 
 import numpy as np
@@ -52,7 +53,8 @@ def backbone_fingerprint(backbone) -> dict:
     its config (less its path), its tokenizer (the full tokenizers JSON, or the vocabulary) and the tokenizer's
     settings (tokenizer_settings: padding and truncation side, special tokens, init arguments), the window
     (max_length), the hub revision it resolved to (and the one asked for), and the versions of the libraries
-    that tokenise. -> {'weights', 'config', 'tokenizer', 'tokenizer_settings': sha256 hex, 'max_length',
+    that tokenise. The weights are hashed once per backbone object (kept as backbone._weights_sha256).
+    -> {'weights', 'config', 'tokenizer', 'tokenizer_settings': sha256 hex, 'max_length',
     'revision', 'requested_revision', 'transformers', 'tokenizers'}"""
     import transformers
     try:
@@ -61,11 +63,14 @@ def backbone_fingerprint(backbone) -> dict:
     except ImportError:
         tokenizers_version = None
     model = backbone.model
-    weights = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        weights.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-        weights.update(t.reshape(-1).view(torch.uint8).numpy())
+    weights = getattr(backbone, '_weights_sha256', None)      # hashed once per loaded backbone (frozen: never changes)
+    if weights is None:
+        digest = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        weights = backbone._weights_sha256 = digest.hexdigest()
     config = getattr(model, 'config', None)
     config_dict = {} if config is None else {k: v for k, v in config.to_dict().items()
                                                if k not in ('_name_or_path', 'transformers_version')}
@@ -79,7 +84,7 @@ def backbone_fingerprint(backbone) -> dict:
     else:
         tokenizer_text = type(tokenizer).__name__ + json.dumps(tokenizer.get_vocab(), sort_keys=True)
     sha = lambda text: hashlib.sha256(text.encode()).hexdigest()                    # noqa: E731
-    return {'weights': weights.hexdigest(), 'config': sha(json.dumps(config_dict, sort_keys=True, default=str)),
+    return {'weights': weights, 'config': sha(json.dumps(config_dict, sort_keys=True, default=str)),
             'tokenizer': sha(tokenizer_text),
             'tokenizer_settings': sha(json.dumps(tokenizer_settings(tokenizer), sort_keys=True)),
             'max_length': getattr(backbone, 'max_length', None),
@@ -157,14 +162,56 @@ class FeatureStore:
             with self._locked():
                 self._load()
 
+    WAIT_SECONDS = 3 * 3600    # the longest wait for another process writing the store (it encodes, say, IMDB)
+    STOPPED_SECONDS = 30       # the longest wait for a writer that is stopped (SIGSTOP, Ctrl-Z): it may never go on
+
     def _locked(self):
+        """Take the store's lock (one writer at a time), and record who holds it (.lock.holder: the process id and
+        command, for the error below). A writer that holds it already is waited for, said once with its process,
+        at most WAIT_SECONDS, and at most STOPPED_SECONDS while it is stopped (a suspended process would block
+        every run forever): then UsageError naming the process and what to do."""
         from filelock import Timeout
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
-            print(f"feature cache {self.folder}: another process is writing it; waiting for it to finish")
-            self.lock.acquire()
+            pid, command = self._holder()
+            print(f"feature cache {self.folder}: process {pid} ({command}) is writing it; waiting for it to finish "
+                  f"(at most {self.WAIT_SECONDS // 60} min, {self.STOPPED_SECONDS} s if it is stopped)")
+            started, stopped_since = time.monotonic(), None
+            while True:
+                try:
+                    self.lock.acquire(timeout=1)
+                    break
+                except Timeout:
+                    pid, command = self._holder()
+                    stopped = _process_state(pid) in ('T', 't')
+                    stopped_since = (stopped_since or time.monotonic()) if stopped else None
+                    waited = time.monotonic() - started
+                    if stopped_since is not None and time.monotonic() - stopped_since > self.STOPPED_SECONDS:
+                        raise UsageError(f"feature cache {self.folder}: process {pid} ({command}) holds its lock "
+                                           f"and has been stopped (suspended: SIGSTOP or Ctrl-Z) for "
+                                           f"{self.STOPPED_SECONDS} s: resume it (kill -CONT {pid}) or end it "
+                                           f"(kill {pid}), then run again; or pass another --feature_cache")
+                    if waited > self.WAIT_SECONDS:
+                        raise UsageError(f"feature cache {self.folder}: process {pid} ({command}) has held its "
+                                           f"lock for all the {waited / 60:.0f} min this run waited: let it finish "
+                                           f"and run again, or pass another --feature_cache")
+        try:
+            write_atomic(os.path.join(self.folder, '.lock.holder'),
+                         json.dumps({'pid': os.getpid(), 'command': ' '.join(sys.argv)[:200]}).encode())
+        except BaseException:
+            self.lock.release()
+            raise
         return _Release(self.lock)
+
+    def _holder(self):
+        """-> (process id, command) of the process that took the store's lock last ('?' where unknown)."""
+        try:
+            with open(os.path.join(self.folder, '.lock.holder'), encoding='utf-8') as f:
+                holder = json.load(f)
+            return int(holder['pid']), str(holder['command'])
+        except (OSError, ValueError, KeyError, TypeError):
+            return '?', 'unknown command'
 
     def _damaged(self, why):
         return damaged(self.folder, why)
@@ -207,33 +254,41 @@ class FeatureStore:
     BLOCK_BYTES = 256 << 20
 
     def ensure(self, texts, desc='', batch_texts=4096):
-        """Encodes (with the backbone) the texts not stored yet, in blocks of at most batch_texts texts and
-        BLOCK_BYTES of rows, the texts ordered by their number of tokens (so that the backbone's equal-length
-        batches are full, see TextBackbone.encode_rows)."""
+        """Encodes (with the backbone) the texts not stored yet. The texts asked for are cut into blocks of at most
+        batch_texts texts and BLOCK_BYTES of rows, ordered by their number of tokens (so that the backbone's
+        equal-length batches are full, see TextBackbone.encode_rows), and the blocks are the same whatever is stored
+        already: every block that holds a text not stored yet is encoded whole, and its missing texts' rows are
+        appended. So each text's rows are computed in the same batch, beside the same texts, whether the build ran
+        at once or was interrupted (kill -9) and resumed any number of times: bit-identical features (kernels whose
+        rounding depends on the batch's size, as GPU matrix products may, cannot make them differ)."""
         if not set(texts) - set(self.index['texts']):
             return
         with _disk_errors(self.folder), self._locked():
             self._load()                                             # another process may have added some
-            self._append(sorted(set(texts) - set(self.index['texts'])), desc, batch_texts)
+            self._append(self._blocks(sorted(set(texts)), batch_texts), desc)
 
-    def _append(self, missing, desc, batch_texts):
-        from tqdm import tqdm
-        if not missing:
-            return
-        counts = self.backbone.token_counts(missing)                 # rows of each text
-        order = sorted(range(len(missing)), key=counts.__getitem__)
+    def _blocks(self, texts, batch_texts):
+        """The blocks of ensure(texts), ordered by rows, then text: a function of the texts alone."""
+        counts = self.backbone.token_counts(texts)                   # rows of each text
+        order = sorted(range(len(texts)), key=counts.__getitem__)   # stable: equal counts keep the texts' order
         max_rows = max(1, self.BLOCK_BYTES // self.row_bytes)
         blocks, block, rows = [], [], 0
         for k in order:
             if block and (len(block) == batch_texts or rows + counts[k] > max_rows):
                 blocks.append(block)
                 block, rows = [], 0
-            block.append(missing[k])
+            block.append(texts[k])
             rows += counts[k]
-        blocks.append(block)
-        last_save = time.time()
-        progress = tqdm(total=len(missing), desc=f"encoding {desc} ({self.backbone.name})", unit='text')
+        return blocks + [block]
+
+    def _append(self, blocks, desc):
+        from tqdm import tqdm
         texts = self.index['texts']
+        blocks = [block for block in blocks if any(t not in texts for t in block)]
+        if not blocks:
+            return
+        last_save = time.time()
+        progress = tqdm(total=sum(map(len, blocks)), desc=f"encoding {desc} ({self.backbone.name})", unit='text')
         with open(self.hidden_path, 'ab') as f, progress:
             try:
                 for b, block in enumerate(blocks):
@@ -246,12 +301,16 @@ class FeatureStore:
                             f"(NaN, or beyond +-65504) for the text {block[first_text][:60]!r}: they cannot be "
                             f"cached; run without --feature_cache")
                     hidden = hidden.cpu().numpy()
-                    start = self.index['n_rows']
+                    start, first = self.index['n_rows'], 0
+                    keep = np.zeros(len(hidden), dtype=bool)                         # the rows of missing texts
                     for text, length in zip(block, lengths):
-                        rows = hidden[start - self.index['n_rows']:][:length]           # this text's rows
-                        texts[text] = [start, length, rows_checksum(text, rows)]
-                        start += length
-                    f.write(hidden.data)                             # one write per block, the texts' rows in order
+                        if text not in texts:
+                            rows = hidden[first:first + length]                   # this text's rows
+                            texts[text] = [start, length, rows_checksum(text, rows)]
+                            keep[first:first + length] = True
+                            start += length
+                        first += length
+                    f.write((hidden if keep.all() else hidden[keep]).data)   # one write per block, in text order
                     self.index['n_rows'] = start
                     progress.update(len(block))
                     if time.time() - last_save > self.SAVE_EVERY_SECONDS or b == len(blocks) - 1:
@@ -274,6 +333,16 @@ class FeatureStore:
                               spans, labels, texts=texts)
 
 
+def _process_state(pid):
+    """A process's state letter from /proc (Linux: 'R' running, 'S' sleeping, 'T' stopped, ...); None where
+    unknown (no such process, or no /proc)."""
+    try:
+        with open(f'/proc/{int(pid)}/stat', encoding='utf-8') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _disk_errors:
     """Turns a full disk (ENOSPC, EDQUOT) or a read-only folder (EROFS, EACCES, EPERM) met while the store is
     written into one clear OSError naming the folder (what was stored before is kept: see FeatureStore)."""
@@ -289,9 +358,17 @@ class _disk_errors:
             raise UsageError(f"feature cache {self.folder}: cannot write it ({DISK_ERRNOS[e.errno]}: {e.strerror}). "
                              f"What was stored before is kept; free some space, or pass another --feature_cache "
                              f"(or none)") from e
+        if isinstance(e, OSError) and e.errno in PATH_ERRNOS:
+            raise UsageError(f"feature cache {self.folder}: cannot write it ({PATH_ERRNOS[e.errno]}: "
+                             f"{e.filename or self.folder}): pass another --feature_cache (or none)") from e
         return False
 
 
+# a path that cannot be made: a file where a folder is needed (ENOTDIR, EEXIST), a folder where a file is (EISDIR)
+PATH_ERRNOS = {errno.ENOTDIR: 'a file stands where a folder is needed on its path',
+               errno.EEXIST: 'a file stands where a folder is needed',
+               errno.EISDIR: 'a folder stands where a file is needed',
+               errno.ENAMETOOLONG: 'a name on its path is too long for the file system', errno.ELOOP: 'a loop of links'}
 DISK_ERRNOS = {errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded', errno.EROFS: 'read-only file system',
                errno.EACCES: 'permission denied', errno.EPERM: 'not permitted'}
 

@@ -88,12 +88,18 @@ def save_atomic(save_fn, path):
     """save_fn(tmp_path) writes the file beside `path`; the file is fsynced, given the mode the umask
     allows (as open() would), renamed over `path` in one step and the folder fsynced, so `path` is never
     seen half-written, nor empty after a power cut (used for datasets, feature-store indexes, checkpoints
-    and heads). Temporary files of killed writers (<name>.tmp-<dead pid>-*) are removed first; if save_fn
-    fails (e.g. disk full), its temporary file is removed and `path` is left as it was."""
+    and heads). Temporary files of killed writers (<name's first 64 characters>.tmp-<dead pid>-*) are removed
+    first; if save_fn fails (e.g. disk full), its temporary file is removed and `path` is left as it was. A name
+    longer than file systems allow is a UsageError naming `path`, not the temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    remove_orphans(folder, os.path.basename(path) + '.tmp-')
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=pid_prefix(os.path.basename(path) + '.tmp-'))
+    name = os.path.basename(path)
+    if len(os.fsencode(name)) > 255:                     # NAME_MAX of the usual file systems
+        raise UsageError(f"cannot write {path}: its name is {len(os.fsencode(name))} bytes long, more than a file "
+                         f"system allows (255): choose a shorter name")
+    prefix = name[:64] + '.tmp-'                         # temporary names stay short whatever the file's
+    remove_orphans(folder, prefix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=pid_prefix(prefix))
     os.close(fd)
     try:
         save_fn(tmp)
