@@ -40,14 +40,16 @@ epochs and SST for 3 epochs on all subtrees, e.g.
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
+import shlex
 import sys
 import time
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm import tqdm
 
 from heinsen_replication import data
@@ -58,10 +60,14 @@ from heinsen_replication.checkpoints import from_pretrained
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
 from heinsen_replication.models import RoutingHead
 from heinsen_replication.pretrained import check_finite
+from heinsen_replication.reporting import (TrainingLog, end_summary, log_to_file, logging_for_run, start_summary,
+                                           tracker_config, trackers_available)
 from heinsen_replication.runs import (DISK_ERRORS, check_output_dir, check_resume_args, check_resume_data,
                                       data_fingerprint, load_checkpoint, release_output_dir, remove_run_files,
                                       save_checkpoint, save_model, write_metrics)
 from heinsen_replication.standard_heads import FROZEN_HEADS
+
+log = logging.getLogger('heinsen_replication.train')
 
 # The papers' regimes (command-line options override): one-cycle max lr and warm-up fraction, final lr
 # (None: OneCycleLR's default, max_lr / 25 / 1e4), batch size, mixup alpha per modality, mixed precision on GPU.
@@ -146,6 +152,15 @@ def parse_args(argv=None):
     p.add_argument('--max_length', type=int, default=None, help="text window (default: the backbone's)")
     p.add_argument('--image_size', type=int, default=224, help="images' side after preprocessing")
     p.add_argument('--num_workers', type=int, default=0)
+    # watching a run
+    p.add_argument('--log_with', default=None,
+                   help="experiment trackers (accelerate's), comma-separated: tensorboard (event files in "
+                        "output_dir/trackers/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio "
+                        "where installed, or all installed ones. Every run also writes output_dir/steps.jsonl")
+    p.add_argument('--log_every', type=int, default=50, help='optimizer steps per log interval (steps.jsonl, trackers)')
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument('--quiet', action='store_true', help='warnings and errors only, no progress bars')
+    verbosity.add_argument('--verbose', action='store_true', help='debug messages too (every interval\'s record)')
     args = p.parse_args(argv)
     if args.dataset_name not in data.DATASETS:
         p.error(f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}")
@@ -177,6 +192,14 @@ def parse_args(argv=None):
         p.error(f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too")
     if args.resume and args.overwrite:
         p.error('--resume continues the run in --output_dir; --overwrite replaces it: pass one of them')
+    if args.log_every < 1:
+        p.error(f"--log_every must be a positive integer, got {args.log_every}")
+    missing = args.log_with and sorted(set(args.log_with.split(',')) - {'all', *trackers_available()})
+    if missing:
+        p.error(f"--log_with {','.join(missing)}: not an installed tracker; installed: "
+                f"{', '.join(trackers_available()) or 'none'} (pip install tensorboard, or the tracker's package)")
+    args.verbosity = 'quiet' if args.quiet else 'verbose' if args.verbose else 'normal'
+    args.command = shlex.join(['train.py', *map(str, sys.argv[1:] if argv is None else argv)])    # for train.log
     return args
 
 
@@ -220,7 +243,7 @@ def validate(run, split):
     head.eval()
     n_correct = n_not_finite = n_total = 0                # tensors on the device, read once at the end
     for batch in tqdm(run.eval_loaders[split], desc=f"{run.args.dataset_name} {split}", leave=False,
-                      disable=not accelerator.is_local_main_process):
+                      disable=run.args.quiet or not accelerator.is_local_main_process):
         hidden, mask, labels = features(batch, run.backbone, run.cached)
         with accelerator.autocast():
             scores = class_scores(head, hidden, mask)
@@ -262,6 +285,7 @@ class Run:
     mixup_alpha: float = 0.0
     history: list = dataclasses.field(default_factory=list)   # one metrics record per completed epoch
     data_fingerprint: dict = None         # {split: data.split_fingerprint}, saved in every checkpoint
+    log: TrainingLog = None               # steps.jsonl and the trackers
     lock: object = None                   # the output folder's lock (RunLock), held for the whole run
 
     @property
@@ -288,8 +312,12 @@ def build_run(args):
     regime = resolve_model(args, pretrained_meta, checkpoint and checkpoint['metadata'])
     if not args.eval_only:
         check_output_dir(args)                            # before minutes of loading and encoding
+        log_to_file(args.output_dir, args.command)
     # the head trains in float32 (as the authors'): no autocast, no GradScaler; the backbone runs under autocast
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision='no',
+    trackers = None if args.eval_only or not args.log_with else args.log_with.split(',')
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision='no', log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                                  logging_dir=os.path.join(args.output_dir, 'trackers')),
                               dataloader_config=DataLoaderConfiguration(non_blocking=not use_cpu))
     precision = args.mixed_precision or ('no' if use_cpu else regime['gpu_precision'])
     set_seed(args.rng_seed)
@@ -307,10 +335,8 @@ def build_run(args):
                              f"{type(head).__name__} has none")
         head.set_chunk_elements(args.chunk_elements)
     metadata.update(device_and_precision(accelerator, backbone, args))
-    accelerator.print('device and precision: ' + ', '.join(f'{k} {v}' for k, v in metadata.items()
-                                                           if k not in ('model', 'dataset_name')))
     if pretrained is not None:
-        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, accelerator.print, backbone_given)
+        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log.info, backbone_given)
 
     shuffle = torch.Generator()                           # shuffles the training passes (training_stream)
     loaders, train_sampler = make_loaders(args, splits, backbone, accelerator, shuffle)
@@ -333,9 +359,11 @@ def build_run(args):
     if checkpoint is not None:
         restore(run, checkpoint)
     elif args.resume:
-        accelerator.print(f"--resume: no {checkpoint_path} yet, starting from scratch")
-    run.batches = training_stream(train_loader, shuffle, args.rng_seed,
-                                  start_step=len(run.history) * run.steps_per_epoch, sampler=train_sampler)
+        log.info(f"--resume: no {checkpoint_path} yet, starting from scratch")
+    start_step = len(run.history) * run.steps_per_epoch
+    run.batches = training_stream(train_loader, shuffle, args.rng_seed, start_step=start_step, sampler=train_sampler)
+    log.info(start_summary(args, metadata, splits, run.steps_per_epoch, start_step, accelerator.log_with))
+    run.log = TrainingLog(accelerator, args.output_dir, start_step, tracker_config(args, metadata))
     return run
 
 
@@ -369,7 +397,7 @@ def restore(run, checkpoint):
                            f"{args.dataset_name} on {args.backbone}: {e}") from e
     run.scheduler.load_state_dict(checkpoint['scheduler'])
     run.history = checkpoint['history']
-    run.accelerator.print(f"resumed from {path} after epoch {len(run.history)}")
+    log.info(f"resumed from {path} after epoch {len(run.history)}")
 
 
 def train_step(run, batch):
@@ -387,26 +415,29 @@ def train_step(run, batch):
     return loss.detach(), (scores.argmax(-1) == targets.argmax(-1)).sum()
 
 
-def train_one_epoch(run, epoch, log_every=50):
-    """Trains run.steps_per_epoch steps. The loss and accuracy add up on the device and are read every log_every
-    steps (no host sync per step). -> the epoch's metrics record {epoch, train_loss, train_acc, epoch_seconds}."""
+def train_one_epoch(run, epoch):
+    """Trains run.steps_per_epoch steps. The loss and accuracy add up on the device and are read every --log_every
+    steps (no host sync per step), when the interval's figures go to steps.jsonl and the trackers (run.log).
+    -> the epoch's metrics record {epoch, train_loss, train_acc, epoch_seconds}."""
     args = run.args
     set_seed(args.rng_seed * 1000 + epoch)            # each epoch's mixup is reproducible
     run.head.train()
-    started, n_seen = time.time(), 0
+    started, n_seen = run.log.start_epoch(epoch * run.steps_per_epoch), 0
     total_loss = n_correct = torch.zeros((), device=run.accelerator.device)
     progress = tqdm(range(run.steps_per_epoch), desc=f"{args.dataset_name} train, epoch {epoch + 1}/{args.n_epochs}",
-                    disable=not run.accelerator.is_local_main_process)
+                    disable=args.quiet or not run.accelerator.is_local_main_process)
     for step in progress:
         batch = next(run.batches)
         loss, correct = train_step(run, batch)
         n_batch = len(batch[-1])
         total_loss, n_correct, n_seen = total_loss + loss.float() * n_batch, n_correct + correct, n_seen + n_batch
-        if (step + 1) % log_every == 0 or step + 1 == run.steps_per_epoch:
+        if (step + 1) % args.log_every == 0 or step + 1 == run.steps_per_epoch:
             mean_loss = total_loss.item() / n_seen
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"the training loss is {mean_loss} in epoch {epoch + 1} (by step {step + 1}); "
                                          f"the last checkpoint ({run.checkpoint_path}) is intact")
+            run.log.interval(epoch * run.steps_per_epoch + step + 1, epoch + 1, total_loss.item(), n_correct.item(),
+                             n_seen, run.scheduler.get_last_lr()[0])
             progress.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{n_correct.item() / n_seen:.4f}",
                                  lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
     return {'epoch': epoch + 1, 'train_loss': total_loss.item() / n_seen, 'train_acc': n_correct.item() / n_seen,
@@ -450,26 +481,36 @@ def save_final(run, final):
         except OSError as e:
             raise RuntimeError(f"could not write the model into {run.args.output_dir}: {e}. The checkpoint of the "
                                f"last epoch is intact: run again with --resume to write the model") from e
-    run.accelerator.print(f"saved {model_dir}")
+    run.log.final(len(run.history) * run.steps_per_epoch, final)
+    log.info(end_summary(model_dir, final, run.history, vars(run.args)))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return train_and_evaluate(args)
-    finally:
-        release_output_dir(args.output_dir)              # held since check_output_dir (not with --eval_only)
+    with logging_for_run(args.verbosity, is_main_process=os.environ.get('RANK', '0') == '0'):
+        try:
+            return train_and_evaluate(args)
+        finally:
+            release_output_dir(args.output_dir)          # held since check_output_dir (not with --eval_only)
 
 
 def train_and_evaluate(args):
     """The run main composes from the stages; -> the test accuracy (or None without --run_test / --eval_only)."""
     torch.set_float32_matmul_precision(args.matmul_precision)
     run = build_run(args)
-    log = run.accelerator.print
     if args.eval_only:
         acc = validate(run, 'test')
-        log(f"test accuracy: {acc:.4f}")
+        print(f"test accuracy: {acc:.4f}")                # the command's result: shown with --quiet too
         return acc
+    try:
+        return train(run)
+    finally:
+        run.log.close()
+
+
+def train(run):
+    """The epochs still to train, then the final model and its evaluation; -> the test accuracy or None."""
+    args = run.args
 
     # every epoch is evaluated once, as the authors did: on the validation split, or on the test split where the
     # dataset has none (imdb, imagenet-1k, cifar10, cifar100; recorded as "eval_split": "test"; nothing is selected
@@ -479,7 +520,8 @@ def train_and_evaluate(args):
         record = train_one_epoch(run, epoch)
         record['eval_split'] = eval_split
         record[f'{eval_split}_acc'] = validate(run, eval_split)
-        log(json.dumps(record))
+        log.info(json.dumps(record))
+        run.log.epoch((epoch + 1) * run.steps_per_epoch, record)
         save_epoch(run, record)
 
     final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
@@ -489,8 +531,6 @@ def train_and_evaluate(args):
         final['test_accuracy'] = (run.history[-1]['test_acc'] if eval_split == 'test'
                                   and 'test_acc' in run.history[-1] else validate(run, 'test'))
     save_final(run, final)
-    if args.run_test:
-        log(f"test accuracy: {final['test_accuracy']:.4f}")
     return final.get('test_accuracy')
 
 

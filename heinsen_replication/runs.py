@@ -18,6 +18,9 @@ from . import data
 from .pretrained import torch_load_safely
 
 RUN_FILES = ('checkpoint.pt', 'model', 'metrics.jsonl')   # what a run writes into output_dir, and epoch<k>/ folders
+# What a run records as it goes (reporting.TrainingLog): removed by --overwrite, but alone no run to protect (a run
+# stopped before its first checkpoint leaves them; the next start cuts them back to its own first step).
+PROGRESS_FILES = ('steps.jsonl', 'trackers')
 
 
 def run_files(out):
@@ -230,7 +233,7 @@ def remove_run_files(out):
     """--overwrite's work in output_dir `out` (train.remove_old_run): the old run's entries moved aside together,
     then deleted (see there)."""
     data.remove_orphans(out, '.overwritten-')             # of --overwrite runs killed while deleting
-    names = run_files(out)
+    names = run_files(out) + [f for f in PROGRESS_FILES if os.path.lexists(os.path.join(out, f))]
     if not names:
         return
     aside = tempfile.mkdtemp(dir=out, prefix=f".overwritten-{os.getpid()}-")

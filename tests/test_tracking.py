@@ -1,0 +1,102 @@
+"""Watching a run: --log_with tensorboard writes the training figures every log interval and the evaluation every
+epoch into the run's folder (read back here from the event files); steps.jsonl keeps the same figures and survives
+--resume without a gap or a duplicate; train.log and the start and end summaries; logging levels."""
+import json
+import os
+
+import pytest
+
+import train
+from heinsen_replication.reporting import read_steps
+from tests.helpers.training import run, sst_args
+
+
+def scalars(output_dir):
+    """{tag: [(step, value)]} of the TensorBoard event files under output_dir/trackers (TensorBoard's own reader,
+    which hides what a resumed run's purge_step purged)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(output_dir / 'trackers'))
+    multiplexer.Reload()
+    found = {}
+    for name in multiplexer.Runs():
+        for tag in multiplexer.GetAccumulator(name).Tags()['scalars']:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in multiplexer.Scalars(name, tag))
+    return {tag: sorted(points) for tag, points in found.items()}
+
+
+def test_log_with_tensorboard_writes_curves_and_steps(tiny_sst, tiny_bert, tmp_path, capsys):
+    out = tmp_path / 'run'
+    run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--n_iters_per_train_epoch', 6, '--log_every', 2,
+                 '--log_with', 'tensorboard', '--run_test'))
+    found = scalars(out)
+    assert [step for step, _ in found['train/train_loss']] == [2, 4, 6, 8, 10, 12]      # 3 points per epoch
+    for tag in ('train/train_acc', 'train/lr', 'train/step_seconds', 'train/samples_per_second'):
+        assert [step for step, _ in found[tag]] == [2, 4, 6, 8, 10, 12], tag
+    assert [step for step, _ in found['valid/accuracy']] == [6, 12]                    # once per epoch
+    assert [step for step, _ in found['test/accuracy']] == [12]
+    steps = read_steps(out)
+    assert [r['step'] for r in steps] == [2, 4, 6, 8, 10, 12] and [r['epoch'] for r in steps] == [1, 1, 1, 2, 2, 2]
+    for record, (_, value) in zip(steps, found['train/train_loss']):
+        assert record['train_loss'] == pytest.approx(value, rel=1e-6)
+    # the epochs' records agree with their intervals: the epoch's mean loss is the mean of its intervals' (equal sizes)
+    epochs = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()][:2]
+    assert epochs[0]['train_loss'] == pytest.approx(sum(r['train_loss'] for r in steps[:3]) / 3, rel=1e-5)
+    assert [v for _, v in found['valid/accuracy']] == pytest.approx([e['valid_acc'] for e in epochs])
+    text = capsys.readouterr().out
+    assert 'train.py: routing_head on sst5' in text and 'steps:     2 epoch(s) x 6 steps of 8 = 12' in text
+    assert f"done: routing_head for sst5 in {out}/model/" in text and 'test accuracy' in text
+    assert '--eval_only --pretrained_path' in text
+    log = (out / 'train.log').read_text()
+    assert 'started (pid' in log and 'train.py: routing_head on sst5' in log and 'done: routing_head' in log
+
+
+def test_steps_record_survives_resume_without_gaps_or_duplicates(tiny_sst, tiny_bert, tmp_path, monkeypatch):
+    """A run killed in its second epoch, after logging step 8 (its checkpoint is epoch 1's, step 6), then resumed:
+    steps.jsonl and the TensorBoard curves have each step once, 2, 4, ..., 12, and the resumed steps' figures are
+    those of an uninterrupted run."""
+    common = ['--n_epochs', 2, '--n_iters_per_train_epoch', 6, '--log_every', 2, '--log_with', 'tensorboard',
+              '--rng_seed', 3]
+    run(sst_args(tiny_sst, tiny_bert, tmp_path / 'straight', *common))
+    real_train_step, calls = train.train_step, []
+
+    def killed_at_step_9(run_, batch):
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt('killed')
+        return real_train_step(run_, batch)
+
+    monkeypatch.setattr(train, 'train_step', killed_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        run(sst_args(tiny_sst, tiny_bert, tmp_path / 'resumed', *common))
+    assert [r['step'] for r in read_steps(tmp_path / 'resumed')] == [2, 4, 6, 8]
+    assert [step for step, _ in scalars(tmp_path / 'resumed')['train/train_loss']] == [2, 4, 6, 8]
+    monkeypatch.setattr(train, 'train_step', real_train_step)
+    run(sst_args(tiny_sst, tiny_bert, tmp_path / 'resumed', *common, '--resume'))
+    straight, resumed = read_steps(tmp_path / 'straight'), read_steps(tmp_path / 'resumed')
+    assert [r['step'] for r in resumed] == [2, 4, 6, 8, 10, 12]
+    for a, b in zip(straight, resumed):
+        assert (a['step'], a['epoch']) == (b['step'], b['epoch'])
+        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5) and a['lr'] == pytest.approx(b['lr'])
+    curves = scalars(tmp_path / 'resumed')
+    assert [step for step, _ in curves['train/train_loss']] == [2, 4, 6, 8, 10, 12]       # step 8's first try purged
+    assert [v for _, v in curves['train/train_loss']] == pytest.approx([r['train_loss'] for r in resumed], rel=1e-6)
+    assert [step for step, _ in curves['valid/accuracy']] == [6, 12]
+    log = (tmp_path / 'resumed' / 'train.log').read_text()
+    assert log.count('started (pid') == 2 and 'resuming after step 6' in log
+
+
+def test_quiet_prints_nothing_but_warnings_and_keeps_the_log_file(tiny_sst, tiny_bert, tmp_path, capsys):
+    out = tmp_path / 'run'
+    run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--n_iters_per_train_epoch', 2, '--quiet'))
+    printed = capsys.readouterr()
+    assert printed.out == '' and 'sst5 train' not in printed.err                     # no messages, no progress bar
+    assert 'done: routing_head for sst5' in (out / 'train.log').read_text()
+    assert read_steps(out) and not (out / 'trackers').exists()                         # no tracker unless asked
+
+
+def test_log_with_a_tracker_that_is_not_installed_is_a_one_line_error(tiny_sst, tiny_bert, tmp_path, capsys):
+    from heinsen_replication.reporting import trackers_available
+    absent = next(name for name in ('clearml', 'dvclive', 'aim', 'swanlab') if name not in trackers_available())
+    with pytest.raises(SystemExit):
+        train.parse_args(['--dataset_name', 'sst5', '--log_with', f'tensorboard,{absent}'])
+    assert f'--log_with {absent}: not an installed tracker' in capsys.readouterr().err
