@@ -1,7 +1,8 @@
 """
 What the set-up and the offline profile cost on this machine: the disk the installed requirements take, and
 (with --run) the wall time and peak memory of `bash train_all_heads.sh offline` from scratch, and the disk its
-feature cache takes. Writes docs/resources.md (docs/replication.md quotes it).
+feature cache takes. Writes docs/resources.md (docs/replication.md quotes it) and, with --run, docs/resources.json:
+the record the offline job's start summary estimates its cost from (heinsen_replication.reporting.estimate).
 
     python -m benchmarks.resources                 # installed size only (seconds)
     python -m benchmarks.resources --run           # + the offline profile from scratch, and its heads' accuracies
@@ -12,6 +13,7 @@ nothing cached earlier shortens it; the SST is read from --data_root (fetched th
 import argparse
 import glob
 import importlib.metadata
+import json
 import os
 import re
 import resource
@@ -89,7 +91,25 @@ def run_offline_profile(data_root, work_dir):
     busy, total = (b - a for a, b in zip(machine, machine_cpu_seconds()))
     others = max(0.0, busy - cpu) / max(total, 1e-9)          # the share of the machine's CPU time others used
     accuracies = offline_accuracies(out)                         # read before the work folder is removed
-    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies
+    record = offline_record(out, wall)
+    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies, record
+
+
+def offline_record(out, wall):
+    """The record of the offline profile's run: its wall seconds, each run's training seconds and steps (from its
+    metrics.jsonl and steps.jsonl), the rest (loading, encoding the feature cache, evaluating), and the CPU."""
+    from heinsen_replication.recipes import cpuinfo
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(out, 'offline', 'seed*', '*', 'metrics.jsonl'))):
+        history, _ = read_metrics(path)
+        with open(os.path.join(os.path.dirname(path), 'steps.jsonl')) as f:
+            steps = max(json.loads(line)['step'] for line in f if line.strip())
+        runs[os.path.basename(os.path.dirname(path))] = {'steps': steps,
+                                                          'seconds': round(sum(r['epoch_seconds'] for r in history), 1)}
+    return {'wall_seconds': round(wall, 1), 'other_seconds': round(wall - sum(r['seconds'] for r in runs.values()), 1),
+            'runs': runs, 'cpu_model': cpuinfo('model name'), 'cpu_count': os.cpu_count(),
+            'when': time.strftime('%Y-%m-%d', time.gmtime()), 'torch': torch.__version__,
+            'load_average_at_end': round(os.getloadavg()[0], 2)}
 
 
 def offline_accuracies(out):
@@ -123,7 +143,9 @@ def main(argv=None):
              ', '.join(f"{name} {size / 2 ** 30:.2f} GiB" for size, name in sizes[:5]) + '.']
     if args.run:
         with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
-            wall, peak, cache, cpu, others, accuracies = run_offline_profile(args.data_root, work_dir)
+            wall, peak, cache, cpu, others, accuracies, record = run_offline_profile(args.data_root, work_dir)
+        with open(os.path.join(os.path.dirname(args.report), 'resources.json'), 'w') as f:
+            json.dump({'profiles': {'offline': record}}, f, indent=1)
         lines += [f"- **`bash train_all_heads.sh offline` from scratch** (feature cache built first, then the SST-5 "
                   f"and SST-2 heads): {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min of CPU time (all its "
                   f"processes); other processes used {others:.0%} of the machine's CPU time meanwhile (load average "

@@ -10,7 +10,7 @@ What a run and a job tell the people who watch them:
   train_all_heads.sh (what it will run, where, and an estimate of its cost from a recorded measurement; at the end,
   where each head is, its figures, and how to load and evaluate it):
 
-    python -m heinsen_replication.reporting start PROFILE [--data_root .data] [--out runs] [--seed 0] [--record FILE]
+    python -m heinsen_replication.reporting start PROFILE [recipes' options: --data_root, --out, --seed, ...]
     python -m heinsen_replication.reporting end PROFILE [the same options]
 
 Job summaries go to stderr, so that stdout stays what `LAUNCH=echo bash train_all_heads.sh` prints: the runs.
@@ -220,7 +220,7 @@ def start_summary(args, metadata, splits, steps_per_epoch, start_step, trackers)
 def how_to_use(model_dir, training):
     """-> (the Python that loads the model, the train.py command that evaluates it on the test split)."""
     load = f"import models; head, config = models.from_pretrained({model_dir!r})"
-    evaluate = ['python', 'train.py', '--dataset_name', training['dataset_name'], '--eval_only',
+    evaluate = ['python', 'train.py', '--dataset_name', training.get('dataset_name'), '--eval_only',
                 '--pretrained_path', model_dir]
     for option in ('data_root', 'feature_cache', 'mixed_precision'):
         if training.get(option) not in (None, '.data'):
@@ -304,56 +304,52 @@ def estimate(profile, runs, record_path):
 def job_start(profile, runs, out, record_path=RECORD):
     first = options(next(iter(runs.values())))
     lines = [f"train_all_heads.sh {profile}: {len(runs)} run(s), seed {first.get('rng_seed', 0)}, into "
-             f"{os.path.join(out, profile)}/ (each run resumes where it stopped)"]
+             f"{os.path.join(out, profile)}/ (a run that stopped resumes; a finished one is skipped)"]
     for name, argv in runs.items():
         opts = options(argv)
-        steps = (f"{opts.get('n_epochs', 3)} epoch(s) x {opts.get('n_iters_per_train_epoch', 'a pass of')} steps "
-                 f"of {opts.get('batch_sz', 'the default batch')}")
-        precision = ', '.join(f"{k} {opts[k]}" for k in ('mixed_precision', 'matmul_precision') if k in opts)
-        lines.append(f"  {name + ':':<10} {opts.get('model', 'routing_head')} on {opts.get('backbone', 'minilm')}, "
-                     f"{steps}, device {opts.get('device', 'auto')}" + (f", {precision}" if precision else '')
-                     + (f", from {opts['pretrained_path']}" if 'pretrained_path' in opts else '')
-                     + f" -> {opts['output_dir']}")
+        steps = (f"{opts.get('n_epochs', 3)} epoch(s) of " + (f"{opts['n_iters_per_train_epoch']} steps"
+                 if 'n_iters_per_train_epoch' in opts else 'one pass') + f", batch {opts.get('batch_sz', 'default')}")
+        backbone = opts.get('mixed_precision') or ('float32' if opts.get('device') == 'cpu' else
+                                                    "train.py's default (fp16 on a GPU, float32 on a CPU)")
+        precision = f"backbone {backbone}, head float32, matmul {opts.get('matmul_precision', 'highest')}"
+        lines.append(f"  {name + ':':<10} {opts.get('model', 'routing_head')} for {opts['dataset_name']} on "
+                     f"{opts.get('backbone', 'minilm')}, {steps}; device {opts.get('device', 'auto')}, {precision}"
+                     + (f"; from {opts['pretrained_path']}" if 'pretrained_path' in opts else ''))
+    lines.append(f"  data:      {first['data_root']}/" + (f", feature cache {first['feature_cache']}/"
+                                                          if 'feature_cache' in first else ''))
     lines.append(estimate(profile, runs, record_path) or
-                 f"  estimate:  none recorded for the {profile} profile (docs/replication.md says what the paper's "
-                 f"runs take on a GPU)")
+                 f"  estimate:  no measurement recorded for the {profile} profile (only for: offline)")
     return '\n'.join(lines)
 
 
 def job_end(profile, runs):
     from .runs import read_metrics
-    lines = [f"train_all_heads.sh {profile}: finished"]
+    lines, model_dir = [f"train_all_heads.sh {profile}: done"], None
     for name, argv in runs.items():
         out = options(argv)['output_dir']
-        model_dir = os.path.join(out, 'model')
-        if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(out, 'metrics.jsonl')):
-            lines.append(f"  {name + ':':<10} no model in {model_dir}: the run has not finished; run the job again to "
-                         f"resume it")
+        if not os.path.isfile(os.path.join(out, 'model', 'config.json')):
+            lines.append(f"  {name + ':':<10} no model in {out}/model/: the run has not finished; run the job again "
+                         f"to resume it")
             continue
+        model_dir = os.path.join(out, 'model')
         history, final = read_metrics(out)
         with open(os.path.join(model_dir, 'config.json'), encoding='utf-8') as f:
             training = {**options(argv), **json.load(f).get('training', {})}
-        load, evaluate = how_to_use(model_dir, training)
         lines.append(f"  {name + ':':<10} {model_dir}/: {figures(final or {}, history)}")
-        lines.append(f"  {'':<10} evaluate: {evaluate}")
-    lines.append(f"  load one:  python -c \"{how_to_use('<folder>', {'dataset_name': ''})[0]}\" (from the "
-                 f"repository root; docs/pretrained.md)")
+        lines.append(f"  {'':<10} evaluate: {how_to_use(model_dir, training)[1]}")
+    if model_dir:
+        lines.append(f"  load:      python -c \"{how_to_use(model_dir, {})[0]}\" (from the repository root; "
+                     f"docs/pretrained.md)")
     return '\n'.join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('when', choices=['start', 'end'])
-    p.add_argument('profile', choices=recipes.PROFILES)
-    p.add_argument('--data_root', default='.data')
-    p.add_argument('--out', default='runs')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--feature_cache', default=None)
-    p.add_argument('--heads', default='')
+    recipes.add_profile_options(p)
     p.add_argument('--record', default=RECORD, help='the measured record the estimate is made from')
     args = p.parse_args(argv)
-    heads = tuple(h for h in args.heads.split(',') if h) or recipes.FROZEN_HEADS
-    runs = recipes.runs(args.profile, args.data_root, args.out, args.seed, args.feature_cache or None, heads)
+    runs = recipes.profile_runs(args)
     print(job_start(args.profile, runs, args.out, args.record) if args.when == 'start' else job_end(args.profile, runs),
           file=sys.stderr)
 

@@ -100,3 +100,28 @@ def test_log_with_a_tracker_that_is_not_installed_is_a_one_line_error(tiny_sst, 
     with pytest.raises(SystemExit):
         train.parse_args(['--dataset_name', 'sst5', '--log_with', f'tensorboard,{absent}'])
     assert f'--log_with {absent}: not an installed tracker' in capsys.readouterr().err
+
+
+def test_the_offline_job_says_what_it_will_do_and_where_its_heads_are(tiny_sst, tiny_bert, tmp_path):
+    """`bash train_all_heads.sh offline` (LAUNCH=echo: the runs printed, not run) starts with the job's summary,
+    its estimated cost from the committed measurement, and ends with each head's folder, figures and commands;
+    stdout stays the runs alone. The SST-5 head here is a real tiny run in the job's folder."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sst5 = tmp_path / 'offline' / 'seed0' / 'sst5'
+    run(sst_args(tiny_sst, tiny_bert, sst5, '--n_epochs', 1, '--n_iters_per_train_epoch', 2, '--run_test', '--quiet'))
+    done = subprocess.run(['bash', os.path.join(root, 'train_all_heads.sh'), 'offline'], capture_output=True,
+                          text=True, check=True, env={**os.environ, 'LAUNCH': 'echo', 'OUT': str(tmp_path),
+                                                      'DATA_ROOT': tiny_sst})
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ['train.py', 'train.py']
+    start, end = done.stderr.split('train_all_heads.sh offline: done')
+    assert start.startswith('train_all_heads.sh offline: 2 run(s), seed 0') and 'routing_head for sst2 on minilm' in start
+    with open(os.path.join(root, 'docs', 'resources.json')) as f:
+        measured = json.load(f)['profiles']['offline']
+    assert f"from a measurement of {measured['wall_seconds'] / 60:.1f} min" in start
+    assert f"on {measured['cpu_count']} cores of {measured['cpu_model']}" in start and 'sst5 done' in start
+    final = json.loads((sst5 / 'metrics.jsonl').read_text().splitlines()[-1])['final']
+    assert f"sst5:      {sst5}/model/: valid accuracy {final['valid_accuracy']:.2%}, test accuracy " \
+           f"{final['test_accuracy']:.2%}" in end
+    assert f"--eval_only --pretrained_path {sst5}/model" in end and 'sst2:      no model in' in end
+    assert f"models.from_pretrained('{sst5}/model')" in end
