@@ -30,15 +30,22 @@ from heinsen_routing.streamed import machine_cpu_seconds
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def requirement_names(path):
-    """The distribution names requirements.txt asks for."""
-    names = []
+def requirements(path):
+    """{distribution name: its requirement line} of a requirements file and the files it includes (-r FILE)."""
+    found = {}
     with open(path) as f:
         for line in f:
             line = line.split('#')[0].strip()
-            if line:
-                names.append(re.split(r'[<>=!~;\[ ]', line, maxsplit=1)[0])
-    return names
+            if line.startswith('-r '):
+                found.update(requirements(os.path.join(os.path.dirname(path), line[3:].strip())))
+            elif line:
+                found[re.split(r'[<>=!~;\[ ]', line, maxsplit=1)[0]] = line
+    return found
+
+
+def requirement_names(path):
+    """The distribution names a requirements file asks for (with those of the files it includes)."""
+    return list(requirements(path))
 
 
 def installed_closure(names):
