@@ -113,6 +113,19 @@ def read_steps(path):
     return records
 
 
+def read_scalars(output_dir):
+    """{tag: [(step, value)], in step order} of the TensorBoard event files a run wrote (output_dir/trackers/), read
+    by TensorBoard's own reader, which hides what a resumed run purged (the steps after its checkpoint)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(os.path.join(output_dir, TRACKERS_DIR))
+    multiplexer.Reload()
+    found = {}
+    for name in multiplexer.Runs():
+        for tag in multiplexer.GetAccumulator(name).Tags()['scalars']:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in multiplexer.Scalars(name, tag))
+    return {tag: sorted(points) for tag, points in found.items()}
+
+
 def trackers_available():
     """The names of accelerate's experiment trackers whose packages are installed here."""
     from accelerate.tracking import get_available_trackers

@@ -7,21 +7,12 @@ import os
 import pytest
 
 import train
-from heinsen_replication.reporting import read_steps
+from heinsen_replication.reporting import read_scalars, read_steps
 from tests.helpers.training import run, sst_args
 
 
 def scalars(output_dir):
-    """{tag: [(step, value)]} of the TensorBoard event files under output_dir/trackers (TensorBoard's own reader,
-    which hides what a resumed run's purge_step purged)."""
-    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(output_dir / 'trackers'))
-    multiplexer.Reload()
-    found = {}
-    for name in multiplexer.Runs():
-        for tag in multiplexer.GetAccumulator(name).Tags()['scalars']:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in multiplexer.Scalars(name, tag))
-    return {tag: sorted(points) for tag, points in found.items()}
+    return read_scalars(str(output_dir))
 
 
 def test_log_with_tensorboard_writes_curves_and_steps(tiny_sst, tiny_bert, tmp_path, capsys):
@@ -48,6 +39,9 @@ def test_log_with_tensorboard_writes_curves_and_steps(tiny_sst, tiny_bert, tmp_p
     assert '--eval_only --pretrained_path' in text
     log = (out / 'train.log').read_text()
     assert 'started (pid' in log and 'train.py: routing_head on sst5' in log and 'done: routing_head' in log
+    from benchmarks.training_curves import draw                                       # the figure of docs/
+    draw(str(out), tmp_path / 'curves.png')
+    assert (tmp_path / 'curves.png').stat().st_size > 10_000
 
 
 def test_steps_record_survives_resume_without_gaps_or_duplicates(tiny_sst, tiny_bert, tmp_path, monkeypatch):
