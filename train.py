@@ -60,8 +60,8 @@ from heinsen_replication.checkpoints import from_pretrained
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
 from heinsen_replication.models import RoutingHead
 from heinsen_replication.pretrained import check_finite
-from heinsen_replication.reporting import (TrainingLog, end_summary, log_to_file, logging_for_run, start_summary,
-                                           tracker_config, trackers_available)
+from heinsen_replication.reporting import (TRACKERS_DIR, TrainingLog, end_summary, log_to_file, logging_for_run,
+                                           start_summary, tracker_config, trackers_available)
 from heinsen_replication.runs import (DISK_ERRORS, check_output_dir, check_resume_args, check_resume_data,
                                       data_fingerprint, load_checkpoint, release_output_dir, remove_run_files,
                                       save_checkpoint, save_model, write_metrics)
@@ -285,7 +285,7 @@ class Run:
     mixup_alpha: float = 0.0
     history: list = dataclasses.field(default_factory=list)   # one metrics record per completed epoch
     data_fingerprint: dict = None         # {split: data.split_fingerprint}, saved in every checkpoint
-    log: TrainingLog = None               # steps.jsonl and the trackers
+    tracking: TrainingLog = None          # steps.jsonl and the trackers
     lock: object = None                   # the output folder's lock (RunLock), held for the whole run
 
     @property
@@ -317,7 +317,7 @@ def build_run(args):
     trackers = None if args.eval_only or not args.log_with else args.log_with.split(',')
     accelerator = Accelerator(cpu=use_cpu, mixed_precision='no', log_with=trackers,
                               project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                                                  logging_dir=os.path.join(args.output_dir, 'trackers')),
+                                                                  logging_dir=os.path.join(args.output_dir, TRACKERS_DIR)),
                               dataloader_config=DataLoaderConfiguration(non_blocking=not use_cpu))
     precision = args.mixed_precision or ('no' if use_cpu else regime['gpu_precision'])
     set_seed(args.rng_seed)
@@ -363,7 +363,7 @@ def build_run(args):
     start_step = len(run.history) * run.steps_per_epoch
     run.batches = training_stream(train_loader, shuffle, args.rng_seed, start_step=start_step, sampler=train_sampler)
     log.info(start_summary(args, metadata, splits, run.steps_per_epoch, start_step, accelerator.log_with))
-    run.log = TrainingLog(accelerator, args.output_dir, start_step, tracker_config(args, metadata))
+    run.tracking = TrainingLog(accelerator, args.output_dir, start_step, tracker_config(args, metadata))
     return run
 
 
@@ -417,12 +417,12 @@ def train_step(run, batch):
 
 def train_one_epoch(run, epoch):
     """Trains run.steps_per_epoch steps. The loss and accuracy add up on the device and are read every --log_every
-    steps (no host sync per step), when the interval's figures go to steps.jsonl and the trackers (run.log).
+    steps (no host sync per step), when the interval's figures go to steps.jsonl and the trackers (run.tracking).
     -> the epoch's metrics record {epoch, train_loss, train_acc, epoch_seconds}."""
     args = run.args
     set_seed(args.rng_seed * 1000 + epoch)            # each epoch's mixup is reproducible
     run.head.train()
-    started, n_seen = run.log.start_epoch(epoch * run.steps_per_epoch), 0
+    started, n_seen = run.tracking.start_epoch(epoch * run.steps_per_epoch), 0
     total_loss = n_correct = torch.zeros((), device=run.accelerator.device)
     progress = tqdm(range(run.steps_per_epoch), desc=f"{args.dataset_name} train, epoch {epoch + 1}/{args.n_epochs}",
                     disable=args.quiet or not run.accelerator.is_local_main_process)
@@ -436,7 +436,7 @@ def train_one_epoch(run, epoch):
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"the training loss is {mean_loss} in epoch {epoch + 1} (by step {step + 1}); "
                                          f"the last checkpoint ({run.checkpoint_path}) is intact")
-            run.log.interval(epoch * run.steps_per_epoch + step + 1, epoch + 1, total_loss.item(), n_correct.item(),
+            run.tracking.interval(epoch * run.steps_per_epoch + step + 1, epoch + 1, total_loss.item(), n_correct.item(),
                              n_seen, run.scheduler.get_last_lr()[0])
             progress.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{n_correct.item() / n_seen:.4f}",
                                  lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
@@ -481,7 +481,7 @@ def save_final(run, final):
         except OSError as e:
             raise RuntimeError(f"could not write the model into {run.args.output_dir}: {e}. The checkpoint of the "
                                f"last epoch is intact: run again with --resume to write the model") from e
-    run.log.final(len(run.history) * run.steps_per_epoch, final)
+    run.tracking.final(len(run.history) * run.steps_per_epoch, final)
     log.info(end_summary(model_dir, final, run.history, vars(run.args)))
 
 
@@ -503,12 +503,12 @@ def train_and_evaluate(args):
         print(f"test accuracy: {acc:.4f}")                # the command's result: shown with --quiet too
         return acc
     try:
-        return train(run)
+        return train_epochs(run)
     finally:
-        run.log.close()
+        run.tracking.close()
 
 
-def train(run):
+def train_epochs(run):
     """The epochs still to train, then the final model and its evaluation; -> the test accuracy or None."""
     args = run.args
 
@@ -521,7 +521,7 @@ def train(run):
         record['eval_split'] = eval_split
         record[f'{eval_split}_acc'] = validate(run, eval_split)
         log.info(json.dumps(record))
-        run.log.epoch((epoch + 1) * run.steps_per_epoch, record)
+        run.tracking.epoch((epoch + 1) * run.steps_per_epoch, record)
         save_epoch(run, record)
 
     final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
