@@ -14,4 +14,5 @@ notebooks, one room per concern. The rooms, bottom first (no module imports one 
     classifier      MultiModalClassifier: a frozen backbone + a RoutingHead
     loaders         samplers, seeded draws, loaders, the training stream, mixup
     assembly        a run's device, backbone and model, initialised from a pretrained model
+    reporting       what a run and a job tell the people who watch them: logging, steps.jsonl, trackers, summaries
 """
