@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 
@@ -60,8 +59,8 @@ from heinsen_replication.checkpoints import from_pretrained
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
 from heinsen_replication.models import RoutingHead
 from heinsen_replication.pretrained import check_finite
-from heinsen_replication.reporting import (TRACKERS_DIR, TrainingLog, end_summary, log_to_file, logging_for_run,
-                                           start_summary, tracker_config, trackers_available)
+from heinsen_replication.reporting import (TRACKERS_DIR, TrainingLog, add_reporting_options, check_reporting_options,
+                                           end_summary, log_to_file, logging_for_run, start_summary, tracker_config)
 from heinsen_replication.runs import (DISK_ERRORS, check_output_dir, check_resume_args, check_resume_data,
                                       data_fingerprint, load_checkpoint, release_output_dir, remove_run_files,
                                       save_checkpoint, save_model, write_metrics)
@@ -152,15 +151,7 @@ def parse_args(argv=None):
     p.add_argument('--max_length', type=int, default=None, help="text window (default: the backbone's)")
     p.add_argument('--image_size', type=int, default=224, help="images' side after preprocessing")
     p.add_argument('--num_workers', type=int, default=0)
-    # watching a run
-    p.add_argument('--log_with', default=None,
-                   help="experiment trackers (accelerate's), comma-separated: tensorboard (event files in "
-                        "output_dir/trackers/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio "
-                        "where installed, or all installed ones. Every run also writes output_dir/steps.jsonl")
-    p.add_argument('--log_every', type=int, default=50, help='optimizer steps per log interval (steps.jsonl, trackers)')
-    verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument('--quiet', action='store_true', help='warnings and errors only, no progress bars')
-    verbosity.add_argument('--verbose', action='store_true', help='debug messages too (every interval\'s record)')
+    add_reporting_options(p)                              # --log_with, --log_every, --quiet, --verbose
     args = p.parse_args(argv)
     if args.dataset_name not in data.DATASETS:
         p.error(f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}")
@@ -192,14 +183,7 @@ def parse_args(argv=None):
         p.error(f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too")
     if args.resume and args.overwrite:
         p.error('--resume continues the run in --output_dir; --overwrite replaces it: pass one of them')
-    if args.log_every < 1:
-        p.error(f"--log_every must be a positive integer, got {args.log_every}")
-    missing = args.log_with and sorted(set(args.log_with.split(',')) - {'all', *trackers_available()})
-    if missing:
-        p.error(f"--log_with {','.join(missing)}: not an installed tracker; installed: "
-                f"{', '.join(trackers_available()) or 'none'} (pip install tensorboard, or the tracker's package)")
-    args.verbosity = 'quiet' if args.quiet else 'verbose' if args.verbose else 'normal'
-    args.command = shlex.join(['train.py', *map(str, sys.argv[1:] if argv is None else argv)])    # for train.log
+    check_reporting_options(p, args, argv)
     return args
 
 

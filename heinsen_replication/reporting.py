@@ -126,6 +126,31 @@ def read_scalars(output_dir):
     return {tag: sorted(points) for tag, points in found.items()}
 
 
+def add_reporting_options(p):
+    """train.py's options for watching a run."""
+    p.add_argument('--log_with', default=None,
+                   help="experiment trackers (accelerate's), comma-separated: tensorboard (event files in "
+                        "output_dir/trackers/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio "
+                        "where installed, or all installed ones. Every run also writes output_dir/steps.jsonl")
+    p.add_argument('--log_every', type=int, default=50, help='optimizer steps per log interval (steps.jsonl, trackers)')
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument('--quiet', action='store_true', help='warnings and errors only, no progress bars')
+    verbosity.add_argument('--verbose', action='store_true', help="debug messages too (every interval's record)")
+
+
+def check_reporting_options(p, args, argv):
+    """One-line errors (p.error) for those options; sets args.verbosity and args.command (the command line, for
+    train.log)."""
+    if args.log_every < 1:
+        p.error(f"--log_every must be a positive integer, got {args.log_every}")
+    missing = args.log_with and sorted(set(args.log_with.split(',')) - {'all', *trackers_available()})
+    if missing:
+        p.error(f"--log_with {','.join(missing)}: not an installed tracker; installed: "
+                f"{', '.join(trackers_available()) or 'none'} (pip install tensorboard, or the tracker's package)")
+    args.verbosity = 'quiet' if args.quiet else 'verbose' if args.verbose else 'normal'
+    args.command = shlex.join(['train.py', *map(str, sys.argv[1:] if argv is None else argv)])
+
+
 def trackers_available():
     """The names of accelerate's experiment trackers whose packages are installed here."""
     from accelerate.tracking import get_available_trackers
