@@ -23,11 +23,11 @@ library's masks (True = that input is ignored).
 """
 from heinsen_replication.backbones import (BACKBONES, FrozenBackbone, ImageBackbone, TextBackbone, load_backbone,
                                            minilm_path, stack_depths)
-from heinsen_replication.checkpoints import MODEL_TYPES, STATE_FILE_SUFFIXES, authors_2022_file, from_pretrained
+from heinsen_replication.checkpoints import MODEL_TYPES, authors_2022_file, from_pretrained
 from heinsen_replication.classifier import MultiModalClassifier
 from heinsen_replication.models import RoutingHead, SSTClassifier, SmallNORBClassifier
-from heinsen_replication.pretrained import (MAX_SIZE, Pretrained, check_finite, check_local_path, looks_local,
-                                            read_config, torch_load_safely)
+from heinsen_replication.pretrained import (MAX_SIZE, STATE_FILE_SUFFIXES, Pretrained, check_finite, check_local_path,
+                                            looks_local, read_config, torch_load_safely)
 from heinsen_replication.standard_heads import (FROZEN_HEADS, ScalarMix, ScalarMixAttentionHead, ScalarMixMeanHead,
                                                 TokenDepthAttentionHead)
 

@@ -1,41 +1,27 @@
 """
-Trains a routing head on the hidden states of ALL depths of a frozen pretrained transformer
-(the 2022 paper's regime), on CPU, one GPU (AMP) or several (`accelerate launch train.py ...`);
-with --model capsules2019, the 2019 paper's capsule networks in its regime.
+Trains a routing head on the hidden states of ALL depths of a frozen pretrained transformer (the 2022 paper's
+regime), on CPU, one GPU or several (`accelerate launch train.py ...`); with --model capsules2019, the 2019 paper's
+capsule networks in theirs. Paths are relative to the folder it is started from.
 
     python train.py --dataset_name sst5 --backbone minilm --n_epochs 1 --feature_cache .data/features --run_test
     python train.py --dataset_name sst2 --backbone minilm --pretrained_path runs/sst5/model ...
     python train.py --dataset_name sst2 --backbone minilm --eval_only --pretrained_path pretrained/<file>
+    python train.py --model capsules2019 --dataset_name smallnorb --n_epochs 50 --run_test
 
 The frozen backbone runs under torch.autocast at --mixed_precision (fp16 by default on a GPU, as the paper's
-authors), the head in float32. A run on one of the papers' backbones stops when CUDA is not usable, unless
---device cpu is given. Every epoch is evaluated once: on the validation split, or on the test split where the dataset
-has none (metrics.jsonl names it: "eval_split").
+authors), the head in float32; a run on one of the papers' backbones stops when CUDA is not usable, unless --device
+cpu is given. Only the head trains, in its model's regime (heinsen_replication.recipes.REGIMES): RAdam, one cycle,
+mixup of hidden states and one-hot targets. --pretrained_path loads a model and fine-tunes only its last routing (the
+paper's SST-5 -> SST-2; --finetune all trains every parameter); tensors whose shapes differ (another number of
+classes) start from their initialisation. Every epoch is evaluated once: on the validation split, or on the test
+split where the dataset has none ("eval_split" in metrics.jsonl). capsules2019 trains models.SSTClassifier on a text
+backbone's hidden states and models.SmallNORBClassifier end to end on smallnorb.
 
-Only the head trains: RAdam, one-cycle schedule (30% warm-up, max lr 1e-3), mixup of hidden states
-and one-hot targets (Beta(0.65, 0.65) for text, Beta(0.2, 0.2) for images). --pretrained_path loads a
-head and fine-tunes only its last routing (the paper's SST-5 -> SST-2; --finetune all trains every parameter, a
-diagnostic variant); the last routing's tensors whose shapes differ (other number of classes) start from their
-initialisation.
-
-Nothing is lost: after every epoch output_dir/checkpoint.pt is written atomically (temp file, fsync,
-rename, fsync of the folder), then output_dir/metrics.jsonl (a JSON line per epoch, also kept in the
-checkpoint), and --resume continues after the last complete epoch; it refuses a checkpoint whose
-training-defining arguments (RESUME_ARGS) differ. The final model is output_dir/model/ (save_pretrained: config.json
-with the training metadata, model.safetensors; load it with models.from_pretrained), and every epoch's is kept as
-output_dir/epoch<k>/ (as the paper keeps every epoch's checkpoint).
-An output_dir that holds a run is never overwritten without --resume or --overwrite.
-Checkpoints and .pt heads load with torch.load(weights_only=True): a crafted file cannot run code.
-
---model capsules2019 (the 2019 paper, "An Algorithm for Routing Capsules in All Domains"): text datasets
-train models.SSTClassifier on the frozen backbone's hidden states; smallnorb trains
-models.SmallNORBClassifier end to end (no backbone; output_dir/model/ then holds the whole network).
-Its regime: RAdam, one cycle of max lr 5e-4 (10% warm-up, cosine down to 1e-5) also cycling Adam's
-beta1, mixup Beta(0.2, 0.2), batch 20, float32 (no AMP by default); the paper trains smallnorb for 50
-epochs and SST for 3 epochs on all subtrees, e.g.
-
-    python train.py --model capsules2019 --dataset_name smallnorb --n_epochs 50 --run_test
-    python train.py --model capsules2019 --dataset_name sst5 --n_epochs 3 --feature_cache .data/features --run_test
+Nothing is lost: after every epoch the model (output_dir/epoch<k>/), output_dir/checkpoint.pt and
+output_dir/metrics.jsonl are written atomically, and --resume continues after the last complete epoch (refusing
+other training-defining arguments, runs.RESUME_ARGS, or other data); the final model is output_dir/model/ (load it
+with models.from_pretrained). A run folder is never overwritten without --resume or --overwrite. A mistake of the
+user's is one line `error: ...` (exit status 2); anything else keeps its traceback.
 """
 import argparse
 import dataclasses
@@ -54,30 +40,18 @@ from tqdm import tqdm
 from heinsen_replication import data
 from heinsen_replication.assembly import (AUTOCAST_DTYPES, PAPER_BACKBONES, build_model, check_device,
                                           device_and_precision, init_from_pretrained, load_frozen_backbone,
-                                          model_name)
+                                          model_name, one_cycle)
 from heinsen_replication.checkpoints import from_pretrained
+from heinsen_replication.errors import UsageError, relative_to_cwd
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
-from heinsen_replication.models import RoutingHead
-from heinsen_replication.pretrained import check_finite
+from heinsen_replication.recipes import REGIMES
 from heinsen_replication.reporting import (TRACKERS_DIR, TrainingLog, add_reporting_options, check_reporting_options,
                                            end_summary, log_to_file, logging_for_run, start_summary, tracker_config)
-from heinsen_replication.runs import (DISK_ERRORS, check_output_dir, check_resume_args, check_resume_data,
-                                      data_fingerprint, load_checkpoint, release_output_dir, remove_run_files,
-                                      save_checkpoint, save_model, write_metrics)
-from heinsen_replication.standard_heads import FROZEN_HEADS
+from heinsen_replication.runs import (check_output_dir, data_fingerprint, release_output_dir, remove_old_run,
+                                      reproduce_command, restore, resumed_checkpoint, save_epoch, save_final)
+from heinsen_replication.settings import run_settings
 
 log = logging.getLogger('heinsen_replication.train')
-
-# The papers' regimes (command-line options override): one-cycle max lr and warm-up fraction, final lr
-# (None: OneCycleLR's default, max_lr / 25 / 1e4), batch size, mixup alpha per modality, mixed precision on GPU.
-REGIMES = {
-    'routing_head': dict(lr=1e-3, pct_start=0.3, final_lr=None, batch_sz=50,
-                         mixup_alpha={'text': 0.65, 'image': 0.2}, gpu_precision='fp16'),
-    'capsules2019': dict(lr=5e-4, pct_start=0.1, final_lr=1e-5, batch_sz=20,
-                         mixup_alpha={'text': 0.2, 'stereo': 0.2}, gpu_precision='no'),
-}
-# The standard heads on the same frozen features (standard_heads.FROZEN_HEADS) train in the routing head's regime.
-REGIMES.update({name: REGIMES['routing_head'] for name in FROZEN_HEADS})
 
 
 def parse_args(argv=None):
@@ -129,9 +103,9 @@ def parse_args(argv=None):
     p.add_argument('--chunk_elements', type=int, default=None,
                    help="routing_head: the streamed routings' chunk size (EfficientVectorRouting's chunk_elements: "
                         "about this many elements of [d_emb + n_out] per input over the batch in a chunk). Default: "
-                        "per device, cache-sized on a CPU (2^21 float32 elements; larger is faster on busy cores), on CUDA the whole sequence in one "
-                        "chunk when its working set fits a quarter of the free memory. Changes speed and memory, "
-                        "never results")
+                        "a fixed size per device type (3 x 2^21 float32 elements on a CPU, 3 x 2^27 on CUDA), never the "
+                        "memory free. Changes speed and memory; results only in their last bits (sums in another "
+                        "order: docs/library.md)")
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--overwrite', action='store_true',
@@ -151,97 +125,62 @@ def parse_args(argv=None):
     p.add_argument('--max_length', type=int, default=None, help="text window (default: the backbone's)")
     p.add_argument('--image_size', type=int, default=224, help="images' side after preprocessing")
     p.add_argument('--num_workers', type=int, default=0)
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch.set_num_threads for the run (default: torch's own choice, one per core)")
     add_reporting_options(p)                              # --log_with, --log_every, --quiet, --verbose
     args = p.parse_args(argv)
-    if args.dataset_name not in data.DATASETS:
-        p.error(f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}")
-    if args.data_source == 'hub' and args.dataset_name not in data.HUB_DATASETS:
-        p.error(f"--data_source hub offers {', '.join(data.HUB_DATASETS)} only; {args.dataset_name} is read from "
-                f"its files (--data_source files)")
-    if args.eval_only and not args.pretrained_path:
-        p.error('--eval_only needs --pretrained_path (the head to evaluate)')
-    if args.chunk_elements is not None and args.chunk_elements <= 0:
-        p.error(f'--chunk_elements must be a positive int (elements per chunk), got {args.chunk_elements}')
-    if args.pretrained_path and not os.path.exists(args.pretrained_path):
-        p.error(f"--pretrained_path {args.pretrained_path!r}: no such folder or file (a model folder written by train.py "
-                f"or save_pretrained, an older .safetensors head, a .pt state dict, or the authors' 2022 "
-                f"<dataset>_head_for_<backbone>.state_dict or ..._epoch<k>.checkpoint)")
-    for name in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch'):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name} must be a positive integer, got {value}")
-    if args.mixup_alpha is not None and not (0 <= args.mixup_alpha < math.inf):
-        p.error(f"--mixup_alpha must be 0 (no mixup) or positive, got {args.mixup_alpha}")
-    if args.lr is not None and not (0 < args.lr < math.inf):
-        p.error(f"--lr must be a positive number, got {args.lr}")
-    if args.max_length is not None and args.max_length < 3:
-        p.error(f"--max_length must be at least 3 (the backbone's special tokens and at least one token of text), "
-                f"got {args.max_length}")
-    if args.image_size < 1:
-        p.error(f"--image_size must be a positive integer, got {args.image_size}")
-    if args.finetune != 'last_routing' and not args.pretrained_path:
-        p.error(f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too")
-    if args.resume and args.overwrite:
-        p.error('--resume continues the run in --output_dir; --overwrite replaces it: pass one of them')
+    for wrong, message in (                                # the arguments' own errors: argparse's one line, exit 2
+            (args.dataset_name not in data.DATASETS,
+             f"unknown --dataset_name {args.dataset_name!r}; choose one of {', '.join(data.DATASETS)}"),
+            (args.data_source == 'hub' and args.dataset_name not in data.HUB_DATASETS,
+             f"--data_source hub offers {', '.join(data.HUB_DATASETS)} only; {args.dataset_name} is read from its "
+             f"files (--data_source files)"),
+            (args.eval_only and not args.pretrained_path, '--eval_only needs --pretrained_path (the head to evaluate)'),
+            (args.pretrained_path and not os.path.exists(args.pretrained_path),
+             f"--pretrained_path {args.pretrained_path!r}: no such folder or file"
+             f"{relative_to_cwd(args.pretrained_path)} "
+             f"(a model folder written by train.py or save_pretrained, an older .safetensors head, a .pt state dict, "
+             f"or the authors' 2022 <dataset>_head_for_<backbone>.state_dict or ..._epoch<k>.checkpoint)"),
+            *((getattr(args, n) is not None and getattr(args, n) < 1, f"--{n} must be a positive integer, got "
+               f"{getattr(args, n)}") for n in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch', 'image_size',
+                                                'threads')),
+            (args.chunk_elements is not None and args.chunk_elements <= 0,
+             f'--chunk_elements must be a positive int (elements per chunk), got {args.chunk_elements}'),
+            (args.mixup_alpha is not None and not 0 <= args.mixup_alpha < math.inf,
+             f"--mixup_alpha must be 0 (no mixup) or positive, got {args.mixup_alpha}"),
+            (args.lr is not None and not 0 < args.lr < math.inf, f"--lr must be a positive number, got {args.lr}"),
+            (args.max_length is not None and args.max_length < 3, f"--max_length must be at least 3 (the backbone's "
+             f"special tokens and at least one token of text), got {args.max_length}"),
+            (args.finetune != 'last_routing' and not args.pretrained_path,
+             f"--finetune {args.finetune} fine-tunes a pretrained model: pass --pretrained_path too"),
+            (args.resume and args.overwrite,
+             '--resume continues the run in --output_dir; --overwrite replaces it: pass one of them')):
+        if wrong:
+            p.error(message)
     check_reporting_options(p, args, argv)
     return args
 
 
-def resolve_model(args, pretrained_meta=None, checkpoint_meta=None):
-    """Sets args.model (given, else the pretrained model's or the resumed checkpoint's, else routing_head) and
-    the regime's defaults of --lr and --batch_sz. (A resumed checkpoint of another model: check_resume_args.)"""
-    if pretrained_meta is not None and args.model not in (None, pretrained_meta['model']):
-        raise ValueError(f"--pretrained_path was trained with model {pretrained_meta['model']!r}, "
-                         f"not --model {args.model!r}")
-    args.model = args.model or (pretrained_meta or checkpoint_meta or {}).get('model', 'routing_head')
-    regime = REGIMES[args.model]
-    args.lr = regime['lr'] if args.lr is None else args.lr
-    args.batch_sz = regime['batch_sz'] if args.batch_sz is None else args.batch_sz
-    return regime
+def resolve_args(args, pretrained=None, pretrained_config=None, checkpoint=None):
+    """-> (a copy of args with what they leave open resolved, the model's regime): --model given, else the
+    pretrained model's or the resumed checkpoint's, else routing_head; --backbone given, else the one the pretrained
+    model names, else minilm; --lr and --batch_sz given, else the regime's. (A resumed checkpoint of another model:
+    check_resume_args.)"""
+    trained = None if pretrained is None else model_name(pretrained)
+    if trained is not None and args.model not in (None, trained):
+        raise UsageError(f"--pretrained_path was trained with model {trained!r}, not --model {args.model!r}")
+    model = args.model or trained or (checkpoint['metadata'] if checkpoint else {}).get('model', 'routing_head')
+    regime = REGIMES[model]
+    backbone = args.backbone or (pretrained_config or {}).get('backbone') or 'minilm'
+    return argparse.Namespace(**{**vars(args), 'model': model, 'backbone': backbone,
+                                 'lr': regime['lr'] if args.lr is None else args.lr,
+                                 'batch_sz': regime['batch_sz'] if args.batch_sz is None else args.batch_sz}), regime
 
 
 def class_scores(head, inputs, mask):
-    """-> [batch, n_classes]: the RoutingHead's output, or a_out of the 2019 capsule models' (a_out, mu_out, sig2_out)."""
+    """-> [batch, n_classes]: a head's output, or a_out of the 2019 capsule models' (a_out, mu_out, sig2_out)."""
     out = head(inputs) if mask is None else head(inputs, mask)
     return out[0] if isinstance(out, tuple) else out
-
-
-def one_cycle(optimizer, lr, regime, total_steps):
-    """The regime's single cycle: lr rises from lr / 25 to lr over the first pct_start of the steps, then
-    anneals (cosine) to final_lr; Adam's beta1 cycles the other way (0.95 -> 0.85 -> 0.95)."""
-    warmup_end = float(regime['pct_start'] * total_steps) - 1             # as OneCycleLR computes it
-    if warmup_end == 0 or total_steps - 1 == warmup_end:                  # a phase of no length: 0 / 0 inside it
-        raise ValueError(f"{total_steps} optimizer steps in all (--n_epochs x steps per epoch) make a one-cycle "
-                         f"schedule with a {regime['pct_start']:.0%} warm-up of a single step, which OneCycleLR "
-                         f"cannot schedule: use more steps (--n_epochs, --n_iters_per_train_epoch) or fewer")
-    final_div_factor = 1e4 if regime['final_lr'] is None else lr / 25 / regime['final_lr']
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, pct_start=regime['pct_start'],
-                                               final_div_factor=final_div_factor, cycle_momentum=True,
-                                               total_steps=total_steps)
-
-
-@torch.no_grad()
-def validate(run, split):
-    """Accuracy of run.head on `split` ('valid' or 'test'), from its prepared loader."""
-    head, accelerator = run.head, run.accelerator
-    head.eval()
-    n_correct = n_not_finite = n_total = 0                # tensors on the device, read once at the end
-    for batch in tqdm(run.eval_loaders[split], desc=f"{run.args.dataset_name} {split}", leave=False,
-                      disable=run.args.quiet or not accelerator.is_local_main_process):
-        hidden, mask, labels = features(batch, run.backbone, run.cached)
-        with accelerator.autocast():
-            scores = class_scores(head, hidden, mask)
-        finite = torch.isfinite(scores).all(dim=-1)                               # [batch]
-        preds, labels, finite = accelerator.gather_for_metrics((scores.argmax(-1), labels, finite))
-        n_correct = n_correct + (preds == labels).sum()
-        n_not_finite = n_not_finite + (~finite).sum()
-        n_total += len(labels)
-    if n_total == 0:
-        raise ValueError(f"the {split} split has no examples: an accuracy over nothing is no result")
-    if int(n_not_finite):                                 # (gathered: every process stops, none waits)
-        raise FloatingPointError(f"the {split} scores of {int(n_not_finite)} of {n_total} examples are not finite "
-                                 f"(NaN/Inf): refusing to report an accuracy; the head or its input features are damaged")
-    return int(n_correct) / n_total
 
 
 # -------------------------------------------------------------------------------------------------
@@ -251,7 +190,7 @@ def validate(run, split):
 @dataclasses.dataclass
 class Run:
     """Everything a run trains and evaluates with (build_run makes it; the other stages read and update it)."""
-    args: argparse.Namespace
+    args: argparse.Namespace              # the arguments resolved (resolve_args): model, backbone, lr, batch_sz set
     regime: dict
     accelerator: Accelerator
     splits: dict
@@ -270,7 +209,6 @@ class Run:
     history: list = dataclasses.field(default_factory=list)   # one metrics record per completed epoch
     data_fingerprint: dict = None         # {split: data.split_fingerprint}, saved in every checkpoint
     tracking: TrainingLog = None          # steps.jsonl and the trackers
-    lock: object = None                   # the output folder's lock (RunLock), held for the whole run
 
     @property
     def n_classes(self):
@@ -280,20 +218,13 @@ class Run:
 def build_run(args):
     """Parsed arguments -> a Run: the device, the data, the frozen backbone, the head (initialised from
     --pretrained_path), and, unless --eval_only, the optimizer, the schedule and the training stream, restored
-    from output_dir/checkpoint.pt with --resume."""
+    from output_dir/checkpoint.pt with --resume. args is left as it is: the Run holds its resolved copy. (The
+    process-global settings, seeds included, are main's: run_settings.)"""
     pretrained, pretrained_config = from_pretrained(args.pretrained_path) if args.pretrained_path else (None, None)
-    backbone_given = args.backbone is not None
-    args.backbone = args.backbone or (pretrained_config or {}).get('backbone') or 'minilm'
-    use_cpu = check_device(args)
-    pretrained_meta = None if pretrained is None else {
-        'model': model_name(pretrained)}
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pt')
-    checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.exists(checkpoint_path) else None
-    if checkpoint is not None and (not isinstance(checkpoint, dict)
-                                   or not {'head', 'optimizer', 'scheduler', 'history', 'metadata'} <= set(checkpoint)):
-        raise RuntimeError(f"--resume: {checkpoint_path} is not a checkpoint written by train.py (no head, "
-                           f"optimizer, scheduler, history and metadata); delete it to start over")
-    regime = resolve_model(args, pretrained_meta, checkpoint and checkpoint['metadata'])
+    checkpoint = resumed_checkpoint(checkpoint_path) if args.resume else None
+    given, (args, regime) = args, resolve_args(args, pretrained, pretrained_config, checkpoint)
+    use_cpu = check_device(args)
     if not args.eval_only:
         check_output_dir(args)                            # before minutes of loading and encoding
         log_to_file(args.output_dir, args.command)
@@ -304,23 +235,18 @@ def build_run(args):
                                                                   logging_dir=os.path.join(args.output_dir, TRACKERS_DIR)),
                               dataloader_config=DataLoaderConfiguration(non_blocking=not use_cpu))
     precision = args.mixed_precision or ('no' if use_cpu else regime['gpu_precision'])
-    set_seed(args.rng_seed)
 
     splits = data.get_dataset_splits(args.dataset_name, data_root=args.data_root, download=args.download,
                                      image_size=args.image_size, source=args.data_source)
     for split in (('test',) if args.eval_only else ('train', 'valid') + (('test',) if args.run_test else ())):
         if splits[split] is not None and len(splits[split]) == 0:
-            raise ValueError(f"--dataset_name {args.dataset_name}: the {split} split is empty (in {args.data_root})")
+            raise UsageError(f"--dataset_name {args.dataset_name}: the {split} split is empty (in {args.data_root})")
     backbone = load_frozen_backbone(args, splits, accelerator, AUTOCAST_DTYPES[precision])
     head, metadata = build_model(args, splits, backbone)
-    if args.chunk_elements is not None:
-        if not isinstance(head, RoutingHead):
-            raise ValueError(f"--chunk_elements sets the streamed routings of --model routing_head; "
-                             f"{type(head).__name__} has none")
-        head.set_chunk_elements(args.chunk_elements)
     metadata.update(device_and_precision(accelerator, backbone, args))
     if pretrained is not None:
-        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log.info, backbone_given)
+        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log.info,
+                             backbone_given=given.backbone is not None)
 
     shuffle = torch.Generator()                           # shuffles the training passes (training_stream)
     loaders, train_sampler = make_loaders(args, splits, backbone, accelerator, shuffle)
@@ -339,9 +265,9 @@ def build_run(args):
     run.eval_loaders = {k: accelerator.prepare(loaders[k]) for k in ('valid', 'test') if k in loaders}
     run.mixup_alpha = regime['mixup_alpha'][splits['modality']] if args.mixup_alpha is None else args.mixup_alpha
     if args.overwrite:
-        remove_old_run(run)
+        remove_old_run(accelerator, args.output_dir)
     if checkpoint is not None:
-        restore(run, checkpoint)
+        restore(run, checkpoint, defaults=vars(parse_args(['--dataset_name', args.dataset_name])))
     elif args.resume:
         log.info(f"--resume: no {checkpoint_path} yet, starting from scratch")
     start_step = len(run.history) * run.steps_per_epoch
@@ -351,47 +277,13 @@ def build_run(args):
     return run
 
 
-def remove_old_run(run):
-    """--overwrite: the run replaced, none of its files stays beside ours. Nothing is removed until everything can
-    be: the old run's entries are first moved aside, together, into one folder (output_dir/.overwritten-<pid>-*);
-    if any cannot be moved, those already moved are put back and the run stops with the old run intact. Only then
-    is the folder deleted. An entry that is a symbolic link (e.g. epoch<k> -> elsewhere) is removed as a link: what
-    it points at is never touched."""
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        remove_run_files(run.args.output_dir)
-    run.accelerator.wait_for_everyone()
-
-
-def restore(run, checkpoint):
-    """--resume: the head, optimizer, schedule and metrics history of output_dir/checkpoint.pt."""
-    args, path = run.args, run.checkpoint_path
-    check_resume_args(checkpoint, args, path, defaults=vars(parse_args(['--dataset_name', args.dataset_name])))
-    check_resume_data(checkpoint, args, run.splits, path)
-    check_finite(checkpoint['head'], f"--resume: {path}")
-    if checkpoint['scheduler']['total_steps'] != run.scheduler.total_steps:
-        raise ValueError(f"--resume: {path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
-                         f"steps in all, this one has {run.scheduler.total_steps}: resume with the same --n_epochs "
-                         f"and --n_iters_per_train_epoch (the one-cycle schedule spans the whole run)")
-    try:
-        run.accelerator.unwrap_model(run.head).load_state_dict(checkpoint['head'])
-        run.optimizer.load_state_dict(checkpoint['optimizer'])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise RuntimeError(f"--resume: {path} does not fit this run's {args.model} for "
-                           f"{args.dataset_name} on {args.backbone}: {e}") from e
-    run.scheduler.load_state_dict(checkpoint['scheduler'])
-    run.history = checkpoint['history']
-    log.info(f"resumed from {path} after epoch {len(run.history)}")
-
-
 def train_step(run, batch):
     """One optimizer step on a batch of the training stream (mixup, forward, loss, backward, step).
     -> (loss [], number of correct argmax predictions against the mixed targets' argmax []), on the device."""
     hidden, mask, labels = features(batch, run.backbone, run.cached)
     hidden, mask, targets = mixup(hidden, mask, labels, run.n_classes, run.mixup_alpha)
-    with run.accelerator.autocast():
-        scores = class_scores(run.head, hidden, mask)                           # [batch, n_classes]
-        loss = soft_cross_entropy(scores, targets)
+    scores = class_scores(run.head, hidden, mask)                               # [batch, n_classes]
+    loss = soft_cross_entropy(scores, targets)
     run.optimizer.zero_grad(set_to_none=True)
     run.accelerator.backward(loss)
     run.optimizer.step()
@@ -418,81 +310,66 @@ def train_one_epoch(run, epoch):
         if (step + 1) % args.log_every == 0 or step + 1 == run.steps_per_epoch:
             mean_loss = total_loss.item() / n_seen
             if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"the training loss is {mean_loss} in epoch {epoch + 1} (by step {step + 1}); "
-                                         f"the last checkpoint ({run.checkpoint_path}) is intact")
-            run.tracking.interval(epoch * run.steps_per_epoch + step + 1, epoch + 1, total_loss.item(), n_correct.item(),
-                             n_seen, run.scheduler.get_last_lr()[0])
+                raise UsageError(f"the training loss is {mean_loss} in epoch {epoch + 1} (by step {step + 1}); "
+                                 f"the last checkpoint ({run.checkpoint_path}) is intact")
+            run.tracking.interval(epoch * run.steps_per_epoch + step + 1, epoch + 1, total_loss.item(),
+                                  n_correct.item(), n_seen, run.scheduler.get_last_lr()[0])
             progress.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{n_correct.item() / n_seen:.4f}",
                                  lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
     return {'epoch': epoch + 1, 'train_loss': total_loss.item() / n_seen, 'train_acc': n_correct.item() / n_seen,
             'epoch_seconds': time.time() - started}
 
 
-def save_epoch(run, record):
-    """After an epoch: its model (epoch<k>/, as the paper keeps every epoch's), the checkpoint, the metrics."""
-    run.history.append(record)
-    if run.accelerator.is_main_process:
-        head = run.accelerator.unwrap_model(run.head)
-        epoch_dir = os.path.join(run.args.output_dir, f"epoch{record['epoch']}")
-        try:
-            save_model(head, epoch_dir, run.backbone, {**run.metadata, **record})
-        except OSError as e:
-            raise RuntimeError(f"could not write {epoch_dir} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). The "
-                               f"checkpoint of the epoch before, if any, is intact: run again with --resume to "
-                               f"continue from it") from e
-        state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
-                 'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
-                 'metadata': run.metadata, 'backbone': run.backbone and run.backbone.name,
-                 'backbone_revision': run.backbone and run.backbone.revision,
-                 'data_fingerprint': run.data_fingerprint}
-        save_checkpoint(state, run.checkpoint_path)
-        try:
-            write_metrics(run.metrics_path, run.history)
-        except OSError as e:
-            raise RuntimeError(f"could not write {run.metrics_path} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). "
-                               f"The checkpoint of this epoch is intact and holds the metrics: run again with "
-                               f"--resume") from e
-    run.accelerator.wait_for_everyone()
-
-
-def save_final(run, final):
-    """The final model (output_dir/model/) and the final metrics record."""
-    model_dir = os.path.join(run.args.output_dir, 'model')
-    if run.accelerator.is_main_process:
-        try:
-            save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final)
-            write_metrics(run.metrics_path, run.history + [{'final': final}])
-        except OSError as e:
-            raise RuntimeError(f"could not write the model into {run.args.output_dir}: {e}. The checkpoint of the "
-                               f"last epoch is intact: run again with --resume to write the model") from e
-    run.tracking.final(len(run.history) * run.steps_per_epoch, final)
-    log.info(end_summary(model_dir, final, run.history, vars(run.args)))
+@torch.no_grad()
+def validate(run, split):
+    """Accuracy of run.head on `split` ('valid' or 'test'), from its prepared loader."""
+    head, accelerator = run.head, run.accelerator
+    head.eval()
+    n_correct = n_not_finite = n_total = 0                # tensors on the device, read once at the end
+    for batch in tqdm(run.eval_loaders[split], desc=f"{run.args.dataset_name} {split}", leave=False,
+                      disable=run.args.quiet or not accelerator.is_local_main_process):
+        hidden, mask, labels = features(batch, run.backbone, run.cached)
+        scores = class_scores(head, hidden, mask)
+        finite = torch.isfinite(scores).all(dim=-1)                               # [batch]
+        preds, labels, finite = accelerator.gather_for_metrics((scores.argmax(-1), labels, finite))
+        n_correct = n_correct + (preds == labels).sum()
+        n_not_finite = n_not_finite + (~finite).sum()
+        n_total += len(labels)
+    if n_total == 0:
+        raise UsageError(f"the {split} split has no examples: an accuracy over nothing is no result")
+    if int(n_not_finite):                                 # (gathered: every process stops, none waits)
+        raise UsageError(f"the {split} scores of {int(n_not_finite)} of {n_total} examples are not finite (NaN/Inf): "
+                         f"refusing to report an accuracy; the head or its input features are damaged")
+    return int(n_correct) / n_total
 
 
 def main(argv=None):
+    """train.py's run, as a function call (tests and benchmarks call it too): the process-global settings are the
+    run's while it runs and the caller's after it (run_settings). -> the test accuracy (or None without --run_test
+    / --eval_only)."""
     args = parse_args(argv)
-    with logging_for_run(args.verbosity, is_main_process=os.environ.get('RANK', '0') == '0'):
+    with run_settings(args), logging_for_run(args.verbosity, is_main_process=os.environ.get('RANK', '0') == '0'):
         try:
-            return train_and_evaluate(args)
+            return train_and_evaluate(args, reproduce_command(sys.argv[1:] if argv is None else argv))
         finally:
             release_output_dir(args.output_dir)          # held since check_output_dir (not with --eval_only)
 
 
-def train_and_evaluate(args):
-    """The run main composes from the stages; -> the test accuracy (or None without --run_test / --eval_only)."""
-    torch.set_float32_matmul_precision(args.matmul_precision)
+def train_and_evaluate(args, reproduce=None):
+    """The run main composes from the stages; reproduce: the command that trains it again, saved with the head."""
     run = build_run(args)
+    args = run.args
     if args.eval_only:
         acc = validate(run, 'test')
         print(f"test accuracy: {acc:.4f}")                # the command's result: shown with --quiet too
         return acc
     try:
-        return train_epochs(run)
+        return train_epochs(run, reproduce)
     finally:
         run.tracking.close()
 
 
-def train_epochs(run):
+def train_epochs(run, reproduce):
     """The epochs still to train, then the final model and its evaluation; -> the test accuracy or None."""
     args = run.args
 
@@ -508,22 +385,31 @@ def train_epochs(run):
         run.tracking.epoch((epoch + 1) * run.steps_per_epoch, record)
         save_epoch(run, record)
 
-    final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed}
+    final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed, 'reproduce': reproduce}
     if eval_split == 'valid':                             # the final head is the last epoch's: evaluated once
         final['valid_accuracy'] = run.history[-1]['valid_acc']
     if args.run_test:
         final['test_accuracy'] = (run.history[-1]['test_acc'] if eval_split == 'test'
                                   and 'test_acc' in run.history[-1] else validate(run, 'test'))
     save_final(run, final)
+    run.tracking.final(len(run.history) * run.steps_per_epoch, final)
+    log.info(end_summary(os.path.join(args.output_dir, 'model'), final, run.history, vars(args)))
     return final.get('test_accuracy')
 
 
-if __name__ == '__main__':
+def cli(argv=None):
+    """The command line: a mistake of the user's (UsageError: a wrong argument, a missing or damaged file, a full
+    disk) is one line `error: ...` and exit status 2; anything else (our bugs, CUDA out of memory, a kernel's error)
+    keeps its traceback."""
     try:
-        main()
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: FileNotFoundError, disk errors
+        return main(argv)
+    except UsageError as e:
         message = str(e).strip()
         if 'Original Traceback' in message:              # re-raised from a DataLoader worker: its last line tells
             message = message.splitlines()[-1].split(': ', 1)[-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == '__main__':
+    cli()

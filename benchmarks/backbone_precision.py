@@ -19,6 +19,7 @@ float32, on the real SST and the offline backbone 'minilm', as benchmarks/train_
 import argparse
 import os
 import random
+import sys
 import time
 
 import torch
@@ -58,8 +59,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data_root', default='.data')
     p.add_argument('--speed_texts', type=int, default=2000)
-    p.add_argument('--report', default=None, help='also write the tables to this markdown file')
+    p.add_argument('--report', default=None, help="add the tables as a section of this benchmark log's record "
+                                                   "(benchmarks/backbone_precision.md)")
+    p.add_argument('--label', default='Measurement', help='heading of the added section')
     args = p.parse_args(argv)
+    from benchmarks.common import finish_meta, measurement_meta, shown_command
+    meta = measurement_meta(shown_command('benchmarks.backbone_precision', argv if argv is not None else sys.argv[1:]),
+                            'bfloat16 autocast against float32', threads=1)
     torch.set_num_threads(1)
     backbone = backbones.load_backbone('minilm')
     lines = [f"`python -m benchmarks.backbone_precision` on {os.cpu_count()} CPU cores (one thread used), torch "
@@ -115,8 +121,8 @@ def main(argv=None):
     text = '\n'.join(lines) + '\n'
     print(text)
     if args.report:
-        with open(args.report, 'w') as f:
-            f.write(text)
+        from benchmarks.reports import add_section
+        add_section(os.path.relpath(os.path.abspath(args.report), REPO_ROOT), args.label, finish_meta(meta), text)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,16 @@
 """
 What several benchmarks share: how reports show their commands and folders (shown_command, shown_path), how they
-are written (write_report) and summarised (mean_std), the committed pretrained heads (PRETRAINED,
-publish_pretrained), minilm's SST feature store, and the deletion / insertion test of credit assignment
-(removal_test, deletion_test).
+are written (write_report) and summarised (mean_std), the records reports are generated from and how a record says
+the way it was measured (measurement_meta, finish_meta, how_measured, save_record, load_record), the committed
+pretrained heads (PRETRAINED, publish_pretrained), minilm's SST feature store, and the deletion / insertion test of
+credit assignment (removal_test, deletion_test).
 """
+import json
 import os
+import platform
 import shlex
 import statistics
+import subprocess
 import time
 
 import numpy as np
@@ -84,6 +88,79 @@ def better_on_dev(valid, committed):
     """Whether a head of dev accuracy valid replaces the committed head: only if higher at the stated precision (the
     committed head itself, rounded to 4 decimals in its config, is not better than itself)."""
     return stated(valid) > committed
+
+
+NOT_RECORDED = 'not recorded'
+# What every record's 'meta' holds: how the measurement was made. A record written before these were kept says
+# NOT_RECORDED for what it lacks (or where a value was recovered later, e.g. the commit from the git history, says so).
+META_FIELDS = ('command', 'commit', 'when', 'cpu_model', 'cpu_count', 'torch', 'threads', 'precision', 'load_start',
+               'load_end')
+
+
+def git_commit():
+    """The repository's HEAD commit (short), '+changes' when the working tree differs from it; None outside git."""
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ('+changes' if dirty else '')
+
+
+def measurement_meta(command, precision, threads=None):
+    """The start of a record's 'meta': command, commit, time, CPU, torch, threads, precision and the load average
+    (1 min) now. finish_meta adds the load at the end."""
+    from heinsen_replication.recipes import cpuinfo
+    return {'command': command, 'commit': git_commit() or NOT_RECORDED,
+            'when': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+            'cpu_model': cpuinfo('model name') or platform.processor() or NOT_RECORDED, 'cpu_count': os.cpu_count(),
+            'torch': torch.__version__, 'threads': threads or torch.get_num_threads(), 'precision': precision,
+            'load_start': round(os.getloadavg()[0], 2)}
+
+
+def finish_meta(meta):
+    """meta with the load average (1 min) at the end of the measurement."""
+    return {**meta, 'load_end': round(os.getloadavg()[0], 2)}
+
+
+def busy(meta):
+    """Whether other work shared the machine during a measurement: its record says so ('busy': true or false), or
+    the load average at its start or end was a full core above the machine's cores."""
+    if 'busy' in meta:
+        return bool(meta['busy'])
+    loads = [meta.get(k) for k in ('load_start', 'load_end')]
+    loads = [v for v in loads if isinstance(v, (int, float))]
+    return bool(loads) and isinstance(meta.get('cpu_count'), int) and max(loads) >= meta['cpu_count'] + 1
+
+
+def how_measured(meta):
+    """One sentence that says how a record was measured, from its meta; what a record lacks is 'not recorded'."""
+    def get(key):
+        value = meta.get(key)
+        return NOT_RECORDED if value is None else value
+    load = (f"load average {get('load_start')} at the start, {get('load_end')} at the end"
+            if meta.get('load_start') is not None or meta.get('load_end') is not None else 'load not recorded')
+    cores = f" ({meta['cpu_count']} cores)" if meta.get('cpu_count') else ''
+    shared = ('; other work shared the machine, so its times are not headline figures' if busy(meta) else '')
+    notes = f" {meta['notes']}" if meta.get('notes') else ''
+    return (f"How it was measured: `{get('command')}`; commit {get('commit')}; {get('when')}; CPU "
+            f"{get('cpu_model')}{cores}; torch {get('torch')}; threads {get('threads')}; precision "
+            f"{get('precision')}; {load}{shared}.{notes}")
+
+
+def save_record(record, path):
+    """Writes a report's record (JSON: 'meta' and the measured figures) to path."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(record, f, indent=1)
+        f.write('\n')
+
+
+def load_record(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_report(lines, path):

@@ -33,8 +33,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import (PLACEHOLDERS, PRETRAINED, removal_test, routing_credit, shown_command, shown_path,
-                               write_report)
+from benchmarks.common import (PLACEHOLDERS, PRETRAINED, finish_meta, how_measured, measurement_meta, removal_test,
+                               routing_credit, shown_command, shown_path, write_report)
 from heinsen_replication import checkpoints, data, models, standard_heads
 
 MODES = {'delete': 'deletion: drop when the top-k tokens are deleted (higher = more faithful)',
@@ -174,6 +174,24 @@ def summary(drops, seconds):
 
 def render(result, report):
     """The markdown report and the figure from the saved result (main's JSON)."""
+    plot(decoded_drops(result), os.path.splitext(report)[0] + '.png')
+    write_report([render_text(result, os.path.basename(os.path.splitext(report)[0]))], report)
+    return decoded_drops(result)
+
+
+def render_page(result_path):
+    """The report's text from its record (main's JSON); nothing is measured, no figure drawn."""
+    with open(result_path) as f:
+        return render_text(json.load(f), os.path.basename(os.path.splitext(result_path)[0])) + '\n'
+
+
+def decoded_drops(result):
+    return {h: {m: {mode: {int(k): v for k, v in by_k.items()} for mode, by_k in by_mode.items()}
+                for m, by_mode in methods.items()} for h, methods in result['drops'].items()}
+
+
+def render_text(result, name):
+    """The markdown report from the saved result; name: the report's (and figure's, record's) base name."""
     drops = {h: {m: {mode: {int(k): v for k, v in by_k.items()} for mode, by_k in by_mode.items()}
                  for m, by_mode in methods.items()} for h, methods in result['drops'].items()}
     meta, n = result['meta'], result['meta']['n_sentences']
@@ -195,25 +213,19 @@ def render(result, report):
     lines += ['', f"**What the numbers support.** {summary(drops, per_sentence)}", '',
               f"Encoding a sentence (minilm, all depths; common to every method, not in the costs above): "
               f"{1000 * meta['encode_seconds'] / n:.1f} ms. Integrated Gradients: {meta['ig_steps']} steps from "
-              f"all-zero hidden states, of the predicted class's probability; gradient x input of the same. Costs "
-              f"measured on {meta['cpu_count']} CPU cores with load average {meta['load']:.1f} at the start (other "
-              f"jobs shared the machine), torch {meta['torch']}, OMP_NUM_THREADS={meta['omp_num_threads']}; "
-              f"{meta['minutes']:.0f} min in all.", '']
+              f"all-zero hidden states, of the predicted class's probability; gradient x input of the same; "
+              f"{meta['minutes']:.0f} min in all. " + how_measured(meta['how']), '']
     for head_name, gaps in result['ig_gaps'].items():
         gaps = np.asarray(gaps)                                                  # [n, 2]
         lines += [f"Integrated Gradients on {the(head_name)}, completeness after {meta['ig_steps']} steps: the token "
                   f"attributions' sum misses p(x) - p(0) by {gaps[:, 0].mean():.3f} on average (median "
                   f"{np.median(gaps[:, 0]):.3f}), against a mean |p(x) - p(0)| of {gaps[:, 1].mean():.3f}.", '']
-    lines += [meta['head_b'], '', f"![faithfulness]({os.path.basename(os.path.splitext(report)[0])}.png)", '',
+    lines += [meta['head_b'], '', f"![faithfulness]({name}.png)", '',
               'Per head, test and k, the best method (the paired difference with the runner-up is over the same '
               'sentences):', '']
     lines += [f"- {line}" for line in verdict(drops)]
-    lines += ['', f"Written by `{meta['command']}` (per-sentence drops in "
-              f"[{os.path.basename(os.path.splitext(report)[0])}.json]({os.path.basename(os.path.splitext(report)[0])}.json))."]
-    os.makedirs(os.path.dirname(report) or '.', exist_ok=True)
-    plot(drops, os.path.splitext(report)[0] + '.png')
-    write_report(lines, report)
-    return drops
+    lines += ['', f"The per-sentence drops are in [{name}.json]({name}.json)."]
+    return '\n'.join(lines)
 
 
 def main(argv=None):
@@ -257,16 +269,14 @@ def main(argv=None):
     test = data.get_dataset_splits('sst2', data_root=args.data_root)['test']
     order = np.random.default_rng(args.seed).permutation(len(test))[:args.n_sentences]
     order = sorted(order.tolist(), key=lambda i: len(test.texts[i]))          # similar lengths batched together
-    load = os.getloadavg()[0]
+    how = measurement_meta(command, 'float32')
     started = time.time()
     drops, seconds, shared = removal_test(heads, args.data_root, KS, args.seed, modes=tuple(MODES),
                                           batch_sz=args.batch_sz, sentences=order)
     result = {'drops': drops, 'seconds': seconds, 'ig_gaps': {h: ig[h].gaps for h in heads},
               'meta': {'n_sentences': shared['n_sentences'], 'n_test': len(test), 'seed': args.seed,
-                       'ig_steps': args.ig_steps, 'encode_seconds': shared['encode'], 'load': load,
-                       'minutes': (time.time() - started) / 60, 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
-                       'omp_num_threads': os.environ.get('OMP_NUM_THREADS', 'unset'), 'head_b': head_b,
-                       'command': command}}
+                       'ig_steps': args.ig_steps, 'encode_seconds': shared['encode'],
+                       'minutes': (time.time() - started) / 60, 'head_b': head_b, 'how': finish_meta(how)}}
     os.makedirs(os.path.dirname(result_path) or '.', exist_ok=True)
     with open(result_path, 'w') as f:
         json.dump(result, f)

@@ -31,9 +31,11 @@ def run_notebook(name, figures_dir, seed=0, timeout=900):
     import nbformat
     nb = nbformat.read(str(NOTEBOOKS / f'{name}.ipynb'), as_version=4)
     saved = {key: os.environ.get(key) for key in ('NOTEBOOK_FIGURES_DIR', 'NOTEBOOK_SEED', 'OMP_NUM_THREADS',
-                                                  'MKL_NUM_THREADS', 'HF_HUB_OFFLINE', 'TOKENIZERS_PARALLELISM')}
+                                                  'MKL_NUM_THREADS', 'HF_HUB_OFFLINE', 'TOKENIZERS_PARALLELISM',
+                                                  'PYTHONPATH')}
     os.environ.update(NOTEBOOK_FIGURES_DIR=str(figures_dir), NOTEBOOK_SEED=str(seed), OMP_NUM_THREADS='1',
-                      MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+                      MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false',
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(NOTEBOOKS.parent), saved['PYTHONPATH']])))
     try:                                                               # the kernel inherits this environment
         nbclient.NotebookClient(nb, kernel_name='python3', timeout=timeout,
                                 resources={'metadata': {'path': str(NOTEBOOKS)}}).execute()

@@ -1,5 +1,5 @@
 """
-The routing head against the standard heads on the same frozen features (issue 21): each head trained in the paper's
+The routing head against the standard heads on the same frozen features: each head trained in the paper's
 SST regime on frozen all-MiniLM-L6-v2 (RAdam, one cycle, mixup; SST-5 10 x 2000 x 50, then SST-2 3 x 2000 x 50
 fine-tuning the last stage of the SST-5 head), 3 seeds, every choice by dev only.
 
@@ -24,7 +24,6 @@ head, the analogue of the routing head's last routing (the stage that maps the p
 """
 import argparse
 import glob
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,8 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import PLACEHOLDERS, mean_std, shown_command, shown_path, write_report
+from benchmarks.common import (finish_meta, how_measured, load_record, mean_std, measurement_meta, save_record,
+                               shown_command, write_report)
 from heinsen_replication import models, standard_heads
 from heinsen_replication.runs import read_metrics
 
@@ -71,14 +71,7 @@ def collect(runs, records):
             unfinished.append((head, seed, dataset, len(epochs)))
         else:
             shutil.copyfile(path, os.path.join(records, f"{head}_{seed}_{dataset}.jsonl"))
-    found = {name: {} for name in HEADS}
-    for path in sorted(glob.glob(os.path.join(records, '*_seed*_sst*.jsonl'))):
-        head, seed, dataset = re.fullmatch(r'(\w+)_seed(\d+)_(sst\d)\.jsonl', os.path.basename(path)).groups()
-        found[head].setdefault(int(seed), {})[dataset] = read_metrics(path)
-    for path in sorted(glob.glob(os.path.join('docs', 'sst_paper_regime', 'seed*_sst*.jsonl'))):
-        seed, dataset = re.fullmatch(r'seed(\d+)_(sst\d)\.jsonl', os.path.basename(path)).groups()
-        found['routing_head'].setdefault(int(seed), {})[dataset] = read_metrics(path)
-    return found, unfinished
+    return recorded(records), unfinished
 
 
 def time_steps(args, rounds=10):
@@ -86,12 +79,11 @@ def time_steps(args, rounds=10):
     load: each head's SST-5 run of its recipe (recipes.py) is built by train.py's own stages (train.build_run), then
     `rounds` rounds, each timing --time_steps / rounds steps (train.train_step: the next batch of the training
     stream from the feature cache, mixup, forward, loss, backward, RAdam step) of every head in turn, after one
-    untimed round. -> the record of time_per_step.json"""
-    import torch
-
+    untimed round; each head built and timed in its recipe's process-global settings (run_settings: matmul precision,
+    threads, seeds). -> the record of time_per_step.json"""
     import train
     from heinsen_replication import recipes
-    torch.manual_seed(0)
+    from heinsen_replication.settings import run_settings
     argvs = {'routing_head': recipes.runs('paper-minilm', args.data_root, feature_cache=args.feature_cache)['sst5']}
     argvs.update({name: argv for stage, argv in recipes.runs('frozen-heads', args.data_root,
                                                              feature_cache=args.feature_cache).items()
@@ -99,25 +91,26 @@ def time_steps(args, rounds=10):
     per_round = max(1, args.time_steps // rounds)
     seconds, loads = {name: 0.0 for name in HEADS}, []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: train.build_run(train.parse_args([*argvs[name], '--output_dir', os.path.join(tmp, name),
-                                                        '--device', 'cpu']))
-                for name in HEADS}
-        for name, run in runs.items():
-            run.head.train()
+        runs = {}
+        for name in HEADS:                                # each built and timed in its recipe's settings (run_settings)
+            args_of_run = train.parse_args([*argvs[name], '--output_dir', os.path.join(tmp, name), '--device', 'cpu'])
+            with run_settings(args_of_run):
+                runs[name] = train.build_run(args_of_run)
+            runs[name].head.train()
         for r in range(rounds + 1):
             loads.append(os.getloadavg()[0])
             for name, run in runs.items():
-                started = time.perf_counter()
-                for _ in range(per_round):
-                    loss, _ = train.train_step(run, next(run.batches))
-                    loss.item()
+                with run_settings(run.args, seed=False):
+                    started = time.perf_counter()
+                    for _ in range(per_round):
+                        loss, _ = train.train_step(run, next(run.batches))
+                        loss.item()
                 if r > 0:                                                        # round 0 warms up
                     seconds[name] += time.perf_counter() - started
     return {'seconds_per_step': {name: t / (rounds * per_round) for name, t in seconds.items()},
             'steps': rounds * per_round, 'rounds': rounds, 'load_average_1min': loads,
             'cpu_count': os.cpu_count(), 'cpu_model': recipes.cpuinfo('model name'),
-            'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
-            'when': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+            'omp_num_threads': os.environ.get('OMP_NUM_THREADS')}
 
 
 def main(argv=None):
@@ -129,15 +122,38 @@ def main(argv=None):
     p.add_argument('--time_steps', type=int, default=None, help='measure the time per step of every head first')
     p.add_argument('--report', default='docs/frozen_heads.md')
     args = p.parse_args(argv)
-    timing_path = os.path.join(args.records, 'time_per_step.json')
     if args.time_steps:
+        command = shown_command('benchmarks.frozen_heads', sys.argv[1:] if argv is None else argv)
+        meta = measurement_meta(command, "float32, matmul precision medium (the paper-minilm recipe)")
         timing = time_steps(args)
-        os.makedirs(args.records, exist_ok=True)
-        with open(timing_path, 'w') as f:
-            json.dump(timing, f, indent=1)
-    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else None
+        save_record({**timing, 'meta': finish_meta(meta)}, os.path.join(args.records, 'time_per_step.json'))
     found, unfinished = collect(args.runs, args.records)
+    if unfinished:
+        print(f"Runs still unfinished under {args.runs} (not counted): "
+              + '; '.join(f"{h} {s} {d}: {n} epochs done" for h, s, d, n in unfinished) + '.')
+    write_report([render(args.records)], args.report)
+    return found
 
+
+def recorded(records):
+    """The recorded runs: {head: {seed: {dataset: (epochs, final)}}} (routing head: the paper-regime records)."""
+    found = {name: {} for name in HEADS}
+    for path in sorted(glob.glob(os.path.join(records, '*_seed*_sst*.jsonl'))):
+        head, seed, dataset = re.fullmatch(r'(\w+)_seed(\d+)_(sst\d)\.jsonl', os.path.basename(path)).groups()
+        found[head].setdefault(int(seed), {})[dataset] = read_metrics(path)
+    paper = os.path.join(os.path.dirname(os.path.abspath(records)), 'sst_paper_regime')
+    for path in sorted(glob.glob(os.path.join(paper, 'seed*_sst*.jsonl'))):
+        seed, dataset = re.fullmatch(r'seed(\d+)_(sst\d)\.jsonl', os.path.basename(path)).groups()
+        found['routing_head'].setdefault(int(seed), {})[dataset] = read_metrics(path)
+    return found
+
+
+def render(records):
+    """docs/frozen_heads.md from the records folder (the runs' metrics, meta.json: how the runs were made,
+    time_per_step.json); nothing is measured."""
+    found = recorded(records)
+    timing_path = os.path.join(records, 'time_per_step.json')
+    timing = load_record(timing_path) if os.path.exists(timing_path) else None
     lines = ["| head (frozen all-MiniLM-L6-v2, all 7 depths) | parameters (SST-5) | SST-2 fine-tuned | SST-5 test (%) "
              "| SST-2 test (%) | seeds | s / step (SST-5, batch 50) |", '|---|---|---|---|---|---|---|']
     for name, what in HEADS.items():
@@ -147,23 +163,20 @@ def main(argv=None):
         step = f"{timing['seconds_per_step'][name]:.3f}" if timing and name in timing['seconds_per_step'] else ''
         lines.append(f"| {what} | {n_parameters(name, 5):,} | {n_finetuned(name):,} | {tests[0]} | {tests[1]} "
                      f"| {len(seeds)} | {step} |")
-    lines += ['', "Test accuracy of the final head (after the last epoch, as the paper; nothing chosen on test), mean "
-              "± sample std over the seeds whose SST-5 and SST-2 runs both finished, from the float16 feature cache. "
-              "SST-2 fine-tunes, from the final SST-5 head, the routing head's last routing or the other heads' final "
-              "Linear (re-initialised for 2 classes); the rest stays frozen.", '']
+    lines += ['', "Test accuracy of the final head (after the last epoch, as the paper; nothing chosen on test or on "
+              "dev), mean ± sample std over the seeds whose SST-5 and SST-2 runs both finished, from the float16 "
+              "feature cache. SST-2 fine-tunes, from the final SST-5 head, the routing head's last routing or the "
+              "other heads' final Linear (re-initialised for 2 classes); the rest stays frozen.", '',
+              "The standard heads' runs (the routing head's: [sst_paper_regime.md](sst_paper_regime.md)): "
+              + how_measured(load_record(os.path.join(records, 'meta.json'))), '']
     if timing:
         loads = ', '.join(f"{v:.1f}" for v in timing['load_average_1min'])
-        lines += [f"Seconds per step: `python -m benchmarks.frozen_heads --time_steps {timing['steps']}` "
-                  f"({timing['when']}): each head's SST-5 run built by train.py's stages, then {timing['rounds']} "
-                  f"rounds of {timing['steps'] // timing['rounds']} steps of every head in turn (batch 50 from the "
-                  f"feature cache, mixup, forward, backward, RAdam step; one untimed round first), in one process on "
-                  f"{timing['cpu_count']} CPU cores (OMP_NUM_THREADS={timing['omp_num_threads']}); load average "
-                  f"(1 min) at each round: {loads}. "
-                  + (f"CPU: {timing['cpu_model']}. " if timing.get('cpu_model') else '')
-                  + ("Other jobs shared the machine, so compare the heads with each other, not with other tables."
-                     if max(timing['load_average_1min']) > 0.75 * timing['cpu_count'] + 1 else
-                     "Nothing else ran on the machine."), '']
-    lines += ['Per seed (dev / test, %):', '', '| head | seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test | '
+        lines += [f"Seconds per step: each head's SST-5 run built by train.py's stages, then {timing['rounds']} rounds "
+                  f"of {timing['steps'] // timing['rounds']} steps of every head in turn (batch 50 from the feature "
+                  f"cache, mixup, forward, backward, RAdam step; one untimed round first), in one process; load "
+                  f"average (1 min) at each round: {loads}. " + how_measured(timing['meta']), '']
+    lines += ['Per seed (dev / test, %; the last column from the runs\' own epoch times, which depend on how the runs '
+              'shared the machine):', '', '| head | seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test | '
               'SST-5 s / step in the run |', '|---|---|---|---|---|---|---|']
     for name in HEADS:
         for seed, r in sorted(found[name].items()):
@@ -171,14 +184,7 @@ def main(argv=None):
                      for k in ('valid_accuracy', 'test_accuracy')]
             step = f"{statistics.mean(e['epoch_seconds'] for e in r['sst5'][0]) / 2000:.3f}" if 'sst5' in r else ''
             lines.append(f"| {name} | {seed} | {' | '.join(cells)} | {step} |")
-    runs = shown_path(args.runs, PLACEHOLDERS['--runs'])
-    if unfinished:
-        lines += ['', 'Runs still unfinished under ' + runs + ' (not counted): '
-                  + '; '.join(f"{h} {s} {d}: {n} epochs done" for h, s, d, n in unfinished) + '.']
-    command = shown_command('benchmarks.frozen_heads', sys.argv[1:] if argv is None else argv)
-    lines += ['', f"Written by `{command}`."]
-    write_report(lines, args.report)
-    return found
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,6 @@ The models' folders are kept under --work (default .data/full_scale) and reused.
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import shown_command
+from benchmarks.common import REPO_ROOT, shown_command
 from heinsen_replication import recipes
 
 # The real sizes (the hub configs of FacebookAI/roberta-large and microsoft/beit-large-patch16-224); 'tiny': the same
@@ -172,13 +171,6 @@ def run_child(argv, log):
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('RESULT '))[len('RESULT '):])
 
 
-def machine():
-    load = os.getloadavg()
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load[0]:.2f} at the "
-            f"start; torch {torch.__version__}"
-            + (f", CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ''))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
@@ -189,7 +181,7 @@ def main(argv=None):
     p.add_argument('--scale', default='full', choices=sorted(SIZES))
     p.add_argument('--work', default='.data/full_scale', help='models, data and runs (kept and reused)')
     p.add_argument('--sst_dir', default=os.environ.get('SST_DIR', '.data/sst'), help='the real SST tree files')
-    p.add_argument('--report', default=None, help='append the results to this markdown file')
+    p.add_argument('--report', default=None, help="add the results as a section of this benchmark log's record (benchmarks/full_scale_smoke.md)")
     p.add_argument('--child', nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
@@ -198,7 +190,10 @@ def main(argv=None):
     work = os.path.join(args.work, args.scale)
     os.makedirs(work, exist_ok=True)
     log = os.path.join(work, 'runs.log')
-    host = machine()
+    from benchmarks.common import finish_meta, measurement_meta
+    command = shown_command('benchmarks.full_scale_smoke', argv if argv is not None else sys.argv[1:])
+    meta = measurement_meta(command, 'backbone under fp16 autocast, head float32' if args.device == 'cuda' else
+                            'float32')
     rows = []
     for dataset in args.runs + (['cifar10'] if args.cifar_steps else []):
         steps = args.cifar_steps if len(rows) == len(args.runs) else args.steps
@@ -218,10 +213,8 @@ def main(argv=None):
         rows.append(result)
         print(json.dumps(result), flush=True)
     if args.report:
-        command = shown_command('benchmarks.full_scale_smoke', argv if argv is not None else sys.argv[1:])
-        lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `{command}`\n",
-                 f"Machine: {host}; load average at the end {os.getloadavg()[0]:.2f}.\n",
-                 '| run | device | backbone precision | steps | s/step, wall (each) | CPU s/step (each; torch threads) | '
+        from benchmarks.reports import add_section
+        lines = ['| run | device | backbone precision | steps | s/step, wall (each) | CPU s/step (each; torch threads) | '
                  'epoch s (with loader start) | peak RSS GiB | CUDA peak GiB |', '|---|---|---|---|---|---|---|---|---|']
         for r in rows:
             lines.append(f"| {r['dataset']} | {r['device']} | {r['backbone_precision']} | {r['steps']} | "
@@ -234,8 +227,9 @@ def main(argv=None):
                          f"{r['peak_rss_gib']:.2f} | "
                          f"{'-' if r['cuda_peak_gib'] is None else format(r['cuda_peak_gib'], '.2f')} |")
         lines.append('\ntrain.py arguments: ' + '; '.join(f"{r['dataset']}: `{shlex.join(r['argv'])}`" for r in rows))
-        with open(args.report, 'a') as f:
-            f.write('\n'.join(lines) + '\n')
+        add_section(os.path.relpath(os.path.abspath(args.report), REPO_ROOT),
+                    f"{args.device.upper() if args.device == 'cuda' else 'CPU'}, {args.steps} steps of each run",
+                    finish_meta(meta), '\n'.join(lines))
     return rows
 
 

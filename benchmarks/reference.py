@@ -1,13 +1,15 @@
 """
-The spec's reference for the tests (importable as benchmarks.reference: the tests and benchmarks/routing.py use it):
+The reference implementation of the equations (docs/equations.md) for the tests (importable as
+benchmarks.reference: the tests and benchmarks/routing.py use it):
 
 - straightforward_routing: EfficientVectorRouting's forward pass transcribed line by line from the
-  spec's equations with plain autograd, reading the parameters of a heinsen_routing module. It is
+  equations (docs/equations.md) with plain autograd, reading the parameters of a heinsen_routing module. It is
   the independent reference the tests compare the library against, and the baseline of
   benchmarks/routing.py (it keeps every iteration's [..., n, n_out] intermediates, and the scaled
   copy xs of the input, for backward). Like the authors' code it takes only a mask shared by the
   whole batch ([n, n_out], masked entries -inf) and scales by the full sequence length.
-- spec_state_shapes: the state-dict keys and shapes of EfficientVectorRouting in the spec's table.
+- spec_state_shapes: the state-dict keys and shapes of EfficientVectorRouting in the table of parameter names
+  and shapes (docs/equations.md).
 """
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ def straightforward_routing(module, x_inp, mask=None):
 
 
 def spec_state_shapes(n_inp, n_out, d_inp, d_out):
-    """{state-dict key: shape} of EfficientVectorRouting(n_inp, n_out, d_inp, d_out), from the spec's table."""
+    """{state-dict key: shape} of EfficientVectorRouting(n_inp, n_out, d_inp, d_out), from the table of parameter names and shapes (docs/equations.md)."""
     m = max(1, n_inp)
     shapes = {'W_A': (m, d_inp), 'B_A': (m,), 'W_F1': (n_out, d_inp), 'W_F2': (d_inp, d_out),
               'B_F2': (n_out, d_out), 'W_G1': (d_out, d_inp), 'W_G2': (n_out, d_inp),

@@ -1,8 +1,8 @@
 """
-What the set-up and the offline profile cost on this machine: the disk the installed requirements take, and
-(with --run) the wall time and peak memory of `bash train_all_heads.sh offline` from scratch, and the disk its
-feature cache takes. Writes docs/resources.md (docs/replication.md quotes it) and, with --run, docs/resources.json:
-the record the offline job's start summary estimates its cost from (heinsen_replication.reporting.estimate).
+What the set-up and the offline profile cost: the disk the installed requirements take (and the CUDA libraries'
+share), and (with --run) the wall time, CPU time and peak memory of `bash train_all_heads.sh offline` from scratch,
+and the disk its feature cache takes. Each measurement is added to docs/resources/record.json with how it was made
+(CPU, load at the start and end); docs/resources.md is rendered from that record.
 
     python -m benchmarks.resources                 # installed size only (seconds)
     python -m benchmarks.resources --run           # + the offline profile from scratch, and its heads' accuracies
@@ -13,7 +13,7 @@ nothing cached earlier shortens it; the SST is read from --data_root (fetched th
 import argparse
 import glob
 import importlib.metadata
-import json
+import importlib.util
 import os
 import re
 import resource
@@ -22,10 +22,10 @@ import sys
 import tempfile
 import time
 
-import torch
-
+from benchmarks.common import (NOT_RECORDED, busy, finish_meta, how_measured, load_record, measurement_meta,
+                               save_record, shown_command, write_report)
 from heinsen_replication.runs import read_metrics
-from heinsen_routing.streamed import machine_cpu_seconds
+from benchmarks.machine_load import machine_cpu_seconds
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,13 +77,24 @@ def installed_bytes(dist):
     return total
 
 
+def torch_path():
+    """Where torch is installed (its package folder), found without importing it."""
+    return importlib.util.find_spec('torch').origin
+
+
+def disk_usage(folder):
+    """Bytes the files under folder occupy on disk (allocated blocks, as du counts them: compiled .pyc included)."""
+    return sum(os.lstat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(folder) for f in files)
+
+
 def folder_bytes(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
 def run_offline_profile(data_root, work_dir):
     """bash train_all_heads.sh offline into fresh folders -> (wall seconds, peak RSS of a run in bytes, cache bytes,
-    CPU seconds, the others' share of the CPU, {dataset: (dev accuracy, test accuracy)} of its runs)."""
+    CPU seconds, the others' share of the CPU, {dataset: (dev accuracy, test accuracy)} of its runs, {dataset:
+    {'steps', 'seconds'}}: each run's optimizer steps and training seconds, which the job's estimate scales)."""
     out, cache_root = os.path.join(work_dir, 'runs'), os.path.join(work_dir, 'data')
     os.makedirs(cache_root, exist_ok=True)
     os.symlink(os.path.abspath(os.path.join(data_root, 'sst')), os.path.join(cache_root, 'sst'))
@@ -98,25 +109,20 @@ def run_offline_profile(data_root, work_dir):
     busy, total = (b - a for a, b in zip(machine, machine_cpu_seconds()))
     others = max(0.0, busy - cpu) / max(total, 1e-9)          # the share of the machine's CPU time others used
     accuracies = offline_accuracies(out)                         # read before the work folder is removed
-    record = offline_record(out, wall)
-    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies, record
+    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies, run_steps(out)
 
 
-def offline_record(out, wall):
-    """The record of the offline profile's run: its wall seconds, each run's training seconds and steps (from its
-    metrics.jsonl and steps.jsonl), the rest (loading, encoding the feature cache, evaluating), and the CPU."""
-    from heinsen_replication.recipes import cpuinfo
+def run_steps(out):
+    """The offline profile's runs under OUT -> {dataset: {'steps': optimizer steps, 'seconds': training seconds}}, from
+    each run's steps.jsonl and metrics.jsonl."""
+    from heinsen_replication.reporting import read_steps
     runs = {}
     for path in sorted(glob.glob(os.path.join(out, 'offline', 'seed*', '*', 'metrics.jsonl'))):
         history, _ = read_metrics(path)
-        with open(os.path.join(os.path.dirname(path), 'steps.jsonl')) as f:
-            steps = max(json.loads(line)['step'] for line in f if line.strip())
-        runs[os.path.basename(os.path.dirname(path))] = {'steps': steps,
-                                                          'seconds': round(sum(r['epoch_seconds'] for r in history), 1)}
-    return {'wall_seconds': round(wall, 1), 'other_seconds': round(wall - sum(r['seconds'] for r in runs.values()), 1),
-            'runs': runs, 'cpu_model': cpuinfo('model name'), 'cpu_count': os.cpu_count(),
-            'when': time.strftime('%Y-%m-%d', time.gmtime()), 'torch': torch.__version__,
-            'load_average_at_end': round(os.getloadavg()[0], 2)}
+        runs[os.path.basename(os.path.dirname(path))] = {
+            'steps': read_steps(os.path.dirname(path))[-1]['step'],
+            'seconds': sum(r['epoch_seconds'] for r in history)}
+    return runs
 
 
 def offline_accuracies(out):
@@ -129,45 +135,116 @@ def offline_accuracies(out):
     return accuracies
 
 
+CUDA_DISTRIBUTIONS = re.compile(r'^(nvidia-.*|triton|cuda-.*)$', re.IGNORECASE)   # what a CPU-only install can drop
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--run', action='store_true', help='also run the offline profile from scratch and measure it')
     p.add_argument('--data_root', default='.data', help='folder holding sst/ (fetched there if missing)')
     p.add_argument('--work_dir', default=None, help='where the fresh runs and cache go (default: a temporary folder)')
     p.add_argument('--report', default=os.path.join(REPO_ROOT, 'docs', 'resources.md'))
+    p.add_argument('--record', default=os.path.join(REPO_ROOT, 'docs', 'resources', 'record.json'))
     args = p.parse_args(argv)
     if args.run and not os.path.isdir(os.path.join(args.data_root, 'sst')):
         subprocess.run([sys.executable, '-m', 'heinsen_replication.data', 'sst5', '--download', '--data_root', args.data_root], check=True)
+    record = load_record(args.record) if os.path.exists(args.record) else {'install': [], 'offline': []}
+    command = shown_command('benchmarks.resources', sys.argv[1:] if argv is None else argv)
 
+    meta = measurement_meta(command, 'not applicable (sizes on disk)')
     dists = installed_closure(requirement_names(os.path.join(REPO_ROOT, 'requirements.txt')))
     sizes = sorted(((installed_bytes(d), d.metadata['Name']) for d in dists.values()), reverse=True)
-    total = sum(size for size, _ in sizes)
-    lines = ['# Resources of the set-up and of the offline profile', '',
-             f"Produced by `python -m benchmarks.resources{' --run' if args.run else ''}` on {os.cpu_count()} CPU "
-             f"cores, torch {torch.__version__}.", '',
-             f"- **Installed requirements** (requirements.txt and what they pull in, {len(sizes)} distributions): "
-             f"{total / 2 ** 30:.1f} GiB; the largest: " +
-             ', '.join(f"{name} {size / 2 ** 30:.2f} GiB" for size, name in sizes[:5]) + '.']
+    record['install'].append({'meta': finish_meta(meta), 'n_distributions': len(sizes),
+                              'bytes': sum(size for size, _ in sizes),
+                              'cuda_bytes': sum(size for size, name in sizes if CUDA_DISTRIBUTIONS.match(name)),
+                              'largest': [[name, size] for size, name in sizes[:6]],
+                              'environment_disk_bytes': disk_usage(os.path.dirname(os.path.dirname(torch_path())))})
     if args.run:
+        meta = measurement_meta(command, 'chosen by the offline profile (recipes.cpu_bfloat16_is_faster)')
         with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
-            wall, peak, cache, cpu, others, accuracies, record = run_offline_profile(args.data_root, work_dir)
-        with open(os.path.join(os.path.dirname(args.report), 'resources.json'), 'w') as f:
-            json.dump({'profiles': {'offline': record}}, f, indent=1)
-        lines += [f"- **`bash train_all_heads.sh offline` from scratch** (feature cache built first, then the SST-5 "
-                  f"and SST-2 heads): {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min of CPU time (all its "
-                  f"processes); other processes used {others:.0%} of the machine's CPU time meanwhile (load average "
-                  f"at the end {os.getloadavg()[0]:.2f}).",
-                  f"- **Its heads** (seed 0; dev / test accuracy): " + '; '.join(
-                      f"{dataset} {dev:.2%} / {test:.2%}" for dataset, (dev, test) in accuracies.items()) + '.',
-                  f"- **Feature cache** of all SST texts on minilm: {cache / 2 ** 30:.1f} GiB of disk.",
-                  f"- **Peak memory** of one training process (resident set, ru_maxrss): {peak / 2 ** 30:.1f} GiB; "
-                  f"the memory-mapped cache counts in it as it is read, so it is mostly page cache the system can "
-                  f"reclaim, not memory the process allocates."]
-    text = '\n'.join(lines) + '\n'
-    print(text)
-    os.makedirs(os.path.dirname(args.report), exist_ok=True)
-    with open(args.report, 'w') as f:
-        f.write(text)
+            wall, peak, cache, cpu, others, accuracies, runs = run_offline_profile(args.data_root, work_dir)
+        record['offline'].append({'meta': finish_meta(meta), 'wall_s': wall, 'cpu_s': cpu, 'others_share': others,
+                                  'peak_rss_bytes': peak, 'cache_bytes': cache, 'runs': runs,
+                                  'accuracies': {d: {'valid': v, 'test': t} for d, (v, t) in accuracies.items()}})
+    save_record(record, args.record)
+    write_report([render(args.record)], args.report)
+
+
+GiB = 2 ** 30
+
+
+def headline(record):
+    """The offline profile's headline run: the latest measured on a machine no other work shared."""
+    idle = [r for r in record['offline'] if not busy(r['meta'])]
+    return idle[-1] if idle else None
+
+
+def render(record_path):
+    """docs/resources.md from the record; nothing is measured."""
+    record = load_record(record_path)
+    install = record['install'][-1]
+    lines = ['# What the set-up and the offline profile cost', '',
+             'Measured by `python -m benchmarks.resources` (the installed size, in seconds) and `python -m '
+             'benchmarks.resources --run` (also `bash train_all_heads.sh offline` from scratch: an empty feature cache '
+             'and run folder). Each measurement says on what machine and under what load it was made; one made while '
+             'other work shared the machine is listed, but is not the headline figure. The cost of every path: the '
+             'README\'s "Pick your path".', '',
+             '## The install', '',
+             f"requirements.txt and what it pulls in: {install['n_distributions']} distributions, "
+             f"**{install['bytes'] / GiB:.1f} GiB** on disk, of which {install['cuda_bytes'] / GiB:.1f} GiB are the CUDA "
+             f"libraries (`nvidia-*`, `triton`) that the default torch wheel pulls in and a CPU-only machine never uses. "
+             f"The largest: " + ', '.join(f"{name} {size / GiB:.2f} GiB" for name, size in install['largest']) + '. '
+             + (f"The whole environment's site-packages as du counts them (allocated blocks, compiled `.pyc` files "
+                f"and any packages outside requirements.txt included): {install['environment_disk_bytes'] / GiB:.1f} "
+                f"GiB. " if install.get('environment_disk_bytes') else '') + how_measured(install['meta']), '']
+    for other in record['install'][:-1]:
+        lines += [f"Earlier: {other['bytes'] / GiB:.1f} GiB ({other['n_distributions']} distributions). "
+                  + how_measured(other['meta']), '']
+    lines += ['## The offline profile from scratch', '',
+              '`bash train_all_heads.sh offline`: the feature cache of every SST text built first, then the SST-5 head '
+              'and the SST-2 head fine-tuned from it (seed 0). CPU time: all its processes, user + system. Peak '
+              'memory: the largest resident set of one process (ru_maxrss); the memory-mapped feature cache counts in '
+              'it as it is read, so most of it is page cache the system can reclaim, not memory the process '
+              'allocates.', '',
+              '| measured | wall clock (min) | CPU time (min) | others\' share of the CPU | peak resident memory (GiB) '
+              '| feature cache (GiB) | heads: SST-5, SST-2 dev / test (%) |', '|---|---|---|---|---|---|---|']
+    best = headline(record)
+    for run in record['offline']:
+        m = run['meta']
+        label = f"{m.get('when') or NOT_RECORDED}, {m.get('cpu_model') or 'CPU not recorded'}" + \
+            (', **busy**' if busy(m) else ', idle') + (' (headline)' if run is best else '')
+        share = f"{run['others_share']:.0%}" if run.get('others_share') is not None else NOT_RECORDED
+        heads = '; '.join(f"{100 * a['valid']:.2f} / {100 * a['test']:.2f}" for d, a in sorted(
+            run['accuracies'].items(), reverse=True)) if run.get('accuracies') else NOT_RECORDED
+        lines.append(f"| {label} | {run['wall_s'] / 60:.1f} | {run['cpu_s'] / 60:.1f} | {share} | "
+                     f"{run['peak_rss_bytes'] / GiB:.1f} | {run['cache_bytes'] / GiB:.1f} | {heads} |")
+    lines.append('')
+    for run in record['offline']:
+        lines += [f"- {run['meta'].get('when') or NOT_RECORDED}: " + how_measured(run['meta'])]
+    loaded = [r for r in record['offline'] if busy(r['meta'])]
+    if best and loaded:
+        other = loaded[-1]
+        lines += ['', '## How the costs scale', '',
+                  f"- **CPU time is the work; wall clock follows from it.** On the idle 2-core machine the profile "
+                  f"used {best['cpu_s'] / best['wall_s']:.1f} cores on average ({best['cpu_s'] / 60:.1f} CPU-min in "
+                  f"{best['wall_s'] / 60:.1f} min). With k cores free, expect about CPU-minutes / k of wall clock; a "
+                  f"faster CPU shortens both.",
+                  f"- **Other load costs more than its share.** On a 2-core CPU busy with other work the same job took "
+                  f"{other['wall_s'] / best['wall_s']:.1f}x the wall clock and also {other['cpu_s'] / best['cpu_s']:.1f}x "
+                  f"the CPU time: threads that wait for each other and for the cores, and caches shared with other "
+                  f"processes, waste CPU time (our reading; the split was not measured). On a shared machine, `OMP_NUM_THREADS=1` per run and fewer runs at a "
+                  f"time waste less.",
+                  f"- **Memory** does not scale with the CPU: the peak resident set ({best['peak_rss_bytes'] / GiB:.1f} "
+                  f"GiB idle, {other['peak_rss_bytes'] / GiB:.1f} GiB busy) is mostly the memory-mapped feature cache, "
+                  f"which the system reclaims under pressure; a machine with less free memory reads the cache from "
+                  f"disk more often (slower, not failing; expected, not measured).",
+                  f"- **Disk**: the install ({install['bytes'] / GiB:.1f} GiB, {install['cuda_bytes'] / GiB:.1f} GiB of "
+                  f"it CUDA libraries a CPU-only machine does not use) and the feature cache "
+                  f"({best['cache_bytes'] / GiB:.1f} GiB for all SST texts on minilm, float16; a bfloat16-encoded cache "
+                  f"is a second one of the same size). Run folders hold a few MiB per head.",
+                  "- **Not measured here**: the paper's runs on a GPU (time, GPU memory, the backbones' and datasets' "
+                  "disk), the notebooks, loading a pretrained head."]
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """
 Forward+backward time and peak memory of EfficientVectorRouting (memory_efficient=True, "ours") against the
-straightforward implementation of the spec (benchmarks/reference.py: plain autograd, which keeps every iteration's
+straightforward implementation of the equations (benchmarks/reference.py: plain autograd, which keeps every iteration's
 [..., n, n_out] intermediates and the scaled copy of the input for backward) and, optionally, against our own
 implementation at an earlier commit (--only ... before, --before COMMIT, extracted with git archive), on the same
 parameters and inputs.
@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from heinsen_routing.streamed import machine_cpu_seconds
+from benchmarks.machine_load import cpu_busy_fraction, machine_cpu_seconds
 
 DEFAULT_CONFIGS = ['var:1x100000', 'fixed:1x100000', 'var:8x10000', 'fixed:8x10000', 'var:1x100000:frozen',
                    'fixed:1x100000:frozen', 'var:1x100000:masked', 'fixed:1x100000:masked', 'var:1x100000:iters3',
@@ -195,14 +195,6 @@ def max_rel_diff(a, b):
     return f"{diffs[worst]:.1e} ({worst})"
 
 
-def cpu_busy_fraction(seconds=2.0):
-    """Fraction of the machine's CPU time that was busy over the next `seconds` (from /proc/stat)."""
-    busy0, total0 = machine_cpu_seconds()
-    time.sleep(seconds)
-    busy1, total1 = machine_cpu_seconds()
-    return (busy1 - busy0) / max(1e-9, total1 - total0)
-
-
 def wait_for_idle(args):
     """Waits (at most --idle_wait_s) until other processes leave the CPU nearly idle, so that the
     timings compare the implementations and not the load of the machine. -> busy fraction seen last."""
@@ -317,7 +309,7 @@ def main():
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
           f"{args.d_inp} -> {args.n_out} x {args.d_out}, memory limit {args.memory_limit_gib:.1f} GiB, "
           f"busy processes {args.busy}" + (f", before = {args.before}" if 'before' in args.only else '') +
-          f", load average at the start {os.getloadavg()[0]:.2f}")
+          f", load average at the start {os.getloadavg()[0]:.2f}; started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     with_before = 'before' in args.only
     print(f"| configuration | implementation | time (s, median of {args.rounds}) | time / straightforward's | "
           + ("time / before | " if with_before else '') +
@@ -368,6 +360,7 @@ def main():
                 print(f"| {label} | {impl} | {seconds:.2f} | {speed} | " + (f"{vs_before} | " if with_before else '') +
                       f"{cpu:.2f} ({system:.2f}) | {mib(r['peak'])} | {grads} | {mib(r['extra'])} | {ratio} | {diff32} | "
                       f"{diff64} | {r['load']:.0%} |", flush=True)
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}; finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
 if __name__ == '__main__':

@@ -32,9 +32,9 @@ import sys
 
 import torch
 
-import train
-from benchmarks.common import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, mean_std,
-                               publish_pretrained, sst_feature_store, write_report)
+from benchmarks.common import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, finish_meta,
+                               how_measured, load_record, mean_std, measurement_meta, publish_pretrained, save_record,
+                               shown_command, sst_feature_store, write_report)
 from heinsen_replication import checkpoints, data, recipes
 from heinsen_replication.runs import read_metrics
 
@@ -48,6 +48,7 @@ VARIANTS = {
 
 def run_variant(args, name):
     """Trains variant `name` of seed 0's SST-2 run: the paper-minilm recipe's SST-2 run with its own arguments added."""
+    import train
     argv = recipes.runs('paper-minilm', data_root=args.data_root, seed=0, feature_cache=args.feature_cache)['sst2']
     train.main([*argv, '--pretrained_path', os.path.join(args.runs, 'seed0', 'sst5', 'model'),
                 '--output_dir', os.path.join(args.variants, name), *VARIANTS[name][1]])
@@ -60,10 +61,11 @@ def record_if_finished(metrics_path, record_path):
 
 
 def collect(runs, docs):
-    """Copies the finished runs' metrics into docs/ (one file per seed and dataset) and reads every recorded seed.
+    """Copies the finished runs' metrics (runs None: none) into docs/ (one file per seed and dataset) and reads every
+    recorded seed.
     -> {seed: {dataset: (epochs, final)}} for the seeds whose SST-5 and SST-2 runs have both finished."""
     os.makedirs(docs, exist_ok=True)
-    for path in sorted(glob.glob(os.path.join(runs, 'seed*', 'sst*', 'metrics.jsonl'))):
+    for path in sorted(glob.glob(os.path.join(runs, 'seed*', 'sst*', 'metrics.jsonl')) if runs else []):
         seed_dir, dataset = os.path.split(os.path.dirname(path))
         if dataset in DATASETS:
             record_if_finished(path, os.path.join(docs, f"{os.path.basename(seed_dir)}_{dataset}.jsonl"))
@@ -140,7 +142,35 @@ def main(argv=None):
     if not seeds:
         raise SystemExit(f"no seed has finished both runs in {args.runs} (nor is one recorded in {args.records})")
     plot_curves(seeds, args.records + '_curves.png')
+    for name in VARIANTS:
+        record_if_finished(os.path.join(args.variants, name, 'metrics.jsonl'),
+                           os.path.join(args.records, f'variant_{name}.jsonl'))
+    command = shown_command('benchmarks.sst_paper_regime', sys.argv[1:] if argv is None else argv)
+    meta = measurement_meta(command, 'float32 (the credit of the float16 cache)')
+    store = sst_feature_store(args.data_root, args.feature_cache)
+    shares = {}
+    for dataset in DATASETS:
+        dev_split = data.get_dataset_splits(dataset, data_root=args.data_root)['valid']
+        dev = store.dataset(dev_split.texts, dev_split.labels)
+        heads = [os.path.join(args.runs, f'seed{seed}', dataset, 'model') for seed in seeds]
+        heads = [h for h in heads if os.path.isdir(h)]
+        if heads:
+            shares[dataset] = {'n_seeds': len(heads), 'share': torch.stack(
+                [depth_credit(checkpoints.from_pretrained(h)[0], dev) for h in heads]).mean(dim=0).tolist()}
+    record_path = os.path.join(args.records, 'record.json')
+    record = load_record(record_path) if os.path.exists(record_path) else {}
+    save_record({**record, 'depth_credit': shares, 'depth_credit_meta': finish_meta(meta)}, record_path)
+    write_report([render(args.records)], args.report)
+    if args.save_pretrained:
+        publish(args, seeds, command)
+    return seeds
 
+
+def render(records):
+    """docs/sst_paper_regime.md from the records folder (per-seed metrics, variants, record.json: how the runs were
+    made and the credit per depth); nothing is measured."""
+    seeds = collect(None, records)
+    record = load_record(os.path.join(records, 'record.json'))
     lines = ["| seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test | SST-5 min / epoch | SST-2 min / epoch |",
              "|---|---|---|---|---|---|---|"]
     for seed, runs in seeds.items():
@@ -153,18 +183,13 @@ def main(argv=None):
     summary = [mean_std([runs[d][1][k] for runs in seeds.values()], decimals=2) for d in DATASETS
                for k in ('valid_accuracy', 'test_accuracy')]
     lines.append(f"| **mean ± std** ({len(seeds)} seeds) | {' | '.join(summary)} | | |")
-    curves = os.path.relpath(args.records + '_curves.png', os.path.dirname(args.report))
-    lines += ['', "Accuracies in %, of the final head (after the last epoch, as the paper), from the float16 feature "
-              "cache. Minutes per epoch: training only (the dev evaluation after it is not counted); they depend on "
-              "how the seeds shared the CPU (docs/results.md, \"The paper's regime on minilm\").", '',
-              f"![learning curves]({curves})", '']
-
-    variants = {}
-    for name in VARIANTS:
-        recorded = os.path.join(args.records, f'variant_{name}.jsonl')
-        record_if_finished(os.path.join(args.variants, name, 'metrics.jsonl'), recorded)
-        if os.path.exists(recorded):
-            variants[name] = read_metrics(recorded)
+    lines += ['', "Accuracies in %, of the final head (after the last epoch, as the paper; nothing chosen on dev or "
+              "test), from the float16 feature cache. Minutes per epoch: training only (the dev evaluation after it "
+              "is not counted); they depend on how the seeds shared the CPU (docs/results.md, \"The paper's regime "
+              "on minilm\").", '', 'The runs: ' + how_measured(record['meta']), '',
+              f"![learning curves]({os.path.basename(records)}_curves.png)", '']
+    variants = {name: read_metrics(os.path.join(records, f'variant_{name}.jsonl')) for name in VARIANTS
+                if os.path.exists(os.path.join(records, f'variant_{name}.jsonl'))}
     if variants and 0 in seeds:
         lines += ["Diagnostic variants, **not the paper's recipe**: SST-2 from seed 0's final SST-5 head with one "
                   "change (`--run_variants`); dev accuracy after each of the 3 epochs, then the final head's test "
@@ -175,61 +200,67 @@ def main(argv=None):
             dev = ' / '.join(f"{100 * r['valid_acc']:.2f}" for r in epochs)
             lines.append(f"| {what} | {dev} | {100 * final['test_accuracy']:.2f} |")
         lines.append('')
-    store = sst_feature_store(args.data_root, args.feature_cache)
     lines += ["Share of the absolute end-to-end credit for the predicted class by depth (dev; mean over sentences, "
               "then over seeds; depth 0 = embeddings):", '', '| head | ' + ' | '.join(map(str, range(7))) + ' |',
               '|---|' + '---|' * 7]
-    for dataset in DATASETS:
-        dev_split = data.get_dataset_splits(dataset, data_root=args.data_root)['valid']
-        dev = store.dataset(dev_split.texts, dev_split.labels)
-        shares = torch.stack([depth_credit(checkpoints.from_pretrained(os.path.join(args.runs, f'seed{seed}', dataset,
-                                                                             'model'))[0], dev)
-                              for seed in seeds if os.path.isdir(os.path.join(args.runs, f'seed{seed}', dataset))])
-        if len(shares):
-            lines.append(f"| {DATASETS[dataset]} ({len(shares)} seeds) | "
-                         + ' | '.join(f"{100 * v:.1f}%" for v in shares.mean(dim=0)) + ' |')
-    lines.append('')
-
-    command = ' '.join(['python -m benchmarks.sst_paper_regime', *(sys.argv[1:] if argv is None else argv)])
-    lines.append(f"Written by `{command}`.")
-    write_report(lines, args.report)
-    if args.save_pretrained:
-        publish(args, seeds, command)
-    return seeds
+    for dataset, credit in record['depth_credit'].items():
+        lines.append(f"| {DATASETS[dataset]} ({credit['n_seeds']} seeds) | "
+                     + ' | '.join(f"{100 * v:.1f}%" for v in credit['share']) + ' |')
+    lines += ['', how_measured(record['depth_credit_meta'])]
+    return '\n'.join(lines)
 
 
 def publish(args, seeds, command):
     """The best-dev heads into pretrained/ where better on dev than the committed ones, and the deletion test of the
-    committed SST-2 head, reported in <report>_pretrained.md (rewritten only by --save_pretrained)."""
-    lines = ['Pretrained heads (chosen by dev accuracy only):', '']
+    committed SST-2 head, recorded in <records>/pretrained.json and reported in <report>_pretrained.md (rewritten
+    only by --save_pretrained)."""
+    meta = measurement_meta(command, 'float32 (the live backbone)')
+    choices = []
     for dataset in DATASETS:
         runs_here = [(seed, r[dataset][1]) for seed, r in seeds.items()
                      if os.path.isdir(os.path.join(args.runs, f'seed{seed}', dataset, 'model'))]
         committed = committed_valid_accuracy(dataset)
-        if not runs_here:
-            lines.append(f"- {dataset}: no run folder under {args.runs}; {PRETRAINED[dataset]} kept")
-            continue
-        seed, final = max(runs_here, key=lambda r: r[1]['valid_accuracy'])
-        if not better_on_dev(final['valid_accuracy'], committed):
-            lines.append(f"- {dataset}: best run (seed {seed}) dev {100 * final['valid_accuracy']:.2f}% is not "
-                         f"above the committed head's {100 * committed:.2f}%: {PRETRAINED[dataset]} kept")
-            continue
-        run_model = os.path.join(args.runs, f'seed{seed}', dataset, 'model')
-        live = train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--data_root', args.data_root,
-                           '--eval_only', '--pretrained_path', run_model, '--device', 'cpu'])
-        publish_pretrained(run_model, PRETRAINED[dataset], dataset, live, final['test_accuracy'],
-                           final['valid_accuracy'])
-        lines.append(f"- {dataset}: seed {seed}, dev {100 * final['valid_accuracy']:.2f}% (the committed head "
-                     f"had {100 * committed:.2f}%), test {100 * live:.2f}% on the live float32 backbone "
-                     f"({100 * final['test_accuracy']:.2f}% from the cache) -> {PRETRAINED[dataset]}")
+        choice = {'dataset': dataset, 'committed_valid': committed, 'folder': PRETRAINED[dataset]}
+        if runs_here:
+            seed, final = max(runs_here, key=lambda r: r[1]['valid_accuracy'])
+            choice.update(seed=seed, valid=final['valid_accuracy'], test_cached=final['test_accuracy'])
+            if better_on_dev(final['valid_accuracy'], committed):
+                import train
+                run_model = os.path.join(args.runs, f'seed{seed}', dataset, 'model')
+                choice['test_live'] = train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--data_root',
+                                                  args.data_root, '--eval_only', '--pretrained_path', run_model,
+                                                  '--device', 'cpu'])
+                publish_pretrained(run_model, PRETRAINED[dataset], dataset, choice['test_live'],
+                                   final['test_accuracy'], final['valid_accuracy'])
+        choices.append(choice)
     deletion = deletion_test(args, PRETRAINED['sst2'])
-    lines += ['', f"Deletion test of {PRETRAINED['sst2']} (SST-2 test): mean drop of the predicted class's "
+    record = {'meta': finish_meta(meta), 'choices': choices, 'deletion_head': PRETRAINED['sst2'],
+              'deletion': [[k, top, rand, n] for k, (top, rand, n) in deletion.items()]}
+    save_record(record, os.path.join(args.records, 'pretrained.json'))
+    write_report([render_pretrained(os.path.join(args.records, 'pretrained.json'))],
+                 args.report.replace('.md', '_pretrained.md'))
+
+
+def render_pretrained(record_path):
+    """docs/sst_paper_regime_pretrained.md from publish's record."""
+    record = load_record(record_path)
+    lines = ['Pretrained heads (the run of best dev accuracy among the seeds; test accuracy played no part):', '']
+    for c in record['choices']:
+        if 'seed' not in c:
+            lines.append(f"- {c['dataset']}: no run folder; {c['folder']} kept")
+        elif 'test_live' not in c:
+            lines.append(f"- {c['dataset']}: best run (seed {c['seed']}) dev {100 * c['valid']:.2f}% is not "
+                         f"above the committed head's {100 * c['committed_valid']:.2f}%: {c['folder']} kept")
+        else:
+            lines.append(f"- {c['dataset']}: seed {c['seed']}, dev {100 * c['valid']:.2f}% (the committed head "
+                         f"had {100 * c['committed_valid']:.2f}%), test {100 * c['test_live']:.2f}% on the live float32 "
+                         f"backbone ({100 * c['test_cached']:.2f}% from the cache) -> {c['folder']}")
+    lines += ['', f"Deletion test of {record['deletion_head']} (SST-2 test): mean drop of the predicted class's "
               "probability after deleting k tokens and re-encoding", '',
               '| k | highest-credit tokens deleted | random tokens deleted | sentences |', '|---|---|---|---|']
-    lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, (top, rand, n) in deletion.items()]
-    lines.append('')
-    lines.append(f"Written by `{command}`.")
-    write_report(lines, args.report.replace('.md', '_pretrained.md'))
+    lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, top, rand, n in record['deletion']]
+    lines += ['', how_measured(record['meta'])]
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -26,15 +26,16 @@ import time
 
 import torch
 
-import train
-from benchmarks.common import (PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test, mean_std,
-                               publish_pretrained, shown_command, sst_feature_store, write_report)
+from benchmarks.common import (NOT_RECORDED, PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test,
+                               finish_meta, how_measured, load_record, mean_std, measurement_meta, publish_pretrained,
+                               save_record, shown_command, sst_feature_store, write_report)
 from heinsen_replication import data, recipes
 from heinsen_replication.runs import read_metrics
 
 def train_heads(args, seed):
     """-> {dataset: (valid acc, test acc, head path)} for the SST-5 head and the SST-2 head tuned from it: the offline
     recipe (recipes.py) for this seed, with this command's epochs, batch size and steps."""
+    import train
     results = {}
     recipe = recipes.runs('offline', data_root=args.data_root, out=args.out_dir, seed=seed,
                           feature_cache=args.feature_cache)
@@ -106,9 +107,13 @@ def main(argv=None):
                    help="steps per epoch (default: the offline recipe's 2000)")
     p.add_argument('--save_pretrained', action='store_true', help='copy the best-dev heads to pretrained/')
     p.add_argument('--report', default='docs/sst_results.md')
+    p.add_argument('--record', default='docs/sst_results/record.json')
     args = p.parse_args(argv)
+    import train
     torch.set_num_threads(os.cpu_count())
-    timings, lines = {}, []
+    meta = measurement_meta(shown_command('benchmarks.sst_results', argv if argv is not None else sys.argv[1:]),
+                            'float32 (the offline recipe chooses bfloat16 only where it measures faster)')
+    timings = {}
     started = time.time()
 
     # 1. features, once
@@ -147,33 +152,61 @@ def main(argv=None):
     timings['deletion test (SST-2 test)'] = time.time() - t
     timings['total'] = time.time() - started
 
-    lines += ['| model (frozen all-MiniLM-L6-v2 features) | SST-5 test acc. (%) | SST-2 test acc. (%) |', '|---|---|---|']
-    lines.append(f"| routing head (2022), mean ± std over seeds {args.seeds} | "
-                 f"{mean_std([r['sst5'][1] for r in runs])} | {mean_std([r['sst2'][1] for r in runs])} |")
-    for name in base['sst5']:
-        (v5, c5, t5), (v2, c2, t2) = base['sst5'][name], base['sst2'][name]
-        lines.append(f"| logistic regression, {name} (L2 {c5:g} / {c2:g} by dev) | {100 * t5:.1f} | {100 * t2:.1f} |")
-    lines += ['', 'Per seed (the offline profile, `bash train_all_heads.sh offline`, is seed 0), accuracies in %:', '',
-              '| seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test |', '|---|---|---|---|---|']
-    lines += [f"| {seed} | " + ' | '.join(f"{100 * r[d][k]:.2f}" for d in ('sst5', 'sst2') for k in (0, 1)) + ' |'
-              for seed, r in zip(args.seeds, runs)]
-    lines += ['', 'Chosen (best dev) heads, test accuracy by `train.py --eval_only` on the live float32 backbone:', '']
-    for dataset, (valid, test, live, path, published) in pretrained.items():
-        lines.append(f"- {dataset}: dev {100 * valid:.2f}%, test {100 * live:.2f}% (from the float16 feature cache: "
-                     f"{100 * test:.2f}%){' -> ' + PRETRAINED[dataset] if published else ''}")
-    lines += ['', 'Deletion test (SST-2 test, chosen head): mean drop of the predicted class probability after '
-              'deleting k tokens and re-encoding', '', '| k | highest-credit tokens deleted | random tokens deleted | sentences |',
-              '|---|---|---|---|']
-    lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, (top, rand, n) in deletion.items()]
-    lines += ['', f"Wall-clock on this machine ({os.cpu_count()} CPU cores, torch {torch.__version__}):", '']
-    lines += [f"- {name}: {seconds / 60:.1f} min" for name, seconds in timings.items()]
-    steps = f" of at most {args.n_iters_per_train_epoch} steps" if args.n_iters_per_train_epoch else ''
-    lines += ['', f"Settings: SST-5 {args.sst5_epochs} epoch(s){steps} over shuffled training phrases (all subtrees), "
-              f"SST-2 {args.sst2_epochs} epoch(s){steps} fine-tuning the last routing, batch {args.batch_sz}, RAdam, "
-              f"one-cycle max lr 1e-3, mixup Beta(0.65, 0.65). Command: `"
-              + shown_command('benchmarks.sst_results', argv if argv is not None else sys.argv[1:]) + '`']
-    write_report(lines, args.report)
+    record = {
+        'meta': finish_meta(meta), 'seeds': args.seeds,
+        'runs': [{'seed': seed, **{d: {'valid': r[d][0], 'test': r[d][1]} for d in ('sst5', 'sst2')}}
+                 for seed, r in zip(args.seeds, runs)],
+        'routing_head': {d: mean_std([r[d][1] for r in runs]) for d in ('sst5', 'sst2')},
+        'baselines': {name: {d: {'valid': base[d][name][0], 'l2': base[d][name][1], 'test': base[d][name][2]}
+                             for d in ('sst5', 'sst2')} for name in base['sst5']},
+        'chosen': {d: {'valid': valid, 'test_cached': test, 'test_live': live,
+                       'published': PRETRAINED[d] if published else None}
+                   for d, (valid, test, live, path, published) in pretrained.items()},
+        'deletion': [[k, top, rand, n] for k, (top, rand, n) in deletion.items()],
+        'minutes': {name: seconds / 60 for name, seconds in timings.items()},
+        'settings': {'sst5_epochs': args.sst5_epochs, 'sst2_epochs': args.sst2_epochs, 'batch_sz': args.batch_sz,
+                     'n_iters_per_train_epoch': args.n_iters_per_train_epoch}}
+    save_record(record, args.record)
+    write_report([render(args.record)], args.report)
     return runs, base, pretrained, deletion
+
+
+def render(record_path):
+    """docs/sst_results.md from main's record; nothing is measured."""
+    record = load_record(record_path)
+    lines = ['| model (frozen all-MiniLM-L6-v2 features) | SST-5 test acc. (%) | SST-2 test acc. (%) |', '|---|---|---|',
+             f"| routing head (2022), mean ± std over seeds {record['seeds']} | {record['routing_head']['sst5']} | "
+             f"{record['routing_head']['sst2']} |"]
+    for name, by_dataset in record['baselines'].items():
+        b5, b2 = by_dataset['sst5'], by_dataset['sst2']
+        lines.append(f"| logistic regression, {name} (L2 {b5['l2']:g} / {b2['l2']:g} by dev) | {100 * b5['test']:.1f} | "
+                     f"{100 * b2['test']:.1f} |")
+    lines += ['', 'Per seed (the offline profile, `bash train_all_heads.sh offline`, is seed 0), accuracies in %:', '']
+    if record['runs']:
+        lines += ['| seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test |', '|---|---|---|---|---|']
+        lines += [f"| {r['seed']} | " + ' | '.join(f"{100 * r[d][k]:.2f}" for d in ('sst5', 'sst2')
+                                                   for k in ('valid', 'test')) + ' |' for r in record['runs']]
+    else:
+        lines.append(f"{NOT_RECORDED} (this record holds only the mean ± std over the seeds).")
+    lines += ['', 'The heads of best dev accuracy among the seeds (test accuracy played no part), their test accuracy '
+              'again by `train.py --eval_only` on the live float32 backbone:', '']
+    for dataset, c in record['chosen'].items():
+        where = f" -> {c['published']}" if c.get('published') else ''
+        lines.append(f"- {dataset}: dev {100 * c['valid']:.2f}%, test {100 * c['test_live']:.2f}% (from the float16 "
+                     f"feature cache: {100 * c['test_cached']:.2f}%){where}{c.get('since', '')}")
+    lines += ['', 'Deletion test (SST-2 test, the chosen head): mean drop of the predicted class probability after '
+              'deleting k tokens and re-encoding', '', '| k | highest-credit tokens deleted | random tokens deleted | '
+              'sentences |', '|---|---|---|---|']
+    lines += [f"| {k} | {top:.3f} | {rand:.3f} | {n} |" for k, top, rand, n in record['deletion']]
+    lines += ['', 'Wall-clock minutes:', '']
+    lines += [f"- {name}: {minutes:.1f} min" for name, minutes in record['minutes'].items()]
+    settings = record['settings']
+    steps = f" of at most {settings['n_iters_per_train_epoch']} steps" if settings['n_iters_per_train_epoch'] else ''
+    lines += ['', f"Settings: SST-5 {settings['sst5_epochs']} epoch(s){steps} over shuffled training phrases (all "
+              f"subtrees), SST-2 {settings['sst2_epochs']} epoch(s){steps} fine-tuning the last routing, batch "
+              f"{settings['batch_sz']}, RAdam, one-cycle max lr 1e-3, mixup Beta(0.65, 0.65); nothing chosen per "
+              f"run (each run's final head). " + how_measured(record['meta'])]
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

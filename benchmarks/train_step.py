@@ -11,12 +11,11 @@ the operators that take the most time (torch.profiler), so a speed-up can be aim
 
     python -m benchmarks.train_step --matmul_precision medium --report benchmarks/train_step.md --label "..."
 
---report appends the tables, under --label and the command, to a markdown file (benchmarks/train_step.md holds the
+--report adds the tables, under --label, with how they were measured, to a benchmark log's record (benchmarks/train_step.md holds the
 figures before and after the speed-ups).
 """
 import argparse
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -27,14 +26,17 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+from benchmarks.common import REPO_ROOT
 from heinsen_replication import recipes
+from heinsen_replication.settings import run_settings
 
 
-def paper_minilm_run(args, output_dir):
-    """The paper-minilm SST-5 run (recipes.py) as train.py builds it (train.build_run), on the CPU, in output_dir."""
+def paper_minilm_args(args, output_dir):
+    """train.py's arguments of the paper-minilm SST-5 run (recipes.py), on the CPU, in output_dir, at this command's
+    matmul precision and threads."""
     argv = recipes.runs('paper-minilm', data_root=args.data_root, feature_cache=args.feature_cache)['sst5']
-    return train.build_run(train.parse_args([*argv, '--output_dir', output_dir, '--device', 'cpu',
-                                             '--matmul_precision', args.matmul_precision]))
+    return train.parse_args([*argv, '--output_dir', output_dir, '--device', 'cpu', '--matmul_precision',
+                             args.matmul_precision, *(['--threads', str(args.threads)] if args.threads else [])])
 
 
 def main(argv=None):
@@ -46,21 +48,21 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s own choice)')
     p.add_argument('--matmul_precision', default='highest', choices=['highest', 'high', 'medium'],
                    help="as train.py's (the paper-minilm profile uses medium)")
-    p.add_argument('--report', default=None, help='append the tables to this markdown file')
-    p.add_argument('--label', default='', help='heading of the appended section')
+    p.add_argument('--report', default=None, help="add the tables as a section of this benchmark log's record "
+                                                   "(benchmarks/train_step.md) and rewrite it")
+    p.add_argument('--label', default='', help='heading of the added section')
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    torch.manual_seed(0)
+    from benchmarks.common import finish_meta, measurement_meta, shown_command
+    meta = measurement_meta(shown_command('benchmarks.train_step', argv if argv is not None else sys.argv[1:]),
+                            f"float32, matmul precision {args.matmul_precision}")
     with tempfile.TemporaryDirectory() as output_dir:
-        run = paper_minilm_run(args, output_dir)
-        report = measure(run, args)
+        run_args = paper_minilm_args(args, output_dir)
+        with run_settings(run_args):                     # the run's matmul precision, threads and seeds, as train.py's
+            report = measure(train.build_run(run_args), args)
     print('\n' + report)
     if args.report:
-        command = shlex.join(argv if argv is not None else sys.argv[1:])
-        with open(args.report, 'a') as f:
-            f.write(f"\n## {args.label}\n\n`python -m benchmarks.train_step {command}`\n\n{report}\n")
+        from benchmarks.reports import add_section
+        add_section(os.path.relpath(os.path.abspath(args.report), REPO_ROOT), args.label, finish_meta(meta), report)
 
 
 def measure(run, args):

@@ -6,6 +6,7 @@ fine-tuned: its last routing, last_routing).
 import torch
 
 from .backbones import load_backbone
+from .errors import UsageError
 from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
 from .standard_heads import FROZEN_HEADS
 
@@ -22,8 +23,18 @@ def model_name(model):
 
 
 def build_model(args, splits, backbone):
-    """-> (the trained module, its training metadata) for --model on this dataset (backbone None: end to end); the
-    module's own config (its constructor's arguments) is saved with it by save_pretrained."""
+    """-> (the trained module, its training metadata) for --model on this dataset (backbone None: end to end), with
+    --chunk_elements set; the module's own config (its constructor's arguments) is saved with it by save_pretrained."""
+    head, metadata = _build_model(args, splits, backbone)
+    if args.chunk_elements is not None:
+        if not isinstance(head, RoutingHead):
+            raise UsageError(f"--chunk_elements sets the streamed routings of --model routing_head; "
+                             f"{type(head).__name__} has none")
+        head.set_chunk_elements(args.chunk_elements)
+    return head, metadata
+
+
+def _build_model(args, splits, backbone):
     n_classes, modality = splits['n_classes'], splits['modality']
     metadata = {'model': args.model, 'dataset_name': args.dataset_name}
     if args.model == 'routing_head':
@@ -35,7 +46,7 @@ def build_model(args, splits, backbone):
     if modality == 'text':
         return SSTClassifier(backbone.d_depth, backbone.d_emb, d_inp=64, d_cap=2, n_parts=64,
                                     n_classes=n_classes), metadata
-    raise ValueError(f"--model capsules2019 has the 2019 paper's models for text datasets (SSTClassifier) and "
+    raise UsageError(f"--model capsules2019 has the 2019 paper's models for text datasets (SSTClassifier) and "
                      f"smallnorb (SmallNORBClassifier); --dataset_name {args.dataset_name!r} is {modality}")
 
 
@@ -69,9 +80,9 @@ def check_device(args):
     why = (f"torch.cuda.is_available() is False: no GPU, or its driver is older than this torch build (CUDA "
            f"{torch.version.cuda or 'none: a CPU-only build'}) needs")
     if args.device == 'cuda' and not cuda:
-        raise RuntimeError(f"--device cuda: no CUDA device is usable ({why})")
+        raise UsageError(f"--device cuda: no CUDA device is usable ({why})")
     if args.device == 'auto' and not cuda and args.backbone in PAPER_BACKBONES:
-        raise RuntimeError(f"--backbone {args.backbone} is one of the papers' backbones, meant for a GPU, and no CUDA "
+        raise UsageError(f"--backbone {args.backbone} is one of the papers' backbones, meant for a GPU, and no CUDA "
                            f"device is usable ({why}); on a CPU its steps are slow (benchmarks/full_scale_smoke.md). "
                            f"Pass --device cpu to run it on the CPU anyway")
     return args.device == 'cpu' or not cuda
@@ -93,13 +104,13 @@ def load_frozen_backbone(args, splits, accelerator, autocast_dtype=None):
     (None: float32), or None for end-to-end models (smallnorb)."""
     if splits['modality'] == 'stereo':                    # smallnorb: the 2019 network learns from the pixels
         if args.model != 'capsules2019':
-            raise ValueError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
+            raise UsageError(f"--dataset_name {args.dataset_name!r} (stereo pairs) has no frozen backbone; it trains "
                              f"the 2019 paper's SmallNORBClassifier end to end: pass --model capsules2019")
         return None
     backbone = load_backbone(args.backbone, revision=args.revision, max_length=args.max_length,
                                     autocast_dtype=autocast_dtype)
     if backbone.modality != splits['modality']:
-        raise ValueError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
+        raise UsageError(f"--backbone {args.backbone!r} is a {backbone.modality} model but --dataset_name "
                          f"{args.dataset_name!r} is {splits['modality']}")
     return backbone.to(accelerator.device)
 
@@ -115,11 +126,11 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
     if authors and backbone_given and trained_on not in (None, using):
         log(f"--pretrained_path {args.pretrained_path} is named for backbone {trained_on!r}; using --backbone {using!r}")
     elif trained_on not in (None, using):
-        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
+        raise UsageError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
                          f"{trained_on!r}, not --backbone {using!r}")
     revision, now = pretrained_config.get('backbone_revision'), backbone and backbone.revision
     if trained_on is not None and revision != now:
-        raise ValueError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone {trained_on!r} at "
+        raise UsageError(f"--pretrained_path {args.pretrained_path!r} was trained with backbone {trained_on!r} at "
                          f"revision {revision!r}, not --revision {now!r}: pass --revision {revision}"
                          if revision else f"--pretrained_path {args.pretrained_path!r} was trained with backbone "
                          f"{trained_on!r} at no pinned revision, not --revision {now!r}: leave --revision out")
@@ -127,7 +138,7 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise RuntimeError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
+            raise UsageError(f"--pretrained_path {args.pretrained_path!r} does not fit a {args.model} model for "
                                f"{args.dataset_name} on {args.backbone}{depths_hint(state, backbone)}: {e}") from e
         return
     own = head.state_dict()
@@ -139,3 +150,17 @@ def init_from_pretrained(head, pretrained, pretrained_config, args, backbone, lo
     log(f"fine-tuning {args.pretrained_path} on {args.dataset_name}, training {trained}: loaded {len(fits)} of the "
         f"head's {len(own)} tensors; left at initialisation (other shapes, e.g. another number of classes): "
         f"{', '.join(sorted(set(own) - set(fits))) or 'none'}")
+
+
+def one_cycle(optimizer, lr, regime, total_steps):
+    """The regime's single cycle: lr rises from lr / 25 to lr over the first pct_start of the steps, then
+    anneals (cosine) to final_lr; Adam's beta1 cycles the other way (0.95 -> 0.85 -> 0.95)."""
+    warmup_end = float(regime['pct_start'] * total_steps) - 1             # as OneCycleLR computes it
+    if warmup_end == 0 or total_steps - 1 == warmup_end:                  # a phase of no length: 0 / 0 inside it
+        raise UsageError(f"{total_steps} optimizer steps in all (--n_epochs x steps per epoch) make a one-cycle "
+                         f"schedule with a {regime['pct_start']:.0%} warm-up of a single step, which OneCycleLR "
+                         f"cannot schedule: use more steps (--n_epochs, --n_iters_per_train_epoch) or fewer")
+    final_div_factor = 1e4 if regime['final_lr'] is None else lr / 25 / regime['final_lr']
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, pct_start=regime['pct_start'],
+                                               final_div_factor=final_div_factor, cycle_momentum=True,
+                                               total_steps=total_steps)

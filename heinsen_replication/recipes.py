@@ -19,7 +19,7 @@ prints the profile's train.py runs, one shell-quoted argument list per line, in 
                    'medium'. The choice is made on the first start and kept in OUT/offline/seed<k>/precision.txt,
                    so that a resumed run (and its feature cache) keeps it on a CPU near the threshold.
     paper-minilm   the paper's SST-5 -> SST-2 settings on minilm, with the feature cache; long on a CPU.
-    frozen-heads   the standard heads on the same frozen features (issue 21; train.py --model scalar_mix_mean,
+    frozen-heads   the standard heads on the same frozen features (train.py --model scalar_mix_mean,
                    scalar_mix_attention, token_depth_attention), each in the paper-minilm recipe (SST-2 fine-tunes
                    their final Linear); outputs OUT/frozen-heads/<head>/seed<k>/<dataset>/. --heads picks some.
     digits-vit     the routing head on the small ViT pretrained on scikit-learn's 8x8 digits (the committed
@@ -36,8 +36,22 @@ import functools
 import os
 import shlex
 
+from .errors import UsageError
+
 PROFILES = ('paper', 'offline', 'paper-minilm', 'frozen-heads', 'digits-vit', 'capsules2019')
-FROZEN_HEADS = ('scalar_mix_mean', 'scalar_mix_attention', 'token_depth_attention')   # models.FROZEN_HEADS
+FROZEN_HEADS = ('scalar_mix_mean', 'scalar_mix_attention', 'token_depth_attention')   # standard_heads.FROZEN_HEADS
+
+# train.py's regime of each --model, the papers' (its options override): one-cycle max lr and warm-up fraction,
+# final lr (None: OneCycleLR's default, max_lr / 25 / 1e4), batch size, mixup alpha per modality, mixed precision
+# on GPU.
+REGIMES = {
+    'routing_head': dict(lr=1e-3, pct_start=0.3, final_lr=None, batch_sz=50,
+                         mixup_alpha={'text': 0.65, 'image': 0.2}, gpu_precision='fp16'),
+    'capsules2019': dict(lr=5e-4, pct_start=0.1, final_lr=1e-5, batch_sz=20,
+                         mixup_alpha={'text': 0.2, 'stereo': 0.2}, gpu_precision='no'),
+}
+REGIMES.update({name: REGIMES['routing_head'] for name in FROZEN_HEADS})   # the standard heads: the routing head's
+
 
 # The paper's backbones at the revisions it used.
 ROBERTA = ['--backbone', 'roberta-large', '--revision', '5069d8a']
@@ -101,7 +115,7 @@ def offline_uses_bfloat16(where):
         with open(path) as f:
             choice = f.read().strip()
         if choice not in ('bfloat16', 'float32'):
-            raise ValueError(f"{path} must hold 'bfloat16' or 'float32' (the offline profile's recorded precision), "
+            raise UsageError(f"{path} must hold 'bfloat16' or 'float32' (the offline profile's recorded precision), "
                              f"got {choice!r}: delete it to measure again")
         return choice == 'bfloat16'
     faster = cpu_bfloat16_is_faster()
@@ -116,7 +130,7 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, hea
     stage's model). feature_cache: the minilm profiles' cache (default <data_root>/features); the paper profile
     caches only when it is given. heads: the frozen-heads profile's heads (stages '<head>/sst5', '<head>/sst2')."""
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+        raise UsageError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     common = ['--data_root', data_root, '--run_test', '--resume', '--rng_seed', str(seed)]
     cache = ['--feature_cache', feature_cache or os.path.join(data_root, 'features')]
     where = os.path.join(out, profile, f'seed{seed}')
@@ -160,7 +174,7 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, hea
         # the paper-minilm recipe for each head; SST-2 fine-tunes the final Linear (train.last_routing)
         unknown = sorted(set(heads) - set(FROZEN_HEADS))
         if unknown:
-            raise ValueError(f"unknown heads {unknown}: choose among {', '.join(FROZEN_HEADS)}")
+            raise UsageError(f"unknown heads {unknown}: choose among {', '.join(FROZEN_HEADS)}")
         return {f'{head}/{dataset}': argv for head in heads
                 for dataset, argv in paper_minilm(os.path.join(out, profile, head, f'seed{seed}'),
                                                   '--model', head).items()}

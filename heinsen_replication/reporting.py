@@ -289,7 +289,7 @@ def end_summary(model_dir, final, history, training):
 # A job of train_all_heads.sh: its start summary (with an estimate of its cost) and its end summary
 # -------------------------------------------------------------------------------------------------
 
-RECORD = os.path.join('docs', 'resources.json')          # written by python -m benchmarks.resources --run
+RECORD = os.path.join('docs', 'resources', 'record.json')   # python -m benchmarks.resources --run adds to it
 
 
 def options(argv):
@@ -306,37 +306,51 @@ def cpu_model():
     return recipes.cpuinfo('model name') or 'an unknown CPU'
 
 
-def estimate(profile, runs, record_path):
-    """-> a line estimating the job's wall time from the measured record (benchmarks.resources --run), for what
-    is left: runs whose model/ exists are skipped; the feature cache's encoding is counted unless its folder
-    exists. None where no rate is recorded for this profile."""
+def measured_offline(record_path):
+    """The headline measurement of the offline job in the record (benchmarks.resources --run): the latest made
+    while no other work shared the machine (its meta says 'busy', or its load average passed the cores), or None."""
     if not os.path.isfile(record_path):
         return None
     with open(record_path, encoding='utf-8') as f:
-        record = json.load(f)
-    measured = record.get('profiles', {}).get(profile)
-    if not measured:
+        measured = json.load(f).get('offline', [])
+
+    def busy(meta):
+        loads = [v for v in (meta.get('load_start'), meta.get('load_end')) if isinstance(v, (int, float))]
+        return meta.get('busy', bool(loads) and max(loads) >= (meta.get('cpu_count') or 0) + 1)
+    idle = [m for m in measured if not busy(m['meta'])]
+    return idle[-1] if idle else None
+
+
+def estimate(profile, runs, record_path):
+    """-> a line estimating the offline job's wall time from its measurement (measured_offline), or None for other
+    profiles. Where the measurement has each run's steps and seconds, only what is left is counted (a run whose
+    model/ exists is skipped; the feature cache is not built again where its folder exists); otherwise the whole
+    job's time from scratch."""
+    measured = measured_offline(record_path) if profile == 'offline' else None
+    if measured is None:
         return None
-    seconds, parts = 0.0, []
-    for name, argv in runs.items():
-        opts = options(argv)
-        rate = measured['runs'].get(name)
-        if os.path.isdir(os.path.join(opts['output_dir'], 'model')):
-            parts.append(f"{name} done")
-        elif rate:
+    left = [name for name, argv in runs.items() if not os.path.isdir(os.path.join(options(argv)['output_dir'], 'model'))]
+    cache = options(next(iter(runs.values()))).get('feature_cache')
+    seconds, parts = measured['wall_s'], []
+    if measured.get('runs'):                              # per run: steps x its measured seconds per step
+        seconds = 0.0 if cache and os.path.isdir(os.path.join(cache, 'minilm')) else \
+            measured['wall_s'] - sum(r['seconds'] for r in measured['runs'].values())
+        parts.append(f"loading and encoding ~{minutes(seconds)}")
+        for name in left:
+            rate = measured['runs'][name]
+            opts = options(runs[name])
             steps = int(opts.get('n_epochs', 1)) * int(opts.get('n_iters_per_train_epoch', rate['steps']))
             seconds += steps * rate['seconds'] / rate['steps']
             parts.append(f"{name} {steps} steps ~{minutes(steps * rate['seconds'] / rate['steps'])}")
-    cache = options(next(iter(runs.values()))).get('feature_cache')
-    if cache and os.path.isdir(os.path.join(cache, 'minilm')):
-        parts.append(f"feature cache in {cache} (built)")
-    else:
-        seconds += measured['other_seconds']
-        parts.append(f"building the feature cache and loading ~{minutes(measured['other_seconds'])}")
-    return (f"  estimate:  about {minutes(seconds)} of wall clock ({'; '.join(parts)}), from a measurement of "
-            f"{minutes(measured['wall_seconds'])} from scratch on {measured['cpu_count']} cores of {measured['cpu_model']} "
-            f"({measured['when']}, `python -m benchmarks.resources --run`); this machine: {os.cpu_count()} cores of "
-            f"{cpu_model()}")
+    elif len(left) < len(runs):
+        parts.append(f"less: {', '.join(sorted(set(runs) - set(left)))} finished")
+    meta = measured['meta']
+    if not left:
+        return "  estimate:  nothing left to train (every run has its model/)"
+    return (f"  estimate:  about {minutes(seconds)} of wall clock" + (f" ({'; '.join(parts)})" if parts else '')
+            + f", from `{meta.get('command')}`: {minutes(measured['wall_s'])} from scratch on {meta.get('cpu_count')} "
+            f"cores of {meta.get('cpu_model') or 'a CPU not recorded'} ({meta.get('when')}); this machine: "
+            f"{os.cpu_count()} cores of {cpu_model()}")
 
 
 def job_start(profile, runs, out, record_path=RECORD):

@@ -1,11 +1,14 @@
 """
 A run's folder (output_dir): its lock (one writer at a time), the checks before a run writes into it (overwrite,
-resume: the same arguments, the same data), and what it writes there, atomically (data.save_atomic: temp file,
-fsync, rename): checkpoint.pt, metrics.jsonl, model/ and epoch<k>/ (save_pretrained). A failed write (disk full,
-...) names its cause and leaves the previous checkpoint intact.
+resume: the same arguments, the same data), resuming from its checkpoint (restore), and what it writes there,
+atomically (data.save_atomic: temp file, fsync, rename): after each epoch its model (epoch<k>/, save_pretrained),
+checkpoint.pt and metrics.jsonl (save_epoch), at the end model/ (save_final). A failed write (disk full, ...) is a
+UsageError naming its cause, and leaves the previous checkpoint intact.
 """
+import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,12 +18,14 @@ import tempfile
 import torch
 
 from . import data
-from .pretrained import torch_load_safely
+from .errors import UsageError, relative_to_cwd
+from .pretrained import check_finite, torch_load_safely
 
 RUN_FILES = ('checkpoint.pt', 'model', 'metrics.jsonl')   # what a run writes into output_dir, and epoch<k>/ folders
 # What a run records as it goes (reporting.TrainingLog): removed by --overwrite, but alone no run to protect (a run
 # stopped before its first checkpoint leaves them; the next start cuts them back to its own first step).
 PROGRESS_FILES = ('steps.jsonl', 'trackers')
+log = logging.getLogger(__name__)
 
 
 def run_files(out):
@@ -43,19 +48,34 @@ def load_checkpoint(path):
     return torch_load_safely(path)
 
 
+def resumed_checkpoint(path):
+    """--resume: the checkpoint at path, checked to be train.py's (head, optimizer, scheduler, history and metadata),
+    or None where there is none yet."""
+    if not os.path.exists(path):
+        return None
+    checkpoint = load_checkpoint(path)
+    needed = {'head', 'optimizer', 'scheduler', 'history', 'metadata'}
+    if not (isinstance(checkpoint, dict) and needed <= set(checkpoint)):
+        raise UsageError(f"--resume: {path} is not a checkpoint written by train.py (no head, optimizer, scheduler, "
+                         f"history and metadata); delete it to start over")
+    return checkpoint
+
+
 def check_output_dir(args):
     """Before any data is read or encoded: output_dir must be a writable folder, and must not hold a run
     (or the --pretrained_path head) that this run would overwrite, unless --resume or --overwrite."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--output_dir {out!r} is a file, not a folder: choose another --output_dir")
+        raise UsageError(f"--output_dir {out!r}{relative_to_cwd(out)} is a file, not a folder: choose another "
+                         f"--output_dir")
     try:
         os.makedirs(out, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix='.write-test-')
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"--output_dir {out!r} is not writable ({e.strerror or e}): choose another --output_dir")
+        raise UsageError(f"--output_dir {out!r}{relative_to_cwd(out)} is not writable ({e.strerror or e}): choose "
+                         f"another --output_dir")
     lock_output_dir(out)                                  # before looking at what it holds: one writer at a time
     try:
         check_run_files(args, out)
@@ -81,7 +101,7 @@ def lock_output_dir(out):
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise ValueError(f"--output_dir {out!r} is in use: another train.py run holds {os.path.join(out, '.lock')} "
+        raise UsageError(f"--output_dir {out!r} is in use: another train.py run holds {os.path.join(out, '.lock')} "
                          f"(two runs writing one folder would mix their checkpoints, models and metrics): wait for "
                          f"it to finish, or choose another --output_dir") from None
     _OUTPUT_LOCKS[key] = lock
@@ -101,15 +121,15 @@ def check_run_files(args, out):
     if (args.pretrained_path and not args.overwrite
             and os.path.realpath(os.path.dirname(pretrained)) == os.path.realpath(out)
             and os.path.basename(pretrained) in [*RUN_FILES, *existing]):
-        raise ValueError(f"--pretrained_path {args.pretrained_path!r} is in --output_dir {out!r}, where this run "
+        raise UsageError(f"--pretrained_path {args.pretrained_path!r} is in --output_dir {out!r}, where this run "
                          f"would overwrite it with its own {os.path.basename(pretrained)}: "
                          f"choose a new --output_dir (or pass --overwrite to replace it)")
     if existing and not args.overwrite:
         if not args.resume:
-            raise ValueError(f"--output_dir {out!r} holds a run ({', '.join(existing)}): pass --resume to continue it, "
+            raise UsageError(f"--output_dir {out!r} holds a run ({', '.join(existing)}): pass --resume to continue it, "
                              f"--overwrite to replace it, or choose a new --output_dir")
         if 'checkpoint.pt' not in existing:
-            raise ValueError(f"--resume: --output_dir {out!r} holds {', '.join(existing)} but no checkpoint.pt to "
+            raise UsageError(f"--resume: --output_dir {out!r} holds {', '.join(existing)} but no checkpoint.pt to "
                              f"resume from; starting over would overwrite them: pass --overwrite to replace them, "
                              f"or choose a new --output_dir")
 
@@ -119,7 +139,7 @@ def check_resume_args(checkpoint, args, path, defaults):
     defaults: {name: train.py's default}, for arguments newer than the checkpoint."""
     saved = checkpoint.get('args')
     if not isinstance(saved, dict):
-        raise ValueError(f"--resume: {path} records no arguments, so it cannot be checked against this run's; "
+        raise UsageError(f"--resume: {path} records no arguments, so it cannot be checked against this run's; "
                          f"delete it to start over, or use a new --output_dir")
     current = vars(args)
 
@@ -137,7 +157,7 @@ def check_resume_args(checkpoint, args, path, defaults):
     differ = [name for name in RESUME_ARGS if not same(name)]
     if differ:
         details = ', '.join(f"--{n} {trained(n)!r} (now {current.get(n)!r})" for n in differ)
-        raise ValueError(f"--resume: {path} was trained with {details}: resume with the same arguments, or start "
+        raise UsageError(f"--resume: {path} was trained with {details}: resume with the same arguments, or start "
                          f"a new run in another --output_dir")
 
 
@@ -156,7 +176,7 @@ def check_resume_data(checkpoint, args, splits, path):
         trained = checkpoint.get('args') or {}
         moved = ', '.join(f"--{n} {trained.get(n)!r} (now {getattr(args, n)!r})" for n in ('data_root', 'data_source')
                           if n in trained and trained[n] != getattr(args, n))
-        raise ValueError(f"--resume: {path} was trained on other data: the {', '.join(differ)} split"
+        raise UsageError(f"--resume: {path} was trained on other data: the {', '.join(differ)} split"
                          f"{'s differ' if len(differ) > 1 else ' differs'} from the one it recorded"
                          f"{' (' + moved + ')' if moved else ''}: resume on the same data, or start a new run in "
                          f"another --output_dir")
@@ -203,8 +223,18 @@ def save_checkpoint(state, path):
                                                             state_bytes(state)) else None
         detail = f" ({why})" if why else ''
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"could not write checkpoint {path}{detail}: {message}. The previous checkpoint, if any, "
+        raise UsageError(f"could not write checkpoint {path}{detail}: {message}. The previous checkpoint, if any, "
                            f"is intact: run again with --resume to continue from it") from e
+
+
+@contextlib.contextmanager
+def written(path, intact):
+    """with written(path, intact): an OSError while writing path -> UsageError naming the path, why (DISK_ERRORS),
+    and what is intact and what to do (intact)."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"could not write {path} ({DISK_ERRORS.get(e.errno, e.strerror or e)}). {intact}") from e
 
 
 def write_metrics(path, records):
@@ -220,6 +250,13 @@ def read_metrics(path):
         records = [json.loads(line) for line in f if line.strip()]
     finals = [r['final'] for r in records if 'final' in r]
     return [r for r in records if 'epoch' in r], (finals[-1] if finals else None)
+
+
+def reproduce_command(argv):
+    """The command that trains a run again: `python train.py` and its arguments, less those about the run folder's
+    state (--resume, --overwrite)."""
+    import shlex
+    return shlex.join(['python', 'train.py', *(a for a in argv if a not in ('--resume', '--overwrite'))])
 
 
 def save_model(model, folder, backbone, training):
@@ -247,10 +284,73 @@ def remove_run_files(out):
         for back in reversed(moved):
             os.rename(os.path.join(aside, back), os.path.join(out, back))
         os.rmdir(aside)
-        raise RuntimeError(f"--overwrite: cannot remove {failed} ({e.strerror or e}); nothing of the old run was "
+        raise UsageError(f"--overwrite: cannot remove {failed} ({e.strerror or e}); nothing of the old run was "
                            f"removed") from e
     try:
         shutil.rmtree(aside)                              # links inside are unlinked, never followed
     except OSError as e:
         print(f"--overwrite: the old run was moved aside into {aside} but could not all be deleted "
               f"({e.strerror or e}): delete it by hand", file=sys.stderr)
+
+
+def remove_old_run(accelerator, out):
+    """--overwrite: the run in output_dir `out` replaced, none of its files stays beside ours (remove_run_files, by
+    the main process while the others wait)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_run_files(out)
+    accelerator.wait_for_everyone()
+
+
+def restore(run, checkpoint, defaults):
+    """--resume: run's head, optimizer, schedule and metrics history from its checkpoint, once the checkpoint is
+    checked against the run: its arguments (check_resume_args; defaults: train.py's), its data, finite values and
+    the schedule's length."""
+    args, path = run.args, run.checkpoint_path
+    check_resume_args(checkpoint, args, path, defaults)
+    check_resume_data(checkpoint, args, run.splits, path)
+    check_finite(checkpoint['head'], f"--resume: {path}")
+    if checkpoint['scheduler']['total_steps'] != run.scheduler.total_steps:
+        raise UsageError(f"--resume: {path} belongs to a run of {checkpoint['scheduler']['total_steps']} "
+                         f"steps in all, this one has {run.scheduler.total_steps}: resume with the same --n_epochs "
+                         f"and --n_iters_per_train_epoch (the one-cycle schedule spans the whole run)")
+    try:
+        run.accelerator.unwrap_model(run.head).load_state_dict(checkpoint['head'])
+        run.optimizer.load_state_dict(checkpoint['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"--resume: {path} does not fit this run's {args.model} for {args.dataset_name} on "
+                         f"{args.backbone}: {e}") from e
+    run.scheduler.load_state_dict(checkpoint['scheduler'])
+    run.history = checkpoint['history']
+    log.info(f"resumed from {path} after epoch {len(run.history)}")
+
+
+def save_epoch(run, record):
+    """After an epoch: its model (epoch<k>/, as the paper keeps every epoch's), the checkpoint, the metrics."""
+    run.history.append(record)
+    if run.accelerator.is_main_process:
+        head = run.accelerator.unwrap_model(run.head)
+        epoch_dir = os.path.join(run.args.output_dir, f"epoch{record['epoch']}")
+        with written(epoch_dir, "The checkpoint of the epoch before, if any, is intact: run again with --resume to "
+                                "continue from it"):
+            save_model(head, epoch_dir, run.backbone, {**run.metadata, **record})
+        state = {'head': head.state_dict(), 'optimizer': run.optimizer.state_dict(),
+                 'scheduler': run.scheduler.state_dict(), 'history': run.history, 'args': vars(run.args),
+                 'metadata': run.metadata, 'backbone': run.backbone and run.backbone.name,
+                 'backbone_revision': run.backbone and run.backbone.revision,
+                 'data_fingerprint': run.data_fingerprint}
+        save_checkpoint(state, run.checkpoint_path)
+        with written(run.metrics_path, "The checkpoint of this epoch is intact and holds the metrics: run again "
+                                       "with --resume"):
+            write_metrics(run.metrics_path, run.history)
+    run.accelerator.wait_for_everyone()
+
+
+def save_final(run, final):
+    """The final model (output_dir/model/) and the final metrics record."""
+    model_dir = os.path.join(run.args.output_dir, 'model')
+    if run.accelerator.is_main_process:
+        with written(model_dir, "The checkpoint of the last epoch is intact: run again with --resume to write the "
+                                "model"):
+            save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final)
+            write_metrics(run.metrics_path, run.history + [{'final': final}])

@@ -1,26 +1,25 @@
 """
-Standard heads on the same frozen features as RoutingHead (ScalarMix and three heads; train.py --model
-scalar_mix_mean, scalar_mix_attention, token_depth_attention).
+Standard heads on the same frozen features as RoutingHead, the baselines a reviewer of an "all depths" head asks for
+first (train.py --model scalar_mix_mean, scalar_mix_attention, token_depth_attention; FROZEN_HEADS). Same input as
+RoutingHead: hidden [..., n_pos, d_depth, d_emb] + mask [..., n_pos].
+
+  ScalarMixMeanHead        (a) learned softmax mix of the depths (ELMo's ScalarMix / SUPERB's weighted sum), masked
+                               mean over tokens, Linear
+  ScalarMixAttentionHead   (b) the same mix, attention pooling with one learned query (Set Transformer's PMA / timm's
+                               AttentionPoolLatent style), Linear; exposes its attention weights
+  TokenDepthAttentionHead  (c) attention pooling of all (token, depth) vectors by several learned queries (a PMA
+                               block: attention, residual, LayerNorm, feed-forward), Linear; sized to about
+                               RoutingHead's parameter count on minilm
+
+Each one's final Linear `classify` is what fine-tuning from a pretrained head trains (LAST_STAGE), the analogue of
+RoutingHead's last routing: the layer that maps the pooled representation to class scores.
 """
 import torch
 import torch.nn as nn
 
-from .models import _check_hidden, _over_depths
+from .models import check_hidden, over_depths
 from .pretrained import Pretrained
 
-# -------------------------------------------------------------------------------------------------
-# Standard heads on the same frozen features (issue 21): the baselines a reviewer of an "all depths"
-# head asks for first. Same input as RoutingHead: hidden [..., n_pos, d_depth, d_emb] + mask [..., n_pos].
-#   ScalarMixMeanHead        (a) learned softmax mix of the depths (ELMo's ScalarMix / SUPERB's weighted
-#                                sum), masked mean over tokens, Linear
-#   ScalarMixAttentionHead   (b) the same mix, attention pooling with one learned query (Set Transformer's
-#                                PMA / timm's AttentionPoolLatent style), Linear; exposes its attention weights
-#   TokenDepthAttentionHead  (c) attention pooling of all (token, depth) vectors by several learned queries
-#                                (a PMA block: attention, residual, LayerNorm, feed-forward), Linear; sized to
-#                                about RoutingHead's parameter count on minilm
-# Each one's final Linear `classify` is what fine-tuning from a pretrained head trains (LAST_STAGE), the
-# analogue of RoutingHead's last routing: the layer that maps the pooled representation to class scores.
-# -------------------------------------------------------------------------------------------------
 
 def _zero_padding(hidden, mask):
     """hidden [..., n_pos, d_depth, d_emb] with padding positions set to 0, so that no padding value (NaN
@@ -82,7 +81,7 @@ class ScalarMixMeanHead(nn.Module, Pretrained):
 
     def forward(self, hidden, mask=None):
         """hidden [..., n_pos, d_depth, d_emb]; mask [..., n_pos] bool, True = padding."""
-        _check_hidden(hidden, mask, self.d_depth, self.d_emb)
+        check_hidden(hidden, mask, self.d_depth, self.d_emb)
         x = self.mix(_zero_padding(hidden, mask))                                # [..., n_pos, d_emb]
         if mask is None:
             pooled = x.mean(dim=-2)                                              # [..., d_emb]
@@ -107,7 +106,7 @@ class ScalarMixAttentionHead(nn.Module, Pretrained):
         self.classify = nn.Linear(d_emb, n_classes)
 
     def _pool(self, hidden, mask):
-        _check_hidden(hidden, mask, self.d_depth, self.d_emb)
+        check_hidden(hidden, mask, self.d_depth, self.d_emb)
         x = self.mix(_zero_padding(hidden, mask))                                # [..., n_pos, d_emb]
         pooled, weights = _pool_by_queries(self.attend, self.query, x, mask)     # [..., 1, d_emb], [..., 1, n_pos]
         return self.classify(pooled.squeeze(-2)), weights.squeeze(-2)            # [..., n_classes], [..., n_pos]
@@ -147,10 +146,10 @@ class TokenDepthAttentionHead(nn.Module, Pretrained):
 
     def forward(self, hidden, mask=None):
         """hidden [..., n_pos, d_depth, d_emb]; mask [..., n_pos] bool, True = padding."""
-        _check_hidden(hidden, mask, self.d_depth, self.d_emb)
+        check_hidden(hidden, mask, self.d_depth, self.d_emb)
         x = self.normalize(_zero_padding(hidden, mask)) * self.W + self.B         # [..., n_pos, d_depth, d_emb]
         x = x.flatten(-3, -2)                                                    # [..., n_pos * d_depth, d_emb]
-        flat_mask = None if mask is None else _over_depths(mask, self.d_depth)   # [..., n_pos * d_depth]
+        flat_mask = None if mask is None else over_depths(mask, self.d_depth)   # [..., n_pos * d_depth]
         pooled, _ = _pool_by_queries(self.attend, self.queries, x, flat_mask)    # [..., n_queries, d_emb]
         h = self.norm1(self.queries + pooled)                                    # [..., n_queries, d_emb]
         h = self.norm2(h + self.feed_forward(h))                                 # [..., n_queries, d_emb]

@@ -4,39 +4,42 @@ the expected and the actual shape, dtype or value.
 """
 import math
 import numbers
+from typing import Any, Optional, Sequence
 
 import torch
 
-def is_int(value):
+
+def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_sizes(n_inp, n_out):
+def check_sizes(n_inp: Any, n_out: Any) -> None:
     if not (is_int(n_inp) and (n_inp == -1 or n_inp > 0)):
         raise ValueError(f"n_inp must be a positive int or -1 (variable length), got {n_inp!r}")
     if not (is_int(n_out) and n_out >= 2):
         raise ValueError(f"n_out must be an int >= 2, got {n_out!r}")
 
 
-def check_n_iters(n_iters):
+def check_n_iters(n_iters: Any) -> None:
     if not (is_int(n_iters) and n_iters >= 1):
         raise ValueError(f"n_iters must be an int >= 1, got {n_iters!r}")
 
 
-def check_dims(**named_sizes):
+def check_dims(**named_sizes: Any) -> None:
     """Each keyword (a size: d_inp=..., d_out=..., d_cov=...) must be a positive int (bool is not)."""
     for name, size in named_sizes.items():
         if not (is_int(size) and size > 0):
             raise ValueError(f"{name} must be a positive int, got {size!r}")
 
 
-def check_eps(eps):
+def check_eps(eps: Any) -> None:
     """eps (a small constant added for stability) must be a positive finite number."""
     if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and 0 < eps < math.inf):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
 
 
-def check_sequence(name, x, n_inp, trailing, trailing_names):
+def check_sequence(name: str, x: Any, n_inp: int, trailing: Sequence[Optional[int]],
+                   trailing_names: Sequence[str]) -> int:
     """x must be a floating tensor [..., n, *trailing] with n > 0 and n == n_inp when fixed
     (a None in trailing accepts any size)."""
     expected = f"[..., {'n' if n_inp == -1 else n_inp}, {', '.join(trailing_names)}]"
@@ -57,12 +60,12 @@ def check_sequence(name, x, n_inp, trailing, trailing_names):
     return n
 
 
-def autocast_enabled(device_type):
+def autocast_enabled(device_type: str) -> bool:
     """Whether torch.autocast is on for this device type (False for one that has no autocast: meta)."""
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def check_dtype(name, x, param):
+def check_dtype(name: str, x: torch.Tensor, param: torch.Tensor) -> None:
     """Outside autocast the input's dtype must equal the parameters' (no silent casts). Autocast
     casts float32 to its lower precision but leaves float64 alone, so float64 input to a module of
     lower precision is an error there too."""
@@ -78,8 +81,8 @@ def check_dtype(name, x, param):
                          f"(x.float()) under autocast, or a float64 module (module.double()) outside it")
 
 
-def check_mask(mask, batch_shape, n, n_out):
-    """mask: bool, broadcastable to [*batch_shape, n, n_out]. Returns the expected full shape."""
+def check_mask(mask: Any, batch_shape: torch.Size, n: int, n_out: int) -> None:
+    """mask must be a bool tensor broadcastable to [*batch_shape, n, n_out]."""
     full = (*batch_shape, n, n_out)
     if not torch.is_tensor(mask) or mask.dtype != torch.bool:
         got = f"dtype {mask.dtype}" if torch.is_tensor(mask) else type(mask).__name__

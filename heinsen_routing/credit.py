@@ -26,10 +26,13 @@ Usage:
     credit = end_to_end_credit(phis)       # [..., n_inp of the first, n_out of the last]
 """
 import contextlib
+import inspect
+from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
-from .routing import DefinableVectorRouting, EfficientVectorRouting, GenerativeMatrixRouting
+from .routing import DefinableVectorRouting, EfficientVectorRouting, GenerativeMatrixRouting, Routing
 
 __all__ = ['record_credit', 'end_to_end_credit', 'residual_credit']
 
@@ -48,7 +51,8 @@ def _normalize(credit, eps, rows=None):
     return credit / (var.sqrt() + eps)
 
 
-def end_to_end_credit(phis, eps=1e-5, mask=None):
+def end_to_end_credit(phis: Sequence[torch.Tensor], eps: float = 1e-5,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """phis: list of [..., n_k, n_{k+1}] credit matrices of sequential routings
     -> [..., n_0, n_last], each partial product divided by (its std + eps).
     mask (optional) [..., n_0] bool, True = padding input: left out of the std, so that a sample's
@@ -65,7 +69,7 @@ def end_to_end_credit(phis, eps=1e-5, mask=None):
     return credit
 
 
-def residual_credit(phi, eps=1e-5):
+def residual_credit(phi: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Credit of a residual block y = x + f(x), f a routing from n to n vectors with credit
     phi [..., n, n]: I + phi / (std(phi) + eps)."""
     if phi.shape[-1] != phi.shape[-2]:
@@ -75,28 +79,43 @@ def residual_credit(phi, eps=1e-5):
 
 
 @contextlib.contextmanager
-def record_credit(model):
-    """Within the block, every routing inside `model` (in call order) appends its phi
-    [..., n_inp, n_out] to the yielded list; outputs are unchanged. The routings' return_dict is
-    switched on for the duration and restored afterwards."""
+def record_credit(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every routing inside `model` (in call order) appends its phi [..., n_inp, n_out] to the
+    yielded list, and returns what it would have returned outside the block: x_out, or the dict with return_dict=True
+    (EfficientVectorRouting, DefinableVectorRouting); (a_out, mu_out, sig2_out), or with R as a fourth element when
+    called with return_R=True (the 2019 Routing), or the dict (GenerativeMatrixRouting, Routing). To compute phi, the
+    routings' return_dict is switched on for the duration and restored afterwards: EfficientVectorRouting with
+    memory_efficient=True then also builds its last iteration's intermediates, six [..., n, n_out] tensors (a_inp
+    [..., n]) per call, as return_dict=True does, and its outputs are bit-identical to those of a call outside the
+    block."""
     routings = [m for m in model.modules() if isinstance(m, ROUTINGS)]
     if not routings:
         raise ValueError(f"record_credit: no routing module found inside {type(model).__name__}")
-    phis, handles, saved = [], [], [(m, m.return_dict) for m in routings]
+    phis, handles, saved = [], [], {m: m.return_dict for m in routings}
 
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         phis.append(output['phi'])
-        if isinstance(module, GenerativeMatrixRouting):
-            return output['a_out'], output['mu_out'], output['sig2_out']
-        return output['x_out']
+        if saved[module]:                                        # the routing's own return_dict=True
+            return output
+        if not isinstance(module, GenerativeMatrixRouting):
+            return output['x_out']
+        returned = (output['a_out'], output['mu_out'], output['sig2_out'])
+        if isinstance(module, Routing) and _called_with(module, args, kwargs).get('return_R', False):
+            returned += (output['R'],)
+        return returned
 
     try:
         for m in routings:
             m.return_dict = True
-            handles.append(m.register_forward_hook(hook))
+            handles.append(m.register_forward_hook(hook, with_kwargs=True))
         yield phis
     finally:
         for h in handles:
             h.remove()
-        for m, return_dict in saved:
+        for m, return_dict in saved.items():
             m.return_dict = return_dict
+
+
+def _called_with(module, args, kwargs):
+    """{name: value} of the arguments a module's forward was called with (the defaults left out)."""
+    return inspect.signature(module.forward).bind(*args, **kwargs).arguments

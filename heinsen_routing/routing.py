@@ -25,6 +25,7 @@ Beyond the authors' code, every module here
   - returns the dict also for n_iters=1 (S and pred entries None).
 """
 import functools
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -38,8 +39,11 @@ from .streamed import streamed_routing
 
 __all__ = ['EfficientVectorRouting', 'DefinableVectorRouting', 'GenerativeMatrixRouting', 'Routing']
 
+# What return_dict=True returns: every intermediate by name (None where a step did not run, such as S at n_iters 1).
+Intermediates = dict[str, Optional[torch.Tensor]]
 
-def autocast_safe(forward):
+
+def autocast_safe(forward: Callable) -> Callable:
     """Under torch.autocast, a routing's forward (decorated with this) keeps its numerics out of float16's range
     and returns float32, whatever the memory mode:
       - fp16 autocast: the forward runs with autocast off, in the parameters' dtype (float32 unless the module
@@ -94,18 +98,20 @@ class EfficientVectorRouting(nn.Module):
         n_iters: routing iterations (>= 1).
         normalize: layer-normalise the output vectors (no learned affine).
         memory_efficient: stream the routing over chunks of inputs: never materialise the votes V
-            [..., n, n_out, d_out] nor any other [..., n, *] intermediate for longer than a chunk
-            (one autograd function per iteration recomputes them in backward and writes each
-            gradient into one buffer), so the memory above the input, the parameters and their gradients does not
-            grow with n. Its gradients cannot be differentiated again (double backward raises).
-            False materialises V and uses plain autograd; both agree.
+            [..., n, n_out, d_out] nor any other [..., n, n_out] intermediate for longer than a chunk (one autograd
+            function per iteration recomputes them in backward and writes each gradient into one buffer). Beyond
+            the input, the parameters and their gradients, the memory that grows with n is 2 + n_out elements per
+            input with n_inp = -1 (x . W_A, its gradient and one kept beta block), 2 with a fixed n_inp; the rest
+            is one chunk's working set. Its gradients cannot be differentiated again (double backward raises).
+            False materialises V and uses plain autograd; both agree to float rounding.
         return_dict: return a dict of the intermediates instead of x_out.
         chunk_elements: with memory_efficient, the inputs in a chunk are as many as make about this
             many elements of [d_inp + n_out] per input over the batch (over each batch element on its own when
             one element alone fills a chunk): smaller saves memory, larger saves per-chunk overhead. None (default)
-            picks it per device from a memory budget (streamed.chunk_elements_for): on a CPU 3 x 2^21 in float32
-            (24 MiB), on a GPU the whole sequence in one chunk when its working set fits a quarter of the free
-            memory.
+            is a fixed size per device type (streamed.chunk_elements_for): 3 x 2^27 float32 elements (1.5 GiB) on
+            CUDA, 3 x 2^21 (24 MiB) on a CPU and other devices, whatever the memory free. The chunk size sets the order
+            of the sums over the inputs: the same call gives bit-identical results, and different chunk sizes
+            results that agree to float rounding (docs/library.md gives the measured tolerance).
 
     Forward:
         x_inp [..., n, d_inp], mask (optional) bool broadcastable to [..., n, n_out]
@@ -115,8 +121,8 @@ class EfficientVectorRouting(nn.Module):
            are detached, for inspection; use memory_efficient=False to backprop through them).
     """
 
-    def __init__(self, n_inp, n_out, d_inp, d_out, n_iters=2, normalize=True, memory_efficient=True,
-                 return_dict=False, chunk_elements=None):
+    def __init__(self, n_inp: int, n_out: int, d_inp: int, d_out: int, n_iters: int = 2, normalize: bool = True,
+                 memory_efficient: bool = True, return_dict: bool = False, chunk_elements: Optional[int] = None):
         super().__init__()
         check_sizes(n_inp, n_out)
         check_dims(d_inp=d_inp, d_out=d_out, **({} if chunk_elements is None else {'chunk_elements': chunk_elements}))
@@ -138,14 +144,14 @@ class EfficientVectorRouting(nn.Module):
         init_betas(self, n_inp, n_out, d_inp)
         self.register_buffer('CONST_ones_over_n_out', torch.ones(n_out) / n_out)     # [n_out]
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"n_inp={self.n_inp}, n_out={self.n_out}, d_inp={self.d_inp}, d_out={self.d_out}, "
                 f"n_iters={self.n_iters}, normalize={self.normalize}, "
                 f"memory_efficient={self.memory_efficient}, return_dict={self.return_dict}, "
                 f"chunk_elements={self.chunk_elements}")
 
     @autocast_safe
-    def forward(self, x_inp, mask=None):
+    def forward(self, x_inp: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Union[torch.Tensor, Intermediates]:
         n = check_sequence('x_inp', x_inp, self.n_inp, (self.d_inp,), ('d_inp',))
         check_dtype('x_inp', x_inp, self.W_A)
         batch_shape = x_inp.shape[:-2]
@@ -182,7 +188,7 @@ class EfficientVectorRouting(nn.Module):
         return self._output(x_out, {'a_inp': a_inp, 'V': V, 'pred_x_inp': pred, 'S': S, 'R': R,
                                     'D_use': D_use, 'D_ign': D_ign, 'phi': phi})
 
-    def _output(self, x_out, intermediates):
+    def _output(self, x_out: torch.Tensor, intermediates: Intermediates) -> Union[torch.Tensor, Intermediates]:
         """x_out [..., n_out, d_out], layer-normalised if normalize; or the dict of intermediates with it."""
         x_out = layer_norm(x_out) if self.normalize else x_out
         return {**intermediates, 'x_out': x_out} if self.return_dict else x_out
@@ -208,7 +214,8 @@ class DefinableVectorRouting(nn.Module):
     Forward: x_inp [..., n, d_inp], mask (optional) -> x_out [..., n_out, d_out] or the dict.
     """
 
-    def __init__(self, A, F, G, S, n_inp, n_out, n_iters=2, return_dict=False, d_inp=None):
+    def __init__(self, A: nn.Module, F: nn.Module, G: nn.Module, S: nn.Module, n_inp: int, n_out: int,
+                 n_iters: int = 2, return_dict: bool = False, d_inp: Optional[int] = None):
         super().__init__()
         check_sizes(n_inp, n_out)
         check_n_iters(n_iters)
@@ -225,7 +232,7 @@ class DefinableVectorRouting(nn.Module):
         self.register_buffer('CONST_ones_over_n_out', torch.ones(n_out) / n_out)   # [n_out]
 
     @autocast_safe
-    def forward(self, x_inp, mask=None):
+    def forward(self, x_inp: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Union[torch.Tensor, Intermediates]:
         n = check_sequence('x_inp', x_inp, self.n_inp, (self.d_inp,), ('d_inp',))
         batch_shape = x_inp.shape[:-2]
         if mask is not None:
@@ -286,8 +293,8 @@ class GenerativeMatrixRouting(nn.Module):
     their values (NaN included).
     """
 
-    def __init__(self, n_inp, n_out, d_cov, d_inp, d_out, n_iters=3, single_beta=False,
-                 p_model='gaussian', eps=1e-5, return_dict=False):
+    def __init__(self, n_inp: int, n_out: int, d_cov: int, d_inp: int, d_out: int, n_iters: int = 3,
+                 single_beta: bool = False, p_model: str = 'gaussian', eps: float = 1e-5, return_dict: bool = False):
         super().__init__()
         check_sizes(n_inp, 2 if n_out == -1 else n_out)
         check_dims(d_cov=d_cov, d_inp=d_inp, d_out=d_out)
@@ -307,17 +314,18 @@ class GenerativeMatrixRouting(nn.Module):
         self.beta_ign = self.beta_use if single_beta else nn.Parameter(torch.zeros(m, k))
         self.register_buffer('CONST_one', torch.tensor(1.0))                         # []
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"n_inp={self.n_inp}, n_out={self.n_out}, d_cov={self.d_cov}, d_inp={self.d_inp}, "
                 f"d_out={self.d_out}, n_iters={self.n_iters}, single_beta={self.single_beta}, "
                 f"p_model={self.p_model!r}, eps={self.eps}, return_dict={self.return_dict}")
 
     @autocast_safe
-    def forward(self, a_inp, mu_inp, mask=None, n_out=None):
+    def forward(self, a_inp: torch.Tensor, mu_inp: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                n_out: Optional[int] = None) -> Union[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Intermediates]:
         out = self._route(a_inp, mu_inp, mask, n_out)
         return out if self.return_dict else (out['a_out'], out['mu_out'], out['sig2_out'])
 
-    def _biases(self, n_out):
+    def _biases(self, n_out: int) -> torch.Tensor:
         """B [m, n_out, d_cov, d_out]: the parameter, or (variable n_out) B[i, 0] + B_brk[0] t_j."""
         if self.n_out != -1:
             return self.B
@@ -349,7 +357,8 @@ class GenerativeMatrixRouting(nn.Module):
             check_mask(mask, batch_shape, n, n_out)
         return n, batch_shape, n_out
 
-    def _route(self, a_inp, mu_inp, mask, n_out):
+    def _route(self, a_inp: torch.Tensor, mu_inp: torch.Tensor, mask: Optional[torch.Tensor],
+               n_out: Optional[int]) -> Intermediates:
         """The EM loop (docs/equations.md, 2019): -> dict of every intermediate."""
         n, batch_shape, n_out = self._check_inputs(a_inp, mu_inp, mask, n_out)
         if mask is not None:
@@ -411,13 +420,14 @@ class Routing(GenerativeMatrixRouting):
     State dict: W, B, (B_brk when n_out is variable), beta_use, beta_ign, CONST_one.
     """
 
-    def __init__(self, d_cov, d_inp, d_out, n_inp=-1, n_out=-1, n_iters=3, single_beta=False,
-                 p_model='gaussian', eps=1e-5, return_dict=False):
+    def __init__(self, d_cov: int, d_inp: int, d_out: int, n_inp: int = -1, n_out: int = -1, n_iters: int = 3,
+                 single_beta: bool = False, p_model: str = 'gaussian', eps: float = 1e-5, return_dict: bool = False):
         super().__init__(n_inp, n_out, d_cov, d_inp, d_out, n_iters=n_iters, single_beta=single_beta,
                          p_model=p_model, eps=eps, return_dict=return_dict)
 
     @autocast_safe
-    def forward(self, a_inp, mu_inp, return_R=False, n_out=None, mask=None):
+    def forward(self, a_inp: torch.Tensor, mu_inp: torch.Tensor, return_R: bool = False, n_out: Optional[int] = None,
+                mask: Optional[torch.Tensor] = None) -> Union[tuple[torch.Tensor, ...], Intermediates]:
         out = self._route(a_inp, mu_inp, mask, n_out)
         if self.return_dict:
             return out

@@ -1,16 +1,28 @@
 """
 The streamed kernel of EfficientVectorRouting(memory_efficient=True): the same equations as the readable forward
-(routing.py, with the functions of steps.py), computed over chunks of inputs so that no [..., n, *] intermediate
-(the votes V, the logits, R, D, phi) lives longer than one chunk, in forward or backward, but one beta block with a
-variable length (n_inp = -1), which the first pass keeps for the others (_Pass.kept). One entry point,
-`streamed_routing`; one autograd function per routing iteration, `_StreamedPass`, whose backward is derived by
-hand (docs/equations.md has the forward equations; the backward's are in _StreamedPass's docstring).
+(routing.py, with the functions of steps.py), computed over chunks of inputs so that no [..., n, n_out, *] or
+[..., n, n_out] intermediate (the votes V, the logits, R, D, phi) lives longer than one chunk, in forward or
+backward, but one beta block with a variable length (n_inp = -1), which the first pass keeps for the others
+(_Pass.kept). One entry point, `streamed_routing`; one autograd function per routing iteration, `_StreamedPass`,
+whose backward is derived by hand (docs/equations.md has the forward equations; the backward's are in
+_StreamedPass's docstring).
+
+Memory that grows with the number of inputs n, beyond the input, the parameters and their gradients (one buffer
+each per forward, shared by its passes), per input of each batch element, in the parameters' dtype:
+  - x . W_A, the same at every iteration: 1 element, kept from the forward to the backward (_x_W_A);
+  - its gradient, summed over the passes: 1 element, during the backward;
+  - n_inp = -1: the kept beta block, n_out elements, from the forward to the backward;
+  - with a mask: a few [..., n] bool temporaries.
+So 2 + n_out elements per input with a variable length (float32, n_out = 100: 408 bytes per input), 2 with a fixed
+one. Everything else lives for one chunk at a time: a chunk's working set is a few times chunk_elements elements
+(docs/library.md gives the measured figures).
+The kernel reads nothing but its arguments: no file, no machine state, and it changes no process-global setting
+(threads, precision); the chunks, and so the order of every sum, depend only on the shapes, the dtype, the device
+type and chunk_elements.
 """
 import itertools
-import os
-import time
-from contextlib import contextmanager, nullcontext
-from typing import NamedTuple, Optional, Union
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 
@@ -18,10 +30,15 @@ from .checks import autocast_enabled
 from .steps import activations, agreement, credit_per_activation, initial_R, predict, squeeze_last, \
     without_masked_inputs, x_out_from_sums
 
+if TYPE_CHECKING:
+    from .routing import EfficientVectorRouting
 
-def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
-    """EfficientVectorRouting's iterations streamed over chunks of inputs: each iteration's pass (_StreamedPass)
-    returns only the M-step's sums phi_x = sum_i phi x [..., n_out, d_inp] and phi_1 = sum_i phi [..., n_out];
+
+def streamed_routing(module: 'EfficientVectorRouting', x_inp: torch.Tensor, mask: Optional[torch.Tensor],
+                     scale: Union[float, torch.Tensor], diagnostics: bool = False) -> tuple[torch.Tensor, dict]:
+    """EfficientVectorRouting's iterations streamed over chunks of inputs (module: an EfficientVectorRouting; x_inp
+    [..., n, d_inp]; mask None or bool broadcastable to [..., n, n_out]; scale n^(-1/2), a float or [..., 1, 1]; the
+    arguments already checked by its forward): each iteration's pass (_StreamedPass) returns only the M-step's sums phi_x = sum_i phi x [..., n_out, d_inp] and phi_1 = sum_i phi [..., n_out];
     x_out and the next pred ([..., n_out, *]) are computed from them on plain autograd.
     -> x_out [..., n_out, d_out] (before normalisation), and (diagnostics=True) a dict of the last iteration's
     intermediates {a_inp, S, R, D_use, D_ign, phi, pred_x_inp}, detached, else {}."""
@@ -36,7 +53,7 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
     kept_beta = None
     if m.n_inp < 0 and (m.n_iters > 1 or torch.is_grad_enabled()):
         kept_beta = x_inp.new_empty(*x_inp.shape[:-1], m.n_out, dtype=m.W_A.dtype)   # [..., n, n_out]
-    chunk_elements = m.chunk_elements or chunk_elements_for(x_inp.device, m.W_A.dtype)
+    chunk_elements = m.chunk_elements or chunk_elements_for(x_inp.device.type, m.W_A.dtype)
     for t in range(m.n_iters):
         if t > 0:
             pred = predict(x_out, m.W_G1, m.W_G2, m.B_G2)                               # [..., n_out, d_inp]
@@ -52,34 +69,24 @@ def streamed_routing(module, x_inp, mask, scale, diagnostics=False):
 
 # The chunk size: EfficientVectorRouting(chunk_elements=...) counts a chunk's inputs as elements of [d_inp + n_out]
 # per input over the whole batch (or over one batch element, when each alone fills a chunk: _pass_chunks).
-# chunk_elements=None (the default) picks it per device from a memory budget for
-# one chunk's working set (its rows' products with the [k, d_inp] blocks, their gradients and [c, n_out]
-# temporaries: about WORKING_SET_FACTOR times chunk_elements elements):
-#   CPU   CPU_CHUNK_BYTES (24 MiB: 3 x 2^21 float32 elements). Every operator on a chunk is a parallel region
-#         whose threads must all be scheduled, so on cores shared with other processes the time per pass grows with
-#         the number of chunks (2^22 elements took about 1.2x the time of 3 x 2^21 there); each chunk's
-#         intermediates are freed before the next chunk's are made, so this size keeps the memory beyond the
-#         gradients under 0.1x the straightforward implementation's at 100,000 x 1024 inputs with a variable
-#         length, the kept beta block (_Pass) included, and under 0.3x with a fixed one (benchmarks/routing.md);
-#   CUDA  CUDA_FREE_FRACTION of the memory free on the device: the whole sequence in one chunk when it fits, so
-#         that a pass is a few large kernels instead of hundreds of small launches.
+# chunk_elements=None (the default) is a fixed number of bytes per device type, whatever the memory free, so that the
+# same call chunks (and sums) the same way every time:
+#   CUDA  CUDA_CHUNK_BYTES (1.5 GiB: 3 x 2^27 float32 elements): a few large kernels per pass instead of many small
+#         launches; the 2022 paper's head inputs (BEiT-large: batch 50 x 197 positions x 25 depths of 1024; IMDB:
+#         batch 5 x 2,048 positions x 25 depths; routed to 64) are one chunk each;
+#   else  CPU_CHUNK_BYTES (24 MiB: 3 x 2^21 float32 elements).
+# A chunk's working set is a few times chunk_elements elements (docs/library.md gives the measured figures).
 CPU_CHUNK_BYTES = 24 << 20
-CUDA_FREE_FRACTION = 0.25
-WORKING_SET_FACTOR = 4
+CUDA_CHUNK_BYTES = 3 << 29
 
 
-def chunk_elements_for(device, dtype, free_bytes=None):
-    """The default chunk_elements on `device` for tensors of `dtype` (see above). free_bytes: the memory free on a
-    CUDA device (default: what the driver reports free plus what PyTorch's allocator holds unused); ignored on other
-    devices. -> int"""
+def chunk_elements_for(device_type: str | torch.device, dtype: torch.dtype) -> int:
+    """The default chunk_elements for tensors of `dtype` on a device of `device_type` ('cuda', 'cpu', ... or a
+    torch.device): CUDA_CHUNK_BYTES on CUDA, CPU_CHUNK_BYTES elsewhere, in elements of dtype. It depends on nothing
+    else: not on the memory free, nor on the machine's load."""
     element_size = torch.empty((), dtype=dtype).element_size()
-    device = torch.device(device)
-    if device.type == 'cuda':
-        if free_bytes is None:
-            free_bytes = torch.cuda.mem_get_info(device)[0] + (torch.cuda.memory_reserved(device)
-                                                               - torch.cuda.memory_allocated(device))
-        return max(CPU_CHUNK_BYTES, int(free_bytes * CUDA_FREE_FRACTION) // WORKING_SET_FACTOR) // element_size
-    return CPU_CHUNK_BYTES // element_size
+    budget = CUDA_CHUNK_BYTES if torch.device(device_type).type == 'cuda' else CPU_CHUNK_BYTES
+    return budget // element_size
 
 
 def _chunks(n, batch_numel, row_width, chunk_elements):
@@ -88,14 +95,13 @@ def _chunks(n, batch_numel, row_width, chunk_elements):
     return [(start, min(n, start + rows)) for start in range(0, n, rows)]
 
 
-def _pass_chunks(batch, n, row_width, chunk_elements, whole_batch=False):
+def _pass_chunks(batch, n, row_width, chunk_elements):
     """What a pass streams, in order: [(index, [(start, end), ...])], the chunks of inputs start:end of the batch
     element at `index` of the leading dims `batch`. One entry, index (), the whole batch in every chunk, unless each
-    batch element alone fills at least a chunk (and not whole_batch); then every element on its own, in chunks of its
-    rows: on a CPU, products of [rows, d_inp] by [d_inp, k] instead of a batch of matrices as many times shorter,
-    each product a parallel region of its own (8 x 10,000 inputs on shared cores: 0.8x the time of whole-batch
-    chunks, benchmarks/routing.md)."""
-    if whole_batch or batch.numel() <= 1 or n * row_width < chunk_elements:
+    batch element alone fills at least a chunk; then every element on its own, in chunks of its rows: products of
+    [rows, d_inp] by [d_inp, k] instead of a batch of matrices as many times shorter (benchmarks/routing.md measures
+    the difference)."""
+    if batch.numel() <= 1 or n * row_width < chunk_elements:
         return [((), _chunks(n, batch.numel(), row_width, chunk_elements))]
     chunks = _chunks(n, 1, row_width, chunk_elements)
     return [(index, chunks) for index in itertools.product(*map(range, batch))]
@@ -183,22 +189,21 @@ def _add_W_A_grads(ps, chunks, d_x_W_A, grads):
     chunk (no [..., n, d] temporary); W_A per input [n, d_inp] or shared [1, d_inp]."""
     x, W_A = ps.x, ps.p['W_A']
     one_sample = d_x_W_A.numel() == x.shape[-2]
-    with ps.gemm_threads():
-        for s, e in chunks:
-            d_c = d_x_W_A[..., s:e]                                                      # [..., c]
-            if 'x' in grads:
-                grads['x'][..., s:e, :].addcmul_(d_c[..., None], W_A[s:e] if ps.per_input else W_A)
-            if 'W_A' not in grads:
-                continue
-            x_c = x[..., s:e, :]
-            if ps.masks_inputs:
-                x_c = without_masked_inputs(x_c, _rows(ps.mask, s, e, x.shape[-2]))
-            if not ps.per_input:                                    # [1, d] += sum over [...] of [1, c] @ [c, d]
-                grads['W_A'] += (d_c[..., None, :] @ x_c).sum_to_size(grads['W_A'].shape)
-            elif one_sample:
-                grads['W_A'][s:e].addcmul_(d_c.reshape(e - s, 1), x_c.reshape(e - s, -1))
-            else:
-                grads['W_A'][s:e] += torch.einsum('...i,...id->id', d_c, x_c)
+    for s, e in chunks:
+        d_c = d_x_W_A[..., s:e]                                                          # [..., c]
+        if 'x' in grads:
+            grads['x'][..., s:e, :].addcmul_(d_c[..., None], W_A[s:e] if ps.per_input else W_A)
+        if 'W_A' not in grads:
+            continue
+        x_c = x[..., s:e, :]
+        if ps.masks_inputs:
+            x_c = without_masked_inputs(x_c, _rows(ps.mask, s, e, x.shape[-2]))
+        if not ps.per_input:                                        # [1, d] += sum over [...] of [1, c] @ [c, d]
+            grads['W_A'] += (d_c[..., None, :] @ x_c).sum_to_size(grads['W_A'].shape)
+        elif one_sample:
+            grads['W_A'][s:e].addcmul_(d_c.reshape(e - s, 1), x_c.reshape(e - s, -1))
+        else:
+            grads['W_A'][s:e] += torch.einsum('...i,...id->id', d_c, x_c)
 
 
 class _Pass(NamedTuple):
@@ -206,8 +211,7 @@ class _Pass(NamedTuple):
     [..., n, n_out]) and whether it masks some input for every output, the scale n^(-1/2) (float or [..., 1, 1]),
     the parameters p (by _STREAMED_PARAMS name), the iteration t, n_out, whether the parameters are per input
     (n_inp > 0), the pass's blocks (_x_products: `products`, all of them, whose gradients backward computes, and
-    `gemm`, those the chunk's GEMM computes), the kept beta block, x . W_A [..., n] (_x_W_A) and the intra-op threads
-    its matrix products use.
+    `gemm`, those the chunk's GEMM computes), the kept beta block and x . W_A [..., n] (_x_W_A).
     kept (n_inp = -1): [..., n, n_out] rows of one beta block (with its bias) that the first pass's forward writes
     and every later pass, and every backward, reads instead of computing it: kept_name 'beta_0' when the first
     iteration's R is uniform (its only block; the later iterations recover beta_ign = (beta_use - n_out beta_0) /
@@ -226,20 +230,6 @@ class _Pass(NamedTuple):
     kept: Optional[torch.Tensor]
     kept_name: Optional[str]
     x_W_A: Optional[torch.Tensor] = None
-    threads: int = 1
-
-    def elementwise_threads(self):
-        """The threads of a chunk's steps other than its matrix products (those run on the pass's threads,
-        gemm_threads): on a CPU that other processes keep busy, one thread, since each operator on more than a few
-        thousand elements is otherwise a parallel region that waits for every thread and on shared cores each wait
-        can cost a time slice; on an idle CPU the pass's threads (benchmarks/routing.md measures both). A no-op on
-        other devices."""
-        if self.x.device.type != 'cpu':
-            return nullcontext()
-        return _cpu_threads(self.x.device, 1 if _CPU_LOAD.others_busy() else self.threads)
-
-    def gemm_threads(self):
-        return _cpu_threads(self.x.device, self.threads)
 
 
 def _make_pass(cfg, x, mask, scale, p, pred, x_W_A, kept, G=None, index=()):
@@ -254,65 +244,7 @@ def _make_pass(cfg, x, mask, scale, p, pred, x_W_A, kept, G=None, index=()):
     gemm = products if kept is None or writes_kept else \
         _x_products(p, per_input, pred=pred, G=G, uniform_R=uniform_R and t == 0, skip=('beta_0', 'beta_ign'))
     kept_name = None if kept is None else 'beta_0' if uniform_R else 'beta_ign'
-    return _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, gemm, kept, kept_name, x_W_A,
-                 torch.get_num_threads())
-
-
-def machine_cpu_seconds():
-    """(busy, total) CPU seconds of the whole machine so far, all its CPUs (Linux /proc/stat; idle and iowait are
-    not busy), or None where /proc/stat cannot be read. The benchmarks read the machine's load with it too."""
-    try:
-        with open('/proc/stat') as f:
-            jiffies = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    tick = os.sysconf('SC_CLK_TCK')
-    return (sum(jiffies) - jiffies[3] - jiffies[4]) / tick, sum(jiffies) / tick
-
-
-class _CpuLoad:
-    """Whether other processes keep this machine's CPU busy: the share of the machine's CPU time (Linux
-    /proc/stat) that processes other than this one used since the previous look, above OTHERS_BUSY. Looks at most
-    every MIN_INTERVAL_S seconds and keeps the last answer in between; False where /proc/stat cannot be read."""
-    OTHERS_BUSY, MIN_INTERVAL_S = 0.25, 0.2
-
-    def __init__(self):
-        self.last, self.busy = None, False
-
-    @staticmethod
-    def sample():
-        """-> (machine busy, machine total, this process's) CPU seconds so far, or None without /proc/stat."""
-        machine = machine_cpu_seconds()
-        return None if machine is None else (*machine, time.process_time())
-
-    def others_busy(self):
-        now = self.sample()
-        if now is None:
-            return False
-        if self.last is not None and now[1] - self.last[1] < self.MIN_INTERVAL_S:
-            return self.busy
-        if self.last is not None:                                # (machine busy, machine total, own) seconds
-            machine_busy, machine_total, own = (a - b for a, b in zip(now, self.last))
-            self.busy = (machine_busy - own) / machine_total > self.OTHERS_BUSY
-        self.last = now
-        return self.busy
-
-
-_CPU_LOAD = _CpuLoad()
-
-
-@contextmanager
-def _cpu_threads(device, n):
-    """torch's intra-op threads set to n inside the block on a CPU (restored after it); elsewhere nothing."""
-    before = torch.get_num_threads()
-    if device.type != 'cpu' or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _Pass(x, mask, masks_inputs, scale, p, t, n_out, per_input, products, gemm, kept, kept_name, x_W_A)
 
 
 def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
@@ -321,8 +253,8 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
     The products of x with [k, d_inp] blocks come from one GEMM (_x_products). D_use and D_ign only with
     diagnostics (phi needs neither). Inputs masked for every output are replaced by zeros (a copy of the chunk's
     rows) when the mask has any (ps.masks_inputs). The mask enters as a factor `keep` (1 where the (input, output)
-    pair counts, else 0) of q and of the backward's f_a dphi: on a CPU, multiplying by it is about ten times faster
-    than masked_fill. ps: the pass's _Pass; phi_out: None or a [..., c, n_out] tensor to write phi into; with_phi:
+    pair counts, else 0) of q and of the backward's f_a dphi: a multiplication instead of masked_fill
+    (benchmarks/routing.md). ps: the pass's _Pass; phi_out: None or a [..., c, n_out] tensor to write phi into; with_phi:
     False where phi is not needed (the backward without an input gradient), then returned as None.
     -> dict of [..., c, *] tensors (f_a [..., c, 1] before the mask)."""
     x, mask, scale, p, t, n_out, per_input = ps.x, ps.mask, ps.scale, ps.p, ps.t, ps.n_out, ps.per_input
@@ -335,8 +267,7 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
     if W is None:
         Y = {}
     else:
-        with ps.gemm_threads():
-            XW = x_c @ W.transpose(-1, -2)
+        XW = x_c @ W.transpose(-1, -2)                                          # [..., c, K]
         Y = dict(zip(names, XW.to(p['W_A'].dtype).split(sizes, dim=-1)))
     keep = None if mask_c is None else (~mask_c).to(p['W_A'].dtype)            # [..., c, n_out] (broadcastable)
     # 3-4. a_inp = (x . W_A) n^(-1/2) + B_A, f_a = sigma(a_inp) (0 for masked pairs: through q below)
@@ -382,6 +313,22 @@ def _chunk(ps, s, e, diagnostics=False, phi_out=None, with_phi=True):
                 beta_0=beta_0, L=L, S=S, R=R, q=q, D_use=D_use, D_ign=D_ign, phi=phi)
 
 
+def _diagnostics(parts, batch):
+    """The diagnostics of a pass from its chunks' parts {index: [[a, S, R, D_use, D_ign, phi] of each chunk]}
+    (_pass_chunks' order): each part's chunks concatenated over the inputs and, when the pass streamed the batch
+    elements one after the other, the elements stacked into the batch. -> {a_inp [..., n], S, R, D_use, D_ign,
+    phi [..., n, n_out]} (S None at t = 0)"""
+    out = {}
+    for k, name in enumerate(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi')):
+        if next(iter(parts.values()))[0][k] is None:
+            out[name] = None
+            continue
+        dim = -1 if name == 'a_inp' else -2
+        rows = [torch.cat([chunk[k] for chunk in chunks], dim=dim) for chunks in parts.values()]
+        out[name] = rows[0] if list(parts) == [()] else torch.stack(rows).reshape(*batch, *rows[0].shape)
+    return out
+
+
 def _beta_rows(Y, name, bias, kept):
     """A chunk's rows of the beta block `name` with its bias: from the chunk's GEMM (Y), then also written into the
     kept rows when there are any (the first iteration's forward), or else read from the kept rows."""
@@ -395,7 +342,7 @@ def _beta_rows(Y, name, bias, kept):
 
 def _softmax_over_kept(S, keep, rows_all_masked):
     """masked_softmax(S, mask) with the mask as keep = 1 - mask (float): the masked entries are moved to
-    -finfo.max / 4 by an addition, several times faster than masked_fill on a CPU; they come out exactly 0 in every
+    -finfo.max / 4 by an addition (instead of masked_fill); they come out exactly 0 in every
     row with an unmasked entry. Rows with every entry masked come out 1/n_out and are then zeroed by keep (only
     needed when the mask masks some input for every output, rows_all_masked). S [..., c, n_out] -> R"""
     if keep is None:
@@ -436,11 +383,11 @@ def _mask_kinds(mask):
 
 
 class _StreamedPass(torch.autograd.Function):
-    """One iteration of EfficientVectorRouting (memory_efficient=True): a pass over
-    chunks of inputs whose memory above its input, parameters and their gradients does not grow with
-    n. From x, the iteration's pred (None at t = 0) and the parameters it recomputes chunk by chunk
-    everything of size [..., n, *] (_chunk: the betas, a_inp, f_a, the logits L = x pred^T, R, D,
-    phi) and returns only the two sums the M-step needs,
+    """One iteration of EfficientVectorRouting (memory_efficient=True): a pass over chunks of inputs whose memory
+    above its input, parameters and their gradients grows with n only by what the module docstring lists (x . W_A
+    and its gradient, the kept beta block). From x, the iteration's pred (None at t = 0) and the parameters it
+    recomputes chunk by chunk everything else of size [..., n, *] (_chunk: the betas, a_inp, f_a, the logits
+    L = x pred^T, R, D, phi) and returns only the two sums the M-step needs,
 
         phi_x[..., j, d] = sum_i phi[..., i, j] x[..., i, d]          phi_1[..., j] = sum_i phi[..., i, j]
 
@@ -488,17 +435,14 @@ class _StreamedPass(torch.autograd.Function):
         batch, (n, d) = x.shape[:-2], x.shape[-2:]
         phi_x = x.new_zeros(*batch, n_out, d, dtype=p['W_A'].dtype)                  # [..., n_out, d]
         phi_1 = x.new_zeros(*batch, n_out, dtype=p['W_A'].dtype)                     # [..., n_out]
-        parts = []
-        for i, chunks in _pass_chunks(batch, n, d + n_out, chunk_elements, whole_batch=diagnostics is not None):
+        parts = {}                                              # diagnostics: {index: the chunks' parts}
+        for i, chunks in _pass_chunks(batch, n, d + n_out, chunk_elements):
             ps = _make_pass(cfg, x, mask, scale, p, pred, shared['x_W_A'], kept, index=i)
             phi_x_i, phi_1_i = _item(phi_x, i), _item(phi_1, i, 1)                     # the element's sums
-            with ps.elementwise_threads():
-                parts += [_StreamedPass._forward_chunk(ps, s, e, phi_x_i, phi_1_i, diagnostics is not None)
-                          for s, e in chunks]
+            parts[i] = [_StreamedPass._forward_chunk(ps, s, e, phi_x_i, phi_1_i, diagnostics is not None)
+                        for s, e in chunks]
         if diagnostics is not None:
-            for k, chunk_list in zip(('a_inp', 'S', 'R', 'D_use', 'D_ign', 'phi'), zip(*parts)):
-                dim = -1 if k == 'a_inp' else -2
-                diagnostics[k] = None if chunk_list[0] is None else torch.cat(chunk_list, dim=dim)
+            diagnostics.update(_diagnostics(parts, batch))
         ctx.cfg, ctx.shared = cfg, shared
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.save_for_backward(x, mask, scale if torch.is_tensor(scale) else None, pred, kept, *params)
@@ -512,8 +456,7 @@ class _StreamedPass(torch.autograd.Function):
         """The M-step sums of the inputs s:e, added into phi_x and phi_1 (a function of its own so that the
         chunk's intermediates are freed before the next chunk's are made). -> the diagnostics' parts or None"""
         c = _chunk(ps, s, e, diagnostics)
-        with ps.gemm_threads():
-            _add_product(phi_x, c['phi'].transpose(-1, -2), c['x'])            # [..., n_out, d] += phi^T x
+        _add_product(phi_x, c['phi'].transpose(-1, -2), c['x'])                # [..., n_out, d] += phi^T x
         phi_1 += c['phi'].sum(dim=-2)                                           # [..., n_out]
         return [c[k] for k in ('a', 'S', 'R', 'D_use', 'D_ign', 'phi')] if diagnostics else None
 
@@ -546,9 +489,8 @@ class _StreamedPass(torch.autograd.Function):
                 grads_i = {k: _item(v, i, 1 if k == 'x_W_A' else 2) if k in ('x', 'x_W_A') else v
                            for k, v in grads.items()}         # the input's and x . W_A's at i; the parameters' whole
                 g_1_i, dpred_i = _item(g_1, i, 1), _item(dpred, i)
-                with ps.elementwise_threads():
-                    for s, e in chunks:
-                        _StreamedPass._backward_chunk(ps, s, e, g_1_i, grads_i, dpred_i)
+                for s, e in chunks:
+                    _StreamedPass._backward_chunk(ps, s, e, g_1_i, grads_i, dpred_i)
                 if t == 0 and 'x_W_A' in grads_i:
                     _add_W_A_grads(ps, chunks, grads_i['x_W_A'], grads_i)
             if t == 0:
@@ -602,11 +544,9 @@ class _StreamedPass(torch.autograd.Function):
             torch.mul(dZ, _rows(p['W_S'], s, e, n), out=dy['pred'])                # [..., c, n_out]
         # the products y = x W^T of the chunk's GEMM: dx += dy W, dW += dy^T x
         if first == 0:
-            with ps.gemm_threads():
-                _add_product(grads['x'][..., s:e, :], dY, W)                       # [..., c, d] += dy W
+            _add_product(grads['x'][..., s:e, :], dY, W)                           # [..., c, d] += dy W
         if len(names) > 1:
-            with ps.gemm_threads():
-                dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
+            dW = dY[..., sizes[0] if first == 0 else 0:].transpose(-1, -2) @ c['x']   # [..., K - n_out, d]
             for k, dW_k in zip(names[1:], dW.split(sizes[1:], dim=-2)):
                 if k == 'pred':
                     dpred += dW_k                                                  # [..., n_out, d]

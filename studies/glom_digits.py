@@ -153,6 +153,9 @@ def markdown_table(results):
     rows = ["| model | parameters | test accuracy (mean ± std) | train time per seed (s, mean ± std) |",
             "|---|---:|---:|---:|"]
     for r in results:
+        if 'summary' in r:                               # a record that kept only the mean ± std over the seeds
+            rows.append(f"| {r['name']} | {r['parameters']:,} | {r['summary']['accuracy']} % | {r['summary']['seconds']} |")
+            continue
         rows.append(f"| {r['name']} | {r['parameters']:,} | {mean_std([100 * a for a in r['accuracies']], '{:.2f}')} % "
                     f"| {mean_std(r['seconds'], '{:.1f}')} |")
     return '\n'.join(rows)
@@ -191,8 +194,10 @@ def islands_figure(model, image, label, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    from benchmarks.common import finish_meta, measurement_meta
     wall_start = time.perf_counter()
     torch.set_num_threads(args.threads)
+    meta = measurement_meta('', 'float32', threads=args.threads)
     x_train, y_train, x_test, y_test, n_classes = load_data(args)
     print(f"{args.dataset}: {len(x_train)} train / {len(x_test)} test images of {tuple(x_train.shape[1:])}, "
           f"{n_classes} classes; seeds {args.seeds}; {args.epochs} epochs", flush=True)
@@ -221,41 +226,56 @@ def main(argv=None):
         islands_figure(first_glom, x_test[i], y_test[i].item(), figure_path)
     wall = time.perf_counter() - wall_start
 
+    from benchmarks.common import save_record
     command = 'python -m studies.glom_digits' + ''.join(' ' + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    glom_line = (f"GLOM: {args.glom_levels} levels of {n_classes} numbers, {args.glom_steps} steps, bottom-up/top-down "
-                 f"nets of width {args.glom_hidden}, loss {'cross-entropy' if args.glom_loss == 'ce' else 'MSE to one-hot'} "
-                 f"on the mean top-level vector. Routing and CNN: conv stem of {args.d_hidden} channels, "
-                 f"cross-entropy.")
-    doc = '\n'.join([
-        f"# GLOM beside routing and a CNN on {'the digits' if args.dataset == 'digits' else 'MNIST'}",
+    record = {'meta': {**finish_meta(meta), 'command': command}, 'dataset': args.dataset, 'n_train': len(x_train),
+              'n_test': len(x_test), 'image': list(x_train.shape[2:]), 'n_classes': n_classes, 'seeds': args.seeds,
+              'epochs': args.epochs, 'batch_size': args.batch_size, 'lr': args.lr,
+              'glom': {'levels': args.glom_levels, 'steps': args.glom_steps, 'hidden': args.glom_hidden,
+                       'loss': args.glom_loss}, 'd_hidden': args.d_hidden, 'results': results,
+              'figure': os.path.basename(figure_path) if figure_path else None, 'wall_s': wall}
+    doc_path = os.path.join(args.out_dir, f"glom_{args.dataset}.md")
+    record_path = os.path.join(args.out_dir, f"glom_{args.dataset}", 'record.json')
+    save_record(record, record_path)
+    with open(doc_path, 'w') as f:
+        f.write(render(record_path))
+    print('\n' + markdown_table(results) + '\n')
+    print(f"wrote {doc_path}, {record_path}" + (f" and {figure_path}" if figure_path else '') +
+          f"; total wall time {wall:.0f} s")
+    return {'results': results, 'table': markdown_table(results), 'doc_path': doc_path, 'figure_path': figure_path,
+            'wall_s': wall}
+
+
+def render(record_path):
+    """The report from main's record (nothing measured)."""
+    from benchmarks.common import how_measured, load_record
+    r = load_record(record_path)
+    glom = r['glom']
+    return '\n'.join([
+        f"# GLOM beside routing and a CNN on {'the digits' if r['dataset'] == 'digits' else 'MNIST'}",
         "",
-        f"Produced by `{command}` (studies/glom.py, studies/glom_digits.py).",
+        "Produced by `python -m studies.glom_digits` (studies/glom.py, studies/glom_digits.py).",
         "",
-        f"Data: {args.dataset}, {len(x_train)} train / {len(x_test)} test images of "
-        f"{'x'.join(map(str, x_train.shape[2:]))} pixels"
-        + (" (scikit-learn's real handwritten digits, stratified 75/25 split, random_state 0)" if args.dataset == 'digits' else '')
-        + f". Seeds {', '.join(map(str, args.seeds))} (initialisation, batch order, training noise; "
-        f"the split is fixed). Same budget for every model: {args.epochs} epochs, batch {args.batch_size}, "
-        f"Adam, learning rate {args.lr:g} with cosine decay to 0. CPU, torch {torch.__version__}, "
-        f"torch.set_num_threads({args.threads}). Train time: the training loop only, wall clock, on a machine shared with other jobs.",
+        f"Data: {r['dataset']}, {r['n_train']} train / {r['n_test']} test images of {'x'.join(map(str, r['image']))} "
+        f"pixels" + (" (scikit-learn's real handwritten digits, stratified 75/25 split, random_state 0)"
+                     if r['dataset'] == 'digits' else '')
+        + f". Seeds {', '.join(map(str, r['seeds']))} (initialisation, batch order, training noise; the split is "
+        f"fixed). Same budget for every model: {r['epochs']} epochs, batch {r['batch_size']}, Adam, learning rate "
+        f"{r['lr']:g} with cosine decay to 0. Train time: the training loop only, wall clock.",
         "",
-        glom_line,
+        f"GLOM: {glom['levels']} levels of {r['n_classes']} numbers, {glom['steps']} steps, bottom-up/top-down nets "
+        f"of width {glom['hidden']}, loss {'cross-entropy' if glom['loss'] == 'ce' else 'MSE to one-hot'} on the mean "
+        f"top-level vector. Routing and CNN: conv stem of {r['d_hidden']} channels, cross-entropy.",
         "",
-        table,
+        markdown_table(r['results']),
         "",
-        f"Total wall time of the command: {wall:.0f} s.",
+        f"Total wall time of the command: {r['wall_s']:.0f} s ({r['wall_s'] / 60:.1f} min). " + how_measured(r['meta']),
         "",
         ("GLOM's islands (glom_islands.png): for one test image, per level, the mean cosine similarity "
          "of each location's level vector to those of its 8 neighbours after the last step (GLOM of "
-         f"seed {args.seeds[0]})." if figure_path else ''),
+         f"seed {r['seeds'][0]})." if r['figure'] else ''),
         "",
     ])
-    doc_path = os.path.join(args.out_dir, f"glom_{args.dataset}.md")
-    with open(doc_path, 'w') as f:
-        f.write(doc)
-    print('\n' + table + '\n')
-    print(f"wrote {doc_path}" + (f" and {figure_path}" if figure_path else '') + f"; total wall time {wall:.0f} s")
-    return {'results': results, 'table': table, 'doc_path': doc_path, 'figure_path': figure_path, 'wall_s': wall}
 
 
 if __name__ == '__main__':

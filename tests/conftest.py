@@ -2,6 +2,7 @@
 (BERT as in all-MiniLM-L6-v2, RoBERTa as in roberta-large, BEiT as in beit-large), saved as local
 folders so they load through the same code path as hub models; and tiny SST tree files."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,10 @@ from tests.helpers.files import NEGATIVE, POSITIVE, tree
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and immune to a busy second core
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# the subprocesses and notebook kernels the tests start import this checkout's packages, as the tests do (pytest's
+# pythonpath), even where another copy is installed
+os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                         os.environ.get('PYTHONPATH')]))
 
 
 

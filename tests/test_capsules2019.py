@@ -120,8 +120,9 @@ def test_the_2019_regime_schedule():
     assert lrs[-1] == pytest.approx(1e-5, rel=1e-3)
     assert beta1s[0] == pytest.approx(0.95) and min(beta1s) == pytest.approx(0.85) and beta1s[-1] == pytest.approx(0.95, abs=1e-3)
     args = train.parse_args(['--dataset_name', 'sst5', '--model', 'capsules2019'])
-    assert train.resolve_model(args) is train.REGIMES['capsules2019']
-    assert (args.lr, args.batch_sz) == (5e-4, 20) and train.REGIMES['capsules2019']['mixup_alpha'] == {'text': 0.2, 'stereo': 0.2}
+    resolved, regime = train.resolve_args(args)
+    assert regime is train.REGIMES['capsules2019'] and (args.lr, args.batch_sz) == (None, None)   # args: as given
+    assert (resolved.lr, resolved.batch_sz) == (5e-4, 20) and train.REGIMES['capsules2019']['mixup_alpha'] == {'text': 0.2, 'stereo': 0.2}
 
 
 def write_small_smallnorb(root, n_train=40, n_test=10, side=32):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from heinsen_replication import data
 from heinsen_replication.data import write_cifar_batch
+from heinsen_replication.errors import UsageError
 from tests.helpers.files import SST_DIR, write_smallnorb, write_sst
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -467,7 +468,7 @@ def test_hub_unreachable_or_not_offered(monkeypatch):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(datasets, 'load_dataset', offline)
-    with pytest.raises(RuntimeError, match=r"Could not load SST from the Hugging Face hub.*offline.*'files'"):
+    with pytest.raises(UsageError, match=r"Could not load SST from the Hugging Face hub.*offline.*'files'"):
         data.get_dataset_splits('sst5', source='hub')
     with pytest.raises(ValueError, match=r"data source 'hub' offers sst5, sst2, imdb only"):
         data.get_dataset_splits('cifar10', source='hub')
@@ -484,7 +485,7 @@ def test_hub_unreachable_or_not_offered(monkeypatch):
     ('smallnorb', 'cs.nyu.edu'), ('mnist', 'storage.googleapis.com'), ('imagenet-1k', 'image-net.org'),
 ])
 def test_missing_dataset_message(tmp_path, name, url):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(UsageError) as e:
         data.get_dataset_splits(name, data_root=str(tmp_path))
     message = str(e.value)
     assert str(tmp_path) in message and url in message and '--download' in message
@@ -497,11 +498,11 @@ def test_unknown_dataset():
 
 
 def test_download_unreachable(tmp_path):
-    with pytest.raises(RuntimeError, match='127.0.0.1'):
+    with pytest.raises(UsageError, match='127.0.0.1'):
         data.download_and_extract('http://127.0.0.1:9/nothing.zip', str(tmp_path / 'dest'), checksum='sha256:00')
     assert not (tmp_path / 'dest').exists()     # no temporary file, nor the folder it made, left behind
     (tmp_path / 'kept').mkdir()
-    with pytest.raises(RuntimeError, match='127.0.0.1'):
+    with pytest.raises(UsageError, match='127.0.0.1'):
         data.download_and_extract('http://127.0.0.1:9/nothing.zip', str(tmp_path / 'kept'), checksum='sha256:00')
     assert os.listdir(tmp_path / 'kept') == []  # a folder that was there stays, empty
 
@@ -569,7 +570,7 @@ def test_failed_sst_download_leaves_nothing_and_says_where_to_put_the_files(tmp_
     """First contact without network: no empty .data/sst/ left behind (a later copy or link would nest inside it),
     and the error names the three files and the folder they go to."""
     monkeypatch.setattr(data.downloads, 'SST_URL', (tmp_path / 'unreachable.zip').as_uri())
-    with pytest.raises(RuntimeError, match=r"put its three PTB tree files trees/train.txt, trees/dev.txt and "
+    with pytest.raises(UsageError, match=r"put its three PTB tree files trees/train.txt, trees/dev.txt and "
                                            r"trees/test.txt into .*/root/sst/"):
         data.get_dataset_splits('sst5', data_root=str(tmp_path / 'root'), download=True)
     assert not (tmp_path / 'root' / 'sst').exists()

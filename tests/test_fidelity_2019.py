@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from heinsen_replication import backbones, models
+from heinsen_replication.errors import UsageError
 from heinsen_routing import GenerativeMatrixRouting, Routing
 from tests.helpers.files import PUBLISHED_2019
 
@@ -228,7 +229,7 @@ def test_train_py_evaluates_a_published_style_pt_on_gpt2(tiny_gpt2, tiny_sst, tm
             '--pretrained_path', path, '--output_dir', tmp_path / 'eval']
     acc = train.main([str(a) for a in [*argv, '--backbone', tiny_gpt2]])
     assert capsys.readouterr().out.strip().splitlines()[-1] == f'test accuracy: {acc:.4f}'
-    with pytest.raises(RuntimeError, match="trained on hidden states of 3 depths x 32"):
+    with pytest.raises(UsageError, match="trained on hidden states of 3 depths x 32"):
         train.main([str(a) for a in [*argv, '--backbone', 'minilm']])
 
 

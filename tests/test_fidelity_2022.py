@@ -2,13 +2,13 @@
 (`<dataset>_head_for_<backbone>_epoch<k>.checkpoint`) load by their names, with weights_only=True, and score as the
 authors' head (their forward written here from the equations); train.py fine-tunes SST-2 from their SST-5 checkpoint
 as they did; the credit notebook takes their head by name."""
-import os
 
 import pytest
 import torch
 
 from heinsen_replication import checkpoints, models
 from heinsen_replication.classifier import MultiModalClassifier
+from heinsen_replication.errors import UsageError
 from tests.helpers.training import one_epoch_args as _sst, run as _run
 
 
@@ -77,10 +77,10 @@ def test_authors_files_load_with_a_backbone_into_a_classifier_and_refuse_code(tm
     clf = MultiModalClassifier.from_pretrained(path, backbone=tiny_beit)
     assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     torch.save({'optimizer': {}}, path)
-    with pytest.raises(RuntimeError, match="holds no 'weights'"):
+    with pytest.raises(UsageError, match="holds no 'weights'"):
         checkpoints.from_pretrained(path)
     torch.save({'weights': state, 'scheduler': {'anneal_func': _authors_head_state}}, path)   # a pickled function
-    with pytest.raises(RuntimeError, match=r"(?s)refusing to load .*extract its head once"):
+    with pytest.raises(UsageError, match=r"(?s)refusing to load .*extract its head once"):
         checkpoints.from_pretrained(path)
 
 
@@ -119,7 +119,6 @@ def test_credit_notebook_takes_an_authors_state_dict_by_name(tmp_path, monkeypat
     monkeypatch.setenv('HEAD_PATH', str(path))
     monkeypatch.setenv('CREDIT_FIGURES_DIR', str(tmp_path))
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]))  # import root
     nb = nbformat.read(str(root / 'notebooks' / 'credit_language.ipynb'), as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
                                      resources={'metadata': {'path': str(root / 'notebooks')}})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from heinsen_replication import backbones, checkpoints
+from heinsen_replication.errors import UsageError
 from heinsen_replication.pretrained import read_config
 from tests.helpers.training import one_epoch_args as _sst, run as _run
 
@@ -151,13 +152,13 @@ def test_papers_backbones_refuse_a_silent_cpu_run(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     for stage in ('imdb', 'sst5', 'cifar10'):
         argv = recipes.runs('paper', str(tmp_path / 'data'), str(tmp_path / 'runs'), 0)[stage]
-        with pytest.raises(RuntimeError, match=r"one of the papers' backbones.*Pass --device cpu"):
+        with pytest.raises(UsageError, match=r"one of the papers' backbones.*Pass --device cpu"):
             train.main(argv)
         assert not os.path.exists(tmp_path / 'runs' / 'paper' / 'seed0' / stage)    # stopped before anything
     for backbone in ('roberta-large', 'gpt2-large', 'openai-community/gpt2-large'):
-        with pytest.raises(RuntimeError, match='Pass --device cpu'):
+        with pytest.raises(UsageError, match='Pass --device cpu'):
             train.main(['--dataset_name', 'sst5', '--backbone', backbone, '--output_dir', str(tmp_path / 'o')])
-    with pytest.raises(RuntimeError, match='--device cuda: no CUDA device is usable'):
+    with pytest.raises(UsageError, match='--device cuda: no CUDA device is usable'):
         train.main(['--dataset_name', 'sst5', '--device', 'cuda', '--output_dir', str(tmp_path / 'o')])
     with pytest.raises(Exception) as explicit:                               # --device cpu: past the check
         train.main(argv + ['--device', 'cpu'])

@@ -77,8 +77,8 @@ def test_paper_profile_prints_the_six_runs_with_the_paper_settings(tmp_path):
         assert r.backbone == ('roberta-large' if r.dataset_name in TEXT else 'microsoft/beit-large-patch16-224')
         assert r.revision == REVISIONS[r.backbone]
         assert r.feature_cache is None                                  # ~90 GB for roberta-large on SST: opt-in
-        regime = train.resolve_model(r)
-        assert (r.model, r.lr, regime['pct_start']) == ('routing_head', 1e-3, 0.3)
+        resolved, regime = train.resolve_args(r)
+        assert (resolved.model, resolved.lr, regime['pct_start']) == ('routing_head', 1e-3, 0.3)
         assert regime['mixup_alpha']['text' if r.dataset_name in TEXT else 'image'] == (0.65 if r.dataset_name in TEXT else 0.2)
     sst5, sst2 = runs[1], runs[2]
     assert sst2.pretrained_path == os.path.join(sst5.output_dir, 'model')                # after its last epoch

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from heinsen_replication import backbones, data
+from heinsen_replication.errors import UsageError
 
 TEXTS = ['a good film', 'a bad film', 'the film is long and good', 'the film is long and bad',
          'bad', 'good', 'it is what it is', 'a film']
@@ -150,10 +151,10 @@ def test_full_or_read_only_disk_while_building_is_a_clear_error_and_keeps_the_ca
         raise OSError(failure, os.strerror(failure))
 
     monkeypatch.setattr(os, 'fsync', fail)                  # where a full disk shows: the data reach it
-    with pytest.raises(OSError, match=rf"feature cache {store.folder}: cannot write it "
+    with pytest.raises(UsageError, match=rf"feature cache {store.folder}: cannot write it "
                                       rf"\((disk full|read-only file system): .*What was stored before is kept") as e:
         store.ensure(TEXTS)
-    assert e.value.errno == failure and '\n' not in str(e.value)
+    assert e.value.__cause__.errno == failure and '\n' not in str(e.value)
     monkeypatch.undo()
     reopened = data.FeatureStore(str(tmp_path / 'cache'), bert)
     assert reopened.index['texts'] == stored
@@ -165,7 +166,7 @@ def test_read_only_cache_folder_is_a_clear_error(bert, tmp_path, monkeypatch):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / 'cache'))
 
     monkeypatch.setattr(os, 'makedirs', read_only)
-    with pytest.raises(OSError, match=r"feature cache .*: cannot write it \(read-only file system"):
+    with pytest.raises(UsageError, match=r"feature cache .*: cannot write it \(read-only file system"):
         data.FeatureStore(str(tmp_path / 'cache'), bert)
 
 

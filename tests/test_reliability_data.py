@@ -24,6 +24,7 @@ import torch
 
 from heinsen_replication import data
 from heinsen_replication.data import write_cifar_batch
+from heinsen_replication.errors import UsageError
 from tests.helpers.files import PUBLISHED_2019, SST_DIR, write_smallnorb, write_sst
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +262,7 @@ def test_sst_latin1_and_binary_files_name_the_path(tmp_path):
 def test_sst_missing_dev_is_named(tmp_path):
     write_sst(tmp_path / 'sst')
     os.remove(tmp_path / 'sst' / 'dev.txt')
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(UsageError) as e:
         data.get_dataset_splits('sst5', data_root=str(tmp_path))
     assert 'missing: dev.txt' in str(e.value) and 'train.txt' not in str(e.value).split('.')[0]
     assert 'expected ' + str(tmp_path / 'sst' / 'dev.txt') in str(e.value)

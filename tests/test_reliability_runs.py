@@ -18,6 +18,7 @@ from filelock import FileLock
 
 import train
 from heinsen_replication import data, runs
+from heinsen_replication.errors import UsageError
 from tests.helpers.training import run, short_sst_args as sst_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +72,7 @@ RUNNER = textwrap.dedent('''
         return real(run, epoch, **kwargs)
 
     train.train_one_epoch = waits
-    sys.argv[0] = 'train.py'
-    try:
-        train.main(sys.argv[1:])
-    except ValueError as e:
-        print(f"error: {{e}}", file=sys.stderr)
-        sys.exit(2)
+    train.cli(sys.argv[1:])
 ''')
 
 
@@ -228,7 +224,7 @@ def test_evaluation_refuses_non_finite_scores(trained, tiny_sst, tiny_bert, monk
         return torch.cat([scores[:1] * float('nan'), scores[1:]])
 
     monkeypatch.setattr(train, 'class_scores', one_nan)
-    with pytest.raises(FloatingPointError, match=r"the test scores of [1-9]\d* of \d+ examples are not finite "
+    with pytest.raises(UsageError, match=r"the test scores of [1-9]\d* of \d+ examples are not finite "
                                                  r"\(NaN/Inf\): refusing to report an accuracy"):
         run(['--dataset_name', 'sst5', '--backbone', tiny_bert, '--data_root', tiny_sst, '--device', 'cpu',
              '--eval_only', '--pretrained_path', trained / 'model'])
@@ -254,7 +250,7 @@ def test_torch_unexpected_pos_on_a_full_disk_is_the_disk_full_error(tiny_sst, ti
     monkeypatch.setattr(torch, 'save', fails)
     monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage._replace(free=free))
     disk = r' \(disk full: free some space\)' if free == 0 else ''
-    with pytest.raises(RuntimeError, match=rf"could not write checkpoint .*checkpoint.pt{disk}: \[enforce fail at "
+    with pytest.raises(UsageError, match=rf"could not write checkpoint .*checkpoint.pt{disk}: \[enforce fail at "
                                            rf"inline_container.cc:671\] . unexpected pos 1472 vs 1370. The previous "
                                            rf"checkpoint, if any, is intact: run again with --resume") as e:
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache'))
@@ -277,7 +273,7 @@ def test_full_or_read_only_disk_during_the_epoch_model_write(tiny_sst, tiny_bert
         return real_write(path, content)
 
     monkeypatch.setattr(data, 'write_atomic', fails_in_epoch2)
-    with pytest.raises(RuntimeError, match=rf"could not write .*epoch2 \({why}\). The checkpoint of the epoch before, "
+    with pytest.raises(UsageError, match=rf"could not write .*epoch2 \({why}\). The checkpoint of the epoch before, "
                                            rf"if any, is intact: run again with --resume"):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache'))
     monkeypatch.undo()
@@ -329,7 +325,7 @@ def test_overwrite_removes_nothing_if_it_cannot_remove_everything(trained, tiny_
         return real_rename(src, dst)
 
     monkeypatch.setattr(os, 'rename', cannot_move_model)
-    with pytest.raises(RuntimeError, match=r"--overwrite: cannot remove .*model \(Device or resource busy\); nothing "
+    with pytest.raises(UsageError, match=r"--overwrite: cannot remove .*model \(Device or resource busy\); nothing "
                                            r"of the old run was removed"):
         run(sst_args(tiny_sst, tiny_bert, trained, '--n_epochs', 1, '--overwrite', '--rng_seed', 3))
     monkeypatch.undo()

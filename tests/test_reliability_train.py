@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from heinsen_replication import checkpoints, runs
+from heinsen_replication.errors import UsageError
 from tests.helpers.files import tree
 from tests.helpers.training import run, short_sst_args as sst_args
 
@@ -36,9 +37,9 @@ def test_crafted_checkpoint_cannot_run_code(tiny_sst, tiny_bert, tmp_path, monke
     out = tmp_path / 'run'
     out.mkdir()
     torch.save({'head': {}, 'optimizer': {}, 'scheduler': {}, 'history': [], 'evil': RunsCode()}, out / 'checkpoint.pt')
-    with pytest.raises(RuntimeError, match='refusing to load .* could run code'):
+    with pytest.raises(UsageError, match='refusing to load .* could run code'):
         run(sst_args(tiny_sst, tiny_bert, out, '--resume'))
-    with pytest.raises(RuntimeError, match='refusing to load'):
+    with pytest.raises(UsageError, match='refusing to load'):
         run(sst_args(tiny_sst, tiny_bert, tmp_path / 'r', '--pretrained_path', out / 'checkpoint.pt'))
     assert not (tmp_path / 'pwned').exists()
 
@@ -188,7 +189,7 @@ def test_resume_state_mismatch_is_a_clear_error(tiny_sst, tiny_bert, tmp_path):
     checkpoint = runs.load_checkpoint(str(out / 'checkpoint.pt'))
     checkpoint['head'] = {k: v[..., :1] if v.dim() else v for k, v in checkpoint['head'].items()}
     torch.save(checkpoint, out / 'checkpoint.pt')
-    with pytest.raises(RuntimeError, match=r"--resume: .*checkpoint.pt does not fit this run's routing_head for sst5"):
+    with pytest.raises(UsageError, match=r"--resume: .*checkpoint.pt does not fit this run's routing_head for sst5"):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 1, '--resume'))
 
 # -----------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_disk_full_during_checkpoint_write(tiny_sst, tiny_bert, tmp_path, monkey
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, 'save', fills_the_disk)
-    with pytest.raises(RuntimeError, match=r'could not write checkpoint .*checkpoint.pt \(disk full: free some space\)'
+    with pytest.raises(UsageError, match=r'could not write checkpoint .*checkpoint.pt \(disk full: free some space\)'
                                            r'.*previous checkpoint, if any, is intact: run again with --resume'):
         run(sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--feature_cache', tmp_path / 'cache'))
     monkeypatch.setattr(torch, 'save', real_save)

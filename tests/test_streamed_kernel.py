@@ -1,7 +1,8 @@
-"""The streamed kernel (heinsen_routing/streamed.py, memory_efficient=True): exact against the readable forward and
-tests/reference.py across chunk boundaries, with masks and under autocast; what it allocates (one input-sized and one
-parameter-sized gradient buffer per forward, nothing of size n beyond them); its chunk size per device; and the
-operators of a paper-shape head step."""
+"""The streamed kernel (heinsen_routing/streamed.py, memory_efficient=True) on the CPU: exact against the readable
+forward and tests/reference.py across chunk boundaries, with masks and under autocast; what it allocates (one
+input-sized and one parameter-sized gradient buffer per forward, nothing of size n beyond them); its chunk size per
+device; and the operators of a paper-shape head step. tests/test_streamed_devices.py runs it on each device, with
+determinism, the tolerance between chunk sizes and the absence of global effects."""
 import math
 
 import pytest
@@ -311,21 +312,24 @@ def test_single_iteration_leaves_the_unused_e_step_parameters_without_gradient()
 # -------------------------------------------------------------------------------------------------
 
 def test_chunk_policy_per_device():
-    """chunk_elements=None: a 24 MiB chunk on a CPU (3 x 2^21 float32, 3 x 2^20 float64 elements); on a GPU a
-    quarter of the free memory for a working set of about 4x chunk_elements, so the paper's largest head input
-    (BEiT-large: 197 positions x 25 depths of 1024 at batch 50, routed to 64) is one chunk on a 24 GB GPU, and never
-    less than the CPU's chunk when memory is short. Its batch elements (5,360,800 elements each) do not fill a CPU
-    chunk alone, so the chunks hold inputs of all 50."""
+    """chunk_elements=None: a fixed number of bytes per device type, in elements of the parameters' dtype: 24 MiB on a
+    CPU (3 x 2^21 float32, 3 x 2^20 float64 elements) and on other devices but CUDA, 1.5 GiB on CUDA (3 x 2^27
+    float32), so that the paper's largest head inputs (BEiT-large: 197 positions x 25 depths of 1024 at batch 50;
+    IMDB: 2,048 positions x 25 depths at batch 5; routed to 64) are one chunk there. On a CPU BEiT's batch elements
+    (5,358,400 elements each) do not fill a chunk alone, so the chunks hold inputs of all 50."""
     from heinsen_routing.streamed import _pass_chunks, chunk_elements_for
     assert chunk_elements_for('cpu', torch.float32) == 3 * 2 ** 21
     assert chunk_elements_for('cpu', torch.float64) == 3 * 2 ** 20
     assert chunk_elements_for('meta', torch.float32) == 3 * 2 ** 21
+    assert chunk_elements_for('cuda', torch.float32) == chunk_elements_for(torch.device('cuda', 1), torch.float32) \
+        == 3 * 2 ** 27
+    assert chunk_elements_for('cuda', torch.float64) == 3 * 2 ** 26
     n, batch, row = 197 * 25, torch.Size([50]), 1024 + 64
     [(index, chunks)] = _pass_chunks(batch, n, row, chunk_elements_for('cpu', torch.float32))
     assert index == () and len(chunks) == 43 and chunks[0] == (0, 115)                    # 115 inputs a chunk
-    on_gpu = chunk_elements_for('cuda', torch.float32, free_bytes=20 * 2 ** 30)
-    assert on_gpu == 20 * 2 ** 30 // 4 // 4 // 4 and _pass_chunks(batch, n, row, on_gpu) == [((), [(0, n)])]
-    assert chunk_elements_for('cuda', torch.float16, free_bytes=2 ** 20) == 3 * 2 ** 23 // 2
+    assert _pass_chunks(batch, n, row, chunk_elements_for('cuda', torch.float32)) == [((), [(0, n)])]
+    n, batch = 2048 * 25, torch.Size([5])                                                 # IMDB
+    assert _pass_chunks(batch, n, row, chunk_elements_for('cuda', torch.float32)) == [((), [(0, n)])]
 
 
 def test_chunk_elements_none_picks_the_device_default(monkeypatch):
@@ -361,59 +365,13 @@ def test_routing_head_exposes_the_chunk_size():
 
 @pytest.mark.slow
 def test_paper_head_on_a_gpu_launches_at_most_twice_the_straightforward_operators():
-    """Issue 19: at BEiT-large's real shapes (batch 50, 197 x 25 x 1024) a training step of the streamed head with
-    the GPU chunk policy (whole sequence in one chunk) runs at most 2x the operators of plain autograd, where the
-    2^21-element chunks (the CPU default before issue 23) ran over 60x (counted on the meta device: no compute)."""
-    from benchmarks.routing_ops import GPU_FREE_BYTES, SHAPES, step_operators
+    """At BEiT-large's real shapes (batch 50, 197 x 25 x 1024) a training step of the streamed head with the CUDA
+    default chunk (the whole sequence in one chunk) runs at most 2x the operators of plain autograd, where chunks of
+    2^21 elements ran over 30x (counted on the meta device: no compute)."""
+    from benchmarks.routing_ops import SHAPES, step_operators
     from heinsen_routing.streamed import chunk_elements_for
     shape = SHAPES['BEiT-large (batch 50, 197 x 25 x 1024)']
     straightforward = step_operators(shape, False, None)
-    on_gpu = step_operators(shape, True, chunk_elements_for('cuda', torch.float32, free_bytes=GPU_FREE_BYTES))
+    on_gpu = step_operators(shape, True, chunk_elements_for('cuda', torch.float32))
     assert on_gpu <= 2 * straightforward
     assert step_operators(shape, True, 2 ** 21) > 30 * straightforward
-
-
-def test_cpu_load_decides_the_element_wise_threads():
-    """Others' share of the machine's CPU time since the previous look above a quarter: busy; looks closer than
-    MIN_INTERVAL_S apart keep the last answer; no /proc/stat: not busy."""
-    from heinsen_routing.streamed import _CpuLoad
-    samples = iter([(10.0, 20.0, 1.0), (11.0, 22.0, 1.8), (12.5, 24.0, 2.5), (12.6, 24.1, 2.6), (13.0, 26.0, 3.0)])
-    load = _CpuLoad()
-    load.sample = lambda: next(samples)
-    assert not load.others_busy()                         # first look: no interval yet
-    assert not load.others_busy()                         # others used (1.0 - 0.8) / 2.0 = 10%
-    assert load.others_busy()                             # others used (1.5 - 0.7) / 2.0 = 40%
-    assert load.others_busy()                             # 0.1 s later: the last answer
-    assert not load.others_busy()                         # (0.5 - 0.5) / 2.0 = 0% since the look before
-    load.sample = lambda: None
-    assert not load.others_busy()
-
-
-@pytest.mark.parametrize('others_busy', [False, True])
-def test_streamed_pass_threads_on_a_cpu(monkeypatch, others_busy):
-    """A chunk's element-wise steps run on one thread when other processes keep the CPU busy, else on the pass's
-    threads; the matrix products on the pass's threads; torch's thread count is restored after every pass, also when
-    a pass fails."""
-    import heinsen_routing.streamed as streamed
-    monkeypatch.setattr(streamed._CPU_LOAD, 'others_busy', lambda: others_busy)
-    seen, fail, real_chunk = [], [False], streamed._chunk
-
-    def chunk(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        if fail[0]:
-            raise RuntimeError('chunk failed')
-        return real_chunk(*args, **kwargs)
-
-    monkeypatch.setattr(streamed, '_chunk', chunk)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        routing = EfficientVectorRouting(-1, 4, 8, 6, chunk_elements=chunk_elements_for(7, 2, 8, 4))
-        routing(torch.randn(2, 30, 8, requires_grad=True)).sum().backward()
-        assert set(seen) == {1 if others_busy else 2} and torch.get_num_threads() == 2
-        fail[0] = True
-        with pytest.raises(RuntimeError, match='chunk failed'):
-            routing(torch.randn(2, 30, 8))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

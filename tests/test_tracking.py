@@ -7,7 +7,7 @@ import os
 import pytest
 
 import train
-from heinsen_replication.reporting import read_scalars, read_steps
+from heinsen_replication.reporting import measured_offline, read_scalars, read_steps
 from tests.helpers.training import run, sst_args
 
 
@@ -110,10 +110,10 @@ def test_the_offline_job_says_what_it_will_do_and_where_its_heads_are(tiny_sst, 
     assert [line.split()[0] for line in done.stdout.splitlines()] == ['train.py', 'train.py']
     start, end = done.stderr.split('train_all_heads.sh offline: done')
     assert start.startswith('train_all_heads.sh offline: 2 run(s), seed 0') and 'routing_head for sst2 on minilm' in start
-    with open(os.path.join(root, 'docs', 'resources.json')) as f:
-        measured = json.load(f)['profiles']['offline']
-    assert f"from a measurement of {measured['wall_seconds'] / 60:.1f} min" in start
-    assert f"on {measured['cpu_count']} cores of {measured['cpu_model']}" in start and 'sst5 done' in start
+    measured = measured_offline(os.path.join(root, 'docs', 'resources', 'record.json'))     # the committed record
+    assert f"{measured['wall_s'] / 60:.1f} min from scratch on {measured['meta']['cpu_count']} cores of " \
+           f"{measured['meta']['cpu_model']}" in start and 'estimate:  about ' in start
+    assert ('sst5 finished' if not measured.get('runs') else 'sst2 2000 steps') in start     # sst5 is done: skipped
     final = json.loads((sst5 / 'metrics.jsonl').read_text().splitlines()[-1])['final']
     assert f"sst5:      {sst5}/model/: valid accuracy {final['valid_accuracy']:.2%}, test accuracy " \
            f"{final['test_accuracy']:.2%}" in end

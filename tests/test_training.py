@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from heinsen_replication import checkpoints, loaders, models
+from heinsen_replication import checkpoints, loaders, models, runs
 from heinsen_replication.data import write_cifar_batch
+from heinsen_replication.errors import UsageError
 from tests.helpers.files import metrics_records as metrics
 from tests.helpers.training import run, sst_args
 
@@ -64,16 +65,16 @@ def test_training_stream_cycles_reshuffled_passes_and_resumes_mid_pass():
 def test_kill_and_resume_equals_uninterrupted(tiny_sst, tiny_bert, tmp_path, monkeypatch, steps):
     common = ['--n_epochs', 3, '--feature_cache', tmp_path / 'cache', '--rng_seed', 3, *steps]
     run(sst_args(tiny_sst, tiny_bert, tmp_path / 'straight', *common))
-    real_save_checkpoint = train.save_checkpoint
+    real_save_checkpoint = runs.save_checkpoint
 
     def killed_after_first_checkpoint(state, path):
         real_save_checkpoint(state, path)
         raise KeyboardInterrupt('killed')                      # before metrics.jsonl is written
 
-    monkeypatch.setattr(train, 'save_checkpoint', killed_after_first_checkpoint)
+    monkeypatch.setattr(runs, 'save_checkpoint', killed_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run(sst_args(tiny_sst, tiny_bert, tmp_path / 'resumed', *common))
-    monkeypatch.setattr(train, 'save_checkpoint', real_save_checkpoint)
+    monkeypatch.setattr(runs, 'save_checkpoint', real_save_checkpoint)
     assert not os.path.exists(tmp_path / 'resumed' / 'model')
     assert not [p for p in os.listdir(tmp_path / 'resumed') if '.tmp' in p]          # no half-written files
     run(sst_args(tiny_sst, tiny_bert, tmp_path / 'resumed', *common, '--resume'))
@@ -153,15 +154,15 @@ def test_bad_arguments_give_clear_errors(tiny_sst, tiny_bert, tmp_path, capsys):
     assert '--chunk_elements must be a positive int (elements per chunk), got 0' in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown backbone 'nope'"):
         run(sst_args(tiny_sst, 'nope', tmp_path / 'r'))
-    with pytest.raises(FileNotFoundError, match='sst'):
+    with pytest.raises(UsageError, match='sst'):
         run(sst_args(tmp_path / 'empty', tiny_bert, tmp_path / 'r'))
     out = tmp_path / 'corrupt'
     out.mkdir()
     (out / 'checkpoint.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(RuntimeError, match='corrupt'):
+    with pytest.raises(UsageError, match='corrupt'):
         run(sst_args(tiny_sst, tiny_bert, out, '--resume'))
     (out / 'head.safetensors').write_bytes(b'garbage')
-    with pytest.raises(RuntimeError, match='not a readable safetensors'):
+    with pytest.raises(UsageError, match='not a readable safetensors'):
         run(sst_args(tiny_sst, tiny_bert, tmp_path / 'r', '--eval_only', '--pretrained_path', out / 'head.safetensors'))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from heinsen_replication import backbones, data
+from heinsen_replication import backbones, data, vision_digits
 from heinsen_replication.pretrained import read_config
 
 pytest.importorskip('sklearn')
@@ -40,7 +40,7 @@ def test_digits_split_is_a_fixed_partition_of_the_digits():
 
 
 def test_digits_tensors_are_the_split_scaled_to_unit_range():
-    x, y = digits_vit.digits_tensors('test')
+    x, y = vision_digits.digits_tensors('test')
     s = data.get_dataset_splits('digits')['test']
     assert x.shape == (450, 1, 8, 8) and x.dtype == torch.float32 and y.tolist() == s.labels
     assert torch.equal(x[3], s[3][0]) and x.min() == 0 and x.max() == 1
@@ -52,7 +52,7 @@ def test_committed_vit_loads_as_a_frozen_image_backbone_of_all_depths():
     assert isinstance(backbone, backbones.ImageBackbone) and backbone.modality == 'image'
     assert (backbone.d_depth, backbone.d_emb) == (config.num_hidden_layers + 1, config.hidden_size) == (5, 64)
     assert not any(p.requires_grad for p in backbone.parameters()) and not backbone.train().training
-    x, _ = digits_vit.digits_tensors('test')
+    x, _ = vision_digits.digits_tensors('test')
     hidden, mask = backbone.encode(x[:3])
     assert hidden.shape == (3, 1 + 16, 5, 64) and mask is None                  # class token + 4 x 4 patches, 5 depths
     direct = backbone.model(pixel_values=x[:3], output_hidden_states=True).hidden_states
@@ -62,11 +62,11 @@ def test_committed_vit_loads_as_a_frozen_image_backbone_of_all_depths():
 def test_committed_head_reproduces_its_recorded_test_accuracy():
     """The routing head's accuracy on the digits test split, measured now, is the one train.py recorded when it
     trained it; and the ViT's own classifier reproduces the accuracy recorded beside it."""
-    backbone, head = digits_vit.load_model(str(MODEL))
+    backbone, head = vision_digits.load_model(str(MODEL))
     config = read_config(MODEL / 'routing_head')
     assert config['backbone'] == 'pretrained/digits_vit/backbone' and config['training']['dataset_name'] == 'digits'
-    x, y = digits_vit.digits_tensors('test')
-    n_correct = int((digits_vit.predict(backbone, head, x).argmax(-1) == y).sum())
+    x, y = vision_digits.digits_tensors('test')
+    n_correct = int((vision_digits.predict(backbone, head, x).argmax(-1) == y).sum())
     assert n_correct == round(config['training']['test_accuracy'] * len(y))
     assert n_correct / len(y) > 0.9
     from safetensors import safe_open
@@ -78,7 +78,7 @@ def test_committed_head_reproduces_its_recorded_test_accuracy():
 
 def test_delete_patches_sets_exactly_the_named_patches_to_background():
     images = torch.rand(2, 1, 8, 8) + 0.5                                      # no pixel is 0 yet
-    out = digits_vit.delete_patches(images, torch.tensor([[0, 5], [15, 15]]), side=4, size=2)
+    out = vision_digits.delete_patches(images, torch.tensor([[0, 5], [15, 15]]), side=4, size=2)
     zero = out == 0
     assert zero[0, 0, 0:2, 0:2].all() and zero[0, 0, 2:4, 2:4].all() and int(zero[0].sum()) == 8
     assert zero[1, 0, 6:8, 6:8].all() and int(zero[1].sum()) == 4
@@ -87,32 +87,32 @@ def test_delete_patches_sets_exactly_the_named_patches_to_background():
 
 def test_rank_patches_puts_the_patches_not_allowed_last():
     score = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
-    assert digits_vit.rank_patches(score, torch.ones(1, 4, dtype=torch.bool)).tolist() == [[1, 3, 0, 2]]
+    assert vision_digits.rank_patches(score, torch.ones(1, 4, dtype=torch.bool)).tolist() == [[1, 3, 0, 2]]
     allowed = torch.tensor([[True, False, True, True]])
-    assert digits_vit.rank_patches(score, allowed)[0, :3].tolist() == [3, 0, 2]
+    assert vision_digits.rank_patches(score, allowed)[0, :3].tolist() == [3, 0, 2]
     images = torch.zeros(1, 1, 8, 8)
     images[0, 0, 7, 0] = 0.5                                                   # ink in patch 12 only (row 3, col 0)
-    assert digits_vit.patch_ink(images, 4, 2).nonzero().tolist() == [[0, 12]]
+    assert vision_digits.patch_ink(images, 4, 2).nonzero().tolist() == [[0, 12]]
 
 
 def test_deletion_test_on_the_committed_model():
     """Every ranking deletes what it says: deleting all 16 patches leaves the same blank image whatever the ranking,
     so every row's drop is the same; among='ink' never deletes a blank patch
     while an inked one is left, so an image with ink everywhere gives both settings the same credit row."""
-    backbone, head = digits_vit.load_model(str(MODEL))
-    x, _ = digits_vit.digits_tensors('test')
+    backbone, head = vision_digits.load_model(str(MODEL))
+    x, _ = vision_digits.digits_tensors('test')
     x = x[:12]
-    every = digits_vit.deletion_test(backbone, head, x, ks=(16,), n_random=2)
+    every = vision_digits.deletion_test(backbone, head, x, ks=(16,), n_random=2)
     drops = [row['drop'][0] for row in every['rows'].values()]
     assert set(every['rows']) == {'credit (sum over depths)', 'most ink (no model)', 'random',
                                   *(f'credit of depth {d} alone' for d in range(5))}
     assert max(drops) - min(drops) < 1e-6 and every['n_images'] == 12 and 0 < every['p_pred'] <= 1
     full = x.clamp(min=0.05)                                                    # ink in every patch
-    all_, ink = (digits_vit.deletion_test(backbone, head, full, ks=(1, 3), n_random=1, among=among, per_depth=False)
+    all_, ink = (vision_digits.deletion_test(backbone, head, full, ks=(1, 3), n_random=1, among=among, per_depth=False)
                  for among in ('all', 'ink'))
     assert all_['rows']['credit (sum over depths)'] == ink['rows']['credit (sum over depths)']
     with pytest.raises(ValueError, match="among must be 'all' or 'ink'"):
-        digits_vit.deletion_test(backbone, head, x, among='blank')
+        vision_digits.deletion_test(backbone, head, x, among='blank')
 
 
 @pytest.mark.slow
@@ -149,7 +149,8 @@ def test_vision_notebook_is_a_demo_only_without_the_digits_model(tmp_path, monke
                        ('HF_HUB_OFFLINE', '1')):
         monkeypatch.setenv(key, str(value))
     nb = nbformat.read(str(ROOT / 'notebooks' / 'credit_vision.ipynb'), as_version=4)
-    nbclient.NotebookClient(nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': str(ROOT)}}).execute()
+    nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+                            resources={'metadata': {'path': str(ROOT / 'notebooks')}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs]
     printed = ''.join(o.get('text', '') for o in outputs)
     shown = ''.join(o.get('data', {}).get('text/html', '') for o in outputs)

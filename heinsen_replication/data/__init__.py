@@ -7,8 +7,9 @@ Datasets for the routing experiments (the data layer).
     splits['valid']      # -> a Dataset, or None where the dataset has no official validation split
     splits['n_classes'], splits['modality']   # -> 5, 'text'
 
-Command line: python -m heinsen_replication.data <name> [--data_root .data] [--download] [--data_source files|hub] prints the split
-sizes (fetching missing data with --download); python -m heinsen_replication.data heinsen2019 --download fetches the 2019 weights.
+Command line: python -m heinsen_replication.data <name> [--data_root .data] [--download] [--data_source files|hub]
+prints the split sizes (fetching missing data with --download); python -m heinsen_replication.data heinsen2019
+--download fetches the 2019 weights.
 
 Every split is a map-style torch Dataset (__len__, __getitem__). Items are:
     text   : (text: str, label: int); the dataset also exposes .texts (list[str]), .labels (list[int])

@@ -1,10 +1,12 @@
-"""python -m heinsen_replication.data <name> [--data_root .data] [--download] [--data_source files|hub]: check (and optionally
-download) a dataset, printing its split sizes; python -m heinsen_replication.data heinsen2019 --download: the 2019 paper's weights."""
+"""python -m heinsen_replication.data <name> [--data_root .data] [--download] [--data_source files|hub]: check (and
+optionally download) a dataset, printing its split sizes; python -m heinsen_replication.data heinsen2019 --download:
+the 2019 paper's weights."""
 
 import argparse
 import os
 import sys
 
+from ..errors import UsageError
 from .downloads import HEINSEN2019_URL, fetch_heinsen2019_weights
 from .splits import DATA_SOURCES, DATASETS, get_dataset_splits
 
@@ -33,7 +35,7 @@ def main(argv=None):
             for k in ('train', 'valid', 'test'):
                 print(f"{k}: {'None' if splits[k] is None else len(splits[k])}")
             print(f"n_classes: {splits['n_classes']}, modality: {splits['modality']}")
-    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as e:
+    except UsageError as e:                                  # a mistake of the user's: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -23,6 +23,7 @@ import zipfile
 
 from torchvision.datasets import CIFAR10 as _TorchvisionCIFAR10, CIFAR100 as _TorchvisionCIFAR100
 
+from ..errors import UsageError
 from .fileio import current_umask, fsync_dir, pid_prefix, publish, remove_orphans
 
 # -----------------------------------------------------------------------------
@@ -102,7 +103,7 @@ HEINSEN2019_WEIGHTS = {
 # downloading: every file is verified against a pinned checksum before it is used
 
 
-class ChecksumMismatchError(RuntimeError):
+class ChecksumMismatchError(UsageError):
     """A downloaded (or already present) file does not have its pinned checksum."""
 
 
@@ -163,7 +164,7 @@ def download_and_extract(url: str, dest_dir: str, checksum: str = None, members:
             os.remove(tmp_path)
             if created and not os.listdir(dest_dir):
                 os.rmdir(dest_dir)                               # a later attempt finds nothing half-made
-            raise RuntimeError(
+            raise UsageError(
                 f"Could not download {url} ({e}). Is the network available? You can also download it by hand "
                 f"and " + (by_hand or (f"unpack it into {os.path.abspath(dest_dir)}." if _is_archive(filename)
                                        else f"put it into {os.path.abspath(dest_dir)}."))) from e
@@ -203,7 +204,7 @@ def _work_dir(dest_dir):
     return dest
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(UsageError):
     """An archive member that would be written outside the destination, or is not a plain file or folder."""
 
 
@@ -283,7 +284,7 @@ def extract_archive(archive_path, dest_dir, members=None, what=None):
     try:
         listed = _zip_members(archive_path, what) if is_zip else _tar_members(archive_path, what)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"archive {what} is not a readable {'zip' if is_zip else 'tar'} archive ({e})") from e
+        raise UsageError(f"archive {what} is not a readable {'zip' if is_zip else 'tar'} archive ({e})") from e
     umask = current_umask()
     tmp_dir = os.path.realpath(tempfile.mkdtemp(dir=_work_dir(dest_real), prefix=pid_prefix('.extract-')))
     try:
@@ -362,8 +363,8 @@ def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str
                 download_and_extract(base_url + name, dest_dir, checksum=checksum)
             except ChecksumMismatchError:
                 raise
-            except RuntimeError as e:                    # no network: name every file still missing, to download
-                raise RuntimeError(
+            except UsageError as e:                      # no network: name every file still missing, to download
+                raise UsageError(
                     f"Could not download {base_url + name} ({e.__cause__ or e}). Download the missing files "
                     f"{', '.join(absent)} by hand ({', '.join(base_url + n for n in absent)}) into "
                     f"{os.path.abspath(dest_dir)}; they are used as they are (nothing to unpack).") from e
@@ -380,8 +381,8 @@ def fetch_heinsen2019_weights(dest_dir: str = '.data/heinsen2019', base_url: str
 
 
 def missing(what, path, how):
-    """The FileNotFoundError raised for a dataset that is not on disk."""
-    return FileNotFoundError(f"{what} not found: expected {os.path.abspath(path)}. {how}")
+    """The UsageError raised for a dataset that is not on disk."""
+    return UsageError(f"{what} not found: expected {os.path.abspath(path)}. {how}")
 
 
 def how_to_get(url, dest):

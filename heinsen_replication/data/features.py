@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UsageError
 from .fileio import write_atomic
 
 # -----------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def rows_checksum(text: str, rows) -> str:
 
 def damaged(folder, why):
     """The error of a damaged feature cache: what is wrong, and the command that rebuilds it."""
-    return ValueError(f"feature cache {folder} is damaged: {why}. Rebuild it: rm -r {shlex.quote(folder)} and run "
+    return UsageError(f"feature cache {folder} is damaged: {why}. Rebuild it: rm -r {shlex.quote(folder)} and run "
                       f"the same command again (the features are encoded anew; or pass another --feature_cache)")
 
 
@@ -182,7 +183,7 @@ class FeatureStore:
                 raise self._damaged(f"{self.index_path} is not a valid index ({e})") from None
             stored = {k: index.get(k) for k in self.meta}
             if stored != self.meta:
-                raise ValueError(f"feature cache {self.folder} holds features of {stored}, not of {self.meta}: "
+                raise UsageError(f"feature cache {self.folder} holds features of {stored}, not of {self.meta}: "
                                  f"use another --feature_cache folder")
             n_rows = index['n_rows']
             for text, span in index['texts'].items():
@@ -240,7 +241,7 @@ class FeatureStore:
                     finite = hidden.isfinite().flatten(1).all(dim=1)                           # [rows], one pass
                     if not finite.all():
                         first_text = bisect.bisect_right(np.cumsum(lengths), int((~finite).nonzero()[0, 0]))
-                        raise ValueError(
+                        raise UsageError(
                             f"backbone {self.backbone.name!r} gives hidden states that are not finite in float16 "
                             f"(NaN, or beyond +-65504) for the text {block[first_text][:60]!r}: they cannot be "
                             f"cached; run without --feature_cache")
@@ -285,9 +286,9 @@ class _disk_errors:
 
     def __exit__(self, kind, e, tb):
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            raise OSError(e.errno, f"feature cache {self.folder}: cannot write it ({DISK_ERRNOS[e.errno]}: "
-                                   f"{e.strerror}). What was stored before is kept; free some space, or pass "
-                                   f"another --feature_cache (or none)") from None
+            raise UsageError(f"feature cache {self.folder}: cannot write it ({DISK_ERRNOS[e.errno]}: {e.strerror}). "
+                             f"What was stored before is kept; free some space, or pass another --feature_cache "
+                             f"(or none)") from e
         return False
 
 

@@ -14,6 +14,8 @@ import tempfile
 
 import numpy as np
 
+from ..errors import UsageError
+
 
 def pid_prefix(prefix):
     """Temporary names carry the writer's pid, so that orphans of killed writers can be recognised."""
@@ -124,7 +126,7 @@ def check_labels(labels, n_classes, path):
     out = []
     for i, y in enumerate(labels.tolist() if isinstance(labels, np.ndarray) else labels):
         if isinstance(y, bool) or not isinstance(y, (int, np.integer)) or not 0 <= y < n_classes:
-            raise ValueError(f"{path}: label {y!r} at index {i} is out of range (expected an integer in "
+            raise UsageError(f"{path}: label {y!r} at index {i} is out of range (expected an integer in "
                              f"0..{n_classes - 1})")
         out.append(int(y))
     return out

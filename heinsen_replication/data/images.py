@@ -21,6 +21,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 from torchvision.datasets.vision import VisionDataset
 
+from ..errors import UsageError
 from . import downloads
 from .fileio import check_labels, open_maybe_gz, write_atomic
 
@@ -92,7 +93,7 @@ def load_imagenet(data_root, download, image_size):
     test = _image_folder(os.path.join(root, 'val'), image_transforms(image_size, train=False), how)
     if test.classes != train.classes:
         only_train, only_val = set(train.classes) - set(test.classes), set(test.classes) - set(train.classes)
-        raise ValueError(f"ImageNet train and val must have the same wnid folders; only in train: "
+        raise UsageError(f"ImageNet train and val must have the same wnid folders; only in train: "
                          f"{sorted(only_train)[:5]}, only in val: {sorted(only_val)[:5]} (first 5 shown)")
     return {'train': train, 'test': test, 'n_classes': len(train.classes)}
 
@@ -133,7 +134,7 @@ def _unpickle_cifar(path, what):
         except Exception as e:
             looks = ' (it looks like an HTML page, e.g. an error page saved by a failed download)' \
                 if head.lstrip().lower().startswith((b'<!doctype', b'<html')) else ''
-            raise ValueError(f"{path} is not a {what}{looks}: {type(e).__name__}: {e}") from None
+            raise UsageError(f"{path} is not a {what}{looks}: {type(e).__name__}: {e}") from None
 
 
 def read_cifar_batch(path: str, label_key: bytes, n_classes: int):
@@ -143,15 +144,15 @@ def read_cifar_batch(path: str, label_key: bytes, n_classes: int):
     batch = _unpickle_cifar(path, 'CIFAR python batch')
     if not isinstance(batch, dict) or b'data' not in batch or label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(f"{path} is not a CIFAR python batch: expected a dict with keys b'data' and "
+        raise UsageError(f"{path} is not a CIFAR python batch: expected a dict with keys b'data' and "
                          f"{label_key!r}, found {keys}")
     images = batch[b'data']
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
         what = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"{path}: b'data' must be a uint8 array [N, 3072] (32 x 32 RGB planes), found {what}")
+        raise UsageError(f"{path}: b'data' must be a uint8 array [N, 3072] (32 x 32 RGB planes), found {what}")
     labels = batch[label_key]
     if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(images):
-        raise ValueError(f"{path}: {label_key!r} must be a list of {len(images)} labels, found "
+        raise UsageError(f"{path}: {label_key!r} must be a list of {len(images)} labels, found "
                          f"{len(labels) if isinstance(labels, (list, np.ndarray)) else type(labels).__name__}")
     labels = check_labels(labels, n_classes, path)
     return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
@@ -217,7 +218,7 @@ class CIFAR10(tv_datasets.CIFAR10):
             meta, key = _unpickle_cifar(path, 'CIFAR python meta file'), self.meta['key'].encode()
             names = meta.get(key) if isinstance(meta, dict) else None
             if not isinstance(names, list) or len(names) != self.n_classes:
-                raise ValueError(f"{path}: expected {key!r}, a list of {self.n_classes} label names")
+                raise UsageError(f"{path}: expected {key!r}, a list of {self.n_classes} label names")
             self.classes = [n.decode('utf-8') if isinstance(n, bytes) else str(n) for n in names]
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
@@ -258,16 +259,16 @@ def read_idx(path: str) -> np.ndarray:
         try:
             data = f.read()
         except (OSError, EOFError) as e:                     # a truncated or corrupt .gz
-            raise ValueError(f"{path}: truncated or corrupt gzip ({e})") from None
+            raise UsageError(f"{path}: truncated or corrupt gzip ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (magic {data[:4].hex()}, {len(data)} bytes)")
+        raise UsageError(f"{path} is not an IDX file (magic {data[:4].hex()}, {len(data)} bytes)")
     dtype, ndim = _IDX_DTYPES[data[2]], data[3]
     if len(data) < 4 + 4 * ndim:
-        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes; {4 + 4 * ndim} expected for {ndim} dims)")
+        raise UsageError(f"{path}: truncated IDX header ({len(data)} bytes; {4 + 4 * ndim} expected for {ndim} dims)")
     shape = tuple(np.frombuffer(data, dtype='>i4', count=ndim, offset=4).tolist())
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-        raise ValueError(f"{path}: data size does not match header shape {shape}")
+        raise UsageError(f"{path}: data size does not match header shape {shape}")
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder('='))
 
 
@@ -311,9 +312,9 @@ class MNIST(tv_datasets.MNIST):
             arrays.append(read_idx(paths[-1]))
         images, labels = arrays  # uint8 [N, 28, 28], uint8 [N]
         if images.dtype != np.uint8:
-            raise ValueError(f"{paths[0]}: MNIST images must be uint8, found {images.dtype}")
+            raise UsageError(f"{paths[0]}: MNIST images must be uint8, found {images.dtype}")
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"MNIST {'train' if train else 'test'}: images {images.shape} and labels {labels.shape} "
+            raise UsageError(f"MNIST {'train' if train else 'test'}: images {images.shape} and labels {labels.shape} "
                              f"disagree")
         self.data = torch.from_numpy(np.ascontiguousarray(images))
         self.targets = torch.tensor(check_labels(labels, 10, paths[1]), dtype=torch.int64)
@@ -339,7 +340,7 @@ def load_digits_splits():
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as e:
-        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from e
+        raise UsageError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from e
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.uint8))[:, None]  # [1797, 1, 8, 8], values 0..16
     labels = digits.target.astype(np.int64)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import UsageError
 from . import downloads
 from .fileio import check_labels, is_gzip, open_maybe_gz, write_atomic
 
@@ -37,31 +38,31 @@ def read_smallnorb_file(path: str) -> np.ndarray:
         try:
             head = f.read(8)
         except (OSError, EOFError) as e:                     # a truncated or corrupt .gz
-            raise ValueError(f"{path}: not a readable smallNORB file ({e})") from None
+            raise UsageError(f"{path}: not a readable smallNORB file ({e})") from None
         if len(head) < 8:
-            raise ValueError(f"{path}: truncated smallNORB file ({len(head)} bytes; the header alone has at least 20)")
+            raise UsageError(f"{path}: truncated smallNORB file ({len(head)} bytes; the header alone has at least 20)")
         magic, ndim = np.frombuffer(head, dtype='<i4').tolist()
         if magic not in _NORB_DTYPES or not 0 <= ndim <= 16:
-            raise ValueError(f"{path} is not a smallNORB file (magic {magic & 0xFFFFFFFF:#x}, ndim {ndim})")
+            raise UsageError(f"{path} is not a smallNORB file (magic {magic & 0xFFFFFFFF:#x}, ndim {ndim})")
         raw_dims = f.read(4 * max(3, ndim))
         if len(raw_dims) < 4 * max(3, ndim):
-            raise ValueError(f"{path}: truncated smallNORB header (expected {4 * max(3, ndim)} bytes of dims "
+            raise UsageError(f"{path}: truncated smallNORB header (expected {4 * max(3, ndim)} bytes of dims "
                              f"after the magic, found {len(raw_dims)})")
         dims = np.frombuffer(raw_dims, dtype='<i4').tolist()
         if any(d < 0 for d in dims):
-            raise ValueError(f"{path}: corrupt smallNORB header (negative dims {dims})")
+            raise UsageError(f"{path}: corrupt smallNORB header (negative dims {dims})")
         shape, dtype, offset = tuple(dims[:ndim]), _NORB_DTYPES[magic], 8 + 4 * max(3, ndim)
         n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if is_gzip(path):
             try:
                 data = f.read()
             except (OSError, EOFError) as e:
-                raise ValueError(f"{path}: truncated or corrupt gzip ({e})") from None
+                raise UsageError(f"{path}: truncated or corrupt gzip ({e})") from None
             if len(data) != n_bytes:
-                raise ValueError(f"{path}: expected {n_bytes} data bytes for shape {shape}, found {len(data)}")
+                raise UsageError(f"{path}: expected {n_bytes} data bytes for shape {shape}, found {len(data)}")
             return np.frombuffer(data, dtype=dtype).reshape(shape)
     if os.path.getsize(path) != offset + n_bytes:
-        raise ValueError(f"{path}: size {os.path.getsize(path)} bytes does not match header (shape {shape}, {dtype})")
+        raise UsageError(f"{path}: size {os.path.getsize(path)} bytes does not match header (shape {shape}, {dtype})")
     return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape)
 
 
@@ -126,7 +127,7 @@ def load_smallnorb(data_root, download):
             arrays[kind] = read_smallnorb_file(path)
         dat, cat, info = arrays['dat'], arrays['cat'].reshape(-1), arrays['info']
         if dat.ndim != 4 or dat.shape[1] != 2 or info.ndim != 2 or not len(dat) == len(cat) == len(info):
-            raise ValueError(f"smallNORB {split} files disagree: dat {dat.shape}, cat {cat.shape}, info {info.shape}")
+            raise UsageError(f"smallNORB {split} files disagree: dat {dat.shape}, cat {cat.shape}, info {info.shape}")
         check_labels(np.asarray(cat), 5, os.path.join(root, f'{prefix}cat.mat'))
         splits[split] = SmallNorbDataset(dat, cat, info, train=(split == 'train'))
     return splits

@@ -4,6 +4,7 @@ get_dataset_splits: every dataset by name, as {'train', 'valid', 'test', 'n_clas
 Imports data.text, data.images, data.smallnorb (the loaders).
 """
 
+from ..errors import UsageError
 from .images import load_cifar, load_digits_splits, load_imagenet, load_mnist
 from .smallnorb import load_smallnorb
 from .text import load_imdb, load_sst
@@ -29,11 +30,11 @@ def get_dataset_splits(name: str, data_root: str = '.data', download: bool = Fal
     no official validation split. A missing dataset raises FileNotFoundError naming the expected path.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if source not in DATA_SOURCES:
-        raise ValueError(f"unknown data source {source!r}; known sources: {', '.join(DATA_SOURCES)}")
+        raise UsageError(f"unknown data source {source!r}; known sources: {', '.join(DATA_SOURCES)}")
     if source == 'hub' and name not in HUB_DATASETS:
-        raise ValueError(f"data source 'hub' offers {', '.join(HUB_DATASETS)} only (no hub dataset holds the same "
+        raise UsageError(f"data source 'hub' offers {', '.join(HUB_DATASETS)} only (no hub dataset holds the same "
                          f"data as the official files of {name}); use data source 'files'")
     if name in ('sst5', 'sst2'):
         n_classes, modality = (5 if name == 'sst5' else 2), 'text'

@@ -17,6 +17,7 @@ import re
 
 from torch.utils.data import Dataset
 
+from ..errors import UsageError
 from . import downloads
 from .fileio import check_labels
 
@@ -74,7 +75,7 @@ def load_hub(hub, what):
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"{what} from the Hugging Face hub (data_source 'hub') needs the datasets library: "
+        raise UsageError(f"{what} from the Hugging Face hub (data_source 'hub') needs the datasets library: "
                           f"pip install datasets (or use the files: data_source 'files', the default)") from e
     attempt = f"datasets.load_dataset{hub!r}"
     try:
@@ -86,7 +87,7 @@ def load_hub(hub, what):
         attempt = f"datasets.load_dataset({hub[0]!r}, data_dir={hub[1]!r}, revision={HUB_PARQUET_EXPORT!r})"
         return datasets.load_dataset(hub[0], data_dir=hub[1], revision=HUB_PARQUET_EXPORT)
     except Exception as e:  # offline (HF_HUB_OFFLINE), no access, a missing config, ...: say what to do instead
-        raise RuntimeError(f"Could not load {what} from the Hugging Face hub, {attempt} "
+        raise UsageError(f"Could not load {what} from the Hugging Face hub, {attempt} "
                            f"({type(e).__name__}: {e}). Is the network available? The offline alternative is the "
                            f"official files (data_source 'files', the default, with --download).") from e
 
@@ -97,11 +98,11 @@ HUB_PARQUET_EXPORT = 'refs/convert/parquet'    # the hub's Parquet conversion of
 def hub_split(dataset_dict, split, columns, where):
     """dataset_dict[split], checked to have `columns`."""
     if split not in dataset_dict:
-        raise ValueError(f"{where}: no {split!r} split (found {sorted(dataset_dict)})")
+        raise UsageError(f"{where}: no {split!r} split (found {sorted(dataset_dict)})")
     ds = dataset_dict[split]
     absent = [c for c in columns if c not in ds.column_names]
     if absent:
-        raise ValueError(f"{where} {split}: no column {absent[0]!r} (found {ds.column_names})")
+        raise UsageError(f"{where} {split}: no column {absent[0]!r} (found {ds.column_names})")
     return ds
 
 # -----------------------------------------------------------------------------
@@ -169,16 +170,16 @@ def parse_ptb_lines(lines, where: str, n_labels: int = 5):
     trees = []
     for line_no, line in enumerate(lines, 1):
         if '\x00' in line:
-            raise ValueError(f"{where}, line {line_no}: binary data (NUL bytes), not a text file of PTB trees")
+            raise UsageError(f"{where}, line {line_no}: binary data (NUL bytes), not a text file of PTB trees")
         if not line.strip():
             continue
         try:
             tree = parse_ptb_tree(line)
         except ValueError as e:
-            raise ValueError(f"{where}, line {line_no}: {e}") from None
+            raise UsageError(f"{where}, line {line_no}: {e}") from None
         bad = [node[0] for node in iter_subtrees(tree) if not 0 <= node[0] < n_labels]
         if bad:
-            raise ValueError(f"{where}, line {line_no}: label {bad[0]} is out of range "
+            raise UsageError(f"{where}, line {line_no}: label {bad[0]} is out of range "
                              f"(sentiment labels are 0..{n_labels - 1}): {line.strip()[:80]!r}")
         trees.append(tree)
     return trees
@@ -200,7 +201,7 @@ def read_ptb_trees(path: str, n_labels: int = 5):
                 except UnicodeDecodeError as e:
                     bad = raw[e.start:e.start + 1]
                     break
-        raise ValueError(f"{path}, line {line_no}: not UTF-8 text (byte {bad!r}; a latin-1 copy, or a binary "
+        raise UsageError(f"{path}, line {line_no}: not UTF-8 text (byte {bad!r}; a latin-1 copy, or a binary "
                          f"file?): the SST tree files are UTF-8") from None
 
 
@@ -340,13 +341,13 @@ def load_sst(data_root, download, binary, source='files'):
             ds = hub_split(hub, hub_names[split], ['ptb_tree'], f"{downloads.SST_HUB[0]} ({downloads.SST_HUB[1]})")
             examples[split] = sst_examples(parse_ptb_lines(ds['ptb_tree'], where[split]), all_phrases=(split == 'train'))
     else:
-        raise ValueError(f"unknown data source {source!r}: 'files' or 'hub'")
+        raise UsageError(f"unknown data source {source!r}: 'files' or 'hub'")
     if binary:  # note: dedup happened on the 5-class labels, so SST-2 train is a subset of SST-5 train
         examples = {k: sst_to_binary(*v) for k, v in examples.items()}
     for split, (texts, _) in examples.items():
         if not texts:  # an accuracy over nothing is no result
             why = 'all its examples are neutral (label 2), which SST-2 drops' if binary else 'it holds no trees'
-            raise ValueError(f"{where[split]}: the {'sst2' if binary else 'sst5'} {split} split is empty ({why})")
+            raise UsageError(f"{where[split]}: the {'sst2' if binary else 'sst5'} {split} split is empty ({why})")
     return {k: TextDataset(*v) for k, v in examples.items()}
 
 # -----------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def load_imdb(data_root, download, source='files'):
             splits[split] = TextDataset([clean_imdb(t) for t in ds['text']], labels)
         return splits
     if source != 'files':
-        raise ValueError(f"unknown data source {source!r}: 'files' or 'hub'")
+        raise UsageError(f"unknown data source {source!r}: 'files' or 'hub'")
     root = os.path.join(data_root, 'aclImdb')
     needed = [os.path.join(root, s, c) for s in ('train', 'test') for c in ('neg', 'pos')]
     if download and not all(os.path.isdir(p) for p in needed):

@@ -4,6 +4,7 @@ import os
 import sys
 
 import train                        # the repository root is on PYTHONPATH (tests/test_training_multiprocess.py sets it)
+from heinsen_replication import runs
 
 
 def recorded(kind, fn):
@@ -14,9 +15,9 @@ def recorded(kind, fn):
     return wrapper
 
 
-train.save_model = recorded('model', train.save_model)
-train.save_checkpoint = recorded('checkpoint', train.save_checkpoint)
-train.write_metrics = recorded('metrics', train.write_metrics)
+runs.save_model = recorded('model', runs.save_model)
+runs.save_checkpoint = recorded('checkpoint', runs.save_checkpoint)
+runs.write_metrics = recorded('metrics', runs.write_metrics)
 
 if __name__ == '__main__':
     with open(os.environ['WRITES_LOG'], 'a') as f:
