@@ -38,9 +38,9 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm import tqdm
 
 from heinsen_replication import data
-from heinsen_replication.assembly import (AUTOCAST_DTYPES, PAPER_BACKBONES, build_model, check_device,
+from heinsen_replication.assembly import (AUTOCAST_DTYPES, HEAD_OPTIONS, PAPER_BACKBONES, build_model, check_device,
                                           device_and_precision, init_from_pretrained, load_frozen_backbone,
-                                          model_name, one_cycle)
+                                          model_name, one_cycle, resolve_head_options)
 from heinsen_replication.checkpoints import from_pretrained
 from heinsen_replication.errors import UsageError, relative_to_cwd
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
@@ -106,6 +106,16 @@ def parse_args(argv=None):
                         "a fixed size per device type (3 x 2^21 float32 elements on a CPU, 3 x 2^27 on CUDA), never the "
                         "memory free. Changes speed and memory; results only in their last bits (sums in another "
                         "order: docs/library.md)")
+    p.add_argument('--n_hid', type=int, default=None,
+                   help="routing_head: the number of hidden vectors of its routings (default: 64, the paper's; with "
+                        "--pretrained_path, that head's)")
+    p.add_argument('--n_routings', type=int, default=None, choices=[2, 3],
+                   help="routing_head: 3 routings (the paper's, the default; with --pretrained_path, that head's), or 2 "
+                        "without the middle one")
+    p.add_argument('--d_hid', type=int, default=None,
+                   help="routing_head: project the hidden states from d_emb to d_hid features before routing, so that "
+                        "the routings work at width d_hid (default: none, the paper's; with --pretrained_path, that "
+                        "head's). benchmarks/routing_head_study.py measures these options")
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--overwrite', action='store_true',
@@ -143,7 +153,7 @@ def parse_args(argv=None):
              f"or the authors' 2022 <dataset>_head_for_<backbone>.state_dict or ..._epoch<k>.checkpoint)"),
             *((getattr(args, n) is not None and getattr(args, n) < 1, f"--{n} must be a positive integer, got "
                f"{getattr(args, n)}") for n in ('n_epochs', 'batch_sz', 'n_iters_per_train_epoch', 'image_size',
-                                                'threads')),
+                                                'threads', 'n_hid', 'd_hid')),
             (args.chunk_elements is not None and args.chunk_elements <= 0,
              f'--chunk_elements must be a positive int (elements per chunk), got {args.chunk_elements}'),
             (args.mixup_alpha is not None and not 0 <= args.mixup_alpha < math.inf,
@@ -164,8 +174,8 @@ def parse_args(argv=None):
 def resolve_args(args, pretrained=None, pretrained_config=None, checkpoint=None):
     """-> (a copy of args with what they leave open resolved, the model's regime): --model given, else the
     pretrained model's or the resumed checkpoint's, else routing_head; --backbone given, else the one the pretrained
-    model names, else minilm; --lr and --batch_sz given, else the regime's. (A resumed checkpoint of another model:
-    check_resume_args.)"""
+    model names, else minilm; --lr and --batch_sz given, else the regime's; the routing head's --n_hid, --n_routings,
+    --d_hid (resolve_head_options). (A resumed checkpoint of another model: check_resume_args.)"""
     trained = None if pretrained is None else model_name(pretrained)
     if trained is not None and args.model not in (None, trained):
         raise UsageError(f"--pretrained_path was trained with model {trained!r}, not --model {args.model!r}")
@@ -174,7 +184,8 @@ def resolve_args(args, pretrained=None, pretrained_config=None, checkpoint=None)
     backbone = args.backbone or (pretrained_config or {}).get('backbone') or 'minilm'
     return argparse.Namespace(**{**vars(args), 'model': model, 'backbone': backbone,
                                  'lr': regime['lr'] if args.lr is None else args.lr,
-                                 'batch_sz': regime['batch_sz'] if args.batch_sz is None else args.batch_sz}), regime
+                                 'batch_sz': regime['batch_sz'] if args.batch_sz is None else args.batch_sz,
+                                 **resolve_head_options(args, model, pretrained)}), regime
 
 
 def class_scores(head, inputs, mask):
@@ -267,7 +278,10 @@ def build_run(args):
     if args.overwrite:
         remove_old_run(accelerator, args.output_dir)
     if checkpoint is not None:
-        restore(run, checkpoint, defaults=vars(parse_args(['--dataset_name', args.dataset_name])))
+        defaults = vars(parse_args(['--dataset_name', args.dataset_name]))   # for arguments newer than checkpoint's
+        if (checkpoint.get('args') or {}).get('model') == 'routing_head':
+            defaults.update(HEAD_OPTIONS)                 # a checkpoint older than --n_hid etc.: the paper's head
+        restore(run, checkpoint, defaults)
     elif args.resume:
         log.info(f"--resume: no {checkpoint_path} yet, starting from scratch")
     start_step = len(run.history) * run.steps_per_epoch

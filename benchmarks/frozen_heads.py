@@ -75,38 +75,48 @@ def collect(runs, records):
 
 
 def time_steps(args, rounds=10):
-    """Seconds per training step of every head, the routing head included, on the same batches' kind and the same
-    load: each head's SST-5 run of its recipe (recipes.py) is built by train.py's own stages (train.build_run), then
-    `rounds` rounds, each timing --time_steps / rounds steps (train.train_step: the next batch of the training
-    stream from the feature cache, mixup, forward, loss, backward, RAdam step) of every head in turn, after one
-    untimed round; each head built and timed in its recipe's process-global settings (run_settings: matmul precision,
-    threads, seeds). -> the record of time_per_step.json"""
-    import train
+    """Seconds per training step of every head, the routing head included: each head's SST-5 run of its recipe
+    (recipes.py: paper-minilm, frozen-heads) timed by time_runs. -> the record of time_per_step.json"""
     from heinsen_replication import recipes
-    from heinsen_replication.settings import run_settings
     argvs = {'routing_head': recipes.runs('paper-minilm', args.data_root, feature_cache=args.feature_cache)['sst5']}
     argvs.update({name: argv for stage, argv in recipes.runs('frozen-heads', args.data_root,
                                                              feature_cache=args.feature_cache).items()
                   for name in standard_heads.FROZEN_HEADS if stage == f'{name}/sst5'})
-    per_round = max(1, args.time_steps // rounds)
-    seconds, loads = {name: 0.0 for name in HEADS}, []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {}
-        for name in HEADS:                                # each built and timed in its recipe's settings (run_settings)
-            args_of_run = train.parse_args([*argvs[name], '--output_dir', os.path.join(tmp, name), '--device', 'cpu'])
-            with run_settings(args_of_run):
-                runs[name] = train.build_run(args_of_run)
-            runs[name].head.train()
-        for r in range(rounds + 1):
-            loads.append(os.getloadavg()[0])
-            for name, run in runs.items():
-                with run_settings(run.args, seed=False):
-                    started = time.perf_counter()
-                    for _ in range(per_round):
-                        loss, _ = train.train_step(run, next(run.batches))
-                        loss.item()
-                if r > 0:                                                        # round 0 warms up
-                    seconds[name] += time.perf_counter() - started
+        return time_runs({name: [*argvs[name], '--output_dir', os.path.join(tmp, name), '--device', 'cpu']
+                          for name in HEADS}, args.time_steps, rounds)
+
+
+def time_runs(argvs, n_steps, rounds=10):
+    """Seconds per training step of several train.py runs ({name: arguments}) on the same batches' kind and the
+    same load, in one process: each run is built by train.py's own stages (train.build_run), then `rounds` rounds,
+    each timing n_steps / rounds steps (train.train_step: the next batch of the training stream from the feature
+    cache, mixup, forward, loss, backward, optimizer step) of every run in turn, after one untimed round; each run
+    built and timed in its own process-global settings (run_settings: matmul precision, threads, seeds).
+    -> {'seconds_per_step': {name: s}, 'steps', 'rounds', 'load_average_1min': [one per round], 'cpu_count',
+    'cpu_model', 'omp_num_threads'}"""
+    import train
+    from heinsen_replication import recipes
+    from heinsen_replication.settings import run_settings
+    per_round = max(1, n_steps // rounds)
+    seconds, loads, runs = {name: 0.0 for name in argvs}, [], {}
+    for name, argv in argvs.items():
+        args_of_run = train.parse_args(argv)
+        with run_settings(args_of_run):
+            runs[name] = train.build_run(args_of_run)
+        runs[name].head.train()
+    for r in range(rounds + 1):
+        loads.append(os.getloadavg()[0])
+        for name, run in runs.items():
+            with run_settings(run.args, seed=False):
+                started = time.perf_counter()
+                for _ in range(per_round):
+                    loss, _ = train.train_step(run, next(run.batches))
+                    loss.item()
+            if r > 0:                                                            # round 0 warms up
+                seconds[name] += time.perf_counter() - started
+    for run in runs.values():
+        train.release_output_dir(run.args.output_dir)
     return {'seconds_per_step': {name: t / (rounds * per_round) for name, t in seconds.items()},
             'steps': rounds * per_round, 'rounds': rounds, 'load_average_1min': loads,
             'cpu_count': os.cpu_count(), 'cpu_model': recipes.cpuinfo('model name'),

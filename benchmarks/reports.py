@@ -38,6 +38,7 @@ from benchmarks.common import (REPO_ROOT, busy, finish_meta, how_measured, load_
 # page -> its record (file or folder) and the function 'module:name' that renders it (record path -> text)
 PAGES = {
     'docs/frozen_heads.md': ('docs/frozen_heads', 'benchmarks.frozen_heads:render'),
+    'docs/routing_head_study.md': ('docs/routing_head_study', 'benchmarks.routing_head_study:render'),
     'docs/sst_paper_regime.md': ('docs/sst_paper_regime', 'benchmarks.sst_paper_regime:render'),
     'docs/sst_paper_regime_pretrained.md': ('docs/sst_paper_regime/pretrained.json',
                                             'benchmarks.sst_paper_regime:render_pretrained'),
@@ -56,6 +57,7 @@ PAGES = {
 # the command that measures each page's records (docs/README.md lists them)
 MEASURED_BY = {
     'docs/frozen_heads.md': '`bash train_all_heads.sh frozen-heads` (SEED=0, 1, 2), then `python -m benchmarks.frozen_heads --time_steps 100`',
+    'docs/routing_head_study.md': '`python -m benchmarks.routing_head_study --run` (long), then `python -m benchmarks.routing_head_study --costs --time_steps 100`',
     'docs/sst_paper_regime.md': '`bash train_all_heads.sh paper-minilm` (SEED=0, 1, 2), then `python -m benchmarks.sst_paper_regime`',
     'docs/sst_paper_regime_pretrained.md': '`python -m benchmarks.sst_paper_regime --save_pretrained`',
     'docs/sst_results.md': '`python -m benchmarks.sst_results --n_iters_per_train_epoch 2000`',
@@ -601,8 +603,20 @@ def block_docs_reports():
     return '\n'.join(lines)
 
 
+def block_readme_routing_study():
+    from benchmarks.routing_head_study import summary
+    return summary(path('docs/routing_head_study'), 'docs/')
+
+
+def block_choosing_routing_study():
+    from benchmarks.routing_head_study import summary
+    return summary(path('docs/routing_head_study'), '')
+
+
 BLOCKS = {
     ('README.md', 'results'): block_readme_results,
+    ('README.md', 'routing-study'): block_readme_routing_study,
+    ('docs/choosing_a_head.md', 'routing-study'): block_choosing_routing_study,
     ('README.md', 'vision'): block_readme_vision,
     ('README.md', 'paths'): block_readme_paths,
     ('docs/replication.md', 'offline-costs'): block_replication_offline_costs,

@@ -3,6 +3,8 @@ A run's model: the device (check_device), the frozen backbone on it (load_frozen
 --model (build_model) and its initialisation from --pretrained_path (init_from_pretrained: evaluated as it is, or
 fine-tuned: its last routing, last_routing).
 """
+import inspect
+
 import torch
 
 from .backbones import load_backbone
@@ -22,6 +24,29 @@ def model_name(model):
     return 'routing_head' if isinstance(model, RoutingHead) else frozen_heads.get(type(model), 'capsules2019')
 
 
+# The routing head's architecture options (train.py --n_hid, --n_routings, --d_hid) and their defaults: the paper's.
+HEAD_OPTIONS = {name: inspect.signature(RoutingHead).parameters[name].default
+                for name in ('n_hid', 'n_routings', 'd_hid')}
+
+
+def resolve_head_options(args, model, pretrained=None):
+    """-> {'n_hid', 'n_routings', 'd_hid'} of --model routing_head: as given, else those of the --pretrained_path
+    routing head (fine-tuning keeps its architecture), else the paper's (HEAD_OPTIONS); given ones must match the
+    pretrained head's. Other models take none of them (all None)."""
+    given = {name: getattr(args, name) for name in HEAD_OPTIONS if getattr(args, name) is not None}
+    if model != 'routing_head':
+        if given:
+            raise UsageError(f"{', '.join('--' + name for name in given)} set the architecture of --model "
+                             f"routing_head, not of --model {model}")
+        return dict.fromkeys(HEAD_OPTIONS)
+    have = HEAD_OPTIONS if pretrained is None else {name: getattr(pretrained, name) for name in HEAD_OPTIONS}
+    for name, value in given.items():
+        if pretrained is not None and value != have[name]:
+            raise UsageError(f"--{name} {value}: --pretrained_path {args.pretrained_path!r} is a routing head with "
+                             f"{name} {have[name]}; leave --{name} out to fine-tune it")
+    return {**have, **given}
+
+
 def build_model(args, splits, backbone):
     """-> (the trained module, its training metadata) for --model on this dataset (backbone None: end to end), with
     --chunk_elements set; the module's own config (its constructor's arguments) is saved with it by save_pretrained."""
@@ -38,7 +63,8 @@ def _build_model(args, splits, backbone):
     n_classes, modality = splits['n_classes'], splits['modality']
     metadata = {'model': args.model, 'dataset_name': args.dataset_name}
     if args.model == 'routing_head':
-        return RoutingHead(backbone.d_depth, backbone.d_emb, n_classes), metadata
+        return RoutingHead(backbone.d_depth, backbone.d_emb, n_classes, n_hid=args.n_hid, n_routings=args.n_routings,
+                           d_hid=args.d_hid), metadata
     if args.model in FROZEN_HEADS:
         return FROZEN_HEADS[args.model](backbone.d_depth, backbone.d_emb, n_classes), metadata
     if modality == 'stereo':

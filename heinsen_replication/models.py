@@ -47,22 +47,38 @@ class RoutingHead(nn.Module, Pretrained):
     Layer norm over d_emb (no affine), then x * W + B per depth, flatten to n_pos * d_depth input
     vectors, and three routings: (-1 -> n_hid), (n_hid -> n_hid), (n_hid -> n_classes, d_out 1).
     State dict keys: W, B, route.0.*, route.1.*, route.2.* (the authors' published heads load strict).
+    Lighter variants (benchmarks/routing_head_study.py measures them; the defaults are the paper's head, unchanged):
+    n_routings=2 drops the middle routing, (-1 -> n_hid), (n_hid -> n_classes); d_hid projects each vector from
+    d_emb to d_hid features (`project`, a Linear without bias, after x * W + B), so that the routings work at width
+    d_hid.
     chunk_elements: the routings' chunk size (EfficientVectorRouting's; None = a fixed size per device type, never
     the memory free). It changes speed and memory, and results only in their last bits (sums in another order:
     docs/library.md); it can be changed on a loaded head with set_chunk_elements.
     """
 
-    def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None):
+    CONFIG_CHOICES = {'n_routings': (2, 3)}                 # what config.json may hold (check_config)
+    OPTIONAL_SIZES = ('d_hid', 'chunk_elements')            # sizes whose default, None, is no size
+
+    def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None, n_routings=3, d_hid=None):
         super().__init__()
+        if isinstance(n_routings, bool) or n_routings not in self.CONFIG_CHOICES['n_routings']:
+            raise ValueError(f"n_routings must be 3 (the paper's head) or 2 (without the middle routing), "
+                             f"got {n_routings!r}")
+        if d_hid is not None:
+            check_dims(d_hid=d_hid)
         self.d_depth, self.d_emb, self.n_classes, self.n_hid = d_depth, d_emb, n_classes, n_hid
+        self.n_routings, self.d_hid = n_routings, d_hid
+        d_route = d_emb if d_hid is None else d_hid                               # the routed vectors' width
         self.normalize = nn.LayerNorm(d_emb, elementwise_affine=False)
         self.W = nn.Parameter(torch.ones(d_depth, d_emb))                         # [d_depth, d_emb]
         self.B = nn.Parameter(torch.zeros(d_depth, d_emb))                        # [d_depth, d_emb]
-        self.route = nn.ModuleList([
-            EfficientVectorRouting(n_inp=-1, n_out=n_hid, d_inp=d_emb, d_out=d_emb),
-            EfficientVectorRouting(n_inp=n_hid, n_out=n_hid, d_inp=d_emb, d_out=d_emb),
-            EfficientVectorRouting(n_inp=n_hid, n_out=n_classes, d_inp=d_emb, d_out=1),
-        ])
+        if d_hid is not None:
+            self.project = nn.Linear(d_emb, d_hid, bias=False)                    # weight [d_hid, d_emb]
+            nn.init.normal_(self.project.weight, std=d_emb ** -0.5)               # unit-variance inputs stay so
+        self.route = nn.ModuleList([EfficientVectorRouting(n_inp=-1, n_out=n_hid, d_inp=d_route, d_out=d_route)])
+        for _ in range(n_routings - 2):                                           # the paper's route.1
+            self.route.append(EfficientVectorRouting(n_inp=n_hid, n_out=n_hid, d_inp=d_route, d_out=d_route))
+        self.route.append(EfficientVectorRouting(n_inp=n_hid, n_out=n_classes, d_inp=d_route, d_out=1))
         self.set_chunk_elements(chunk_elements)
 
     def set_chunk_elements(self, chunk_elements):
@@ -76,12 +92,15 @@ class RoutingHead(nn.Module, Pretrained):
         """hidden [..., n_pos, d_depth, d_emb]; mask [..., n_pos] bool, True = padding."""
         check_hidden(hidden, mask, self.d_depth, self.d_emb)
         x = self.normalize(hidden) * self.W + self.B                             # [..., n_pos, d_depth, d_emb]
-        x = x.flatten(-3, -2)                                                    # [..., n_pos * d_depth, d_emb]
+        if self.d_hid is not None:
+            x = self.project(x)                                                  # [..., n_pos, d_depth, d_hid]
+        x = x.flatten(-3, -2)                                                    # [..., n_pos * d_depth, d_route]
         if mask is not None:
-            mask = over_depths(mask, self.d_depth)[..., None]                   # [..., n_pos * d_depth, 1]
-        x = self.route[0](x, mask=mask)                                          # [..., n_hid, d_emb]
-        x = self.route[1](x)                                                     # [..., n_hid, d_emb]
-        x = self.route[2](x)                                                     # [..., n_classes, 1]
+            mask = over_depths(mask, self.d_depth)[..., None]                    # [..., n_pos * d_depth, 1]
+        x = self.route[0](x, mask=mask)                                          # [..., n_hid, d_route]
+        for routing in self.route[1:-1]:                                         # the paper's head: route.1
+            x = routing(x)                                                       # [..., n_hid, d_route]
+        x = self.route[-1](x)                                                    # [..., n_classes, 1]
         return x.squeeze(-1)                                                     # [..., n_classes]
 
     @torch.no_grad()

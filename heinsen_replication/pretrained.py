@@ -178,12 +178,18 @@ def config_path(path_or_id):
 
 
 def check_config(cls, config, where):
-    """The constructor arguments of cls in config (a dict): each present one an int (not a bool) in 1..MAX_SIZE;
-    ValueError naming the file (where) and the argument otherwise."""
+    """The constructor arguments of cls in config (a dict): each present one an int (not a bool) in 1..MAX_SIZE, or
+    one of cls.CONFIG_CHOICES[name] where the class lists its values; an argument of cls.OPTIONAL_SIZES may also be
+    null (its default, None). ValueError naming the file (where) and the argument otherwise."""
+    choices, optional = getattr(cls, 'CONFIG_CHOICES', {}), getattr(cls, 'OPTIONAL_SIZES', ())
     for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name == 'self' or name not in config or not (param.default is param.empty or type(param.default) is int):
+        if name == 'self' or name not in config or (name in optional and config[name] is None) or not (
+                param.default is param.empty or type(param.default) is int or name in optional):
             continue                                                # (every argument of these models is a size)
         value = config[name]
+        if name in choices and (isinstance(value, bool) or value not in choices[name]):
+            raise ValueError(f"{where}: {name} must be one of {', '.join(map(str, choices[name]))}, got {value!r}: "
+                             f"the model folder is damaged or was not written by this repository")
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
             raise UsageError(f"{where}: {name} must be an integer in 1..{MAX_SIZE}, got {value!r} "
                              f"({type(value).__name__}): the model folder is damaged or was not written by this "

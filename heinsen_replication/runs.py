@@ -39,7 +39,7 @@ def run_files(out):
 # fingerprint (data.split_fingerprint), not by --data_root, which may move too.
 RESUME_ARGS = ('model', 'dataset_name', 'backbone', 'revision', 'max_length', 'image_size', 'pretrained_path',
                'lr', 'batch_sz', 'mixup_alpha', 'finetune', 'rng_seed', 'n_epochs', 'n_iters_per_train_epoch',
-               'mixed_precision', 'matmul_precision', 'feature_cache')
+               'mixed_precision', 'matmul_precision', 'feature_cache', 'n_hid', 'n_routings', 'd_hid')
 
 
 def load_checkpoint(path):
