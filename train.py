@@ -26,6 +26,7 @@ user's is one line `error: ...` (exit status 2); anything else keeps its traceba
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ import time
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm import tqdm
 
 from heinsen_replication import data
@@ -44,9 +45,13 @@ from heinsen_replication.checkpoints import from_pretrained
 from heinsen_replication.errors import UsageError, relative_to_cwd
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
 from heinsen_replication.recipes import REGIMES
+from heinsen_replication.reporting import (TRACKERS_DIR, TrainingLog, add_reporting_options, check_reporting_options,
+                                           end_summary, log_to_file, logging_for_run, start_summary, tracker_config)
 from heinsen_replication.runs import (check_output_dir, data_fingerprint, release_output_dir, remove_old_run,
                                       reproduce_command, restore, resumed_checkpoint, save_epoch, save_final)
 from heinsen_replication.settings import run_settings
+
+log = logging.getLogger('heinsen_replication.train')
 
 
 def parse_args(argv=None):
@@ -136,6 +141,7 @@ def parse_args(argv=None):
     p.add_argument('--num_workers', type=int, default=0)
     p.add_argument('--threads', type=int, default=None,
                    help="torch.set_num_threads for the run (default: torch's own choice, one per core)")
+    add_reporting_options(p)                              # --log_with, --log_every, --quiet, --verbose
     args = p.parse_args(argv)
     for wrong, message in (                                # the arguments' own errors: argparse's one line, exit 2
             (args.dataset_name not in data.DATASETS,
@@ -168,6 +174,7 @@ def parse_args(argv=None):
              '--resume continues the run in --output_dir; --overwrite replaces it: pass one of them')):
         if wrong:
             p.error(message)
+    check_reporting_options(p, args, argv)
     return args
 
 
@@ -219,6 +226,7 @@ class Run:
     mixup_alpha: float = 0.0
     history: list = dataclasses.field(default_factory=list)   # one metrics record per completed epoch
     data_fingerprint: dict = None         # {split: data.split_fingerprint}, saved in every checkpoint
+    tracking: TrainingLog = None          # steps.jsonl and the trackers
 
     @property
     def n_classes(self):
@@ -237,8 +245,12 @@ def build_run(args):
     use_cpu = check_device(args)
     if not args.eval_only:
         check_output_dir(args)                            # before minutes of loading and encoding
+        log_to_file(args.output_dir, args.command)
     # the head trains in float32 (as the authors'): no autocast, no GradScaler; the backbone runs under autocast
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision='no',
+    trackers = None if args.eval_only or not args.log_with else args.log_with.split(',')
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision='no', log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                                  logging_dir=os.path.join(args.output_dir, TRACKERS_DIR)),
                               dataloader_config=DataLoaderConfiguration(non_blocking=not use_cpu))
     precision = args.mixed_precision or ('no' if use_cpu else regime['gpu_precision'])
 
@@ -250,10 +262,8 @@ def build_run(args):
     backbone = load_frozen_backbone(args, splits, accelerator, AUTOCAST_DTYPES[precision])
     head, metadata = build_model(args, splits, backbone)
     metadata.update(device_and_precision(accelerator, backbone, args))
-    accelerator.print('device and precision: ' + ', '.join(f'{k} {v}' for k, v in metadata.items()
-                                                           if k not in ('model', 'dataset_name')))
     if pretrained is not None:
-        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, accelerator.print,
+        init_from_pretrained(head, pretrained, pretrained_config, args, backbone, log.info,
                              backbone_given=given.backbone is not None)
 
     shuffle = torch.Generator()                           # shuffles the training passes (training_stream)
@@ -280,9 +290,11 @@ def build_run(args):
             defaults.update(HEAD_OPTIONS)                 # a checkpoint older than --n_hid etc.: the paper's head
         restore(run, checkpoint, defaults)
     elif args.resume:
-        accelerator.print(f"--resume: no {checkpoint_path} yet, starting from scratch")
-    run.batches = training_stream(train_loader, shuffle, args.rng_seed,
-                                  start_step=len(run.history) * run.steps_per_epoch, sampler=train_sampler)
+        log.info(f"--resume: no {checkpoint_path} yet, starting from scratch")
+    start_step = len(run.history) * run.steps_per_epoch
+    run.batches = training_stream(train_loader, shuffle, args.rng_seed, start_step=start_step, sampler=train_sampler)
+    log.info(start_summary(args, metadata, splits, run.steps_per_epoch, start_step, accelerator.log_with))
+    run.tracking = TrainingLog(accelerator, args.output_dir, start_step, tracker_config(args, metadata))
     return run
 
 
@@ -300,26 +312,29 @@ def train_step(run, batch):
     return loss.detach(), (scores.argmax(-1) == targets.argmax(-1)).sum()
 
 
-def train_one_epoch(run, epoch, log_every=50):
-    """Trains run.steps_per_epoch steps. The loss and accuracy add up on the device and are read every log_every
-    steps (no host sync per step). -> the epoch's metrics record {epoch, train_loss, train_acc, epoch_seconds}."""
+def train_one_epoch(run, epoch):
+    """Trains run.steps_per_epoch steps. The loss and accuracy add up on the device and are read every --log_every
+    steps (no host sync per step), when the interval's figures go to steps.jsonl and the trackers (run.tracking).
+    -> the epoch's metrics record {epoch, train_loss, train_acc, epoch_seconds}."""
     args = run.args
     set_seed(args.rng_seed * 1000 + epoch)            # each epoch's mixup is reproducible
     run.head.train()
-    started, n_seen = time.time(), 0
+    started, n_seen = run.tracking.start_epoch(epoch * run.steps_per_epoch), 0
     total_loss = n_correct = torch.zeros((), device=run.accelerator.device)
     progress = tqdm(range(run.steps_per_epoch), desc=f"{args.dataset_name} train, epoch {epoch + 1}/{args.n_epochs}",
-                    disable=not run.accelerator.is_local_main_process)
+                    disable=args.quiet or not run.accelerator.is_local_main_process)
     for step in progress:
         batch = next(run.batches)
         loss, correct = train_step(run, batch)
         n_batch = len(batch[-1])
         total_loss, n_correct, n_seen = total_loss + loss.float() * n_batch, n_correct + correct, n_seen + n_batch
-        if (step + 1) % log_every == 0 or step + 1 == run.steps_per_epoch:
+        if (step + 1) % args.log_every == 0 or step + 1 == run.steps_per_epoch:
             mean_loss = total_loss.item() / n_seen
             if not math.isfinite(mean_loss):
                 raise UsageError(f"the training loss is {mean_loss} in epoch {epoch + 1} (by step {step + 1}); "
                                  f"the last checkpoint ({run.checkpoint_path}) is intact")
+            run.tracking.interval(epoch * run.steps_per_epoch + step + 1, epoch + 1, total_loss.item(),
+                                  n_correct.item(), n_seen, run.scheduler.get_last_lr()[0])
             progress.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{n_correct.item() / n_seen:.4f}",
                                  lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
     return {'epoch': epoch + 1, 'train_loss': total_loss.item() / n_seen, 'train_acc': n_correct.item() / n_seen,
@@ -333,7 +348,7 @@ def validate(run, split):
     head.eval()
     n_correct = n_not_finite = n_total = 0                # tensors on the device, read once at the end
     for batch in tqdm(run.eval_loaders[split], desc=f"{run.args.dataset_name} {split}", leave=False,
-                      disable=not accelerator.is_local_main_process):
+                      disable=run.args.quiet or not accelerator.is_local_main_process):
         hidden, mask, labels = features(batch, run.backbone, run.cached)
         scores = class_scores(head, hidden, mask)
         finite = torch.isfinite(scores).all(dim=-1)                               # [batch]
@@ -354,7 +369,7 @@ def main(argv=None):
     run's while it runs and the caller's after it (run_settings). -> the test accuracy (or None without --run_test
     / --eval_only)."""
     args = parse_args(argv)
-    with run_settings(args):
+    with run_settings(args), logging_for_run(args.verbosity, is_main_process=os.environ.get('RANK', '0') == '0'):
         try:
             return train_and_evaluate(args, reproduce_command(sys.argv[1:] if argv is None else argv))
         finally:
@@ -364,11 +379,20 @@ def main(argv=None):
 def train_and_evaluate(args, reproduce=None):
     """The run main composes from the stages; reproduce: the command that trains it again, saved with the head."""
     run = build_run(args)
-    args, log = run.args, run.accelerator.print
+    args = run.args
     if args.eval_only:
         acc = validate(run, 'test')
-        log(f"test accuracy: {acc:.4f}")
+        print(f"test accuracy: {acc:.4f}")                # the command's result: shown with --quiet too
         return acc
+    try:
+        return train_epochs(run, reproduce)
+    finally:
+        run.tracking.close()
+
+
+def train_epochs(run, reproduce):
+    """The epochs still to train, then the final model and its evaluation; -> the test accuracy or None."""
+    args = run.args
 
     # every epoch is evaluated once, as the authors did: on the validation split, or on the test split where the
     # dataset has none (imdb, imagenet-1k, cifar10, cifar100; recorded as "eval_split": "test"; nothing is selected
@@ -378,7 +402,8 @@ def train_and_evaluate(args, reproduce=None):
         record = train_one_epoch(run, epoch)
         record['eval_split'] = eval_split
         record[f'{eval_split}_acc'] = validate(run, eval_split)
-        log(json.dumps(record))
+        log.info(json.dumps(record))
+        run.tracking.epoch((epoch + 1) * run.steps_per_epoch, record)
         save_epoch(run, record)
 
     final = {**run.metadata, 'n_epochs': args.n_epochs, 'rng_seed': args.rng_seed, 'reproduce': reproduce}
@@ -388,8 +413,8 @@ def train_and_evaluate(args, reproduce=None):
         final['test_accuracy'] = (run.history[-1]['test_acc'] if eval_split == 'test'
                                   and 'test_acc' in run.history[-1] else validate(run, 'test'))
     save_final(run, final)
-    if args.run_test:
-        log(f"test accuracy: {final['test_accuracy']:.4f}")
+    run.tracking.final(len(run.history) * run.steps_per_epoch, final)
+    log.info(end_summary(os.path.join(args.output_dir, 'model'), final, run.history, vars(args)))
     return final.get('test_accuracy')
 
 

@@ -11,13 +11,17 @@
 # Environment: DATA_ROOT (datasets, default .data), OUT (runs, default runs), SEED (default 0), FEATURE_CACHE (the
 # paper profile's opt-in SST feature cache, about 90 GB; the minilm profiles cache in $DATA_ROOT/features),
 # LAUNCH (default python; "accelerate launch" for several GPUs; echo prints the runs instead).
-# Every run writes $OUT/<profile>/seed<k>/<dataset>/{checkpoint.pt,metrics.jsonl,model/,epoch<k>/}; rerunning resumes.
+# Every run writes $OUT/<profile>/seed<k>/<dataset>/{checkpoint.pt,metrics.jsonl,steps.jsonl,train.log,model/,epoch<k>/};
+# rerunning resumes. The job says first what it will run and what it should cost, and last where the heads are.
 set -euo pipefail
 cd "$(dirname "$0")"
 PROFILE="${1:-paper}"
 LAUNCH="${LAUNCH:-python}"
-RUNS="$(python -m heinsen_replication.recipes "$PROFILE" --data_root "${DATA_ROOT:-.data}" --out "${OUT:-runs}" --seed "${SEED:-0}" \
-        --feature_cache "${FEATURE_CACHE:-}" --heads "${HEADS:-}")"
+OPTIONS=("$PROFILE" --data_root "${DATA_ROOT:-.data}" --out "${OUT:-runs}" --seed "${SEED:-0}"
+         --feature_cache "${FEATURE_CACHE:-}" --heads "${HEADS:-}")
+RUNS="$(python -m heinsen_replication.recipes "${OPTIONS[@]}")"
+python -m heinsen_replication.reporting start "${OPTIONS[@]}"     # what the job will do, its estimated cost (stderr)
 while IFS= read -r run; do
   eval "$LAUNCH train.py $run" </dev/null     # $run is shell-quoted by heinsen_replication.recipes
 done <<< "$RUNS"
+python -m heinsen_replication.reporting end "${OPTIONS[@]}"       # where the heads are, their figures, how to use them

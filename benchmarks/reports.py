@@ -402,7 +402,6 @@ def block_results_paper_findings():
     runs = accuracies('docs/sst_paper_regime', r'seed(\d+)_(sst\d)\.jsonl')
     seeds = sorted({s for s, _ in runs}, key=int)
     mean = {d: 100 * statistics.mean(f['test_accuracy'] for f in paper[d]) for d in ('sst5', 'sst2')}
-    std = {d: 100 * statistics.stdev(f['test_accuracy'] for f in paper[d]) for d in ('sst5', 'sst2')}
     lead = {d: mean[d] - 100 * lr[d]['test'] for d in ('sst5', 'sst2')}
     c = standard['token_depth_attention']
     cap = {d: [r['test'] for r in caps[d]] for d in ('sst5', 'sst2')}

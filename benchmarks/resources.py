@@ -30,15 +30,22 @@ from benchmarks.machine_load import machine_cpu_seconds
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def requirement_names(path):
-    """The distribution names requirements.txt asks for."""
-    names = []
+def requirements(path):
+    """{distribution name: its requirement line} of a requirements file and the files it includes (-r FILE)."""
+    found = {}
     with open(path) as f:
         for line in f:
             line = line.split('#')[0].strip()
-            if line:
-                names.append(re.split(r'[<>=!~;\[ ]', line, maxsplit=1)[0])
-    return names
+            if line.startswith('-r '):
+                found.update(requirements(os.path.join(os.path.dirname(path), line[3:].strip())))
+            elif line:
+                found[re.split(r'[<>=!~;\[ ]', line, maxsplit=1)[0]] = line
+    return found
+
+
+def requirement_names(path):
+    """The distribution names a requirements file asks for (with those of the files it includes)."""
+    return list(requirements(path))
 
 
 def installed_closure(names):
@@ -86,7 +93,8 @@ def folder_bytes(folder):
 
 def run_offline_profile(data_root, work_dir):
     """bash train_all_heads.sh offline into fresh folders -> (wall seconds, peak RSS of a run in bytes, cache bytes,
-    CPU seconds, the others' share of the CPU, {dataset: (dev accuracy, test accuracy)} of its runs)."""
+    CPU seconds, the others' share of the CPU, {dataset: (dev accuracy, test accuracy)} of its runs, {dataset:
+    {'steps', 'seconds'}}: each run's optimizer steps and training seconds, which the job's estimate scales)."""
     out, cache_root = os.path.join(work_dir, 'runs'), os.path.join(work_dir, 'data')
     os.makedirs(cache_root, exist_ok=True)
     os.symlink(os.path.abspath(os.path.join(data_root, 'sst')), os.path.join(cache_root, 'sst'))
@@ -101,7 +109,20 @@ def run_offline_profile(data_root, work_dir):
     busy, total = (b - a for a, b in zip(machine, machine_cpu_seconds()))
     others = max(0.0, busy - cpu) / max(total, 1e-9)          # the share of the machine's CPU time others used
     accuracies = offline_accuracies(out)                         # read before the work folder is removed
-    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies
+    return wall, peak, folder_bytes(os.path.join(cache_root, 'features')), cpu, others, accuracies, run_steps(out)
+
+
+def run_steps(out):
+    """The offline profile's runs under OUT -> {dataset: {'steps': optimizer steps, 'seconds': training seconds}}, from
+    each run's steps.jsonl and metrics.jsonl."""
+    from heinsen_replication.reporting import read_steps
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(out, 'offline', 'seed*', '*', 'metrics.jsonl'))):
+        history, _ = read_metrics(path)
+        runs[os.path.basename(os.path.dirname(path))] = {
+            'steps': read_steps(os.path.dirname(path))[-1]['step'],
+            'seconds': sum(r['epoch_seconds'] for r in history)}
+    return runs
 
 
 def offline_accuracies(out):
@@ -141,9 +162,9 @@ def main(argv=None):
     if args.run:
         meta = measurement_meta(command, 'chosen by the offline profile (recipes.cpu_bfloat16_is_faster)')
         with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
-            wall, peak, cache, cpu, others, accuracies = run_offline_profile(args.data_root, work_dir)
+            wall, peak, cache, cpu, others, accuracies, runs = run_offline_profile(args.data_root, work_dir)
         record['offline'].append({'meta': finish_meta(meta), 'wall_s': wall, 'cpu_s': cpu, 'others_share': others,
-                                  'peak_rss_bytes': peak, 'cache_bytes': cache,
+                                  'peak_rss_bytes': peak, 'cache_bytes': cache, 'runs': runs,
                                   'accuracies': {d: {'valid': v, 'test': t} for d, (v, t) in accuracies.items()}})
     save_record(record, args.record)
     write_report([render(args.record)], args.report)

@@ -16,6 +16,7 @@ notebooks, one room per concern. The rooms, bottom first (no module imports one 
     loaders         samplers, seeded draws, loaders, the training stream, mixup
     assembly        a run's device, backbone and model, initialised from a pretrained model
     vision_digits   the small ViT on the digits and its routing head: predictions, patch credit, deletion test
+    reporting       what a run and a job tell the people who watch them: logging, steps.jsonl, trackers, summaries
 """
 import importlib
 

@@ -4,6 +4,7 @@ seeds alone, also after --resume), the loaders of every split (make_loaders; the
 endless training stream (training_stream), mixup with soft targets and their loss. Batches are (hidden [batch,
 n_pos, d_depth, d_emb], mask [batch, n_pos] or None, labels [batch]).
 """
+import logging
 import os
 
 import torch
@@ -12,6 +13,8 @@ from accelerate import skip_first_batches
 
 from . import data
 from .errors import UsageError
+
+log = logging.getLogger(__name__)
 
 class PassSampler(torch.utils.data.Sampler):
     """The training split's shuffled order (as RandomSampler(generator) draws it), each index paired with the pass
@@ -61,7 +64,7 @@ def make_loaders(args, splits, backbone, accelerator, generator):
             raise UsageError(f"--feature_cache is for text datasets; {args.dataset_name} is {splits['modality']} "
                              f"(its training images are augmented, so their features change every epoch)")
         store = data.FeatureStore(args.feature_cache, backbone)
-        accelerator.print(f"feature cache of {backbone.name}: {os.path.abspath(store.folder)}")
+        log.info(f"feature cache of {backbone.name}: {os.path.abspath(store.folder)}")
     for split in ('train', 'valid', 'test'):
         dataset = splits[split]
         if dataset is None:

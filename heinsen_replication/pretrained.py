@@ -159,6 +159,19 @@ class Pretrained(PyTorchModelHubMixin, library_name='heinsen_routing', tags=['he
         check_finite(model.state_dict(), repr(str(pretrained_model_name_or_path)))
         return model
 
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
+                         map_location='cpu', strict=False, **model_kwargs):
+        """A local folder's model.safetensors (checked by check_weights_file), loaded as huggingface_hub does but
+        without its print("Loading weights from local directory") on stdout, which nothing can turn off; a hub id:
+        huggingface_hub's own download and load."""
+        if not os.path.isdir(model_id):
+            return super()._from_pretrained(model_id=model_id, revision=revision, cache_dir=cache_dir,
+                                            force_download=force_download, local_files_only=local_files_only,
+                                            token=token, map_location=map_location, strict=strict, **model_kwargs)
+        return cls._load_as_safetensor(cls(**model_kwargs), os.path.join(model_id, 'model.safetensors'),
+                                       map_location, strict)
+
 
 MAX_SIZE = 1 << 20      # the largest size (of a dimension, or a count of capsules or classes) a config may give
 STATE_FILE_SUFFIXES = ('.safetensors', '.pt', '.pth', '.state_dict', '.checkpoint')   # single-file models

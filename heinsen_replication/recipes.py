@@ -188,8 +188,8 @@ def runs(profile, data_root='.data', out='runs', seed=0, feature_cache=None, hea
                for dataset in ('sst5', 'sst2')}}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_profile_options(p):
+    """The options that pick a profile's runs (train_all_heads.sh passes the same to recipes and reporting)."""
     p.add_argument('profile', choices=PROFILES)
     p.add_argument('--data_root', default='.data')
     p.add_argument('--out', default='runs')
@@ -197,9 +197,18 @@ def main(argv=None):
     p.add_argument('--feature_cache', default=None)
     p.add_argument('--heads', default='', help=f"frozen-heads: comma-separated, among {','.join(FROZEN_HEADS)} "
                                                f"(default: all)")
-    args = p.parse_args(argv)
+
+
+def profile_runs(args):
+    """The runs (see runs) of the options add_profile_options parsed."""
     heads = tuple(h for h in args.heads.split(',') if h) or FROZEN_HEADS
-    for argv_ in runs(args.profile, args.data_root, args.out, args.seed, args.feature_cache or None, heads).values():
+    return runs(args.profile, args.data_root, args.out, args.seed, args.feature_cache or None, heads)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_profile_options(p)
+    for argv_ in profile_runs(p.parse_args(argv)).values():
         print(shlex.join(argv_))
 
 

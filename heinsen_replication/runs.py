@@ -7,6 +7,7 @@ UsageError naming its cause, and leaves the previous checkpoint intact.
 """
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,10 @@ from .pretrained import check_finite, torch_load_safely
 
 RUN_FILES = ('checkpoint.pt', 'model', 'metrics.jsonl')   # what a run writes into output_dir, and epoch<k>/ folders
 EPOCH_NAME = r'epoch[1-9]\d*'                              # as train.py names them: epoch1, epoch2, ... (not epoch007)
+# What a run records as it goes (reporting.TrainingLog): removed by --overwrite, but alone no run to protect (a run
+# stopped before its first checkpoint leaves them; the next start cuts them back to its own first step).
+PROGRESS_FILES = ('steps.jsonl', 'trackers')
+log = logging.getLogger(__name__)
 
 
 def run_files(out):
@@ -381,7 +386,7 @@ def remove_run_files(out):
     """--overwrite's work in output_dir `out` (train.remove_old_run): the old run's entries moved aside together,
     then deleted (see there)."""
     data.remove_orphans(out, '.overwritten-')             # of --overwrite runs killed while deleting
-    names = run_files(out)
+    names = run_files(out) + [f for f in PROGRESS_FILES if os.path.lexists(os.path.join(out, f))]
     if not names:
         return
     aside = tempfile.mkdtemp(dir=out, prefix=f".overwritten-{os.getpid()}-")
@@ -434,7 +439,7 @@ def restore(run, checkpoint, defaults):
                          f"{args.backbone}: {' '.join(str(e).split())}") from e
     run.scheduler.load_state_dict(checkpoint['scheduler'])
     run.history = checkpoint['history']
-    run.accelerator.print(f"resumed from {path} after epoch {len(run.history)}")
+    log.info(f"resumed from {path} after epoch {len(run.history)}")
 
 
 def save_epoch(run, record):
@@ -466,4 +471,3 @@ def save_final(run, final):
         save_model(run.accelerator.unwrap_model(run.head), model_dir, run.backbone, final, then=then)
         with written(run.metrics_path, then):
             write_metrics(run.metrics_path, run.history + [{'final': final}])
-    run.accelerator.print(f"saved {model_dir}")

@@ -48,7 +48,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from heinsen_replication import data
 from heinsen_replication.pretrained import read_config
 from heinsen_replication.vision_digits import (FIGURE_DIGITS, N_RANDOM, RANDOM_SEED, credit_figure, deletion_table,
                                                deletion_test, deletion_verdict, digits_tensors, figure_indices,

@@ -20,4 +20,10 @@ def test_the_wheel_holds_the_library_and_the_harness_package_only(tmp_path):
             'heinsen_routing/checks.py', 'heinsen_routing/credit.py', 'heinsen_replication/models.py',
             'heinsen_replication/data/__init__.py'} <= set(names)
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith('.dist-info/METADATA'))).decode()
-    assert [line for line in metadata.splitlines() if line.startswith('Requires-Dist')] == ['Requires-Dist: torch>=2.4']
+    requires = [line for line in metadata.splitlines() if line.startswith('Requires-Dist')]
+    assert [line for line in requires if 'extra ==' not in line] == ['Requires-Dist: torch>=2.4']   # the library's
+    assert {line.split('; ')[-1] for line in requires if 'extra ==' in line} == \
+        {'extra == "harness"', 'extra == "notebooks"', 'extra == "tests"'}
+    assert 'Requires-Dist: tensorboard==2.21.0; extra == "harness"' in requires
+    for field in ('Author: ', 'License-Expression: MIT', 'Project-URL: ', 'Classifier: ', 'Requires-Python: '):
+        assert field in metadata, field

@@ -38,6 +38,16 @@ def test_pretrained_model_loads_with_one_call(path):
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), loaded.state_dict().values()))
 
 
+def test_loading_a_local_folder_prints_nothing(capfd):
+    """huggingface_hub's mixin prints "Loading weights from local directory" on every local load; ours does not, so
+    that the README's snippet prints only its own line (and nothing process-wide is changed to get there)."""
+    import sys
+    stdout = sys.stdout
+    checkpoints.from_pretrained(os.path.join(ROOT, 'pretrained/sst2_minilm_routing_head'))
+    models.RoutingHead.from_pretrained(os.path.join(ROOT, 'pretrained/sst5_minilm_routing_head'))
+    assert capfd.readouterr() == ('', '') and sys.stdout is stdout
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(SST_DIR), reason='the real SST is not present')
 @pytest.mark.parametrize('path', PRETRAINED)

@@ -308,11 +308,15 @@ def test_overwrite_removes_a_symlinked_epoch_as_a_link(trained, tiny_sst, tiny_b
     assert sorted(os.listdir(elsewhere)) == kept                                  # what the link pointed at: kept
     assert not os.path.islink(trained / 'epoch1') and (trained / 'epoch1' / 'model.safetensors').exists()
     assert runs.load_checkpoint(str(trained / 'checkpoint.pt'))['args']['rng_seed'] == 3
-    assert sorted(os.listdir(trained)) == ['.lock', 'checkpoint.pt', 'epoch1', 'metrics.jsonl', 'model']
+    assert sorted(os.listdir(trained)) == ['.lock', 'checkpoint.pt', 'epoch1', 'metrics.jsonl', 'model', 'steps.jsonl',
+                                          'train.log']
 
 
 def test_overwrite_removes_nothing_if_it_cannot_remove_everything(trained, tiny_sst, tiny_bert, monkeypatch):
-    before = {p: p.read_bytes() for p in trained.rglob('*') if p.is_file() and p.name != '.lock'}
+    def kept(p):                                          # train.log: every start on the folder, appended
+        return p.is_file() and p.name not in ('.lock', 'train.log')
+
+    before = {p: p.read_bytes() for p in trained.rglob('*') if kept(p)}
     real_rename = os.rename
 
     def cannot_move_model(src, dst):
@@ -325,7 +329,7 @@ def test_overwrite_removes_nothing_if_it_cannot_remove_everything(trained, tiny_
                                            r"of the old run was removed"):
         run(sst_args(tiny_sst, tiny_bert, trained, '--n_epochs', 1, '--overwrite', '--rng_seed', 3))
     monkeypatch.undo()
-    assert {p: p.read_bytes() for p in trained.rglob('*') if p.is_file() and p.name != '.lock'} == before
+    assert {p: p.read_bytes() for p in trained.rglob('*') if kept(p)} == before
     assert not [n for n in os.listdir(trained) if n.startswith('.overwritten-')]
 
 

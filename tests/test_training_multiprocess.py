@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import train
+from heinsen_replication.reporting import read_steps
 from tests.helpers.files import metrics_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,9 @@ def test_two_processes_train_end_to_end(tiny_sst, tiny_bert, tmp_path, cached):
                            '--output_dir', str(tmp_path / 'eval')])
     assert f"{eval_acc:.4f}" == f"{test_acc:.4f}" or not cached and abs(eval_acc - test_acc) <= 2 / 12 + 1e-9
     assert not [p for p in os.listdir(out) if '.tmp-' in p]
+    intervals = read_steps(out)                                   # written by rank 0 alone: each step once
+    assert [r['step'] for r in intervals] == sorted({r['step'] for r in intervals})
+    assert {r['epoch'] for r in intervals} == {1, 2, 3}
     if cached:                                                   # one consistent cache, written under the lock
         [folder] = [p for p in (tmp_path / 'cache').glob('*/*') if p.is_dir()]
         index = json.loads((folder / 'index.json').read_text())
