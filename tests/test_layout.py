@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # heinsen_replication's rooms, bottom first: each imports only rooms before it ('data' is a package of its own, whose
 # inner order tests/test_data.py checks)
 ROOMS = ['errors', 'settings', 'recipes', 'data', 'pretrained', 'runs', 'backbones', 'models', 'standard_heads',
-         'checkpoints', 'classifier', 'loaders', 'assembly', 'vision_digits']
+         'checkpoints', 'classifier', 'loaders', 'assembly', 'vision_digits', 'reporting']
 OURS = {'heinsen_routing', 'heinsen_replication', 'train', 'models', 'benchmarks', 'studies', 'tests'}
 
 
