@@ -105,7 +105,12 @@ def render_log(record_path):
 
 def add_section(page, heading, meta, output, notes=''):
     """Appends a measurement (its meta and the benchmark's output) to a benchmark log's record and rewrites the
-    page."""
+    page. A page that is no benchmark log of the repository (a file of the user's own) gets the section appended as
+    markdown."""
+    if page not in PAGES:
+        with open(path(page), 'a') as f:
+            f.write(f"\n## {heading}\n\n`{meta.get('command', '')}`\n\n{output}\n" + (f"\n{notes}\n" if notes else ''))
+        return
     record_path, spec = PAGES[page]
     record = load_record(path(record_path))
     record['sections'].append({'heading': heading, 'meta': meta, 'output': output, 'notes': notes})
