@@ -220,7 +220,8 @@ def render_text(result, name):
         lines += [f"Integrated Gradients on {the(head_name)}, completeness after {meta['ig_steps']} steps: the token "
                   f"attributions' sum misses p(x) - p(0) by {gaps[:, 0].mean():.3f} on average (median "
                   f"{np.median(gaps[:, 0]):.3f}), against a mean |p(x) - p(0)| of {gaps[:, 1].mean():.3f}.", '']
-    lines += [meta['head_b'], '', f"![faithfulness]({name}.png)", '',
+    routing_head = meta.get('routing_head', PRETRAINED['sst2'])             # records before it was named: the default
+    lines += [f"The routing head: `{routing_head}`. " + meta['head_b'], '', f"![faithfulness]({name}.png)", '',
               'Per head, test and k, the best method (the paired difference with the runner-up is over the same '
               'sentences):', '']
     lines += [f"- {line}" for line in verdict(drops)]
@@ -276,7 +277,8 @@ def main(argv=None):
     result = {'drops': drops, 'seconds': seconds, 'ig_gaps': {h: ig[h].gaps for h in heads},
               'meta': {'n_sentences': shared['n_sentences'], 'n_test': len(test), 'seed': args.seed,
                        'ig_steps': args.ig_steps, 'encode_seconds': shared['encode'],
-                       'minutes': (time.time() - started) / 60, 'head_b': head_b, 'how': finish_meta(how)}}
+                       'minutes': (time.time() - started) / 60, 'head_b': head_b, 'how': finish_meta(how),
+                       'routing_head': shown_path(args.routing_head, PLACEHOLDERS['--routing_head'])}}
     os.makedirs(os.path.dirname(result_path) or '.', exist_ok=True)
     with open(result_path, 'w') as f:
         json.dump(result, f)

@@ -572,21 +572,32 @@ def block_performance_train_step():
 
 
 def block_performance_routing():
+    """docs/performance.md's summary of benchmarks/routing.md: per mode, ours against the straightforward
+    implementation, memory and time on an idle CPU and time on a shared one, and the targets on an idle CPU (time at
+    most 0.70x in every mode; memory beyond the gradients at most 0.15x with a variable length, 0.25x with a fixed one)."""
     idle, shared = (section('benchmarks/records/routing.json', k) for k in ('Idle CPU', 'Shared CPU'))
-    def ratios(s):
-        rows = table_rows(s['output'])
-        return {r['configuration']: r for r in rows if r['implementation'] == 'ours'}
-    i, sh = ratios(idle), ratios(shared)
+
+    def ours(s):
+        return {r['configuration']: r for r in table_rows(s['output']) if r['implementation'] == 'ours'}
+    i, sh = ours(idle), ours(shared)
     order = sorted(i, key=lambda c: (not c.startswith('fixed'), c))
-    lines = ['| 100,000 inputs, 1024 -> 100 x 1024 | beyond the gradients, ours / straightforward | time, ours / '
-             'straightforward, idle | time, shared |', '|---|---|---|---|']
     beyond, time = "beyond / straightforward's", "time / straightforward's"
-    for c in order:
-        lines.append(f"| {c} | {i[c][beyond]} | {i[c][time]} | {sh[c][time]} |")
-    m = idle['meta']
-    return '\n'.join([f"On a {m['cpu_count']}-core {m['cpu_model']} at commit {m['commit'].split(' ')[0]} "
-                      f"({m['when']}), median of 5, idle and with two other processes keeping both cores busy "
-                      f"(`--busy 2`):", '', *lines])
+    lines = ['| 1024 -> 100 x 1024 | beyond the gradients, ours / straightforward, idle | shared | time, ours / '
+             'straightforward, idle | shared |', '|---|---|---|---|---|']
+    lines += [f"| {c} | {i[c][beyond]} | {sh[c][beyond]} | {i[c][time]} | {sh[c][time]} |" for c in order]
+
+    def worst(kind, column, limit):
+        values = {c: float(i[c][column]) for c in order if c.startswith(kind)}
+        c = max(values, key=values.get)
+        return f"{'met' if values[c] <= limit else 'NOT met'} (largest {values[c]:.2f}, {c})"
+    targets = (f"Targets on an idle CPU: time at most 0.70x the straightforward implementation's in every mode: "
+               f"{worst('', time, 0.70)}; memory beyond the gradients at most 0.15x with a variable length: "
+               f"{worst('variable', beyond, 0.15)}, at most 0.25x with a fixed one: {worst('fixed', beyond, 0.25)}. "
+               f"On a shared CPU the times are reported, with no target.")
+    m, rounds = idle['meta'], re.search(r'median of (\d+)', idle['output']).group(1)
+    return '\n'.join([f"On a {m['cpu_count']}-core {m['cpu_model']} at commit {m['commit']} ({m['when']}), median of "
+                      f"{rounds} processes per cell, idle (load average {m['load_start']} at the start) and shared "
+                      f"({shared['heading'].split(': ', 1)[-1]}):", '', *lines, '', targets])
 
 
 def block_performance_feature_cache():
@@ -597,6 +608,37 @@ def block_performance_feature_cache():
                        ('without (live backbone)', 'live')):
         lines.append(f"| {label} | {record[key]:.3f} | {record[key] * 4978 / 60:.1f} |")
     return '\n'.join(lines) + '\n\n' + how_measured(record['meta'])
+
+
+def block_library_chunk_tolerance():
+    """docs/library.md's table of the differences between chunk sizes: the largest of each kind over the
+    configurations and chunk sizes of benchmarks/routing.md's 'Chunk sizes' section (benchmarks.routing_chunks)."""
+    measured = section('benchmarks/records/routing.json', 'Chunk sizes')
+    rows = [r for r in table_rows(measured['output']) if r['x_out'] and not r['x_out'].startswith('(')]
+    dtypes = sorted({r['dtype'] for r in rows})
+
+    def largest(cells):
+        """-> the largest of '1.2e-05 (W_A)'-like cells, as written, or '' if none"""
+        cells = [c for c in cells if c]
+        return max(cells, key=lambda c: float(c.split(' ')[0])) if cells else ''
+
+    def of(kind, column, dtype):
+        return largest(r[column] for r in rows if r['dtype'] == dtype and r['configuration'].startswith(kind))
+
+    gradients = {d: largest([of('', 'gradients but B_A (worst)', d), of('fixed', 'B_A', d)]) for d in dtypes}
+    lines = ['| largest difference, over the configurations and chunk sizes | ' + ' | '.join(dtypes) + ' |',
+             '|---' * (1 + len(dtypes)) + '|',
+             '| the output | ' + ' | '.join(of('', 'x_out', d) for d in dtypes) + ' |',
+             "| every gradient but a variable length's `B_A` (the worst tensor named) | "
+             + ' | '.join(gradients[d] for d in dtypes) + ' |',
+             "| a variable length's `B_A` gradient, relative to itself | "
+             + ' | '.join(of('var', 'B_A', d) for d in dtypes) + ' |',
+             "| the same, relative to the sum of its terms' magnitudes | "
+             + ' | '.join(of('var', "B_A / sum of its terms' magnitudes", d) for d in dtypes) + ' |']
+    configurations, chunks = (list(dict.fromkeys(r[k] for r in rows)) for k in ('configuration', 'chunk'))
+    return '\n'.join([*lines, '', f"Configurations `{'`, `'.join(configurations)}` (KIND:BATCHxN:D_INPxN_OUTxD_OUT), "
+                       f"chunk sizes {', '.join(chunks)}, each against one chunk of the whole input; every row of "
+                       f"[benchmarks/routing.md](../benchmarks/routing.md#chunk-sizes). " + how_measured(measured['meta'])])
 
 
 def block_docs_reports():
@@ -635,6 +677,7 @@ BLOCKS = {
     ('docs/results.md', 'glom'): block_results_glom,
     ('docs/performance.md', 'train-step'): block_performance_train_step,
     ('docs/performance.md', 'routing'): block_performance_routing,
+    ('docs/library.md', 'chunk-tolerance'): block_library_chunk_tolerance,
     ('docs/performance.md', 'feature-cache'): block_performance_feature_cache,
     ('docs/README.md', 'reports'): block_docs_reports,
 }
@@ -663,7 +706,7 @@ def write(page, text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest='command')
+    sub = p.add_subparsers(dest='action')
     p.add_argument('--check', action='store_true', help='write nothing; exit 1 if a page differs from its records')
     r = sub.add_parser('record', help="add a section to a benchmark log from a benchmark's output on stdin")
     r.add_argument('page', choices=[page for page, (_, spec) in PAGES.items() if spec.endswith(':render_log')])
@@ -673,7 +716,7 @@ def main(argv=None):
     r.add_argument('--threads', type=int, default=None, help='default: OMP_NUM_THREADS, else the CPU count')
     r.add_argument('--notes', default='')
     args = p.parse_args(argv)
-    if args.command == 'record':
+    if args.action == 'record':
         threads = args.threads or int(os.environ.get('OMP_NUM_THREADS') or os.cpu_count())
         meta = measurement_meta(args.command, args.precision, threads)          # as the piped benchmark starts
         output = sys.stdin.read()

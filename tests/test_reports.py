@@ -49,6 +49,24 @@ def test_generation_reads_records_only(monkeypatch):
     assert reports.generated()
 
 
+def test_record_appends_a_benchmarks_output_to_its_log(tmp_path, monkeypatch):
+    """`python -m benchmarks.reports record PAGE --command ...` (its documented use) adds a section with the piped
+    output and its meta to the log's record and rewrites the page; --command is the shown command, not the action."""
+    import io
+    import shutil
+    os.makedirs(tmp_path / 'benchmarks' / 'records')
+    shutil.copy(os.path.join(REPO_ROOT, 'benchmarks', 'records', 'routing_ops.json'), tmp_path / 'benchmarks' / 'records')
+    monkeypatch.setattr(reports, 'REPO_ROOT', str(tmp_path))
+    monkeypatch.setattr('sys.stdin', io.StringIO('| a | b |\n|---|---|\n| 1 | 2 |\n'))
+    reports.main(['record', 'benchmarks/routing_ops.md', '--heading', 'Counts again', '--command',
+                  'python -m benchmarks.routing_ops', '--precision', 'float32', '--threads', '1'])
+    last = reports.load_record(str(tmp_path / 'benchmarks' / 'records' / 'routing_ops.json'))['sections'][-1]
+    assert last['heading'] == 'Counts again' and last['output'].startswith('| a | b |')
+    assert last['meta']['command'] == 'python -m benchmarks.routing_ops' and last['meta']['threads'] == 1
+    page = (tmp_path / 'benchmarks' / 'routing_ops.md').read_text()
+    assert '## Counts again' in page and '| 1 | 2 |' in page
+
+
 def test_every_record_says_how_it_was_measured():
     for page, (record, _) in reports.PAGES.items():
         assert os.path.exists(os.path.join(REPO_ROOT, record)), f"{page}: no record {record}"
