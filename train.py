@@ -43,6 +43,7 @@ from heinsen_replication.assembly import (AUTOCAST_DTYPES, HEAD_OPTIONS, PAPER_B
                                           model_name, one_cycle, resolve_head_options)
 from heinsen_replication.checkpoints import from_pretrained
 from heinsen_replication.errors import UsageError, relative_to_cwd
+from heinsen_replication.models import RoutingHead
 from heinsen_replication.loaders import features, make_loaders, mixup, soft_cross_entropy, training_stream
 from heinsen_replication.recipes import REGIMES
 from heinsen_replication.reporting import (TRACKERS_DIR, TrainingLog, add_reporting_options, check_reporting_options,
@@ -116,6 +117,9 @@ def parse_args(argv=None):
                    help="routing_head: project the hidden states from d_emb to d_hid features before routing, so that "
                         "the routings work at width d_hid (default: none, the paper's; with --pretrained_path, that "
                         "head's). benchmarks/routing_head_study.py measures these options")
+    p.add_argument('--head_config', default=None, choices=list(RoutingHead.CONFIGURATIONS),
+                   help="routing_head: a named configuration, its --n_hid, --n_routings and --d_hid at once: 'paper' "
+                        "(the paper's head) or 'light' (docs/choosing_a_head.md)")
     p.add_argument('--output_dir', default='runs/default')
     p.add_argument('--resume', action='store_true', help='continue from output_dir/checkpoint.pt')
     p.add_argument('--overwrite', action='store_true',

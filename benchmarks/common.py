@@ -69,13 +69,22 @@ def stated(accuracy):
     return round(accuracy, 4)
 
 
-def publish_pretrained(run_model, folder, dataset, live, cached, valid):
-    """Copies a train.py run's model folder into pretrained/ with the accuracies it was chosen and checked by."""
+def publish_pretrained(run_model, folder, dataset, live, cached, valid, trained_by=None):
+    """Copies a train.py run's model folder into pretrained/ with the accuracies it was chosen and checked by (and
+    the command that trained it, where given)."""
     model, config = from_pretrained(run_model)
     model.save_pretrained(folder, backbone=config['backbone'], backbone_revision=config['backbone_revision'], training={
         **config['training'], 'test_accuracy': stated(live), 'test_accuracy_from_float16_feature_cache': stated(cached),
-        'valid_accuracy': stated(valid),
+        'valid_accuracy': stated(valid), **({'trained_by': trained_by} if trained_by else {}),
         'reproduce': f'python train.py --dataset_name {dataset} --backbone minilm --eval_only --pretrained_path {folder}'})
+
+
+def live_test_accuracy(model_folder, dataset, data_root, output_dir):
+    """The test accuracy of a saved head through the live minilm backbone (train.py --eval_only; the model as its
+    config.json names it), where its training read the float16 feature cache."""
+    import train
+    return train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--data_root', data_root, '--eval_only',
+                       '--pretrained_path', model_folder, '--device', 'cpu', '--output_dir', output_dir])
 
 
 def committed_valid_accuracy(dataset):

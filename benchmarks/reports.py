@@ -600,6 +600,27 @@ def block_performance_routing():
                       f"({shared['heading'].split(': ', 1)[-1]}):", '', *lines, '', targets])
 
 
+def block_readme_long_sequences():
+    """The README's answer on long sequences, from benchmarks/routing.md's idle and shared tables."""
+    idle, shared = (section('benchmarks/records/routing.json', k) for k in ('Idle CPU', 'Shared CPU'))
+    rows = {(r['configuration'], r['implementation']): r for r in table_rows(idle['output'])}
+    beyond = {impl: rows['variable length, 1 x 100,000', impl]['beyond gradients (MiB)']
+              for impl in ('ours', 'straightforward')}
+
+    def span(s):
+        ratios = [float(r["time / straightforward's"]) for r in table_rows(s['output']) if r['implementation'] == 'ours']
+        return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+    return (f"**How much memory does a long sequence need?** With the default `memory_efficient=True`, beyond the "
+            f"input, the parameters and their gradients, a few chunks and one block of betas: {beyond['ours']} MiB "
+            f"for 100,000 inputs of 1024 dims routed to 100 x 1024, where the straightforward implementation needs "
+            f"{beyond['straightforward']} MiB (forward and backward, {idle['meta']['cpu_count']}-core CPU, "
+            f"`python -m benchmarks.routing`, [benchmarks/routing.md](benchmarks/routing.md)). Its time is "
+            f"{span(idle)} the straightforward implementation's on an idle CPU, over every mode measured, and "
+            f"{span(shared)} with two other processes on the cores; the ratios move between runs with the "
+            f"straightforward implementation's page faults ([docs/performance.md](docs/performance.md)). It cannot "
+            f"be differentiated twice; `memory_efficient=False` can.")
+
+
 def block_performance_feature_cache():
     record = load_record(path('benchmarks/records/feature_cache.json'))
     lines = ['| SST-5 head on minilm, batch 32 | s / step (100 steps) | full epoch (159,272 phrases, 4,978 steps), min |',
@@ -664,6 +685,7 @@ BLOCKS = {
     ('README.md', 'routing-study'): block_readme_routing_study,
     ('docs/choosing_a_head.md', 'routing-study'): block_choosing_routing_study,
     ('README.md', 'vision'): block_readme_vision,
+    ('README.md', 'long-sequences'): block_readme_long_sequences,
     ('README.md', 'paths'): block_readme_paths,
     ('docs/replication.md', 'offline-costs'): block_replication_offline_costs,
     ('docs/results.md', 'summary'): block_results_summary,

@@ -32,11 +32,12 @@ import sys
 import tempfile
 
 import train
-from benchmarks.common import (finish_meta, how_measured, load_record, mean_std, measurement_meta, save_record,
-                               shown_command, write_report)
+from benchmarks.common import (finish_meta, how_measured, live_test_accuracy, load_record, mean_std,
+                               measurement_meta, publish_pretrained, save_record, shown_command, write_report)
 from benchmarks.frozen_heads import time_runs
 from heinsen_replication import recipes
 from heinsen_replication.checkpoints import from_pretrained
+from heinsen_replication.models import RoutingHead
 from heinsen_replication.runs import read_metrics
 from heinsen_replication.settings import run_settings
 
@@ -56,6 +57,8 @@ STANDARD_HEAD = 'token_depth_attention'                  # head (c) of benchmark
 DATASETS = {'sst5': 'SST-5', 'sst2': 'SST-2'}
 RECORDS = os.path.join('docs', 'routing_head_study')
 SST_RESULTS = os.path.join('docs', 'sst_results', 'record.json')   # the paper's head in this budget, seeds 0-2
+PRETRAINED_LIGHT = {'sst5': 'pretrained/sst5_minilm_routing_head_light',       # save_pretrained
+                    'sst2': 'pretrained/sst2_minilm_routing_head_light'}
 PRECISION = 'float32 head, features from the float16 cache (the offline recipe on a CPU without bfloat16)'
 D_DEPTH, D_EMB = 7, 384                                  # minilm: embeddings + 6 layers, 384 features
 
@@ -113,6 +116,31 @@ def run_missing(args):
                           'meta': finish_meta(meta)}
                 with open(os.path.join(args.records, f'{config}.jsonl'), 'a') as f:
                     f.write(json.dumps(record) + '\n')
+
+
+def named_config(name):
+    """The study's configuration of RoutingHead.CONFIGURATIONS[name] (a head the library names)."""
+    sizes = RoutingHead.CONFIGURATIONS[name]
+    return next(c for c, (_, options) in CONFIGS.items() if {**RoutingHead.CONFIGURATIONS['paper'], **options} == sizes)
+
+
+def save_pretrained(args):
+    """The heads of RoutingHead.CONFIGURATIONS['light'] with the best dev accuracy over the recorded seeds, each
+    dataset's, -> PRETRAINED_LIGHT[dataset], with their test accuracy through the live backbone (train.py
+    --eval_only) beside the feature cache's."""
+    config = named_config('light')
+    for dataset, folder in PRETRAINED_LIGHT.items():
+        seed, record = max(((seed, runs[dataset]) for seed, runs in read_records(args.records)[config].items()
+                            if dataset in runs), key=lambda found: found[1]['valid_accuracy'])
+        run = train.parse_args(study_runs(config, seed, args.data_root, args.out, args.feature_cache)[dataset])
+        with tempfile.TemporaryDirectory() as tmp:
+            live = live_test_accuracy(os.path.join(run.output_dir, 'model'), dataset, args.data_root, tmp)
+        then = ' (its SST-2 run fine-tunes that seed\'s SST-5 head)' if dataset == 'sst2' else ''
+        publish_pretrained(os.path.join(run.output_dir, 'model'), folder, dataset, live, record['test_accuracy'],
+                           record['valid_accuracy'], trained_by=f"python -m benchmarks.routing_head_study --run "
+                           f"(configuration {config}, seed {seed}, the best dev accuracy of the seeds{then})")
+        print(f"routing_head_study: {folder} <- {config} seed {seed}: dev {record['valid_accuracy']:.4f}, test "
+              f"{live:.4f} (live backbone), {record['test_accuracy']:.4f} (feature cache)")
 
 
 def run_meta(record):
@@ -203,17 +231,17 @@ def render(records):
                   f"{timing['rounds']} rounds of {timing['steps'] // timing['rounds']} steps of every head in turn (one "
                   f"untimed round first), in one process; load average (1 min) at each round: {loads}. Compare the "
                   f"heads with each other, not with other tables. " + how_measured(timing['meta']), '']
-    lines += ['Per seed (dev / test, %; s / step: the run\'s own SST-5 epoch time over its steps, on a shared machine):',
-              '', '| configuration | seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test | SST-5 s / step in the run '
-              '| load at start, end |', '|---|---|---|---|---|---|---|---|']
+    lines += ['Per seed (dev / test, %; the load average of the SST-5 run at its start and end; the runs shared the '
+              'machine, some were stopped for a while, so their own times are no measure of speed: the seconds per '
+              'step above are):', '', '| configuration | seed | SST-5 dev | SST-5 test | SST-2 dev | SST-2 test '
+              '| SST-5 run: load at start, end |', '|---|---|---|---|---|---|---|']
     for c in SHOWN:
         for seed, r in sorted(found.get(c, {}).items()):
             cells = [f"{100 * r[d][k]:.2f}" if d in r else '' for d in DATASETS
                      for k in ('valid_accuracy', 'test_accuracy')]
             s5 = r.get('sst5')
-            step = f"{s5['train_seconds'] / s5['steps']:.3f}" if s5 else ''
             load = f"{run_meta(s5)['load_start']}, {run_meta(s5)['load_end']}" if s5 else ''
-            lines.append(f"| {c} | {seed} | {' | '.join(cells)} | {step} | {load} |")
+            lines.append(f"| {c} | {seed} | {' | '.join(cells)} | {load} |")
     made = sorted({(m['commit'], m['cpu_model'], m['cpu_count'], m['torch'], m['threads'], m['precision'])
                    for seeds in found.values() for runs in seeds.values() for m in map(run_meta, runs.values())})
     lines += ['', 'The runs were made by `python -m benchmarks.routing_head_study --run` (each record in '
@@ -312,6 +340,8 @@ def main(argv=None):
     p.add_argument('--costs', action='store_true', help='measure the parameters and FLOPs per step of every head')
     p.add_argument('--flop_steps', type=int, default=10)
     p.add_argument('--time_steps', type=int, default=None, help='measure the seconds per step of every head')
+    p.add_argument('--save_pretrained', action='store_true',
+                   help="copy the heads of RoutingHead.CONFIGURATIONS['light'] of best dev accuracy to pretrained/")
     p.add_argument('--report', default='docs/routing_head_study.md')
     args = p.parse_args(argv)
     args.configs = [c for c in args.configs.split(',') if c]
@@ -320,6 +350,9 @@ def main(argv=None):
         p.error(f"--configs: unknown {', '.join(unknown)}; choose among {', '.join(CONFIGS)}")
     if args.run:
         run_missing(args)
+        return
+    if args.save_pretrained:
+        save_pretrained(args)
         return
     command = shown_command('benchmarks.routing_head_study', sys.argv[1:] if argv is None else argv)
     if args.costs:

@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import (finish_meta, how_measured, load_record, mean_std, measurement_meta, publish_pretrained,
-                               save_record, shown_command, sst_feature_store, write_report)
+from benchmarks.common import (finish_meta, how_measured, live_test_accuracy, load_record, mean_std, measurement_meta,
+                               publish_pretrained, save_record, shown_command, sst_feature_store, write_report)
 from heinsen_replication import recipes
 from heinsen_replication.runs import read_metrics
 
@@ -64,7 +64,6 @@ def main(argv=None):
     p.add_argument('--report', default='docs/sst_capsules2019.md')
     p.add_argument('--record', default='docs/sst_capsules2019/record.json')
     args = p.parse_args(argv)
-    import train
     started = time.time()
     meta = measurement_meta(shown_command('benchmarks.sst_capsules', argv if argv is not None else sys.argv[1:]),
                             'float32; features from the float16 cache', threads=1)
@@ -81,9 +80,7 @@ def main(argv=None):
         seed = max(args.seeds, key=lambda s: runs[dataset, s][0])
         valid, test, _ = runs[dataset, seed]
         path = os.path.join(args.out_dir, f'{dataset}_seed{seed}', 'model')
-        live = train.main(['--model', 'capsules2019', '--dataset_name', dataset, '--backbone', 'minilm', '--data_root',
-                           args.data_root, '--eval_only', '--pretrained_path', path, '--device', 'cpu',
-                           '--output_dir', args.out_dir])
+        live = live_test_accuracy(path, dataset, args.data_root, args.out_dir)
         if args.save_pretrained:
             publish_pretrained(path, PRETRAINED[dataset], dataset, live, test, valid)
         chosen[dataset] = {'seed': seed, 'valid': valid, 'test_cached': test, 'test_live': live,

@@ -27,8 +27,8 @@ import time
 import torch
 
 from benchmarks.common import (NOT_RECORDED, PRETRAINED, better_on_dev, committed_valid_accuracy, deletion_test,
-                               finish_meta, how_measured, load_record, mean_std, measurement_meta, publish_pretrained,
-                               save_record, shown_command, sst_feature_store, write_report)
+                               finish_meta, how_measured, live_test_accuracy, load_record, mean_std, measurement_meta,
+                               publish_pretrained, save_record, shown_command, sst_feature_store, write_report)
 from heinsen_replication import data, recipes
 from heinsen_replication.runs import read_metrics
 
@@ -109,7 +109,6 @@ def main(argv=None):
     p.add_argument('--report', default='docs/sst_results.md')
     p.add_argument('--record', default='docs/sst_results/record.json')
     args = p.parse_args(argv)
-    import train
     torch.set_num_threads(os.cpu_count())
     meta = measurement_meta(shown_command('benchmarks.sst_results', argv if argv is not None else sys.argv[1:]),
                             'float32 (the offline recipe chooses bfloat16 only where it measures faster)')
@@ -138,8 +137,7 @@ def main(argv=None):
     for dataset in ('sst5', 'sst2'):
         valid, test, path = max((r[dataset] for r in runs), key=lambda r: r[0])
         t = time.time()
-        live = train.main(['--dataset_name', dataset, '--backbone', 'minilm', '--data_root', args.data_root,
-                           '--eval_only', '--pretrained_path', path, '--device', 'cpu', '--output_dir', args.out_dir])
+        live = live_test_accuracy(path, dataset, args.data_root, args.out_dir)
         timings[f'{dataset}: eval_only of the chosen head on the live backbone'] = time.time() - t
         published = args.save_pretrained and better_on_dev(valid, committed_valid_accuracy(dataset))     # dev decides
         if published:

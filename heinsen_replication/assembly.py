@@ -32,15 +32,25 @@ HEAD_OPTIONS = {name: inspect.signature(RoutingHead).parameters[name].default
 
 
 def resolve_head_options(args, model, pretrained=None):
-    """-> {'n_hid', 'n_routings', 'd_hid'} of --model routing_head: as given, else those of the --pretrained_path
-    routing head (fine-tuning keeps its architecture), else the paper's (HEAD_OPTIONS); given ones must match the
-    pretrained head's. Other models take none of them (all None)."""
+    """-> {'n_hid', 'n_routings', 'd_hid'} of --model routing_head: as given (--head_config NAME gives all three,
+    RoutingHead.CONFIGURATIONS; an option given beside it must agree), else those of the --pretrained_path routing
+    head (fine-tuning keeps its architecture), else the paper's (HEAD_OPTIONS); given ones must match the pretrained
+    head's. Other models take none of them (all None)."""
     given = {name: getattr(args, name) for name in HEAD_OPTIONS if getattr(args, name) is not None}
+    head_config = getattr(args, 'head_config', None)                  # None in the arguments of older checkpoints
     if model != 'routing_head':
-        if given:
-            raise UsageError(f"{', '.join('--' + name for name in given)} set the architecture of --model "
+        if given or head_config:
+            options = [*given, *(['head_config'] if head_config else [])]
+            raise UsageError(f"{', '.join('--' + name for name in options)} set the architecture of --model "
                              f"routing_head, not of --model {model}")
         return dict.fromkeys(HEAD_OPTIONS)
+    if head_config:
+        named = RoutingHead.CONFIGURATIONS[head_config]
+        for name, value in given.items():
+            if value != named[name]:
+                raise UsageError(f"--{name} {value}: --head_config {head_config} has {name} {named[name]}; "
+                                 f"give one or the other")
+        given = named
     have = HEAD_OPTIONS if pretrained is None else {name: getattr(pretrained, name) for name in HEAD_OPTIONS}
     for name, value in given.items():
         if pretrained is not None and value != have[name]:

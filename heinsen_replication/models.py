@@ -60,6 +60,10 @@ class RoutingHead(nn.Module, Pretrained):
 
     CONFIG_CHOICES = {'n_routings': (2, 3)}                 # what config.json may hold (check_config)
     OPTIONAL_SIZES = ('d_hid', 'chunk_elements')            # sizes whose default, None, is no size
+    # Named configurations (RoutingHead.named, train.py --head_config): the paper's head, and the lightest
+    # configuration of the routing-head study that held its accuracy (docs/routing_head_study.md, docs/choosing_a_head.md)
+    CONFIGURATIONS = {'paper': {'n_hid': 64, 'n_routings': 3, 'd_hid': None},
+                      'light': {'n_hid': 16, 'n_routings': 3, 'd_hid': None}}
 
     def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None, n_routings=3, d_hid=None):
         check_dims(d_depth=d_depth, d_emb=d_emb, n_classes=n_classes, n_hid=n_hid)
@@ -83,6 +87,14 @@ class RoutingHead(nn.Module, Pretrained):
             self.route.append(EfficientVectorRouting(n_inp=n_hid, n_out=n_hid, d_inp=d_route, d_out=d_route))
         self.route.append(EfficientVectorRouting(n_inp=n_hid, n_out=n_classes, d_inp=d_route, d_out=1))
         self.set_chunk_elements(chunk_elements)
+
+    @classmethod
+    def named(cls, name, d_depth, d_emb, n_classes, chunk_elements=None):
+        """The routing head of a named configuration (CONFIGURATIONS: 'paper', 'light'); saved and loaded like
+        any other (its config.json holds the sizes)."""
+        if name not in cls.CONFIGURATIONS:
+            raise ValueError(f"name must be one of {', '.join(map(repr, cls.CONFIGURATIONS))}, got {name!r}")
+        return cls(d_depth, d_emb, n_classes, chunk_elements=chunk_elements, **cls.CONFIGURATIONS[name])
 
     def set_chunk_elements(self, chunk_elements):
         """The chunk size of the streamed routings (None = per device, see the class docstring)."""

@@ -140,6 +140,35 @@ def test_train_py_refuses_bad_or_conflicting_head_options(tiny_sst, tiny_bert, t
         run(short_sst_args(tiny_sst, tiny_bert, out, '--n_epochs', 2, '--resume'))
 
 
+def test_named_configurations_build_save_load_and_resolve_in_train_py(tmp_path):
+    """RoutingHead.named and train.py --head_config: the sizes of RoutingHead.CONFIGURATIONS, saved in config.json
+    like any head's; an option given beside --head_config must agree with it."""
+    from heinsen_replication.errors import UsageError
+    configurations = models.RoutingHead.CONFIGURATIONS
+    assert configurations["paper"] == train.HEAD_OPTIONS                     # the constructor's defaults
+    for name, sizes in configurations.items():
+        head = models.RoutingHead.named(name, 3, 8, 5)
+        assert {k: getattr(head, k) for k in sizes} == sizes
+        head.save_pretrained(tmp_path / name)
+        loaded, config = models.from_pretrained(tmp_path / name)
+        assert {k: config[k] for k in sizes} == sizes
+        hidden = torch.randn(2, 4, 3, 8)
+        torch.testing.assert_close(loaded(hidden), head(hidden))
+        resolved, _ = train.resolve_args(train.parse_args(['--dataset_name', 'sst5', '--head_config', name]))
+        assert {k: getattr(resolved, k) for k in sizes} == sizes
+    with pytest.raises(ValueError, match="name must be one of 'paper', 'light', got 'tiny'"):
+        models.RoutingHead.named('tiny', 3, 8, 5)
+    light = configurations['light']
+    other = 2 * light['n_hid']
+    with pytest.raises(UsageError, match=f"--n_hid {other}: --head_config light has n_hid {light['n_hid']}; give one "
+                                         f"or the other"):
+        train.resolve_args(train.parse_args(['--dataset_name', 'sst5', '--head_config', 'light', '--n_hid', str(other)]))
+    with pytest.raises(UsageError, match='--head_config set the architecture of --model routing_head, not of --model '
+                                         'token_depth_attention'):
+        train.resolve_args(train.parse_args(['--dataset_name', 'sst5', '--head_config', 'paper',
+                                             '--model', 'token_depth_attention']))
+
+
 def test_study_runs_what_the_records_lack_and_records_how(tiny_sst, tiny_bert, tmp_path, monkeypatch):
     """benchmarks.routing_head_study --run: each configuration's SST-5 then SST-2 run (short ones here, on the tiny
     backbone), one record each with its command and environment; a second --run trains nothing."""
