@@ -190,12 +190,22 @@ def decoded_drops(result):
                 for m, by_mode in methods.items()} for h, methods in result['drops'].items()}
 
 
+def seconds_per_sentence(result):
+    """{head: {method: seconds per sentence}} of a saved result."""
+    n = result['meta']['n_sentences']
+    return {h: {m: t / n for m, t in methods.items()} for h, methods in result['seconds'].items()}
+
+
+def findings(result):
+    """The paragraph of what the numbers support (summary), from a saved result."""
+    return summary(decoded_drops(result), seconds_per_sentence(result))
+
+
 def render_text(result, name):
     """The markdown report from the saved result; name: the report's (and figure's, record's) base name."""
-    drops = {h: {m: {mode: {int(k): v for k, v in by_k.items()} for mode, by_k in by_mode.items()}
-                 for m, by_mode in methods.items()} for h, methods in result['drops'].items()}
+    drops = decoded_drops(result)
     meta, n = result['meta'], result['meta']['n_sentences']
-    per_sentence = {h: {m: t / n for m, t in methods.items()} for h, methods in result['seconds'].items()}
+    per_sentence = seconds_per_sentence(result)
     counts = ', '.join(f"k = {k}: {len(next(iter(drops.values()))['random']['delete'][k])}" for k in KS)
     subset = '' if n == meta['n_test'] else f", drawn at random with seed {meta['seed']}"
     lines = [f"Faithfulness of credit on SST-2 test ({n} of {meta['n_test']} sentences{subset}): mean drop of the "
@@ -210,7 +220,7 @@ def render_text(result, name):
             cells = ['%.3f ± %.3f' % mean_se(by_mode[mode][k]) for mode in MODES for k in KS]
             cost = 1000 * per_sentence[head_name].get(method, 0.0)
             lines.append(f"| {head_name} | {method} | {' | '.join(cells)} | {cost:.1f} |")
-    lines += ['', f"**What the numbers support.** {summary(drops, per_sentence)}", '',
+    lines += ['', f"**What the numbers support.** {findings(result)}", '',
               f"Encoding a sentence (minilm, all depths; common to every method, not in the costs above): "
               f"{1000 * meta['encode_seconds'] / n:.1f} ms. Integrated Gradients: {meta['ig_steps']} steps from "
               f"all-zero hidden states, of the predicted class's probability; gradient x input of the same; "

@@ -45,6 +45,7 @@ PAGES = {
     'docs/sst_results.md': ('docs/sst_results/record.json', 'benchmarks.sst_results:render'),
     'docs/sst_capsules2019.md': ('docs/sst_capsules2019/record.json', 'benchmarks.sst_capsules:render'),
     'docs/faithfulness.md': ('docs/faithfulness.json', 'benchmarks.faithfulness:render_page'),
+    'docs/faithfulness_light.md': ('docs/faithfulness_light.json', 'benchmarks.faithfulness:render_page'),
     'docs/glom_digits.md': ('docs/glom_digits/record.json', 'studies.glom_digits:render'),
     'docs/vision_digits.md': ('docs/vision_digits/record.json', 'studies.digits_vit:render_page'),
     'docs/resources.md': ('docs/resources/record.json', 'benchmarks.resources:render'),
@@ -63,6 +64,7 @@ MEASURED_BY = {
     'docs/sst_results.md': '`python -m benchmarks.sst_results --n_iters_per_train_epoch 2000`',
     'docs/sst_capsules2019.md': '`python -m benchmarks.sst_capsules --feature_cache .data/features --save_pretrained`',
     'docs/faithfulness.md': '`python -m benchmarks.faithfulness --n_sentences 250 --ig_steps 20`',
+    'docs/faithfulness_light.md': '`python -m benchmarks.faithfulness --routing_head pretrained/sst2_minilm_routing_head_light --n_sentences 250 --ig_steps 20 --report docs/faithfulness_light.md`',
     'docs/glom_digits.md': '`python -m studies.glom_digits`',
     'docs/vision_digits.md': '`python -m studies.digits_vit report` (the model: `python -m studies.digits_vit build`)',
     'docs/resources.md': '`python -m benchmarks.resources --run`',
@@ -145,6 +147,7 @@ def render_card(config_path):
 
 
 CARDS = ['pretrained/sst5_minilm_routing_head', 'pretrained/sst2_minilm_routing_head',
+         'pretrained/sst5_minilm_routing_head_light', 'pretrained/sst2_minilm_routing_head_light',
          'pretrained/sst5_minilm_capsules2019', 'pretrained/sst2_minilm_capsules2019', 'pretrained/digits_vit/routing_head']
 PAGES.update({f'{folder}/README.md': (f'{folder}/config.json', 'benchmarks.reports:render_card') for folder in CARDS})
 MEASURED_BY.update({f'{folder}/README.md': 'the model card, from its `config.json`' for folder in CARDS})
@@ -575,16 +578,18 @@ def block_performance_routing():
     """docs/performance.md's summary of benchmarks/routing.md: per mode, ours against the straightforward
     implementation, memory and time on an idle CPU and time on a shared one, and the targets on an idle CPU (time at
     most 0.70x in every mode; memory beyond the gradients at most 0.15x with a variable length, 0.25x with a fixed one)."""
-    idle, shared = (section('benchmarks/records/routing.json', k) for k in ('Idle CPU', 'Shared CPU'))
+    idle, shared, one = (section('benchmarks/records/routing.json', k)
+                         for k in ('Idle CPU', 'Shared CPU:', 'Shared CPU, one thread'))
 
     def ours(s):
         return {r['configuration']: r for r in table_rows(s['output']) if r['implementation'] == 'ours'}
-    i, sh = ours(idle), ours(shared)
+    i, sh, sh1 = ours(idle), ours(shared), ours(one)
     order = sorted(i, key=lambda c: (not c.startswith('fixed'), c))
     beyond, time = "beyond / straightforward's", "time / straightforward's"
     lines = ['| 1024 -> 100 x 1024 | beyond the gradients, ours / straightforward, idle | shared | time, ours / '
-             'straightforward, idle | shared |', '|---|---|---|---|---|']
-    lines += [f"| {c} | {i[c][beyond]} | {sh[c][beyond]} | {i[c][time]} | {sh[c][time]} |" for c in order]
+             'straightforward, idle | shared | shared, both on one thread |', '|---|---|---|---|---|---|']
+    lines += [f"| {c} | {i[c][beyond]} | {sh[c][beyond]} | {i[c][time]} | {sh[c][time]} | "
+              f"{sh1[c][time] if c in sh1 else 'not measured'} |" for c in order]
 
     def worst(kind, column, limit):
         values = {c: float(i[c][column]) for c in order if c.startswith(kind)}
@@ -602,7 +607,7 @@ def block_performance_routing():
 
 def block_readme_long_sequences():
     """The README's answer on long sequences, from benchmarks/routing.md's idle and shared tables."""
-    idle, shared = (section('benchmarks/records/routing.json', k) for k in ('Idle CPU', 'Shared CPU'))
+    idle, shared = (section('benchmarks/records/routing.json', k) for k in ('Idle CPU', 'Shared CPU:'))
     rows = {(r['configuration'], r['implementation']): r for r in table_rows(idle['output'])}
     beyond = {impl: rows['variable length, 1 x 100,000', impl]['beyond gradients (MiB)']
               for impl in ('ours', 'straightforward')}
@@ -675,6 +680,15 @@ def block_readme_routing_study():
     return summary(path('docs/routing_head_study'), 'docs/')
 
 
+def block_choosing_light_credit():
+    """docs/choosing_a_head.md: the faithfulness of the light routing head's credit (docs/faithfulness_light.json)."""
+    from benchmarks.faithfulness import findings
+    result = load_record(path('docs/faithfulness_light.json'))
+    return (f"**The light routing head's credit** (`{result['meta']['routing_head']}`, on {result['meta']['n_sentences']} "
+            f"SST-2 test sentences, the benchmark of [faithfulness.md](faithfulness.md)): {findings(result)} "
+            f"[faithfulness_light.md](faithfulness_light.md).")
+
+
 def block_choosing_routing_study():
     from benchmarks.routing_head_study import summary
     return summary(path('docs/routing_head_study'), '')
@@ -684,6 +698,7 @@ BLOCKS = {
     ('README.md', 'results'): block_readme_results,
     ('README.md', 'routing-study'): block_readme_routing_study,
     ('docs/choosing_a_head.md', 'routing-study'): block_choosing_routing_study,
+    ('docs/choosing_a_head.md', 'light-credit'): block_choosing_light_credit,
     ('README.md', 'vision'): block_readme_vision,
     ('README.md', 'long-sequences'): block_readme_long_sequences,
     ('README.md', 'paths'): block_readme_paths,

@@ -40,6 +40,7 @@ Each measurement runs in a fresh process, so nothing held from an earlier measur
 
     python -m benchmarks.routing                              # CPU, the default configurations, quiet
     python -m benchmarks.routing --busy 2                     # the same with two busy processes
+    python -m benchmarks.routing --busy 2 --threads 1         # ...each implementation on one thread
     python -m benchmarks.routing --device cuda                # on a GPU
 """
 import argparse
@@ -104,6 +105,8 @@ def worker(impl, config, args, dtype, out_path, source):
     kind, batch, n, flags = parse_config(config)
     frozen, n_iters = 'frozen' in flags, 3 if 'iters3' in flags else 2
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 
     def build(n_inp):
@@ -213,6 +216,8 @@ def measure(impl, config, args, dtype, tmp, source):
            '--d_out', str(args.d_out), '--worker', impl, dtype, out_path, source or '']
     if args.chunk_elements:
         cmd += ['--chunk_elements', str(args.chunk_elements)]
+    if args.threads:
+        cmd += ['--threads', str(args.threads)]
     proc = subprocess.run(cmd + ['--memory_limit_gib', str(args.memory_limit_gib)], capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(out_path):
         last = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -283,6 +288,8 @@ def main():
     parser.add_argument('--passes', type=int, default=2, help='forward+backward passes per process; the last one is timed')
     parser.add_argument('--chunk_elements', type=int, default=None,
                         help="ours: EfficientVectorRouting(chunk_elements=...) (default: the device's)")
+    parser.add_argument('--threads', type=int, default=None,
+                        help="each measurement's torch threads (torch.set_num_threads in its process; default: torch's)")
     parser.add_argument('--busy', type=int, default=0, metavar='K',
                         help='keep the cores busy with K one-thread processes during the measurements')
     parser.add_argument('--idle_threshold', type=float, default=0.1,
@@ -306,7 +313,7 @@ def main():
 
     device = torch.cuda.get_device_name() if args.device == 'cuda' else f'cpu ({os.cpu_count()} cores)'
     mib = lambda b: f"{b / 2 ** 20:,.0f}"                                          # noqa: E731
-    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
+    print(f"device: {device}, torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, float32, "
           f"{args.d_inp} -> {args.n_out} x {args.d_out}, memory limit {args.memory_limit_gib:.1f} GiB, "
           f"busy processes {args.busy}" + (f", before = {args.before}" if 'before' in args.only else '') +
           f", load average at the start {os.getloadavg()[0]:.2f}; started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

@@ -296,10 +296,10 @@ def baseline(acc, committed):
                        "1, 2 of `python -m benchmarks.sst_results --n_iters_per_train_epoch 2000`)")
 
 
-def verdict(acc, flops, base, max_flops_ratio=1 / 3, min_seeds=3):
-    """The study's answer: the configurations (with min_seeds seeds or more) whose mean test accuracy is within one
-    standard deviation of the paper's head's (base: {dataset: (mean, std)}) on SST-5 and on SST-2, at
-    max_flops_ratio of its FLOPs or less."""
+def classify(acc, flops, base, max_flops_ratio=1 / 3, min_seeds=3):
+    """-> (floors, light, held, pending): the bar per dataset (the paper's head's mean - std, base: {dataset: (mean,
+    std)}); the configurations with min_seeds seeds or more whose mean test accuracy reaches it on SST-5 and on SST-2
+    at max_flops_ratio of its FLOPs or less (light, lightest first) and at more (held); those with fewer seeds."""
     floors = {d: base[d][0] - base[d][1] for d in DATASETS}
     held, light = [], []
     pending = [c for c in CONFIGS if c != BASELINE and len(acc[c]['sst5']) < min_seeds]
@@ -308,6 +308,14 @@ def verdict(acc, flops, base, max_flops_ratio=1 / 3, min_seeds=3):
             continue
         if all(statistics.mean(acc[c][d]) >= floors[d] for d in DATASETS):
             (light if flops[c] <= max_flops_ratio * flops[BASELINE] else held).append(c)
+    return floors, sorted(light, key=flops.get), held, pending
+
+
+def verdict(acc, flops, base, max_flops_ratio=1 / 3, min_seeds=3):
+    """The study's answer: the configurations (with min_seeds seeds or more) whose mean test accuracy is within one
+    standard deviation of the paper's head's (base: {dataset: (mean, std)}) on SST-5 and on SST-2, at
+    max_flops_ratio of its FLOPs or less, lightest first; and which of them the library names 'light'."""
+    floors, light, held, pending = classify(acc, flops, base, max_flops_ratio, min_seeds)
     floor = ' and '.join(f"{100 * floors[d]:.1f}% on {DATASETS[d]}" for d in DATASETS)
     if len(pending) == len(CONFIGS) - 1:
         return (f"**Not answered yet: no lighter configuration has {min_seeds} seeds on record** (the bar: a mean test "
@@ -315,6 +323,12 @@ def verdict(acc, flops, base, max_flops_ratio=1 / 3, min_seeds=3):
     if light:
         answer = (f"**Within one std of the paper's head (mean test accuracy at least {floor}) at one third of its "
                   f"FLOPs or less: {', '.join(f'`{c}`' for c in light)}.**")
+        named = named_config('light')
+        answer += (f" The lightest, `{light[0]}`, is the configuration the library names `light` "
+                   f"(`RoutingHead.named('light', ...)`, `train.py --head_config light`)." if named == light[0] else
+                   f" The library's `light` configuration, `{named}`, "
+                   + ('holds too.' if named in light else f'has fewer than {min_seeds} seeds on record.'
+                      if named in pending else 'does not hold here.'))
     else:
         answer = (f"**No configuration with {min_seeds} seeds on record is within one std of the paper's head (mean "
                   f"test accuracy at least {floor}) at one third of its FLOPs or less.**")

@@ -63,7 +63,7 @@ class RoutingHead(nn.Module, Pretrained):
     # Named configurations (RoutingHead.named, train.py --head_config): the paper's head, and the lightest
     # configuration of the routing-head study that held its accuracy (docs/routing_head_study.md, docs/choosing_a_head.md)
     CONFIGURATIONS = {'paper': {'n_hid': 64, 'n_routings': 3, 'd_hid': None},
-                      'light': {'n_hid': 16, 'n_routings': 3, 'd_hid': None}}
+                      'light': {'n_hid': 16, 'n_routings': 3, 'd_hid': 128}}
 
     def __init__(self, d_depth, d_emb, n_classes, n_hid=64, chunk_elements=None, n_routings=3, d_hid=None):
         check_dims(d_depth=d_depth, d_emb=d_emb, n_classes=n_classes, n_hid=n_hid)

@@ -80,8 +80,10 @@ def model_card(config, n_parameters, folder):
     trained_by = training.get('trained_by') or (training.get('reproduce') if '--eval_only' not in
                                                  (training.get('reproduce') or '--eval_only') else None)
     check = training.get('reproduce') if '--eval_only' in (training.get('reproduce') or '') else None
-    rows = [('model', f"`{config.get('model_type')}`: {WHAT.get(config.get('model_type'), 'a model of heinsen_routing')}; "
-                      f"{n_parameters:,} parameters"),
+    sizes = (f"; {config.get('n_hid')} hidden vectors, {config.get('n_routings') or 3} routings at width "
+             f"{config.get('d_hid') or config.get('d_emb')}" if config.get('model_type') == 'RoutingHead' else '')
+    rows = [('model', f"`{config.get('model_type')}`: {WHAT.get(config.get('model_type'), 'a model of heinsen_routing')}"
+                      f"{sizes}; {n_parameters:,} parameters"),
             ('backbone', f"`{backbone}`: " + BACKBONES.get(backbone, 'the backbone folder or hub id config.json names')
              + ', frozen; the head reads the hidden states of all its depths'
              + (f" (revision `{config['backbone_revision']}`)" if config.get('backbone_revision') else '')),

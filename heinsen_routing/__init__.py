@@ -4,4 +4,4 @@ from .routing import DefinableVectorRouting, EfficientVectorRouting, GenerativeM
 
 __all__ = ['EfficientVectorRouting', 'DefinableVectorRouting', 'GenerativeMatrixRouting', 'Routing',
            'record_credit', 'end_to_end_credit', 'residual_credit']
-__version__ = '1.1.0'
+__version__ = '1.2.0'

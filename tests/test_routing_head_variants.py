@@ -228,5 +228,8 @@ def test_study_verdict_compares_with_the_papers_head_within_one_std():
     text = verdict(acc, flops, base)
     assert 'at one third of its FLOPs or less: `n_hid16`.' in text and 'more than a third of its FLOPs: `n_hid32`' in text
     assert 'two_routings' not in text and 'fewer than 3 seeds on record: `d_hid128`, `n_hid8`' in text
+    assert "The library's `light` configuration, `n_hid16_d_hid128`, has fewer than 3 seeds on record." in text
+    acc['n_hid16_d_hid128'] = acc['n_hid16']
+    assert "The lightest, `n_hid16_d_hid128`, is the configuration the library names `light`" in verdict(acc, flops, base)
     acc['n_hid16']['sst2'] = [0.81] * 3
     assert verdict(acc, flops, base).startswith('**No configuration with 3 seeds on record is within one std')
