@@ -11,9 +11,12 @@ from heinsen_replication import checkpoints, models
 from tests.helpers.files import SST_DIR
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
-# folder -> (class, --model it was trained as, dataset): the 2022 routing heads and the 2019 SSTClassifiers on minilm
+# folder -> (class, --model it was trained as, dataset): the 2022 routing heads (the paper's and the light
+# configuration, docs/choosing_a_head.md) and the 2019 SSTClassifiers on minilm
 PRETRAINED = {'pretrained/sst5_minilm_routing_head': (models.RoutingHead, 'routing_head', 'sst5'),
               'pretrained/sst2_minilm_routing_head': (models.RoutingHead, 'routing_head', 'sst2'),
+              'pretrained/sst5_minilm_routing_head_light': (models.RoutingHead, 'routing_head', 'sst5'),
+              'pretrained/sst2_minilm_routing_head_light': (models.RoutingHead, 'routing_head', 'sst2'),
               'pretrained/sst5_minilm_capsules2019': (models.SSTClassifier, 'capsules2019', 'sst5'),
               'pretrained/sst2_minilm_capsules2019': (models.SSTClassifier, 'capsules2019', 'sst2')}
 
@@ -34,6 +37,8 @@ def test_pretrained_model_loads_with_one_call(path):
     assert type(loaded) is cls and config['backbone'] == 'minilm' and (config['d_depth'], config['d_emb']) == (7, 384)
     assert config['training']['dataset_name'] == dataset and config['training']['model'] == model
     assert config['n_classes'] == (5 if dataset == 'sst5' else 2)
+    if path.endswith('_light'):                         # RoutingHead.named('light'): the routing-head study's choice
+        assert {k: config[k] for k in ('n_hid', 'n_routings', 'd_hid')} == models.RoutingHead.CONFIGURATIONS['light']
     same = cls.from_pretrained(os.path.join(ROOT, path))                        # the class's own loader, the same
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), loaded.state_dict().values()))
 
