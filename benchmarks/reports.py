@@ -134,6 +134,12 @@ def section(record_path, heading):
     return next(s for s in load_record(path(record_path))['sections'] if s['heading'].startswith(heading))
 
 
+def routing_rows(heading, implementation='ours'):
+    """{configuration: row} of one implementation in the table of benchmarks/routing.md's section `heading`."""
+    return {r['configuration']: r for r in table_rows(section('benchmarks/records/routing.json', heading)['output'])
+            if r['implementation'] == implementation}
+
+
 def render_card(config_path):
     """A pretrained model's card (README.md) from its config.json; the parameters counted from the weights file's
     header (no tensor is read)."""
@@ -298,8 +304,7 @@ def block_readme_paths():
     minutes = paper_regime_minutes()
     alone = minutes[max(minutes)]
     base = install['bytes'] - install['cuda_bytes']
-    routing = {r['configuration']: r for r in table_rows(section('benchmarks/records/routing.json', 'Idle CPU')['output'])
-               if r['implementation'] == 'ours'}
+    routing = routing_rows('Idle CPU')
     lines = ['| you want to | start with | time | RAM | disk | read |', '|---|---|---|---|---|---|',
              f"| use the library in your model | the example above; `pip install .` | your model's | the inputs, the "
              f"parameters and their gradients, plus a few chunks ({routing['variable length, 1 x 100,000']['beyond gradients (MiB)']} "
@@ -578,12 +583,8 @@ def block_performance_routing():
     """docs/performance.md's summary of benchmarks/routing.md: per mode, ours against the straightforward
     implementation, memory and time on an idle CPU and time on a shared one, and the targets on an idle CPU (time at
     most 0.70x in every mode; memory beyond the gradients at most 0.15x with a variable length, 0.25x with a fixed one)."""
-    idle, shared, one = (section('benchmarks/records/routing.json', k)
-                         for k in ('Idle CPU', 'Shared CPU:', 'Shared CPU, one thread'))
-
-    def ours(s):
-        return {r['configuration']: r for r in table_rows(s['output']) if r['implementation'] == 'ours'}
-    i, sh, sh1 = ours(idle), ours(shared), ours(one)
+    idle, shared = (section('benchmarks/records/routing.json', k) for k in ('Idle CPU', 'Shared CPU:'))
+    i, sh, sh1 = (routing_rows(k) for k in ('Idle CPU', 'Shared CPU:', 'Shared CPU, one thread'))
     order = sorted(i, key=lambda c: (not c.startswith('fixed'), c))
     beyond, time = "beyond / straightforward's", "time / straightforward's"
     lines = ['| 1024 -> 100 x 1024 | beyond the gradients, ours / straightforward, idle | shared | time, ours / '
@@ -607,21 +608,20 @@ def block_performance_routing():
 
 def block_readme_long_sequences():
     """The README's answer on long sequences, from benchmarks/routing.md's idle and shared tables."""
-    idle, shared = (section('benchmarks/records/routing.json', k) for k in ('Idle CPU', 'Shared CPU:'))
-    rows = {(r['configuration'], r['implementation']): r for r in table_rows(idle['output'])}
-    beyond = {impl: rows['variable length, 1 x 100,000', impl]['beyond gradients (MiB)']
+    idle = section('benchmarks/records/routing.json', 'Idle CPU')
+    beyond = {impl: routing_rows('Idle CPU', impl)['variable length, 1 x 100,000']['beyond gradients (MiB)']
               for impl in ('ours', 'straightforward')}
 
-    def span(s):
-        ratios = [float(r["time / straightforward's"]) for r in table_rows(s['output']) if r['implementation'] == 'ours']
+    def span(heading):
+        ratios = [float(r["time / straightforward's"]) for r in routing_rows(heading).values()]
         return f"{min(ratios):.2f}-{max(ratios):.2f}x"
     return (f"**How much memory does a long sequence need?** With the default `memory_efficient=True`, beyond the "
             f"input, the parameters and their gradients, a few chunks and one block of betas: {beyond['ours']} MiB "
             f"for 100,000 inputs of 1024 dims routed to 100 x 1024, where the straightforward implementation needs "
             f"{beyond['straightforward']} MiB (forward and backward, {idle['meta']['cpu_count']}-core CPU, "
             f"`python -m benchmarks.routing`, [benchmarks/routing.md](benchmarks/routing.md)). Its time is "
-            f"{span(idle)} the straightforward implementation's on an idle CPU, over every mode measured, and "
-            f"{span(shared)} with two other processes on the cores; the ratios move between runs with the "
+            f"{span('Idle CPU')} the straightforward implementation's on an idle CPU, over every mode measured, and "
+            f"{span('Shared CPU:')} with two other processes on the cores; the ratios move between runs with the "
             f"straightforward implementation's page faults ([docs/performance.md](docs/performance.md)). It cannot "
             f"be differentiated twice; `memory_efficient=False` can.")
 
